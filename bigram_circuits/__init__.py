@@ -1,0 +1,1 @@
+from bigram_circuits._version import __version__

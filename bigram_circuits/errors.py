@@ -1,0 +1,35 @@
+"""Exceptions raised by bigram_circuits; each message is one line that says what to do."""
+
+from __future__ import annotations
+
+
+class BigramCircuitsError(Exception):
+    """Base class of every error this package raises on bad input."""
+
+
+class CorpusError(BigramCircuitsError, ValueError):
+    """A corpus source cannot be found, fetched, read or is too small."""
+
+
+class ModelLoadError(BigramCircuitsError, ValueError):
+    """A model cannot be loaded (unknown name offline, missing or corrupt files, vocab mismatch)."""
+
+
+class TokenError(BigramCircuitsError, ValueError):
+    """Token ids are invalid (negative, out of range, wrong dtype, empty)."""
+
+
+class StatsError(BigramCircuitsError, ValueError):
+    """Bigram statistics do not match the model or tokenizer, or a stats file is invalid."""
+
+
+class MaskError(BigramCircuitsError, ValueError):
+    """A mask or subnetwork does not fit the model, granularity, or is applied twice."""
+
+
+class SearchError(BigramCircuitsError, RuntimeError):
+    """A search cannot run or diverged (bad config, NaN loss)."""
+
+
+class UnsafeFileError(BigramCircuitsError, ValueError):
+    """A file would need to execute code to be loaded (e.g. a pickle with objects), so it is refused."""

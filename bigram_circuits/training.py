@@ -1,0 +1,302 @@
+"""Train the bundled default model: a small Pythia-style (GPT-NeoX) language model with its own
+byte-level BPE tokenizer, on the offline ``"default"`` corpus.
+
+The loop is deliberately plain (in the spirit of nanoGPT): sample windows, forward, backward,
+clip, step, log. It saves log-spaced checkpoints (steps 0, 128, 256, 512, ... like Pythia's) so
+the paper's training-dynamics figure can be reproduced, and writes a model card.
+
+Run it with ``bigram-circuits train-default --out runs/default_model`` (about 35 minutes on
+2 CPU cores); ``--install`` copies the result into the package so ``load_model("default")``
+uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bigram_circuits.data import (
+    atomic_write_bytes,
+    load_documents,
+    split_documents,
+    tokenize_documents,
+)
+
+__all__ = ["TrainConfig", "train_tokenizer", "train_default_model", "install_default_model"]
+
+EOS = "<|endoftext|>"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of the default model and its training run."""
+
+    corpus: str = "default"
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    d_mlp: int = 1024
+    context: int = 256
+    seq_len: int = 128
+    batch_size: int = 16
+    max_steps: int = 3500
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_windows: int = 256
+    seed: int = 0
+    bf16_autocast: bool = True
+    checkpoint_steps: tuple[int, ...] = field(
+        default_factory=lambda: (0, 128, 256, 512, 1024, 2048)
+    )
+
+
+def train_tokenizer(documents: list[str], vocab_size: int, out_dir: Path):
+    """Train a byte-level BPE tokenizer (GPT-2/NeoX style) and save it as a HF directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def _eval_loss(model, windows: np.ndarray, batch_size: int = 32) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = torch.as_tensor(np.asarray(windows[start : start + batch_size], dtype=np.int64))
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += loss.item()
+        count += batch[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+def _unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _save_weights(model, path: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import save  # noqa: PLC0415
+
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
+
+
+@torch.no_grad()
+def _greedy(model, tokenizer, prompt: str, n_tokens: int = 30) -> str:
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    for _ in range(n_tokens):
+        next_id = model(input_ids=ids).logits[0, -1].argmax()
+        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    model.train()
+    return tokenizer.decode(ids[0])
+
+
+SAMPLE_PROMPTS = (
+    "The President of the United States",
+    "The city is located in",
+    "In the year 1865, the",
+    "Congress should",
+)
+
+
+def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = None) -> dict:
+    """Train tokenizer and model from scratch; returns the metrics written to ``metrics.json``."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: PLC0415
+
+    cfg = cfg or TrainConfig()
+    out = Path(out_dir)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    started = time.time()
+
+    documents = load_documents(cfg.corpus)
+    train_docs, eval_docs = split_documents(documents)
+    tokenizer = train_tokenizer(train_docs, cfg.vocab_size, out)
+    train_tokens = tokenize_documents(train_docs, tokenizer).tokens
+    eval_tokens = tokenize_documents(eval_docs, tokenizer).tokens
+    n_train = len(train_tokens) // cfg.seq_len
+    train_windows = train_tokens[: n_train * cfg.seq_len].reshape(n_train, cfg.seq_len)
+    n_eval = min(cfg.eval_windows, len(eval_tokens) // cfg.seq_len)
+    eval_windows = eval_tokens[: n_eval * cfg.seq_len].reshape(n_eval, cfg.seq_len)
+
+    model_cfg = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.d_mlp,
+        max_position_embeddings=cfg.context,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = GPTNeoXForCausalLM(model_cfg)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(n_train)
+    cursor = 0
+    history: list[dict] = []
+    checkpoints: list[int] = []
+
+    def maybe_checkpoint(step: int) -> None:
+        if step in cfg.checkpoint_steps:
+            _save_weights(model, out / "checkpoints" / f"step_{step}.safetensors", torch.float16)
+            checkpoints.append(step)
+
+    maybe_checkpoint(0)
+    bar = tqdm(range(1, cfg.max_steps + 1), desc="train default model", unit="step")
+    running = None
+    for step in bar:
+        if cursor + cfg.batch_size > n_train:
+            order, cursor = rng.permutation(n_train), 0
+        batch = torch.as_tensor(np.asarray(train_windows[np.sort(order[cursor : cursor + cfg.batch_size])], dtype=np.int64))
+        cursor += cfg.batch_size
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step - 1, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            logits = model(input_ids=batch).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.3f}")
+        record = {"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, "train_loss": loss.item()}
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            record["eval_loss"] = _eval_loss(model, eval_windows)
+            bar.write(f"step {step}: train {running:.3f} eval {record['eval_loss']:.3f}")
+        history.append(record)
+        maybe_checkpoint(step)
+
+    _save_weights(model, out / "model.safetensors", torch.float32)
+    model_cfg.save_pretrained(out)
+    final_eval = _eval_loss(model, eval_windows)
+    unigram_h = _unigram_entropy(eval_tokens, len(tokenizer))
+    samples = {prompt: _greedy(model, tokenizer, prompt) for prompt in SAMPLE_PROMPTS}
+    n_params = sum(p.numel() for p in model.parameters())
+    n_embed = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
+    metrics = {
+        "config": asdict(cfg),
+        "n_parameters": n_params,
+        "n_non_embedding_parameters": n_params - n_embed,
+        "train_tokens_available": int(len(train_tokens)),
+        "eval_tokens": int(len(eval_tokens)),
+        "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len,
+        "final_eval_loss_nats": final_eval,
+        "final_eval_perplexity": math.exp(final_eval),
+        "eval_unigram_entropy_nats": unigram_h,
+        "checkpoints": checkpoints + [cfg.max_steps],
+        "training_seconds": time.time() - started,
+        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "samples_greedy": samples,
+        "history": history,
+    }
+    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=1).encode())
+    atomic_write_bytes(out / "MODEL_CARD.md", _model_card(metrics).encode())
+    return metrics
+
+
+def _model_card(m: dict) -> str:
+    c = m["config"]
+    evals = [(h["step"], h["tokens"], h["eval_loss"]) for h in m["history"] if "eval_loss" in h]
+    curve = "\n".join(f"| {s} | {t:,} | {e:.3f} |" for s, t, e in evals)
+    samples = "\n".join(f"- **{p}** → {s!r}" for p, s in m["samples_greedy"].items())
+    return f"""# bigram_circuits default model
+
+A Pythia-style GPT-NeoX language model trained from scratch by `bigram-circuits train-default`
+on the offline `default` corpus (State of the Union speeches + English Wikipedia leads), with its
+own byte-level BPE tokenizer of {c['vocab_size']} tokens trained on the same training split.
+
+| | |
+|---|---|
+| layers / d_model / heads / d_mlp | {c['n_layers']} / {c['d_model']} / {c['n_heads']} / {c['d_mlp']} |
+| parameters (all / non-embedding) | {m['n_parameters']:,} / {m['n_non_embedding_parameters']:,} |
+| training tokens available / seen | {m['train_tokens_available']:,} / {m['tokens_seen']:,} |
+| steps x batch x seq | {c['max_steps']} x {c['batch_size']} x {c['seq_len']} |
+| eval loss (nats) / perplexity | {m['final_eval_loss_nats']:.3f} / {m['final_eval_perplexity']:.1f} |
+| unigram entropy of eval split (nats) | {m['eval_unigram_entropy_nats']:.3f} |
+| training time | {m['training_seconds'] / 60:.1f} min on {m['hardware']} |
+| checkpoints (steps) | {', '.join(map(str, m['checkpoints']))} |
+
+## Eval loss curve
+| step | tokens | eval loss |
+|---|---|---|
+{curve}
+
+## Greedy continuations
+{samples}
+"""
+
+
+def install_default_model(run_dir: str | os.PathLike) -> Path:
+    """Copy a trained run into the package assets (final weights fp32, checkpoints fp16)."""
+    run = Path(run_dir)
+    target = Path(__file__).parent / "assets" / "default_model"
+    staging = target.with_name("default_model.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for path in run.iterdir():
+        if path.is_file() and path.suffix in {".json", ".md", ".safetensors", ".txt"}:
+            shutil.copy2(path, staging / path.name)
+    shutil.copytree(run / "checkpoints", staging / "checkpoints")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
