@@ -1,0 +1,295 @@
+"""Figures and tables of bigram_circuits.figures, on small synthetic result tables."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from bigram_circuits import figures as F
+from bigram_circuits.figures import FigureDataError
+
+
+def _sweep() -> pd.DataFrame:
+    rows = []
+    for model, full_r in (("tiny", 0.70), ("small", 0.65)):
+        for lam, params, r in ((0, 2e6, 0.96), (1, 1e6, 0.95), (10, 2e5, 0.93), (100, 3e4, 0.85), (1000, 0, 0.1)):
+            rows.append({"model": model, "lambda": lam, "active_params": params, "r": r,
+                         "full_model_r": full_r, "mask_size": int(params // 512), "total_params": 3_000_000})
+    return pd.DataFrame(rows)
+
+
+def _ckpt_and_share() -> tuple[pd.DataFrame, pd.DataFrame]:
+    ckpt, share = [], []
+    for step in (0, 100, 1000):
+        for target in (1e4, 1e5, 1e6):
+            ckpt.append({"step": step, "target_params": target, "r_estimated": 0.5 + step / 4000,
+                         "full_model_r": 0.8 - step / 10000})
+        for layer in range(3):
+            share.append({"step": step, "component": "mlp", "layer": layer, "share": 0.2 if layer else 0.5})
+            share.append({"step": step, "component": "attn", "layer": layer, "share": 0.1 / 3})
+    return pd.DataFrame(ckpt), pd.DataFrame(share)
+
+
+def _lens() -> pd.DataFrame:
+    rows = []
+    for run in ("random", "full", "bigram"):
+        for layer in range(4):
+            rows.append({"run": run, "layer": layer, "target": "input", "rotation_deg": 10.0 * layer})
+            rows.append({"run": run, "layer": layer, "target": "output", "rotation_deg": 70.0 - 10 * layer})
+    return pd.DataFrame(rows)
+
+
+def _matrices() -> dict[str, pd.DataFrame]:
+    layers = range(4)
+    base = np.array([[1.0 - 0.1 * abs(i - j) for j in layers] for i in layers])
+    return {"full": pd.DataFrame(base, index=layers, columns=layers),
+            "bigram": pd.DataFrame(base * 0.9, index=layers, columns=layers),
+            "random": pd.DataFrame(np.full((4, 4), 0.99), index=layers, columns=layers)}
+
+
+def _opt_and_ablation() -> tuple[pd.DataFrame, pd.DataFrame]:
+    opt = pd.DataFrame({"active_params": [1e6, 1e5, 1e4], "r_model": [0.99, 0.9, 0.8],
+                        "r_bigram": [0.7, 0.75, 0.8]})
+    ablation = pd.DataFrame({"condition": ["bigram ablated", "full model", "random ablated", "optimal ablated"],
+                             "loss": [8.0, 3.5, 3.7, 9.0], "loss_std": [0.0, 0.0, 0.1, 0.0]})
+    return opt, ablation
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def test_fig1_one_line_and_one_reference_per_model_on_log_axis():
+    fig = F.fig1_r_vs_params(_sweep())
+    assert isinstance(fig, go.Figure)
+    assert len(fig.data) == 4  # 2 models x (sweep line + full-model reference)
+    assert fig.layout.xaxis.type == "log"
+    tiny = next(t for t in fig.data if t.name == "tiny")
+    assert list(tiny.x) == sorted(tiny.x) and min(tiny.x) > 0  # sorted, empty mask dropped
+    reference = next(t for t in fig.data if t.name == "tiny (full model)")
+    assert set(reference.y) == {0.70}
+
+
+def test_fig1_reference_from_argument_and_none_without_it():
+    sweep = _sweep().drop(columns="full_model_r")
+    assert len(F.fig1_r_vs_params(sweep).data) == 2
+    fig = F.fig1_r_vs_params(sweep, full_model_r={"tiny": 0.5})
+    assert len(fig.data) == 3
+
+
+def test_table_fig1_best_r_per_model_and_paper_reference():
+    table = F.table_fig1(_sweep())
+    assert list(table["model"]) == ["tiny", "small"]
+    assert table["best_subnetwork_r"].tolist() == [0.96, 0.96]
+    assert table["full_model_r"].tolist() == [0.70, 0.65]
+    paper = F.PAPER_FIG1.set_index("model")
+    assert paper.loc["Pythia 1B", "best_subnetwork_r"] == 0.987
+    assert paper.loc["GPT-2 large", "full_model_r"] == 0.583
+    assert len(paper) == 7
+
+
+def test_fig2_lines_and_two_heatmaps_with_shared_scale():
+    ckpt, share = _ckpt_and_share()
+    fig = F.fig2_training_dynamics(ckpt, share)
+    kinds = [type(t).__name__ for t in fig.data]
+    assert kinds.count("Scatter") == 4  # three target sizes + full model
+    assert kinds.count("Heatmap") == 2
+    heatmaps = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    assert {h.coloraxis for h in heatmaps} == {"coloraxis"}
+    mlp = np.asarray(heatmaps[0].z)
+    assert mlp.shape == (3, 3) and mlp[0, 0] == pytest.approx(0.5)  # layer x step
+    assert fig.layout.xaxis.type in (None, "linear", "-")  # training steps: linear axis
+    assert fig.layout.xaxis2.type == "category"
+
+
+def test_fig2_rejects_unknown_component():
+    ckpt, share = _ckpt_and_share()
+    share.loc[0, "component"] = "embed"
+    with pytest.raises(FigureDataError, match="embed"):
+        F.fig2_training_dynamics(ckpt, share)
+
+
+def test_fig3_two_panels_one_line_per_run_in_paper_order():
+    fig = F.fig3_rotation(_lens())
+    assert len(fig.data) == 6
+    assert [t.name for t in fig.data[:3]] == ["full", "bigram", "random"]
+    assert {t.xaxis for t in fig.data} == {"x", "x2"}
+    assert fig.layout.xaxis.type == "linear"
+    assert sum(bool(t.showlegend) for t in fig.data) == 3
+
+
+def test_fig4_one_heatmap_per_run_on_one_scale():
+    fig = F.fig4_similarity(_matrices())
+    assert len(fig.data) == 3 and all(isinstance(t, go.Heatmap) for t in fig.data)
+    assert fig.layout.coloraxis.cmax == pytest.approx(1.0)
+    assert fig.layout.coloraxis.cmin == pytest.approx(0.9 * 0.7)
+    assert fig.layout.yaxis.autorange == "reversed"
+
+
+def test_fig4_rejects_non_square_matrix():
+    matrices = _matrices()
+    matrices["bigram"] = matrices["bigram"].iloc[:, :2]
+    with pytest.raises(FigureDataError, match="square"):
+        F.fig4_similarity(matrices)
+
+
+def test_fig5_two_lines_and_one_bar_per_condition():
+    opt, ablation = _opt_and_ablation()
+    fig = F.fig5_optimal(opt, ablation)
+    scatters = [t for t in fig.data if isinstance(t, go.Scatter)]
+    bars = [t for t in fig.data if isinstance(t, go.Bar)]
+    assert len(scatters) == 2 and len(bars) == 4
+    assert [b.name for b in bars] == ["full model", "random ablated", "bigram ablated", "optimal ablated"]
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis2.type == "category"
+    assert list(bars[1].error_y.array) == [0.1]
+
+
+@pytest.mark.parametrize(
+    ("call", "missing"),
+    [
+        (lambda: F.fig1_r_vs_params(_sweep().drop(columns=["r", "lambda"])), "'lambda', 'r'"),
+        (lambda: F.table_fig1(_sweep().drop(columns=["model"])), "'model'"),
+        (lambda: F.fig2_training_dynamics(_ckpt_and_share()[0].drop(columns="r_estimated"),
+                                          _ckpt_and_share()[1]), "'r_estimated'"),
+        (lambda: F.fig2_training_dynamics(_ckpt_and_share()[0],
+                                          _ckpt_and_share()[1].drop(columns="share")), "'share'"),
+        (lambda: F.fig3_rotation(_lens().drop(columns="target")), "'target'"),
+        (lambda: F.fig5_optimal(_opt_and_ablation()[0].drop(columns="r_bigram"),
+                                _opt_and_ablation()[1]), "'r_bigram'"),
+        (lambda: F.fig5_optimal(_opt_and_ablation()[0], _opt_and_ablation()[1].drop(columns="loss")), "'loss'"),
+        (lambda: F.table1_chosen(_sweep().drop(columns="active_params")), "'active_params'"),
+        (lambda: F.table2_bigram_r(pd.DataFrame({"condition": ["x"]})), "'r'"),
+        (lambda: F.table3_overlap(pd.DataFrame({"pair": ["x"]})), "'fraction_overlap'"),
+        (lambda: F.table4_generations(pd.DataFrame({"condition": ["x"]})), "'text'"),
+    ],
+)
+def test_missing_columns_raise_one_line_value_error_naming_them(call, missing):
+    with pytest.raises(ValueError) as info:
+        call()
+    message = str(info.value)
+    assert isinstance(info.value, FigureDataError)
+    assert missing in message and "\n" not in message
+
+
+def test_empty_table_is_refused():
+    with pytest.raises(FigureDataError, match="no rows"):
+        F.fig3_rotation(_lens().iloc[:0])
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def test_interpolate_r_in_log_params_and_clamps_outside():
+    sweep = pd.DataFrame({"active_params": [1e4, 1e6, 0], "r": [0.6, 0.9, 0.0]})
+    table = F.interpolate_r(sweep, [1e5, 1e7, 1e3])
+    assert table["r_estimated"].tolist() == pytest.approx([0.75, 0.9, 0.6])
+    assert table["extrapolated"].tolist() == [False, True, True]
+
+
+def test_table1_picks_sparsest_within_tolerance_of_lambda_zero():
+    table = F.table1_chosen(_sweep())
+    tiny = table.set_index("model").loc["tiny"]
+    assert tiny["lambda"] == 10 and tiny["active_params"] == 200_000 and tiny["r"] == 0.93
+    assert tiny["mask_size"] == 200_000 // 512
+    assert tiny["active_percent"] == pytest.approx(6.67)
+    strict = F.table1_chosen(_sweep(), tolerance=0.015)
+    assert strict.set_index("model").loc["tiny", "lambda"] == 1
+
+
+def test_table2_orders_conditions_like_the_paper():
+    rows = pd.DataFrame({"condition": ["embeddings + linear map", "bigram subnetwork", "full model"],
+                         "r": [0.81234, 0.95, 0.7]})
+    table = F.table2_bigram_r(rows)
+    assert table["condition"].tolist() == ["full model", "bigram subnetwork", "embeddings + linear map"]
+    assert table["r"].tolist() == [0.7, 0.95, 0.812]
+    by_model = F.table2_bigram_r(rows.assign(model="tiny"))
+    assert by_model.columns.tolist() == ["condition", "tiny"]
+
+
+def test_table3_formats_overlap_rows():
+    rows = pd.DataFrame([{"pair": "bigram vs optimal", "fraction_overlap": 0.0123, "expected": 0.00123,
+                          "ratio": 10.0, "p_value": 0.0, "frac_a_in_b": 0.5, "expected_frac_a_in_b": 0.05,
+                          "n_random": 10_000}])
+    table = F.table3_overlap(rows)
+    assert table.loc[0, "p"] == "< 1e-04"
+    assert table.loc[0, "% of A in B"] == 50.0 and table.loc[0, "expected % of A in B"] == 5.0
+
+
+def test_table3_accepts_overlap_module_output():
+    overlap = pytest.importorskip("bigram_circuits.circuits.overlap")
+    import torch
+
+    a = {"blocks.0.mlp.hook_post": torch.tensor([True, True, False, False] * 8)}
+    b = {"blocks.0.mlp.hook_post": torch.tensor([True, False, True, False] * 8)}
+    table = F.table3_overlap(overlap.overlap_table({"a vs b": (a, b)}, n_random=200))
+    assert table.loc[0, "overlap"] == pytest.approx(0.25)
+
+
+def test_table4_orders_and_flattens_generations():
+    rows = pd.DataFrame({"prompt": ["The", "The", "A"], "condition": ["bigram ablated", "full model", "full model"],
+                         "text": ["the the the", "The cat\nsat", "A dog"]})
+    table = F.table4_generations(rows)
+    assert table["condition"].tolist() == ["full model", "bigram ablated", "full model"]
+    assert table.loc[0, "text"] == "The cat sat"
+
+
+def test_to_markdown_escapes_pipes_and_groups_thousands():
+    text = F.to_markdown(pd.DataFrame({"name": ["a|b"], "params": [1234567], "r": [0.98765]}))
+    assert "a\\|b" in text and "1,234,567" in text and "0.988" in text
+    assert text.splitlines()[1].startswith("|:")
+
+
+def test_human_count_matches_paper_style():
+    assert [F.human_count(x) for x in (7.24e6, 905_000, 1.38e9, 999_950, 512)] == ["7.24M", "905k", "1.38B", "1M", "512"]
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def test_save_figure_writes_html_atomically(tmp_path):
+    fig = F.fig3_rotation(_lens())
+    written = F.save_figure(fig, tmp_path / "sub" / "fig3", png=False)
+    assert written == [tmp_path / "sub" / "fig3.html"]
+    assert "plotly" in written[0].read_text()[:5000].lower()
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["fig3.html"]  # no temp files left
+
+
+def test_save_figure_directory_mode_shares_one_plotly_bundle(tmp_path):
+    fig = F.fig3_rotation(_lens())
+    F.save_figure(fig, tmp_path / "a", png=False, include_plotlyjs="directory")
+    F.save_figure(fig, tmp_path / "b", png=False, include_plotlyjs="directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "b.html", "plotly.min.js"]
+    assert (tmp_path / "a.html").stat().st_size < 100_000
+
+
+def test_save_figure_without_browser_warns_once_and_keeps_html(tmp_path, monkeypatch):
+    monkeypatch.setattr(F, "_png_failure", None)
+
+    def no_browser(*args, **kwargs):
+        raise RuntimeError("Kaleido v1 and later requires Chrome to be installed.")
+
+    monkeypatch.setattr(go.Figure, "to_image", no_browser)
+    fig = F.fig3_rotation(_lens())
+    with pytest.warns(RuntimeWarning, match="PNG export needs Chromium"):
+        written = F.save_figure(fig, tmp_path / "fig")
+    assert written == [tmp_path / "fig.html"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second figure skips PNG silently
+        assert F.save_figure(fig, tmp_path / "fig2") == [tmp_path / "fig2.html"]
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="PNG export needs /usr/bin/chromium")
+def test_save_figure_writes_png_with_chromium(tmp_path, monkeypatch):
+    monkeypatch.setattr(F, "_png_failure", None)
+    # Unset BROWSER_PATH for this test only (setenv records the original state to restore).
+    monkeypatch.setenv("BROWSER_PATH", "unset-below")
+    monkeypatch.delenv("BROWSER_PATH")
+    written = F.save_figure(F.fig4_similarity(_matrices()), tmp_path / "fig4", scale=1)
+    assert os.environ["BROWSER_PATH"] == "/usr/bin/chromium"
+    assert [p.name for p in written] == ["fig4.html", "fig4.png"]
+    assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
