@@ -132,3 +132,34 @@ def tiny_gpt2(tiny_gpt2_dir):
     from bigram_circuits.models import load_model
 
     return load_model(tiny_gpt2_dir)
+
+
+def make_tiny_llama_dir(out_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny randomly initialised LLaMA-style model (gated MLP, grouped K/V heads, RMSNorm)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_tokens = save_tiny_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=n_tokens, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=TINY_CONTEXT,
+        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(str(out_dir))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny LLaMA-style HF directory (SmolLM2's architecture family)."""
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    """``(bridge, tokenizer)`` of the tiny LLaMA-style model, loaded through ``load_model``."""
+    from bigram_circuits.models import load_model
+
+    return load_model(tiny_llama_dir)

@@ -1,0 +1,731 @@
+"""Learnable masks over a TransformerBridge: granularities, parameterisations and attachment.
+
+Granularities (combine freely, e.g. ``("neuron", "head")``):
+
+- ``"neuron"``: one entry per MLP neuron, applied to ``blocks.{L}.mlp.hook_post``
+  ([batch, pos, d_mlp]); mask key ``blocks.{L}.mlp.hook_post``.
+- ``"head"``: one entry per attention head, applied to ``blocks.{L}.attn.hook_z``
+  ([batch, pos, n_heads, d_head]); mask key ``blocks.{L}.attn.hook_z``.
+- ``"weight"``: one entry per weight of every attention (Q, K, V, O) and MLP (in, out, and
+  gate for gated MLPs) matrix; mask keys ``blocks.{L}.attn.{q,k,v,o}.weight`` and
+  ``blocks.{L}.mlp.{in,gate,out}.weight``. Embeddings, unembedding, layernorms and biases are
+  never masked, and weights that are exactly zero are never kept (as in the paper).
+
+Weight masks are stored in one canonical layout, ``[out_features, in_features]`` (the
+``nn.Linear`` convention), whatever the module's own layout (GPT-2's ``Conv1D`` is transposed).
+
+Parameterisations:
+
+- ``"continuous"``: continuous sparsification (Savarese et al. 2020), as in the paper. A real
+  logit per entry (init 0), soft mask ``sigmoid(T * m)``; the search multiplies ``T`` by 1.001
+  per step; the final mask is ``m > 0``.
+- ``"hard_concrete"``: hard concrete gates (Louizos et al. 2018), stretch (-0.1, 1.1),
+  beta 2/3, sampled while training, deterministic in eval mode, closed-form expected L0.
+  The final mask is also ``m > 0`` (the deterministic gate is above 0.5 exactly then).
+
+A mask entry's size in the paper's unit (weights gated): a weight gates 1 weight; a neuron
+gates its row of every MLP input matrix and its column of the output matrix; a head gates its
+d_head rows of Q (and its share of K and V under grouped-query attention) and its d_head
+columns of O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+from torch import nn
+from torch.nn.utils import parametrize
+
+from bigram_circuits.errors import MaskError
+
+__all__ = [
+    "GRANULARITIES",
+    "PARAMETERIZATIONS",
+    "ModelGeometry",
+    "MaskComponent",
+    "ContinuousSparsification",
+    "HardConcrete",
+    "MaskSet",
+    "parse_granularities",
+    "model_geometry",
+    "mask_components",
+    "attach_masks",
+    "masks_attached",
+    "weight_tensor",
+    "expand_to_weight_masks",
+    "author_parameter_names",
+    "weight_masks_to_author_dict",
+    "author_dict_to_weight_masks",
+]
+
+GRANULARITIES: tuple[str, ...] = ("neuron", "head", "weight")
+PARAMETERIZATIONS: tuple[str, ...] = ("continuous", "hard_concrete")
+
+_ATTACHED_FLAG = "_bigram_circuits_masks_attached"
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """The shapes a mask depends on, read from a bridge (saved with every subnetwork)."""
+
+    architecture: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    gated_mlp: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ModelGeometry:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class MaskComponent:
+    """One masked tensor: where it applies, its canonical shape and its size per entry.
+
+    ``kind`` is ``neuron``, ``head`` or a matrix name (``q``, ``k``, ``v``, ``o``, ``in``,
+    ``gate``, ``out``); ``block`` is ``attn`` or ``mlp`` (used for per-layer shares).
+    """
+
+    key: str
+    granularity: str
+    layer: int
+    block: str
+    kind: str
+    shape: tuple[int, ...]
+    params_per_entry: float
+
+    @property
+    def n_entries(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def total_params(self) -> float:
+        return self.n_entries * self.params_per_entry
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["shape"] = list(self.shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> MaskComponent:
+        return cls(
+            key=str(data["key"]),
+            granularity=str(data["granularity"]),
+            layer=int(data["layer"]),
+            block=str(data["block"]),
+            kind=str(data["kind"]),
+            shape=tuple(int(s) for s in data["shape"]),
+            params_per_entry=float(data["params_per_entry"]),
+        )
+
+
+def parse_granularities(granularities: str | Sequence[str]) -> tuple[str, ...]:
+    """Normalise ``"neuron,head"`` or ``["head", "neuron"]`` to a canonical ordered tuple."""
+    items = granularities.split(",") if isinstance(granularities, str) else list(granularities)
+    names = {str(g).strip().lower() for g in items if str(g).strip()}
+    unknown = names - set(GRANULARITIES)
+    if unknown or not names:
+        raise MaskError(
+            f"unknown granularity {sorted(unknown) or granularities!r}; use any of {', '.join(GRANULARITIES)}"
+        )
+    return tuple(g for g in GRANULARITIES if g in names)
+
+
+def _linear_bridges(bridge, layer: int) -> dict[str, tuple[str, nn.Module]]:
+    """The LinearBridge submodules the forward pass actually uses: ``kind -> (block, module)``.
+
+    Fused QKV models (GPT-2, GPT-NeoX) run through the bridge's split ``q``/``k``/``v`` copies,
+    not the fused matrix, so those are the ones to mask.
+    """
+    block = bridge.blocks[layer]
+    found: dict[str, tuple[str, nn.Module]] = {}
+    for block_name, parent, kinds in (
+        ("attn", getattr(block, "attn", None), ("q", "k", "v", "o")),
+        ("mlp", getattr(block, "mlp", None), ("in", "gate", "out")),
+    ):
+        if parent is None:
+            continue
+        for kind in kinds:
+            module = parent._modules.get(kind)
+            if module is not None and getattr(module, "original_component", None) is not None:
+                found[kind] = (block_name, module)
+    return found
+
+
+def _weight_layout(module: nn.Module) -> bool:
+    """Whether the wrapped module stores its weight as ``[in, out]`` (True) or ``[out, in]``."""
+    inner = module.original_component
+    if isinstance(inner, nn.Linear):
+        return False
+    if type(inner).__name__ == "Conv1D":  # transformers' GPT-2 projection: weight is [in, out]
+        return True
+    raise MaskError(
+        f"cannot mask weights of {type(inner).__name__} in {module.name!r}; weight masks support "
+        "nn.Linear and Conv1D projections (use --granularity neuron,head)"
+    )
+
+
+def model_geometry(bridge) -> ModelGeometry:
+    """Read the architecture shapes from a bridge (checked against its modules)."""
+    cfg = bridge.cfg
+    n_layers = int(cfg.n_layers)
+    if n_layers < 1:
+        raise MaskError("the model has no transformer blocks to mask")
+    modules = _linear_bridges(bridge, 0)
+    if "in" not in modules or "o" not in modules:
+        raise MaskError(
+            f"cannot find attention/MLP projections in {cfg.architecture}; supported: GPT-2, "
+            "GPT-NeoX/Pythia and LLaMA-style models"
+        )
+    in_module = modules["in"][1]
+    in_weight = in_module.original_component.weight
+    d_mlp = int(in_weight.shape[1] if _weight_layout(in_module) else in_weight.shape[0])
+    n_heads = int(cfg.n_heads)
+    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    return ModelGeometry(
+        architecture=str(cfg.architecture),
+        n_layers=n_layers,
+        d_model=int(cfg.d_model),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        d_head=int(cfg.d_head),
+        d_mlp=d_mlp,
+        gated_mlp="gate" in modules,
+    )
+
+
+def mask_components(bridge, granularities: str | Sequence[str] = ("neuron", "head")) -> list[MaskComponent]:
+    """All mask components of a bridge for the given granularities, in a fixed order."""
+    grans = parse_granularities(granularities)
+    geo = model_geometry(bridge)
+    n_in_matrices = 2 if geo.gated_mlp else 1
+    head_params = geo.d_model * geo.d_head * (2 + 2 * geo.n_kv_heads / geo.n_heads)
+    components: list[MaskComponent] = []
+    for layer in range(geo.n_layers):
+        if "head" in grans:
+            components.append(MaskComponent(
+                key=f"blocks.{layer}.attn.hook_z", granularity="head", layer=layer, block="attn",
+                kind="head", shape=(geo.n_heads,), params_per_entry=head_params,
+            ))
+        if "neuron" in grans:
+            components.append(MaskComponent(
+                key=f"blocks.{layer}.mlp.hook_post", granularity="neuron", layer=layer, block="mlp",
+                kind="neuron", shape=(geo.d_mlp,), params_per_entry=float(geo.d_model * (n_in_matrices + 1)),
+            ))
+        if "weight" in grans:
+            for kind, (block_name, module) in _linear_bridges(bridge, layer).items():
+                weight = module.original_component.weight
+                shape = tuple(weight.shape[::-1]) if _weight_layout(module) else tuple(weight.shape)
+                components.append(MaskComponent(
+                    key=f"blocks.{layer}.{block_name}.{kind}.weight", granularity="weight", layer=layer,
+                    block=block_name, kind=kind, shape=tuple(int(s) for s in shape), params_per_entry=1.0,
+                ))
+    return components
+
+
+def _weight_module(bridge, component: MaskComponent) -> tuple[nn.Module, bool]:
+    """The module holding a weight component's matrix, and whether its layout is transposed."""
+    modules = _linear_bridges(bridge, component.layer)
+    if component.kind not in modules:
+        raise MaskError(f"mask key {component.key!r} has no matching module in this model")
+    module = modules[component.kind][1]
+    return module.original_component, _weight_layout(module)
+
+
+def weight_tensor(bridge, component: MaskComponent) -> Float[torch.Tensor, "out in"]:
+    """A weight component's matrix in the canonical ``[out, in]`` layout (a view, no copy)."""
+    module, transposed = _weight_module(bridge, component)
+    return module.weight.T if transposed else module.weight
+
+
+# --------------------------------------------------------------------------- attachment
+
+
+class _WeightMaskParametrization(nn.Module):
+    """``weight -> weight * mask`` where the mask is fetched at every forward (soft or fixed)."""
+
+    def __init__(self, mask_for: Callable[[], torch.Tensor], transposed: bool):
+        super().__init__()
+        self._mask_for = mask_for
+        self._transposed = transposed
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mask = self._mask_for()
+        return weight * (mask.T if self._transposed else mask)
+
+
+def masks_attached(bridge) -> bool:
+    """Whether a mask set or subnetwork is applied to ``bridge`` right now."""
+    return bool(getattr(bridge, _ATTACHED_FLAG, False))
+
+
+@contextlib.contextmanager
+def attach_masks(
+    bridge, components: Sequence[MaskComponent], mask_for: Callable[[str], torch.Tensor]
+) -> Iterator[None]:
+    """Multiply every component's activation or weight by ``mask_for(key)`` inside the block.
+
+    ``mask_for`` is called at every forward pass (so a learnable soft mask stays differentiable).
+    Neuron and head masks are forward hooks on the HookPoints (added first, so caches and user
+    hooks see masked activations; permanent, so ``reset_hooks()`` leaves them alone); weight
+    masks are ``torch.nn.utils.parametrize`` parametrizations, removed on exit. Only one mask
+    attachment per bridge at a time: a second raises ``MaskError``.
+    """
+    if getattr(bridge, _ATTACHED_FLAG, False):
+        raise MaskError("masks are already applied to this model; exit the other `with` block first")
+    hook_handles: list[tuple[object, object]] = []
+    parametrized: list[nn.Module] = []
+    object.__setattr__(bridge, _ATTACHED_FLAG, True)
+    try:
+        for component in components:
+            key = component.key
+            if component.granularity == "weight":
+                module, transposed = _weight_module(bridge, component)
+                parametrize.register_parametrization(
+                    module, "weight",
+                    _WeightMaskParametrization(lambda key=key: mask_for(key), transposed),
+                    unsafe=True,
+                )
+                parametrized.append(module)
+                continue
+            if key not in bridge.hook_dict:
+                raise MaskError(f"hook {key!r} does not exist on this model; check the granularity")
+            hook_point = bridge.hook_dict[key]
+            if component.granularity == "neuron":
+                def hook_fn(act, hook, key=key):
+                    return act * mask_for(key).to(act.dtype)
+            else:
+                def hook_fn(act, hook, key=key):
+                    return act * mask_for(key).to(act.dtype)[:, None]
+            handle = hook_point.add_hook(hook_fn, is_permanent=True, prepend=True)
+            hook_handles.append((hook_point, handle))
+        yield
+    finally:
+        for hook_point, handle in hook_handles:
+            handle.hook.remove()
+            if handle in hook_point.fwd_hooks:
+                hook_point.fwd_hooks.remove(handle)
+        for module in parametrized:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        object.__setattr__(bridge, _ATTACHED_FLAG, False)
+
+
+# --------------------------------------------------------------------------- parameterisations
+
+
+class ContinuousSparsification:
+    """Soft mask ``sigmoid(T * m)`` (Savarese et al. 2020); final mask ``m > 0``."""
+
+    name = "continuous"
+
+    def sample(self, logits: torch.Tensor, temperature: float, training: bool,
+               generator: torch.Generator | None) -> torch.Tensor:
+        return torch.sigmoid(logits * temperature)
+
+    def probability(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The soft mask; used for the sparsity penalty, densities and the stopping rule."""
+        return torch.sigmoid(logits * temperature)
+
+
+class HardConcrete:
+    """Hard concrete gates (Louizos et al. 2018): stretch (gamma, zeta), temperature beta.
+
+    ``probability`` is the closed-form expected L0, P(gate != 0).
+    """
+
+    name = "hard_concrete"
+
+    def __init__(self, beta: float = 2.0 / 3.0, gamma: float = -0.1, zeta: float = 1.1):
+        self.beta, self.gamma, self.zeta = beta, gamma, zeta
+        self._l0_shift = beta * math.log(-gamma / zeta)
+
+    def sample(self, logits: torch.Tensor, temperature: float, training: bool,
+               generator: torch.Generator | None) -> torch.Tensor:
+        if training:
+            u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+            u = u.clamp(1e-6, 1.0 - 1e-6)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / self.beta)
+        else:
+            s = torch.sigmoid(logits)
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    def probability(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        return torch.sigmoid(logits - self._l0_shift)
+
+
+def _make_parameterization(name: str):
+    if name == "continuous":
+        return ContinuousSparsification()
+    if name == "hard_concrete":
+        return HardConcrete()
+    raise MaskError(f"unknown parameterization {name!r}; use 'continuous' or 'hard_concrete'")
+
+
+def _safe(key: str) -> str:
+    return key.replace(".", "__")
+
+
+class MaskSet(nn.Module):
+    """Learnable mask logits keyed by component name, with soft/binary views and densities.
+
+    Build with :meth:`for_model`; use ``with mask_set.attach(bridge):`` to run the bridge with
+    the current soft masks (differentiable w.r.t. the logits). ``temperature`` is a buffer the
+    search multiplies after every step; ``penalty()`` is ``sum(soft mask x size) / total size``
+    (``penalty_weighting="params"``: entries weighted by the weights they gate, identical to the
+    paper's ``sum(soft mask) / |M|`` for weight masks) or the plain mean over entries
+    (``"entries"``).
+    """
+
+    def __init__(
+        self,
+        components: Sequence[MaskComponent],
+        parameterization: str = "continuous",
+        init: float = 0.0,
+        always_off: Mapping[str, torch.Tensor] | None = None,
+        penalty_weighting: str = "params",
+        device: torch.device | str = "cpu",
+    ):
+        super().__init__()
+        if not components:
+            raise MaskError("no mask components given; pick at least one granularity")
+        if penalty_weighting not in {"params", "entries"}:
+            raise MaskError(f"penalty_weighting must be 'params' or 'entries', got {penalty_weighting!r}")
+        self.components: dict[str, MaskComponent] = {c.key: c for c in components}
+        self.parameterization = _make_parameterization(parameterization)
+        self.penalty_weighting = penalty_weighting
+        self.logits = nn.ParameterDict({
+            _safe(c.key): nn.Parameter(torch.full(c.shape, float(init), device=device)) for c in components
+        })
+        self.register_buffer("temperature", torch.tensor(1.0, dtype=torch.float64, device=device))
+        self._always_off: dict[str, torch.Tensor] = {}
+        for key, off in (always_off or {}).items():
+            if off.any():
+                name = f"off__{_safe(key)}"
+                self.register_buffer(name, off.to(device=device, dtype=torch.bool))
+                self._always_off[key] = name
+        weights = {c.key: (c.params_per_entry if penalty_weighting == "params" else 1.0) for c in components}
+        self._penalty_weight = weights
+        self._penalty_total = sum(c.n_entries * weights[c.key] for c in components)
+        self.generator: torch.Generator | None = None
+        if self.parameterization.name == "hard_concrete":
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(0)
+
+    # ---- construction
+
+    @classmethod
+    def for_model(
+        cls,
+        bridge,
+        granularities: str | Sequence[str] = ("neuron", "head"),
+        parameterization: str = "continuous",
+        init: float = 0.0,
+        penalty_weighting: str = "params",
+    ) -> MaskSet:
+        """Mask logits for every component of ``bridge`` at the given granularities."""
+        components = mask_components(bridge, granularities)
+        device = next(bridge.parameters()).device
+        always_off = {}
+        for c in components:
+            if c.granularity == "weight":
+                with torch.no_grad():
+                    always_off[c.key] = weight_tensor(bridge, c) == 0
+        return cls(components, parameterization, init, always_off, penalty_weighting, device)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.components)
+
+    @property
+    def granularities(self) -> tuple[str, ...]:
+        return parse_granularities([c.granularity for c in self.components.values()])
+
+    def logit(self, key: str) -> torch.Tensor:
+        return self.logits[_safe(key)]
+
+    def seed(self, seed: int) -> None:
+        """Seed the hard concrete noise (no effect for continuous sparsification)."""
+        if self.generator is not None:
+            self.generator.manual_seed(int(seed))
+
+    # ---- views
+
+    def _allowed(self, key: str) -> torch.Tensor | None:
+        name = self._always_off.get(key)
+        return None if name is None else ~getattr(self, name)
+
+    def soft_mask(self, key: str) -> torch.Tensor:
+        """The mask the forward pass uses now (sampled gates while training for hard concrete)."""
+        temperature = float(self.temperature)
+        mask = self.parameterization.sample(self.logit(key), temperature, self.training, self.generator)
+        allowed = self._allowed(key)
+        return mask if allowed is None else mask * allowed
+
+    def probability(self, key: str) -> torch.Tensor:
+        """Soft mask (continuous) or P(gate on) (hard concrete), zero where always off."""
+        p = self.parameterization.probability(self.logit(key), float(self.temperature))
+        allowed = self._allowed(key)
+        return p if allowed is None else p * allowed
+
+    def soft(self) -> dict[str, Float[torch.Tensor, "..."]]:
+        """Detached soft masks (probabilities) per key."""
+        with torch.no_grad():
+            return {key: self.probability(key).detach().clone() for key in self.components}
+
+    def binary(self, top_k: int | None = None) -> dict[str, Bool[torch.Tensor, "..."]]:
+        """The final masks: ``logit > 0`` (never an always-off entry), or the ``top_k`` entries
+        with the largest logits over all components (an exact target size)."""
+        with torch.no_grad():
+            if top_k is None:
+                out = {}
+                for key in self.components:
+                    keep = self.logit(key) > 0
+                    allowed = self._allowed(key)
+                    out[key] = (keep if allowed is None else keep & allowed).cpu()
+                return out
+            scores = []
+            for key in self.components:
+                logit = self.logit(key).detach().float()
+                allowed = self._allowed(key)
+                scores.append((logit if allowed is None else logit.masked_fill(~allowed, -math.inf)).flatten().cpu())
+            flat = torch.cat(scores)
+            if not 0 <= top_k <= int(torch.isfinite(flat).sum()):
+                raise MaskError(f"top_k={top_k} is outside 0..{int(torch.isfinite(flat).sum())} maskable entries")
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+            keep[torch.topk(flat, top_k).indices] = True
+            out, offset = {}, 0
+            for key, c in self.components.items():
+                out[key] = keep[offset : offset + c.n_entries].reshape(c.shape)
+                offset += c.n_entries
+            return out
+
+    # ---- objective pieces
+
+    def penalty(self) -> Float[torch.Tensor, ""]:
+        """Weighted mean of the soft mask (the sparsity term, multiplied by lambda in the loss)."""
+        total = None
+        for key in self.components:
+            term = self.probability(key).sum() * self._penalty_weight[key]
+            total = term if total is None else total + term
+        return total / self._penalty_total
+
+    def decision_counts(self, low: float = 0.1, high: float = 0.9) -> tuple[int, int, int]:
+        """``(undecided, on, total)``: entries with soft mask in (low, high), above high, all."""
+        undecided = on = total = 0
+        with torch.no_grad():
+            for key, c in self.components.items():
+                p = self.probability(key)
+                on += int((p > high).sum())
+                undecided += int(((p >= low) & (p <= high)).sum())
+                total += c.n_entries
+        return undecided, on, total
+
+    def density(self) -> pd.DataFrame:
+        """Per component: entries, soft density (mean soft mask), hard density (binary) and
+        kept/total size in the paper's unit."""
+        rows = []
+        binary = self.binary()
+        soft = self.soft()
+        for key, c in self.components.items():
+            kept = int(binary[key].sum())
+            rows.append({
+                "key": key, "granularity": c.granularity, "layer": c.layer, "block": c.block,
+                "kind": c.kind, "entries": c.n_entries,
+                "soft_density": float(soft[key].float().mean()),
+                "hard_density": kept / c.n_entries,
+                "kept_params": kept * c.params_per_entry, "total_params": c.total_params,
+            })
+        return pd.DataFrame(rows)
+
+    def overall_density(self, binary: bool = True) -> float:
+        """Kept share of all entries (binary) or mean soft mask over all entries."""
+        masks = self.binary() if binary else self.soft()
+        kept = sum(float(m.float().sum()) for m in masks.values())
+        return kept / sum(c.n_entries for c in self.components.values())
+
+    @contextlib.contextmanager
+    def attach(self, bridge) -> Iterator[MaskSet]:
+        """Run ``bridge`` with the current soft masks inside the block."""
+        with attach_masks(bridge, list(self.components.values()), self.soft_mask):
+            yield self
+
+
+# --------------------------------------------------------------------------- weight-level views
+
+
+def expand_to_weight_masks(
+    geometry: ModelGeometry,
+    components: Mapping[str, MaskComponent],
+    masks: Mapping[str, torch.Tensor],
+    layers: Sequence[int] | None = None,
+) -> dict[str, Bool[torch.Tensor, "out in"]]:
+    """Weight-level masks (canonical layout) equivalent to any mix of neuron/head/weight masks.
+
+    A neuron keeps its row of each MLP input matrix and its column of the output matrix; a head
+    keeps its rows of Q, K, V (for grouped K/V heads: if any of its query heads is kept) and its
+    columns of O. Where several granularities cover a weight, it is kept only if all keep it.
+    ``layers`` restricts the result to those layers (bounded memory for large models).
+    """
+    g = geometry
+    d_q = g.n_heads * g.d_head
+    d_kv = g.n_kv_heads * g.d_head
+    shapes = {"q": (d_q, g.d_model), "k": (d_kv, g.d_model), "v": (d_kv, g.d_model),
+              "o": (g.d_model, d_q), "in": (g.d_mlp, g.d_model), "gate": (g.d_mlp, g.d_model),
+              "out": (g.d_model, g.d_mlp)}
+    kinds = ("q", "k", "v", "o", "in", "gate", "out") if g.gated_mlp else ("q", "k", "v", "o", "in", "out")
+    layer_set = set(range(g.n_layers) if layers is None else layers)
+    out: dict[str, torch.Tensor] = {}
+    for layer in sorted(layer_set):
+        for kind in kinds:
+            block = "attn" if kind in ("q", "k", "v", "o") else "mlp"
+            out[f"blocks.{layer}.{block}.{kind}.weight"] = torch.ones(shapes[kind], dtype=torch.bool)
+    for key, mask in masks.items():
+        c = components[key]
+        if c.layer not in layer_set:
+            continue
+        mask = mask.to(torch.bool).cpu()
+        if c.granularity == "weight":
+            out[key] &= mask
+        elif c.granularity == "neuron":
+            base = f"blocks.{c.layer}.mlp"
+            out[f"{base}.in.weight"] &= mask[:, None]
+            if g.gated_mlp:
+                out[f"{base}.gate.weight"] &= mask[:, None]
+            out[f"{base}.out.weight"] &= mask[None, :]
+        else:
+            base = f"blocks.{c.layer}.attn"
+            rows_q = mask.repeat_interleave(g.d_head)
+            kv_heads = mask.view(g.n_kv_heads, g.n_heads // g.n_kv_heads).any(dim=1)
+            rows_kv = kv_heads.repeat_interleave(g.d_head)
+            out[f"{base}.q.weight"] &= rows_q[:, None]
+            out[f"{base}.k.weight"] &= rows_kv[:, None]
+            out[f"{base}.v.weight"] &= rows_kv[:, None]
+            out[f"{base}.o.weight"] &= rows_q[None, :]
+    return out
+
+
+# --------------------------------------------------------------------------- authors' mask dicts
+#
+# The authors' released masks are dicts ``HF parameter name -> numpy bool array`` in the HF
+# parameter's own layout (plus an "orig_model_name" string). Fused QKV matrices map to our
+# split q/k/v masks following the layout HF's forward actually uses:
+#   GPT-NeoX query_key_value.weight [3*d_model, d_model]: rows grouped per head, (q, k, v) each
+#   d_head rows inside a head; GPT-2 c_attn.weight (Conv1D, [d_model, 3*d_model]): columns
+#   [q | k | v].
+
+
+_NEOX = "GPTNeoXForCausalLM"
+_GPT2 = "GPT2LMHeadModel"
+_LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def author_parameter_names(geometry: ModelGeometry) -> dict[str, str]:
+    """HF parameter name per weight mask key (fused QKV: q, k and v map to the same name)."""
+    arch = geometry.architecture
+    names: dict[str, str] = {}
+    for layer in range(geometry.n_layers):
+        if arch == _NEOX:
+            p = f"gpt_neox.layers.{layer}"
+            table = {"q": f"{p}.attention.query_key_value.weight", "k": f"{p}.attention.query_key_value.weight",
+                     "v": f"{p}.attention.query_key_value.weight", "o": f"{p}.attention.dense.weight",
+                     "in": f"{p}.mlp.dense_h_to_4h.weight", "out": f"{p}.mlp.dense_4h_to_h.weight"}
+        elif arch == _GPT2:
+            p = f"transformer.h.{layer}"
+            table = {"q": f"{p}.attn.c_attn.weight", "k": f"{p}.attn.c_attn.weight", "v": f"{p}.attn.c_attn.weight",
+                     "o": f"{p}.attn.c_proj.weight", "in": f"{p}.mlp.c_fc.weight", "out": f"{p}.mlp.c_proj.weight"}
+        elif arch in _LLAMA_LIKE:
+            p = f"model.layers.{layer}"
+            table = {k: f"{p}.self_attn.{k}_proj.weight" for k in ("q", "k", "v", "o")}
+            table.update({"in": f"{p}.mlp.up_proj.weight", "gate": f"{p}.mlp.gate_proj.weight",
+                          "out": f"{p}.mlp.down_proj.weight"})
+        else:
+            raise MaskError(
+                f"no HF parameter-name mapping for {arch}; authors' mask dicts are supported for "
+                "GPT-NeoX, GPT-2 and LLaMA-style models"
+            )
+        for kind, name in table.items():
+            block = "attn" if kind in ("q", "k", "v", "o") else "mlp"
+            names[f"blocks.{layer}.{block}.{kind}.weight"] = name
+    return names
+
+
+def weight_masks_to_author_dict(
+    geometry: ModelGeometry, weight_masks: Mapping[str, torch.Tensor]
+) -> dict[str, np.ndarray]:
+    """Canonical weight masks -> ``{HF parameter name: numpy bool array in HF layout}``."""
+    g = geometry
+    out: dict[str, np.ndarray] = {}
+    for key, name in author_parameter_names(g).items():
+        layer, kind = key.split(".")[1], key.split(".")[3]
+        mask = weight_masks[key].to(torch.bool).cpu().numpy()
+        fused = g.architecture in (_NEOX, _GPT2) and kind in ("q", "k", "v")
+        if fused and kind != "q":
+            continue  # written together with q
+        if fused:
+            qkv = [weight_masks[f"blocks.{layer}.attn.{x}.weight"].to(torch.bool).cpu().numpy() for x in "qkv"]
+            if g.architecture == _NEOX:
+                per_head = np.stack([m.reshape(g.n_heads, g.d_head, g.d_model) for m in qkv], axis=1)
+                out[name] = per_head.reshape(3 * g.n_heads * g.d_head, g.d_model)
+            else:
+                out[name] = np.ascontiguousarray(np.concatenate(qkv, axis=0).T)
+        elif g.architecture == _GPT2:
+            out[name] = np.ascontiguousarray(mask.T)  # Conv1D stores [in, out]
+        else:
+            out[name] = mask.copy()
+    return out
+
+
+def author_dict_to_weight_masks(
+    geometry: ModelGeometry, author: Mapping[str, np.ndarray]
+) -> dict[str, Bool[torch.Tensor, "out in"]]:
+    """``{HF parameter name: bool array}`` -> canonical weight masks (inverse of the above)."""
+    g = geometry
+    names = author_parameter_names(g)
+    missing = sorted({n for n in names.values() if n not in author})
+    if missing:
+        raise MaskError(f"mask dict lacks {len(missing)} parameters of this model (e.g. {missing[0]}); "
+                        "was it made for another model?")
+
+    def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        arr = np.asarray(author[name])
+        if arr.shape != shape:
+            raise MaskError(f"mask {name} has shape {arr.shape}, expected {shape}; was it made for another model?")
+        return arr.astype(bool)
+
+    d_q, d_kv = g.n_heads * g.d_head, g.n_kv_heads * g.d_head
+    out: dict[str, torch.Tensor] = {}
+    for key, name in names.items():
+        kind = key.split(".")[3]
+        if g.architecture == _NEOX and kind in ("q", "k", "v"):
+            fused = fetch(name, (3 * d_q, g.d_model)).reshape(g.n_heads, 3, g.d_head, g.d_model)
+            arr = fused[:, "qkv".index(kind)].reshape(d_q, g.d_model)
+        elif g.architecture == _GPT2 and kind in ("q", "k", "v"):
+            i = "qkv".index(kind)
+            arr = fetch(name, (g.d_model, 3 * d_q))[:, i * d_q : (i + 1) * d_q].T
+        elif g.architecture == _GPT2:
+            shape = {"o": (d_q, g.d_model), "in": (g.d_model, g.d_mlp), "out": (g.d_mlp, g.d_model)}[kind]
+            arr = fetch(name, shape).T
+        else:
+            shape = {"q": (d_q, g.d_model), "k": (d_kv, g.d_model), "v": (d_kv, g.d_model), "o": (g.d_model, d_q),
+                     "in": (g.d_mlp, g.d_model), "gate": (g.d_mlp, g.d_model), "out": (g.d_model, g.d_mlp)}[kind]
+            arr = fetch(name, shape)
+        out[key] = torch.from_numpy(np.ascontiguousarray(arr))
+    return out

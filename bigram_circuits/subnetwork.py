@@ -1,0 +1,378 @@
+"""A found subnetwork: binary masks + provenance, applied to a bridge as a context manager.
+
+``Subnetwork.masks`` maps mask keys (see :mod:`bigram_circuits.masks`) to boolean tensors
+(True = kept). On disk a subnetwork is a directory with ``masks.safetensors`` and
+``subnetwork.json`` (model id, geometry, components, metadata: model, data, config, metrics).
+
+Sizes are reported in the paper's unit, weights gated: a subnetwork's masks are expanded to the
+weight matrices they gate (neuron: its MLP row(s) and column; head: its Q/K/V rows and O
+columns) and the kept weights are counted, so neuron/head subnetworks and weight subnetworks
+compare directly. The total is every attention and MLP weight matrix entry (the paper's mask
+size; embeddings, layernorms and biases are excluded).
+
+The authors' released masks (pickles of ``{HF parameter name: numpy bool array}``) are read
+through a restricted unpickler that refuses anything but dicts, strings and numpy arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import pickle
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, is_dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool
+
+from bigram_circuits.data import atomic_write_bytes
+from bigram_circuits.errors import MaskError, UnsafeFileError
+from bigram_circuits.masks import (
+    MaskComponent,
+    ModelGeometry,
+    attach_masks,
+    author_dict_to_weight_masks,
+    author_parameter_names,
+    expand_to_weight_masks,
+    mask_components,
+    masks_attached,
+    model_geometry,
+    parse_granularities,
+    weight_masks_to_author_dict,
+)
+
+__all__ = ["Subnetwork", "load_author_pickle"]
+
+MASKS_FILE = "masks.safetensors"
+META_FILE = "subnetwork.json"
+FORMAT = "bigram_circuits.subnetwork"
+FORMAT_VERSION = 1
+AUTHOR_NAME_KEY = "orig_model_name"
+
+
+def _jsonable(obj):
+    """Recursively convert metadata to JSON types (dataclasses, numpy, paths, tensors)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic,)):
+        return _jsonable(obj.item())
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)  # JSON has no inf/nan
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+@dataclass
+class Subnetwork:
+    """Binary masks over a model's components plus where they came from.
+
+    Build one with :meth:`from_masks` (from a bridge), :meth:`full` / :meth:`empty`,
+    :meth:`load`, or :meth:`from_author_pickle`.
+    """
+
+    masks: dict[str, Bool[torch.Tensor, "..."]]
+    components: dict[str, MaskComponent]
+    geometry: ModelGeometry
+    model_id: str
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if set(self.masks) != set(self.components):
+            missing = sorted(set(self.components) - set(self.masks))
+            extra = sorted(set(self.masks) - set(self.components))
+            raise MaskError(f"mask keys do not match the components (missing {missing[:3]}, extra {extra[:3]})")
+        for key, c in self.components.items():
+            mask = self.masks[key]
+            if tuple(mask.shape) != c.shape:
+                raise MaskError(f"mask {key!r} has shape {tuple(mask.shape)}, expected {c.shape}")
+            self.masks[key] = mask.detach().to(device="cpu", dtype=torch.bool)
+
+    # ---- construction
+
+    @classmethod
+    def from_masks(cls, bridge, masks: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> Subnetwork:
+        """A subnetwork of ``bridge`` from boolean masks keyed by mask key (all keys of their
+        granularities must be present)."""
+        from bigram_circuits.models import model_id  # noqa: PLC0415  (models imports are heavy)
+
+        if masks_attached(bridge):
+            raise MaskError("build subnetworks while no masks are applied to the model")
+        granularities = parse_granularities(sorted({_granularity_of(k) for k in masks}))
+        components = {c.key: c for c in mask_components(bridge, granularities)}
+        return cls(dict(masks), components, model_geometry(bridge), model_id(bridge), dict(metadata or {}))
+
+    @classmethod
+    def full(cls, bridge, granularities=("neuron", "head")) -> Subnetwork:
+        """Every entry kept (the full model; the paper's lambda = -inf reference)."""
+        comps = mask_components(bridge, granularities)
+        return cls.from_masks(bridge, {c.key: torch.ones(c.shape, dtype=torch.bool) for c in comps},
+                              {"kind": "full"})
+
+    @classmethod
+    def empty(cls, bridge, granularities=("neuron", "head")) -> Subnetwork:
+        """No entry kept (embeddings, layernorms and biases only; lambda = +inf reference)."""
+        comps = mask_components(bridge, granularities)
+        return cls.from_masks(bridge, {c.key: torch.zeros(c.shape, dtype=torch.bool) for c in comps},
+                              {"kind": "empty"})
+
+    # ---- sizes
+
+    @property
+    def granularities(self) -> tuple[str, ...]:
+        return parse_granularities([c.granularity for c in self.components.values()])
+
+    @property
+    def n_kept(self) -> int:
+        """Mask entries kept (neurons, heads and/or weights)."""
+        return int(sum(int(m.sum()) for m in self.masks.values()))
+
+    @property
+    def n_entries(self) -> int:
+        return int(sum(m.numel() for m in self.masks.values()))
+
+    @property
+    def density(self) -> float:
+        """Kept share of mask entries."""
+        return self.n_kept / self.n_entries
+
+    def _weight_counts(self) -> pd.DataFrame:
+        """Kept and total weights per (layer, block, matrix), expanding one layer at a time."""
+        rows = []
+        for layer in range(self.geometry.n_layers):
+            weights = expand_to_weight_masks(self.geometry, self.components, self.masks, layers=[layer])
+            for key, mask in weights.items():
+                kind = key.split(".")[3]
+                rows.append({"layer": layer, "block": "attn" if kind in ("q", "k", "v", "o") else "mlp",
+                             "matrix": kind, "kept_params": int(mask.sum()), "total_params": mask.numel()})
+        return pd.DataFrame(rows)
+
+    def n_params(self) -> int:
+        """Weights kept in the paper's unit (attention and MLP matrix entries gated on)."""
+        return int(self._weight_counts()["kept_params"].sum())
+
+    def n_params_total(self) -> int:
+        """All attention and MLP weight matrix entries (the paper's mask size |M|)."""
+        return int(self._weight_counts()["total_params"].sum())
+
+    def layer_distribution(self) -> pd.DataFrame:
+        """Per layer and block (attn / mlp): kept weights, the block's size, the share of the
+        subnetwork it holds and the fraction of the block kept."""
+        table = self._weight_counts().groupby(["layer", "block"], as_index=False)[["kept_params", "total_params"]].sum()
+        kept = max(int(table["kept_params"].sum()), 1)
+        table["share_of_subnetwork"] = table["kept_params"] / kept
+        table["fraction_kept"] = table["kept_params"] / table["total_params"]
+        return table
+
+    def summary(self) -> dict:
+        """Sizes in one dict (entries, weights kept, total, percent)."""
+        counts = self._weight_counts()
+        kept, total = int(counts["kept_params"].sum()), int(counts["total_params"].sum())
+        return {"granularities": ",".join(self.granularities), "n_kept": self.n_kept, "n_entries": self.n_entries,
+                "n_params": kept, "n_params_total": total, "percent_params": 100.0 * kept / max(total, 1)}
+
+    # ---- derived subnetworks
+
+    def _with_masks(self, masks: dict[str, torch.Tensor], note: Mapping) -> Subnetwork:
+        return Subnetwork(masks, dict(self.components), self.geometry, self.model_id, {**self.metadata, **note})
+
+    def complement(self) -> Subnetwork:
+        """Every entry this subnetwork drops (what ``applied(mode="ablate")`` keeps)."""
+        return self._with_masks({k: ~m for k, m in self.masks.items()}, {"derived": "complement"})
+
+    def random_control(self, seed: int = 0) -> Subnetwork:
+        """A random subnetwork with the same kept count in every block: each weight matrix
+        (Q, K, V, O, MLP in/out of each layer) for weight masks, each layer's neurons or heads."""
+        gen = torch.Generator().manual_seed(int(seed))
+        masks = {}
+        for key, mask in self.masks.items():
+            flat = torch.zeros(mask.numel(), dtype=torch.bool)
+            flat[torch.randperm(mask.numel(), generator=gen)[: int(mask.sum())]] = True
+            masks[key] = flat.reshape(mask.shape)
+        return self._with_masks(masks, {"derived": "random_control", "random_seed": int(seed)})
+
+    def to_weight_masks(self) -> dict[str, Bool[torch.Tensor, "out in"]]:
+        """The equivalent weight-level masks (canonical ``[out, in]`` layout) of every matrix."""
+        return expand_to_weight_masks(self.geometry, self.components, self.masks)
+
+    # ---- applying
+
+    def check_model(self, bridge) -> None:
+        """Raise ``MaskError`` unless ``bridge`` is the architecture this subnetwork was made for."""
+        from bigram_circuits.models import model_id  # noqa: PLC0415
+
+        if masks_attached(bridge):
+            raise MaskError("masks are already applied to this model; exit the other `with` block first")
+        found = model_id(bridge)
+        if found != self.model_id:
+            raise MaskError(
+                f"subnetwork was made for model {self.model_id}, not {found}; load the model it was found on"
+            )
+
+    @contextlib.contextmanager
+    def applied(self, bridge, mode: str = "keep") -> Iterator:
+        """Run ``bridge`` with only this subnetwork (``mode="keep"``) or without it
+        (``mode="ablate"``, keeping the complement) inside the block; yields the bridge."""
+        if mode not in ("keep", "ablate"):
+            raise MaskError(f"mode must be 'keep' or 'ablate', got {mode!r}")
+        self.check_model(bridge)
+        param = next(bridge.parameters())
+        floats = {
+            key: (mask if mode == "keep" else ~mask).to(device=param.device, dtype=param.dtype)
+            for key, mask in self.masks.items()
+        }
+        with attach_masks(bridge, list(self.components.values()), floats.__getitem__):
+            yield bridge
+
+    # ---- files
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``masks.safetensors`` and ``subnetwork.json`` into ``directory`` (atomically)."""
+        from safetensors.torch import save as safetensors_bytes  # noqa: PLC0415
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(directory / MASKS_FILE,
+                           safetensors_bytes({k: m.contiguous() for k, m in self.masks.items()}))
+        meta = {
+            "format": FORMAT, "version": FORMAT_VERSION, "model_id": self.model_id,
+            "geometry": self.geometry.to_dict(),
+            "components": [c.to_dict() for c in self.components.values()],
+            "summary": self.summary(), "metadata": _jsonable(self.metadata),
+        }
+        atomic_write_bytes(directory / META_FILE, json.dumps(meta, indent=2).encode("utf-8"))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Subnetwork:
+        """Read a subnetwork saved by :meth:`save`."""
+        from safetensors import SafetensorError  # noqa: PLC0415
+        from safetensors.torch import load as safetensors_load  # noqa: PLC0415
+
+        directory = Path(directory)
+        meta_path, masks_path = directory / META_FILE, directory / MASKS_FILE
+        if not meta_path.exists() or not masks_path.exists():
+            raise MaskError(f"{directory} is not a saved subnetwork (needs {META_FILE} and {MASKS_FILE})")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            masks = safetensors_load(masks_path.read_bytes())
+        except (json.JSONDecodeError, SafetensorError, UnicodeDecodeError) as exc:
+            raise MaskError(f"{directory} holds a corrupt subnetwork ({type(exc).__name__}); save it again") from exc
+        if meta.get("format") != FORMAT:
+            raise MaskError(f"{meta_path} is not a bigram_circuits subnetwork file")
+        components = {c["key"]: MaskComponent.from_dict(c) for c in meta["components"]}
+        return cls(masks, components, ModelGeometry.from_dict(meta["geometry"]), meta["model_id"],
+                   meta.get("metadata", {}))
+
+    # ---- authors' mask dicts
+
+    def to_author_dict(self, orig_model_name: str | None = None) -> dict:
+        """``{HF parameter name: numpy bool array}`` in the HF layout, as the authors release
+        (neuron/head masks are expanded to the weights they gate), plus ``orig_model_name``."""
+        out: dict = weight_masks_to_author_dict(self.geometry, self.to_weight_masks())
+        name = orig_model_name or self.metadata.get("model_name")
+        if name:
+            out[AUTHOR_NAME_KEY] = str(name)
+        return out
+
+    def save_author_pickle(self, path: str | os.PathLike, orig_model_name: str | None = None) -> Path:
+        """Write :meth:`to_author_dict` as a pickle the authors' loading code reads."""
+        path = Path(path)
+        atomic_write_bytes(path, pickle.dumps(self.to_author_dict(orig_model_name), protocol=pickle.HIGHEST_PROTOCOL))
+        return path
+
+    @classmethod
+    def from_author_dict(cls, author: Mapping, bridge, metadata: Mapping | None = None) -> Subnetwork:
+        """A weight-granularity subnetwork of ``bridge`` from an authors'-format mask dict."""
+        geometry = model_geometry(bridge)
+        arrays = {k: v for k, v in author.items() if k != AUTHOR_NAME_KEY}
+        for name, value in arrays.items():
+            if not isinstance(value, np.ndarray) or not (value.dtype == bool or np.issubdtype(value.dtype, np.integer)):
+                raise MaskError(f"mask dict entry {name!r} is not a numpy bool array; is this an authors' mask dict?")
+        weight_masks = author_dict_to_weight_masks(geometry, arrays)
+        ignored = sorted(set(arrays) - set(author_parameter_names(geometry).values()))
+        info = {"source": "author_dict", "ignored_parameters": ignored}
+        if isinstance(author.get(AUTHOR_NAME_KEY), str):
+            info["model_name"] = author[AUTHOR_NAME_KEY]
+        return cls.from_masks(bridge, weight_masks, {**info, **dict(metadata or {})})
+
+    @classmethod
+    def from_author_pickle(cls, path: str | os.PathLike, bridge) -> Subnetwork:
+        """Load an authors' released mask pickle for ``bridge`` (restricted unpickler)."""
+        return cls.from_author_dict(load_author_pickle(path), bridge, {"source_file": str(path)})
+
+
+def _granularity_of(key: str) -> str:
+    if key.endswith(".mlp.hook_post"):
+        return "neuron"
+    if key.endswith(".attn.hook_z"):
+        return "head"
+    if key.endswith(".weight"):
+        return "weight"
+    raise MaskError(f"unknown mask key {key!r}; keys look like blocks.0.mlp.hook_post or blocks.0.attn.q.weight")
+
+
+# Globals a pickle of plain numpy arrays needs; everything else is refused.
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): lambda: np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): lambda: np._core.multiarray._reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): lambda: np._core.numeric._frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): lambda: np._core.numeric._frombuffer,
+}
+
+
+class _MaskDictUnpickler(pickle.Unpickler):
+    """Unpickler that can build only builtin containers/strings and numpy arrays."""
+
+    def __init__(self, handle, label: str):
+        super().__init__(handle)
+        self._label = label
+
+    def find_class(self, module: str, name: str):
+        resolve = _ALLOWED_GLOBALS.get((module, name))
+        if resolve is None:
+            raise UnsafeFileError(
+                f"{self._label} asks to load {module}.{name}, which could run code; only mask dicts of "
+                "numpy arrays are accepted (re-save it as a dict of numpy bool arrays)"
+            )
+        return resolve()
+
+    def persistent_load(self, pid):
+        raise UnsafeFileError(f"{self._label} uses persistent ids; only plain mask dicts are accepted")
+
+
+def load_author_pickle(path: str | os.PathLike) -> dict:
+    """Read an authors'-format mask pickle: a dict of strings to numpy arrays (and the
+    ``orig_model_name`` string). Anything else raises ``UnsafeFileError``."""
+    path = Path(path)
+    if not path.exists():
+        raise MaskError(f"mask file {path} does not exist")
+    try:
+        with open(path, "rb") as handle:
+            data = _MaskDictUnpickler(io.BufferedReader(handle), str(path)).load()
+    except UnsafeFileError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise MaskError(f"{path} is not a readable mask pickle ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, dict):
+        raise UnsafeFileError(f"{path} holds a {type(data).__name__}, not a dict of masks")
+    for key, value in data.items():
+        if not isinstance(key, str) or not isinstance(value, (np.ndarray, str)):
+            raise UnsafeFileError(f"{path} holds {type(value).__name__} under {key!r}; only numpy arrays and strings are accepted")
+        if isinstance(value, np.ndarray) and value.dtype == object:
+            raise UnsafeFileError(f"{path} holds an object array under {key!r}; only numeric masks are accepted")
+    return data
