@@ -1,0 +1,373 @@
+"""Overlap between two subnetworks, tested against a random null with the same per-block shape.
+
+The paper (Table 3) compares the bigram subnetwork with the "optimal" subnetwork of the same
+model: overlap = |A & B| / |M| over all mask entries M, the expected overlap of random pairs
+that keep the same number of entries in every block (each Q, K, V, O, MLP-in and MLP-out
+matrix of each layer), the share of random pairs at least as large (p-value), and the share
+of A contained in B.
+
+The null is sampled exactly but without drawing masks: within one block of n entries, the
+overlap of two independent uniform random subsets of sizes a and b follows the hypergeometric
+distribution (b draws from n entries of which a are "good"); blocks are independent, so a
+random pair's total overlap is a sum of per-block hypergeometric draws. Its mean is
+sum(a * b / n) over blocks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Integer
+
+from bigram_circuits.errors import MaskError
+
+__all__ = [
+    "BlockCounts",
+    "OverlapResult",
+    "block_counts",
+    "layer_distribution",
+    "null_overlap_samples",
+    "overlap",
+    "overlap_table",
+]
+
+# numpy's hypergeometric sampler accepts populations below this size only.
+_MAX_BLOCK_ENTRIES = 10**9
+
+
+@dataclass(frozen=True)
+class BlockCounts:
+    """Per-block entry counts of two subnetworks: block size n, kept in A, kept in B, kept in both."""
+
+    names: list[str]
+    size: Integer[np.ndarray, " n_blocks"]
+    kept_a: Integer[np.ndarray, " n_blocks"]
+    kept_b: Integer[np.ndarray, " n_blocks"]
+    kept_both: Integer[np.ndarray, " n_blocks"]
+
+
+@dataclass(frozen=True)
+class OverlapResult:
+    """Overlap of subnetworks A and B, and its random null (fractions are of all mask entries)."""
+
+    n_entries: int
+    n_kept_a: int
+    n_kept_b: int
+    n_overlap: int
+    fraction_overlap: float  # |A & B| / |M|
+    frac_a_in_b: float  # |A & B| / |A|
+    expected: float  # analytic mean of the null, as a fraction of |M|
+    expected_sampled: float  # mean of the sampled null, as a fraction of |M|
+    null_std: float  # std of the sampled null, as a fraction of |M|
+    expected_frac_a_in_b: float  # expected / (|A| / |M|)
+    ratio: float  # fraction_overlap / expected
+    p_value: float  # share of random pairs with an overlap at least |A & B|
+    n_random: int
+
+    @property
+    def p_value_text(self) -> str:
+        """The p-value as the paper writes it: ``< 1/n_random`` when no random pair reached it."""
+        if self.p_value == 0.0:
+            return f"< {1.0 / self.n_random:.0e}"
+        return f"{self.p_value:.2g}"
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """A flat dict (one table row), including ``p_value_text``."""
+        row: dict[str, float | int | str] = asdict(self)
+        row["p_value_text"] = self.p_value_text
+        return row
+
+
+def _masks_of(subnetwork) -> Mapping[str, torch.Tensor]:
+    masks = getattr(subnetwork, "masks", subnetwork)
+    if not isinstance(masks, Mapping):
+        raise MaskError("expected a Subnetwork or a dict of boolean masks; pass subnetwork.masks")
+    return masks
+
+
+def _block_index(subnetwork, key: str, mask: torch.Tensor) -> torch.Tensor | None:
+    """Integer block id of every entry of ``mask`` if the subnetwork defines finer blocks."""
+    blocks_of = getattr(subnetwork, "block_ids", None)
+    if callable(blocks_of):
+        ids = blocks_of(key)
+        if ids is not None:
+            ids = torch.as_tensor(ids)
+            if ids.shape != mask.shape:
+                raise MaskError(
+                    f"block ids of {key!r} have shape {tuple(ids.shape)}, mask has {tuple(mask.shape)}"
+                )
+            return ids
+    return None
+
+
+def block_counts(a, b) -> BlockCounts:
+    """Count entries, kept entries and shared kept entries of subnetworks ``a`` and ``b`` per block.
+
+    A block is one mask key (one weight matrix, or one layer's neurons or heads) unless the
+    subnetwork exposes ``block_ids(key)``, an integer tensor of the mask's shape that splits a
+    key into several blocks (e.g. a fused QKV matrix).
+    """
+    masks_a, masks_b = _masks_of(a), _masks_of(b)
+    if set(masks_a) != set(masks_b):
+        only_a = sorted(set(masks_a) - set(masks_b))[:3]
+        only_b = sorted(set(masks_b) - set(masks_a))[:3]
+        raise MaskError(
+            f"subnetworks mask different components (only in A: {only_a}, only in B: {only_b}); "
+            "compare subnetworks of the same model and granularity"
+        )
+    if not masks_a:
+        raise MaskError("subnetworks have no masks; compare non-empty mask sets")
+    names: list[str] = []
+    size: list[int] = []
+    kept_a: list[int] = []
+    kept_b: list[int] = []
+    kept_both: list[int] = []
+    for key in sorted(masks_a):
+        ma = torch.as_tensor(masks_a[key]).bool()
+        mb = torch.as_tensor(masks_b[key]).bool()
+        if ma.shape != mb.shape:
+            raise MaskError(
+                f"mask {key!r} has shape {tuple(ma.shape)} in A and {tuple(mb.shape)} in B; "
+                "compare subnetworks of the same model"
+            )
+        ids = _block_index(a, key, ma)
+        if ids is None:
+            groups = [(key, torch.ones_like(ma))]
+        else:
+            groups = [(f"{key}[{int(i)}]", ids == i) for i in torch.unique(ids)]
+        for name, member in groups:
+            names.append(name)
+            size.append(int(member.sum()))
+            kept_a.append(int((ma & member).sum()))
+            kept_b.append(int((mb & member).sum()))
+            kept_both.append(int((ma & mb & member).sum()))
+    return BlockCounts(
+        names=names,
+        size=np.asarray(size, dtype=np.int64),
+        kept_a=np.asarray(kept_a, dtype=np.int64),
+        kept_b=np.asarray(kept_b, dtype=np.int64),
+        kept_both=np.asarray(kept_both, dtype=np.int64),
+    )
+
+
+def null_overlap_samples(
+    size: Integer[np.ndarray, " n_blocks"],
+    kept_a: Integer[np.ndarray, " n_blocks"],
+    kept_b: Integer[np.ndarray, " n_blocks"],
+    n_random: int = 10_000,
+    seed: int = 0,
+    chunk: int = 2_000,
+) -> Integer[np.ndarray, " n_random"]:
+    """Total overlap (entry count) of ``n_random`` random pairs with the given per-block kept counts.
+
+    Equivalent to drawing, in every block, a uniform random subset of ``kept_a`` and one of
+    ``kept_b`` entries and counting shared entries, summed over blocks.
+    """
+    size = np.asarray(size, dtype=np.int64)
+    kept_a = np.asarray(kept_a, dtype=np.int64)
+    kept_b = np.asarray(kept_b, dtype=np.int64)
+    if n_random < 1:
+        raise ValueError(f"n_random must be positive, got {n_random}")
+    if np.any(kept_a > size) or np.any(kept_b > size) or np.any(kept_a < 0) or np.any(kept_b < 0):
+        raise MaskError("kept counts must lie between 0 and the block size")
+    if np.any(size >= _MAX_BLOCK_ENTRIES):
+        raise MaskError(
+            f"a block has {int(size.max())} entries; split blocks below 1e9 entries (block_ids)"
+        )
+    rng = np.random.default_rng(seed)
+    # Blocks where one side keeps nothing or everything have a fixed overlap; skip sampling them.
+    fixed = (kept_a == 0) | (kept_b == 0) | (kept_a == size) | (kept_b == size)
+    fixed_total = int(np.sum(np.where(fixed, kept_a * kept_b // np.maximum(size, 1), 0)))
+    good, bad, draws = kept_a[~fixed], (size - kept_a)[~fixed], kept_b[~fixed]
+    totals = np.empty(n_random, dtype=np.int64)
+    for start in range(0, n_random, chunk):
+        stop = min(start + chunk, n_random)
+        if good.size:
+            sample = rng.hypergeometric(good, bad, draws, size=(stop - start, good.size))
+            totals[start:stop] = sample.sum(axis=1) + fixed_total
+        else:
+            totals[start:stop] = fixed_total
+    return totals
+
+
+def overlap(a, b, n_random: int = 10_000, seed: int = 0) -> OverlapResult:
+    """Overlap of subnetworks ``a`` and ``b`` (Subnetworks or mask dicts of one granularity).
+
+    ``fraction_overlap`` = |A & B| / |M|; ``expected`` is the analytic null mean
+    sum(a_k * b_k / n_k) / |M| over blocks k; ``p_value`` is the share of ``n_random`` random
+    pairs (same kept count per block) whose overlap is at least the actual one.
+    """
+    counts = block_counts(a, b)
+    n_entries = int(counts.size.sum())
+    n_a, n_b = int(counts.kept_a.sum()), int(counts.kept_b.sum())
+    n_overlap = int(counts.kept_both.sum())
+    expected_count = float(np.sum(counts.kept_a * counts.kept_b / np.maximum(counts.size, 1)))
+    null = null_overlap_samples(
+        counts.size, counts.kept_a, counts.kept_b, n_random=n_random, seed=seed
+    )
+    fraction = n_overlap / n_entries
+    expected = expected_count / n_entries
+    return OverlapResult(
+        n_entries=n_entries,
+        n_kept_a=n_a,
+        n_kept_b=n_b,
+        n_overlap=n_overlap,
+        fraction_overlap=fraction,
+        frac_a_in_b=n_overlap / n_a if n_a else float("nan"),
+        expected=expected,
+        expected_sampled=float(null.mean()) / n_entries,
+        null_std=float(null.std()) / n_entries,
+        expected_frac_a_in_b=expected_count / n_a if n_a else float("nan"),
+        ratio=fraction / expected if expected > 0 else float("nan"),
+        p_value=float(np.mean(null >= n_overlap)),
+        n_random=n_random,
+    )
+
+
+def overlap_table(
+    pairs: Mapping[str, tuple[object, object]], n_random: int = 10_000, seed: int = 0
+) -> pd.DataFrame:
+    """One :func:`overlap` row per named pair ``{name: (A, B)}`` (Table 3 of the paper)."""
+    rows = []
+    for name, (a, b) in pairs.items():
+        rows.append({"pair": name, **overlap(a, b, n_random=n_random, seed=seed).to_dict()})
+    return pd.DataFrame(rows)
+
+
+_LAYER = re.compile(r"blocks\.(\d+)\.")
+
+
+def _kind_of(key: str) -> str:
+    """The matrix kind of a mask key: "neuron", "head", or q, k, v, o, in, gate, out."""
+    if key.endswith("mlp.hook_post"):
+        return "neuron"
+    if key.endswith("attn.hook_z"):
+        return "head"
+    match = re.search(r"\.(attn|mlp)\.(q|k|v|o|in|gate|out)\.weight$", key)
+    if match is None:
+        raise MaskError(f"cannot tell which matrix mask {key!r} gates; use the masks.py key names")
+    return match.group(2)
+
+
+def _layer_of(key: str) -> int:
+    match = _LAYER.search(key)
+    if match is None:
+        raise MaskError(f"mask {key!r} names no layer (blocks.L.); use the masks.py key names")
+    return int(match.group(1))
+
+
+_GATED_BY = {"neuron": ("in", "gate", "out"), "head": ("q", "k", "v", "o")}
+
+
+def _matrix_counts_expanded(subnetwork) -> list[tuple[int, str, float, float]]:
+    """(layer, matrix kind, kept, total) weights of every matrix some mask gates, exactly."""
+    from bigram_circuits.masks import expand_to_weight_masks
+
+    gated: dict[int, set[str]] = {}
+    for key in subnetwork.masks:
+        kind = _kind_of(key)
+        gated.setdefault(_layer_of(key), set()).update(_GATED_BY.get(kind, (kind,)))
+    rows = []
+    for layer in sorted(gated):
+        weights = expand_to_weight_masks(
+            subnetwork.geometry, subnetwork.components, subnetwork.masks, layers=[layer]
+        )
+        for key, mask in weights.items():
+            kind = _kind_of(key)
+            if kind in gated[layer]:
+                rows.append((layer, kind, float(mask.sum()), float(mask.numel())))
+    return rows
+
+
+def _matrix_counts_per_entry(
+    masks: Mapping[str, torch.Tensor], params_per_entry: Mapping[str, float] | None
+) -> list[tuple[int, str, float, float]]:
+    """(layer, kind, kept, total) weights from per-entry sizes; a head counts equally for Q, K, V, O."""
+    rows = []
+    for key, mask in masks.items():
+        kind = _kind_of(key)
+        if kind in _GATED_BY and (params_per_entry is None or key not in params_per_entry):
+            raise MaskError(
+                f"mask {key!r} is a neuron/head mask; pass params_per_entry (weights gated per entry) "
+                "or a Subnetwork"
+            )
+        weight = 1.0 if params_per_entry is None else float(params_per_entry.get(key, 1.0))
+        mask = torch.as_tensor(mask).bool()
+        kept, total = float(mask.sum()) * weight, float(mask.numel()) * weight
+        if kind == "head":
+            rows += [(_layer_of(key), part, kept / 4, total / 4) for part in ("q", "k", "v", "o")]
+        elif kind == "neuron":
+            rows.append((_layer_of(key), "in", kept, total))
+        else:
+            rows.append((_layer_of(key), kind, kept, total))
+    return rows
+
+
+def layer_distribution(
+    subnetwork, params_per_entry: Mapping[str, float] | None = None
+) -> pd.DataFrame:
+    """Share of kept parameters (paper unit: weights gated) in each layer's MLP and attention.
+
+    For a :class:`~bigram_circuits.subnetwork.Subnetwork` the masks are expanded exactly to
+    the weight matrices they gate (one layer at a time). Only matrices that some mask gates
+    are counted, so a neuron-only subnetwork is all MLP. For a plain dict of masks,
+    ``params_per_entry`` gives the weights one entry gates per key (default 1, weight masks);
+    a head's weights are then split equally between Q, K, V and O.
+
+    Columns: layer, component ("mlp" | "attn"), kept_params, total_params, share (of all kept
+    weights), fraction_kept, and for attention qk_params / vo_params (Q+K versus V+O weights).
+    ``table.attrs`` holds the overall mlp_share, attn_share, qk_share_of_attn and the
+    plurality (layer, component).
+    """
+    if hasattr(subnetwork, "geometry") and hasattr(subnetwork, "components"):
+        rows = _matrix_counts_expanded(subnetwork)
+    else:
+        rows = _matrix_counts_per_entry(_masks_of(subnetwork), params_per_entry)
+    if not rows:
+        raise MaskError("the subnetwork has no masks; nothing to distribute over layers")
+    matrices = pd.DataFrame(rows, columns=["layer", "kind", "kept_params", "total_params"])
+    matrices["component"] = np.where(matrices["kind"].isin(["q", "k", "v", "o"]), "attn", "mlp")
+    matrices["qk_params"] = np.where(
+        matrices["kind"].isin(["q", "k"]), matrices["kept_params"], 0.0
+    )
+    matrices["vo_params"] = np.where(
+        matrices["kind"].isin(["v", "o"]), matrices["kept_params"], 0.0
+    )
+    table = matrices.groupby(["layer", "component"], as_index=False)[
+        ["kept_params", "total_params", "qk_params", "vo_params"]
+    ].sum()
+    kept_total = float(table["kept_params"].sum())
+    table["share"] = table["kept_params"] / kept_total if kept_total else 0.0
+    table["fraction_kept"] = table["kept_params"] / table["total_params"]
+    mlp = table["component"] == "mlp"
+    table.loc[mlp, ["qk_params", "vo_params"]] = float("nan")
+    table = table[
+        [
+            "layer",
+            "component",
+            "kept_params",
+            "total_params",
+            "share",
+            "fraction_kept",
+            "qk_params",
+            "vo_params",
+        ]
+    ]
+    attn_kept = float(table.loc[~mlp, "kept_params"].sum())
+    top = table.loc[table["kept_params"].idxmax()]
+    table.attrs.update(
+        {
+            "mlp_share": float(table.loc[mlp, "share"].sum()),
+            "attn_share": float(table.loc[~mlp, "share"].sum()),
+            "qk_share_of_attn": float(table.loc[~mlp, "qk_params"].sum()) / attn_kept
+            if attn_kept
+            else float("nan"),
+            "plurality": f"layer {int(top['layer'])} {top['component']}",
+        }
+    )
+    return table
