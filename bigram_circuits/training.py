@@ -31,7 +31,15 @@ from bigram_circuits.data import (
     tokenize_documents,
 )
 
-__all__ = ["TrainConfig", "train_tokenizer", "train_default_model", "install_default_model"]
+__all__ = [
+    "TrainConfig",
+    "train_tokenizer",
+    "neox_config",
+    "init_model",
+    "state_sha256",
+    "train_default_model",
+    "install_default_model",
+]
 
 EOS = "<|endoftext|>"
 
@@ -41,7 +49,7 @@ class TrainConfig:
     """Hyper-parameters of the default model and its training run."""
 
     corpus: str = "default"
-    vocab_size: int = 8192
+    vocab_size: int = 6144
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 8
@@ -59,8 +67,9 @@ class TrainConfig:
     eval_windows: int = 256
     seed: int = 0
     bf16_autocast: bool = True
+    device: str = "cpu"
     checkpoint_steps: tuple[int, ...] = field(
-        default_factory=lambda: (0, 128, 256, 512, 1024, 2048)
+        default_factory=lambda: (0, 128, 512, 1024, 2048)
     )
 
 
@@ -87,6 +96,47 @@ def train_tokenizer(documents: list[str], vocab_size: int, out_dir: Path):
     return fast
 
 
+def neox_config(cfg: TrainConfig, tokenizer):
+    """The GPT-NeoX (Pythia-style: rotary on 25% of dims, parallel residual) config."""
+    from transformers import GPTNeoXConfig  # noqa: PLC0415
+
+    return GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.d_mlp,
+        max_position_embeddings=cfg.context,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def init_model(cfg: TrainConfig, model_cfg):
+    """Step-0 weights: seeded initialisation on the CPU, so the same seed gives the same model
+    whatever device trains it."""
+    from transformers import GPTNeoXForCausalLM  # noqa: PLC0415
+
+    torch.manual_seed(cfg.seed)
+    return GPTNeoXForCausalLM(model_cfg)
+
+
+def state_sha256(model) -> str:
+    """Hash of a model's fp16 state dict (checks that a re-created checkpoint is identical)."""
+    import hashlib  # noqa: PLC0415
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -100,6 +150,7 @@ def _eval_loss(model, windows: np.ndarray, batch_size: int = 32) -> float:
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         batch = torch.as_tensor(np.asarray(windows[start : start + batch_size], dtype=np.int64))
+        batch = batch.to(next(model.parameters()).device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
@@ -127,6 +178,7 @@ def _save_weights(model, path: Path, dtype: torch.dtype) -> None:
 def _greedy(model, tokenizer, prompt: str, n_tokens: int = 30) -> str:
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = ids.to(next(model.parameters()).device)
     for _ in range(n_tokens):
         next_id = model(input_ids=ids).logits[0, -1].argmax()
         ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
@@ -145,12 +197,9 @@ SAMPLE_PROMPTS = (
 def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = None) -> dict:
     """Train tokenizer and model from scratch; returns the metrics written to ``metrics.json``."""
     from tqdm.auto import tqdm  # noqa: PLC0415
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: PLC0415
-
     cfg = cfg or TrainConfig()
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     started = time.time()
 
     documents = load_documents(cfg.corpus)
@@ -163,22 +212,8 @@ def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = No
     n_eval = min(cfg.eval_windows, len(eval_tokens) // cfg.seq_len)
     eval_windows = eval_tokens[: n_eval * cfg.seq_len].reshape(n_eval, cfg.seq_len)
 
-    model_cfg = GPTNeoXConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        intermediate_size=cfg.d_mlp,
-        max_position_embeddings=cfg.context,
-        rotary_pct=0.25,
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = GPTNeoXForCausalLM(model_cfg)
+    model_cfg = neox_config(cfg, tokenizer)
+    model = init_model(cfg, model_cfg).to(cfg.device)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -198,17 +233,20 @@ def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = No
             _save_weights(model, out / "checkpoints" / f"step_{step}.safetensors", torch.float16)
             checkpoints.append(step)
 
+    step0_sha256 = state_sha256(model)
     maybe_checkpoint(0)
     bar = tqdm(range(1, cfg.max_steps + 1), desc="train default model", unit="step")
     running = None
     for step in bar:
         if cursor + cfg.batch_size > n_train:
             order, cursor = rng.permutation(n_train), 0
-        batch = torch.as_tensor(np.asarray(train_windows[np.sort(order[cursor : cursor + cfg.batch_size])], dtype=np.int64))
+        batch = torch.as_tensor(
+            np.asarray(train_windows[np.sort(order[cursor : cursor + cfg.batch_size])], dtype=np.int64)
+        ).to(cfg.device)
         cursor += cfg.batch_size
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step - 1, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+        with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
             logits = model(input_ids=batch).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
@@ -226,9 +264,10 @@ def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = No
         history.append(record)
         maybe_checkpoint(step)
 
-    _save_weights(model, out / "model.safetensors", torch.float32)
+    # Shipped in fp16 (half the size); load_model casts to the requested dtype.
+    _save_weights(model, out / "model.safetensors", torch.float16)
     model_cfg.save_pretrained(out)
-    final_eval = _eval_loss(model, eval_windows)
+    final_eval = _eval_loss(model.half().float(), eval_windows)  # as shipped (fp16 weights)
     unigram_h = _unigram_entropy(eval_tokens, len(tokenizer))
     samples = {prompt: _greedy(model, tokenizer, prompt) for prompt in SAMPLE_PROMPTS}
     n_params = sum(p.numel() for p in model.parameters())
@@ -244,14 +283,21 @@ def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = No
         "final_eval_perplexity": math.exp(final_eval),
         "eval_unigram_entropy_nats": unigram_h,
         "checkpoints": checkpoints + [cfg.max_steps],
+        "step0_sha256": step0_sha256,
         "training_seconds": time.time() - started,
-        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "hardware": _hardware(cfg.device),
         "samples_greedy": samples,
         "history": history,
     }
     atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=1).encode())
     atomic_write_bytes(out / "MODEL_CARD.md", _model_card(metrics).encode())
     return metrics
+
+
+def _hardware(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 def _model_card(m: dict) -> str:
@@ -286,6 +332,19 @@ own byte-level BPE tokenizer of {c['vocab_size']} tokens trained on the same tra
 """
 
 
+def _recreate_step0(run: Path, target: Path) -> None:
+    """Re-create the step-0 checkpoint from the seed (it is not transferred when training ran
+    elsewhere) and check it against the hash recorded by the training run."""
+    from transformers import GPTNeoXConfig  # noqa: PLC0415
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    cfg = TrainConfig(**{**metrics["config"], "checkpoint_steps": tuple(metrics["config"]["checkpoint_steps"])})
+    model = init_model(cfg, GPTNeoXConfig.from_pretrained(run))
+    if state_sha256(model) != metrics["step0_sha256"]:
+        raise RuntimeError("re-created step-0 weights differ from the training run's; copy step_0 from the run")
+    _save_weights(model, target, torch.float16)
+
+
 def install_default_model(run_dir: str | os.PathLike) -> Path:
     """Copy a trained run into the package assets (final weights fp32, checkpoints fp16)."""
     run = Path(run_dir)
@@ -297,6 +356,9 @@ def install_default_model(run_dir: str | os.PathLike) -> Path:
         if path.is_file() and path.suffix in {".json", ".md", ".safetensors", ".txt"}:
             shutil.copy2(path, staging / path.name)
     shutil.copytree(run / "checkpoints", staging / "checkpoints")
+    step0 = staging / "checkpoints" / "step_0.safetensors"
+    if not step0.exists():
+        _recreate_step0(run, step0)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return target
