@@ -34,7 +34,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     started = time.time()
     bridge, tokenizer = load_model(args.model)
-    n_params = sum(p.numel() for p in bridge.parameters())
+    # Count the wrapped HF model: the bridge also exposes split copies of fused QKV weights.
+    n_params = sum(p.numel() for p in bridge.original_model.parameters())
     print(f"model {args.model!r}: {bridge.cfg.n_layers} layers, d_model {bridge.cfg.d_model}, "
           f"{n_params:,} parameters, vocab {len(tokenizer)}")
     windows = load_token_dataset(args.corpus, tokenizer, split="eval").windows(128, max_windows=args.eval_windows)
