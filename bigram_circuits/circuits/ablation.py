@@ -1,0 +1,595 @@
+"""Sufficiency and necessity of a candidate circuit relative to the bigram subnetwork.
+
+A *candidate* is any set of attention heads, MLP neurons and (optionally) weight-mask entries,
+e.g. the previous-token and induction heads found by :func:`head_scores`. Two questions:
+
+- *Sufficiency*: run the base (bigram) subnetwork with the candidate switched on as well,
+  and measure a behaviour (e.g. :class:`RepeatedSequenceLoss`, the loss on the second half of
+  repeated random token sequences, which only in-context copying can lower). Rows: base only,
+  base + candidate, base + a random same-size candidate, full model.
+- *Necessity*: remove the candidate from the full model (zero its heads' outputs ``hook_z``
+  and neurons' activations ``hook_post``) and measure the same behaviour. Rows: full, full
+  minus candidate, full minus a random same-size candidate.
+
+"Base + candidate" is built in the base subnetwork's own mask space: the candidate's head /
+neuron entries are OR-ed into the base's masks under the same keys (``blocks.{L}.attn.hook_z``
+[n_heads], ``blocks.{L}.mlp.hook_post`` [d_mlp], or weight keys), and the result is a new
+subnetwork of the base's class. A component the base does not gate at all is already on.
+A behaviour is any callable ``behaviour(bridge) -> float | dict[str, float]``; it is called
+while the run's subnetwork is applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Integer
+from tqdm.auto import tqdm
+
+from bigram_circuits.circuits.runs import RunSpec, SubnetworkLike, run_context
+from bigram_circuits.errors import MaskError, TokenError
+
+__all__ = [
+    "Candidate",
+    "RepeatedSequenceLoss",
+    "add_candidate",
+    "find_induction_heads",
+    "head_key",
+    "head_scores",
+    "necessity",
+    "neuron_key",
+    "repeated_random_tokens",
+    "repeated_sequence_loss",
+    "select_heads",
+    "sufficiency",
+]
+
+Behaviour = Callable[[Any], "float | Mapping[str, float]"]
+
+
+def head_key(layer: int) -> str:
+    """Mask key of the attention heads of ``layer`` (values [n_heads])."""
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def neuron_key(layer: int) -> str:
+    """Mask key of the MLP neurons of ``layer`` (values [d_mlp])."""
+    return f"blocks.{layer}.mlp.hook_post"
+
+
+def _pairs(entries: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for entry in entries:
+        if len(entry) != 2:
+            raise MaskError(f"candidate entries are (layer, index) pairs; got {entry!r}")
+        out.append((int(entry[0]), int(entry[1])))
+    return tuple(sorted(set(out)))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A user-supplied circuit: (layer, head) pairs, (layer, neuron) pairs, weight-mask entries.
+
+    ``weights`` maps a weight-mask key of the subnetwork (e.g. ``blocks.0.mlp.in.weight``) to a
+    boolean tensor of the entries to switch on; it is used when adding the candidate to a
+    weight-granularity subnetwork.
+    As a run (it has ``applied``), ``mode="ablate"`` zeroes the candidate's heads and neurons
+    and ``mode="keep"`` keeps only them (within the granularities the candidate lists).
+    """
+
+    name: str = "candidate"
+    heads: tuple[tuple[int, int], ...] = ()
+    neurons: tuple[tuple[int, int], ...] = ()
+    weights: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", _pairs(self.heads))
+        object.__setattr__(self, "neurons", _pairs(self.neurons))
+        object.__setattr__(
+            self, "weights", {k: torch.as_tensor(v).bool() for k, v in dict(self.weights).items()}
+        )
+        if not (self.heads or self.neurons or self.weights):
+            raise MaskError("a candidate needs at least one head, neuron or weight entry")
+
+    @property
+    def n_heads(self) -> int:
+        """Number of attention heads in the candidate."""
+        return len(self.heads)
+
+    @property
+    def n_neurons(self) -> int:
+        """Number of MLP neurons in the candidate."""
+        return len(self.neurons)
+
+    def validate(self, bridge: Any) -> None:
+        """Raise ``MaskError`` when a head or neuron does not exist in ``bridge``."""
+        cfg = bridge.cfg
+        for layer, head in self.heads:
+            if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+                raise MaskError(
+                    f"head ({layer}, {head}) does not exist: the model has {cfg.n_layers} layers x {cfg.n_heads} heads"
+                )
+        for layer, neuron in self.neurons:
+            if not (0 <= layer < cfg.n_layers and 0 <= neuron < cfg.d_mlp):
+                raise MaskError(
+                    f"neuron ({layer}, {neuron}) does not exist: the model has {cfg.n_layers} layers x {cfg.d_mlp} neurons"
+                )
+
+    def masks(self, bridge: Any) -> dict[str, Bool[torch.Tensor, ...]]:
+        """Boolean masks of the candidate: head/neuron keys for layers it touches, plus ``weights``."""
+        self.validate(bridge)
+        cfg = bridge.cfg
+        out: dict[str, torch.Tensor] = {}
+        for layer, head in self.heads:
+            out.setdefault(head_key(layer), torch.zeros(cfg.n_heads, dtype=torch.bool))[head] = True
+        for layer, neuron in self.neurons:
+            out.setdefault(neuron_key(layer), torch.zeros(cfg.d_mlp, dtype=torch.bool))[neuron] = (
+                True
+            )
+        for key, mask in self.weights.items():
+            out[key] = mask.clone()
+        return out
+
+    def random_control(
+        self, bridge: Any, seed: int = 0, exclude: Mapping[str, torch.Tensor] | None = None
+    ) -> Candidate:
+        """A random candidate with as many heads and neurons per layer, avoiding ``exclude``
+        (masks under head/neuron keys, e.g. the base subnetwork's) and the candidate itself.
+
+        Where a layer has too few free units the rest are drawn from other layers.
+        """
+        if self.weights:
+            raise MaskError(
+                "random controls are drawn for heads and neurons only; drop the weight entries"
+            )
+        generator = torch.Generator().manual_seed(seed)
+        own = self.masks(bridge)
+        exclude = dict(exclude or {})
+        cfg = bridge.cfg
+        picked: dict[str, list[tuple[int, int]]] = {}
+        for kind, entries, size, key_of in (
+            ("heads", self.heads, int(cfg.n_heads), head_key),
+            ("neurons", self.neurons, int(cfg.d_mlp), neuron_key),
+        ):
+            free = {}
+            for layer in range(int(cfg.n_layers)):
+                taken = torch.zeros(size, dtype=torch.bool)
+                for masks in (own, exclude):
+                    if key_of(layer) in masks:
+                        taken |= torch.as_tensor(masks[key_of(layer)]).bool().reshape(-1).cpu()
+                free[layer] = torch.nonzero(~taken).reshape(-1)
+            chosen: list[tuple[int, int]] = []
+            shortfall = 0
+            for layer in range(int(cfg.n_layers)):
+                want = sum(1 for entry_layer, _ in entries if entry_layer == layer)
+                order = free[layer][torch.randperm(len(free[layer]), generator=generator)]
+                take = order[:want].tolist()
+                chosen += [(layer, unit) for unit in take]
+                free[layer] = order[len(take) :]
+                shortfall += want - len(take)
+            if shortfall:
+                pool = [(layer, int(unit)) for layer in free for unit in free[layer]]
+                if len(pool) < shortfall:
+                    raise MaskError(
+                        f"not enough free {kind} for a random control of size {len(entries)}"
+                    )
+                for index in torch.randperm(len(pool), generator=generator)[:shortfall].tolist():
+                    chosen.append(pool[index])
+            picked[kind] = chosen
+        return Candidate(
+            name=f"random({self.name}, seed={seed})",
+            heads=picked["heads"],
+            neurons=picked["neurons"],
+        )
+
+    @contextlib.contextmanager
+    def applied(self, bridge: Any, mode: str = "keep") -> Iterator[Any]:
+        """Zero the candidate's heads and neurons (``ablate``) or all other ones (``keep``)."""
+        if mode not in ("keep", "ablate"):
+            raise MaskError(f"mode must be 'keep' or 'ablate', got {mode!r}")
+        if self.weights:
+            raise MaskError(
+                "a candidate with weight entries cannot run on its own; add it to a subnetwork with add_candidate"
+            )
+        masks = self.masks(bridge)
+        hooks = []
+        cfg = bridge.cfg
+        for kind, entries, key_of in (
+            ("head", self.heads, head_key),
+            ("neuron", self.neurons, neuron_key),
+        ):
+            if not entries:
+                continue
+            size = int(cfg.n_heads) if kind == "head" else int(cfg.d_mlp)
+            for layer in range(int(cfg.n_layers)):
+                chosen = masks.get(key_of(layer), torch.zeros(size, dtype=torch.bool))
+                keep = chosen if mode == "keep" else ~chosen
+                if bool(keep.all()):
+                    continue
+                hooks.append((key_of(layer), _gate_hook(keep.float(), kind)))
+        with bridge.hooks(fwd_hooks=hooks):
+            yield bridge
+
+
+def _gate_hook(gate: torch.Tensor, kind: str):
+    """Multiply a head output [b, p, h, d_head] or neuron activation [b, p, d_mlp] by a 0/1 gate."""
+
+    def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        scale = gate.to(activation.device, activation.dtype)
+        return activation * (scale[:, None] if kind == "head" else scale)
+
+    return hook
+
+
+def _unit_as_weight_masks(
+    key: str, units: torch.Tensor, masks: Mapping[str, torch.Tensor], cfg: Any
+) -> dict[str, torch.Tensor]:
+    """The weight entries a head/neuron mask switches on, in the canonical ``[out, in]``
+    layout of :mod:`bigram_circuits.masks`: a head's Q/K/V rows and O columns, a neuron's
+    MLP input row(s) and output column. Only keys present in ``masks`` are returned."""
+    layer = int(key.split(".")[1])
+    out: dict[str, torch.Tensor] = {}
+    if key == head_key(layer):
+        d_head, n_heads = int(cfg.d_head), int(cfg.n_heads)
+        n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+        rows_q = units.repeat_interleave(d_head)
+        rows_kv = units.view(n_kv, n_heads // n_kv).any(dim=1).repeat_interleave(d_head)
+        lines = {"q": (rows_q, 0), "k": (rows_kv, 0), "v": (rows_kv, 0), "o": (rows_q, 1)}
+        prefix = f"blocks.{layer}.attn"
+    else:
+        lines = {"in": (units, 0), "gate": (units, 0), "out": (units, 1)}
+        prefix = f"blocks.{layer}.mlp"
+    for kind, (selected, axis) in lines.items():
+        weight_key = f"{prefix}.{kind}.weight"
+        if weight_key not in masks:
+            continue
+        shape = tuple(masks[weight_key].shape)
+        if shape[axis] != selected.numel():
+            raise MaskError(
+                f"weight mask {weight_key} has shape {shape}; expected {selected.numel()} on axis {axis}"
+            )
+        grid = torch.zeros(shape, dtype=torch.bool)
+        if axis == 0:
+            grid[selected] = True
+        else:
+            grid[:, selected] = True
+        out[weight_key] = grid
+    return out
+
+
+def add_candidate(base: Any, candidate: Candidate, bridge: Any) -> Any:
+    """A new subnetwork of ``base``'s class: its masks OR the candidate's, key by key.
+
+    ``base`` needs ``masks`` (dict key -> bool tensor) and ``metadata`` (a dataclass such as
+    :class:`~bigram_circuits.subnetwork.Subnetwork` is copied with ``dataclasses.replace``;
+    otherwise ``type(base)(masks=, granularities=, model_id=, metadata=)`` is called).
+    Heads and neurons join the base's head/neuron masks; where the base gates that layer by
+    weights instead, the weights the head/neuron uses are switched on (Q/K/V rows and O
+    columns; MLP input rows and output column). A head/neuron the base does not gate at all
+    is already on.
+    """
+    if not hasattr(base, "masks"):
+        raise MaskError(
+            "the base subnetwork has no masks; pass a Subnetwork (or anything with .masks)"
+        )
+    masks = {key: torch.as_tensor(value).bool().clone() for key, value in base.masks.items()}
+    additions: list[tuple[str, torch.Tensor]] = []
+    for key, extra in candidate.masks(bridge).items():
+        if key in masks:
+            additions.append((key, extra))
+            continue
+        layer = int(key.split(".")[1])
+        if key not in (head_key(layer), neuron_key(layer)):
+            raise MaskError(
+                f"the base subnetwork has no mask {key}; use keys of its masks for weight entries"
+            )
+        additions.extend(_unit_as_weight_masks(key, extra, masks, bridge.cfg).items())
+        # No weight key either: the base does not gate this component, so it is already on.
+    added: dict[str, int] = {}
+    for key, extra in additions:
+        if masks[key].shape != extra.shape:
+            raise MaskError(
+                f"candidate mask {key} has shape {tuple(extra.shape)}, the subnetwork's {tuple(masks[key].shape)}"
+            )
+        extra = extra.to(masks[key].device)
+        added[key] = added.get(key, 0) + int((extra & ~masks[key]).sum())
+        masks[key] = masks[key] | extra
+    metadata = {
+        **dict(getattr(base, "metadata", {}) or {}),
+        "added_candidate": candidate.name,
+        "added_entries": added,
+    }
+    if dataclasses.is_dataclass(base):
+        return dataclasses.replace(base, masks=masks, metadata=metadata)
+    return type(base)(
+        masks=masks, granularities=base.granularities, model_id=base.model_id, metadata=metadata
+    )
+
+
+# --------------------------------------------------------------------------- behaviours
+
+
+def repeated_random_tokens(
+    vocab_size: int,
+    seq_len: int = 32,
+    n_sequences: int = 64,
+    seed: int = 0,
+    *,
+    prefix_token: int | None = None,
+    low: int = 0,
+) -> Integer[torch.Tensor, "n total"]:
+    """Random token sequences repeated twice: [n, 2 * seq_len] (+1 with ``prefix_token`` first).
+
+    Tokens are drawn uniformly from ``[low, vocab_size)`` (set ``low`` to skip special tokens).
+    """
+    if seq_len < 2 or n_sequences < 1 or not 0 <= low < vocab_size:
+        raise TokenError("need seq_len >= 2, n_sequences >= 1 and 0 <= low < vocab_size")
+    generator = torch.Generator().manual_seed(seed)
+    half = torch.randint(low, vocab_size, (n_sequences, seq_len), generator=generator)
+    tokens = torch.cat([half, half], dim=1)
+    if prefix_token is not None:
+        tokens = torch.cat([torch.full((n_sequences, 1), int(prefix_token)), tokens], dim=1)
+    return tokens
+
+
+@torch.no_grad()
+def repeated_sequence_loss(
+    bridge: Any,
+    vocab_size: int,
+    seq_len: int = 32,
+    n_sequences: int = 64,
+    seed: int = 0,
+    *,
+    subnetwork: SubnetworkLike | None = None,
+    mode: str = "keep",
+    batch_size: int = 16,
+    prefix_token: int | None = None,
+    low: int = 0,
+) -> float:
+    """Mean next-token loss (nats) on the second half of repeated random sequences.
+
+    Positions predicting the 2nd..last token of the repeat are scored (the first token of the
+    repeat cannot be copied); logits are cut to ``vocab_size``.
+    """
+    tokens = repeated_random_tokens(
+        vocab_size, seq_len, n_sequences, seed, prefix_token=prefix_token, low=low
+    )
+    offset = 0 if prefix_token is None else 1
+    first = offset + seq_len  # index of the first repeated token
+    total, count = 0.0, 0
+    with run_context(bridge, subnetwork, mode):
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = tokens[start : start + batch_size]
+            logits = bridge(batch)[..., :vocab_size].double()
+            logp = torch.log_softmax(logits[:, first:-1], -1)
+            targets = batch[:, first + 1 :]
+            total += float(-logp.gather(-1, targets.unsqueeze(-1)).sum())
+            count += targets.numel()
+    return total / count
+
+
+@dataclass(frozen=True)
+class RepeatedSequenceLoss:
+    """Behaviour: :func:`repeated_sequence_loss` with fixed sequences (same seed every call)."""
+
+    vocab_size: int
+    seq_len: int = 32
+    n_sequences: int = 64
+    seed: int = 0
+    prefix_token: int | None = None
+    low: int = 0
+
+    def __call__(self, bridge: Any) -> float:
+        """Loss on the second half of the repeated sequences, under whatever run is active."""
+        return repeated_sequence_loss(
+            bridge,
+            self.vocab_size,
+            self.seq_len,
+            self.n_sequences,
+            self.seed,
+            prefix_token=self.prefix_token,
+            low=self.low,
+        )
+
+
+@torch.no_grad()
+def head_scores(
+    bridge: Any,
+    vocab_size: int,
+    seq_len: int = 32,
+    n_sequences: int = 32,
+    seed: int = 0,
+    *,
+    subnetwork: SubnetworkLike | None = None,
+    mode: str = "keep",
+    batch_size: int = 16,
+    prefix_token: int | None = None,
+    low: int = 0,
+) -> pd.DataFrame:
+    """Previous-token and induction scores of every head on repeated random sequences.
+
+    ``previous_token_score``: mean attention from each position to the position before it.
+    ``induction_score``: mean attention, over the second copy, from position i to the token
+    after the previous occurrence of token i (i - seq_len + 1). Both in [0, 1]; sorted by
+    induction score. (TransformerLens' ``detect_head`` scores the same patterns but needs text
+    prompts; on random token ids this direct computation is used.)
+    """
+    tokens = repeated_random_tokens(
+        vocab_size, seq_len, n_sequences, seed, prefix_token=prefix_token, low=low
+    )
+    offset = 0 if prefix_token is None else 1
+    n_layers, n_heads = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    prev_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    ind_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    queries = torch.arange(offset + seq_len, tokens.shape[1])
+    with run_context(bridge, subnetwork, mode):
+        for start in range(0, tokens.shape[0], batch_size):
+            _, cache = bridge.run_with_cache(tokens[start : start + batch_size], names_filter=names)
+            for layer, name in enumerate(names):
+                pattern = cache[name].double()  # [batch, head, query, key]
+                prev_sum[layer] += pattern.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1).sum(0)
+                ind_sum[layer] += pattern[:, :, queries, queries - seq_len + 1].mean(-1).sum(0)
+    n = tokens.shape[0]
+    rows = [
+        {
+            "layer": layer,
+            "head": head,
+            "previous_token_score": float(prev_sum[layer, head] / n),
+            "induction_score": float(ind_sum[layer, head] / n),
+        }
+        for layer in range(n_layers)
+        for head in range(n_heads)
+    ]
+    return pd.DataFrame(rows).sort_values("induction_score", ascending=False, ignore_index=True)
+
+
+def select_heads(
+    scores: pd.DataFrame, column: str, *, threshold: float | None = None, top_k: int | None = None
+) -> list[tuple[int, int]]:
+    """(layer, head) pairs whose ``column`` score is >= ``threshold`` and/or among the ``top_k``."""
+    if column not in scores.columns:
+        raise MaskError(
+            f"no column {column!r} in the head scores; use one of {list(scores.columns)}"
+        )
+    if threshold is None and top_k is None:
+        raise MaskError("select_heads needs a threshold or a top_k")
+    ranked = scores.sort_values(column, ascending=False)
+    if threshold is not None:
+        ranked = ranked[ranked[column] >= threshold]
+    if top_k is not None:
+        ranked = ranked.head(top_k)
+    return [(int(layer), int(head)) for layer, head in zip(ranked["layer"], ranked["head"])]
+
+
+def find_induction_heads(
+    bridge: Any,
+    vocab_size: int,
+    *,
+    induction_threshold: float = 0.2,
+    previous_token_threshold: float = 0.4,
+    top_k: int | None = None,
+    seq_len: int = 32,
+    n_sequences: int = 32,
+    seed: int = 0,
+    include_previous_token_heads: bool = True,
+) -> tuple[Candidate, pd.DataFrame]:
+    """The induction circuit as a :class:`Candidate` (induction heads plus, by default,
+    previous-token heads), and the per-head score table it was chosen from.
+
+    A head is chosen when its score passes the threshold (or it is among the ``top_k`` by
+    induction score when ``top_k`` is given).
+    """
+    scores = head_scores(bridge, vocab_size, seq_len, n_sequences, seed)
+    heads = set(
+        select_heads(scores, "induction_score", top_k=top_k)
+        if top_k is not None
+        else select_heads(scores, "induction_score", threshold=induction_threshold)
+    )
+    if include_previous_token_heads:
+        heads |= set(
+            select_heads(scores, "previous_token_score", threshold=previous_token_threshold)
+        )
+    if not heads:
+        raise MaskError(
+            f"no head passes the thresholds (best induction score {scores['induction_score'].max():.3f}); "
+            "lower induction_threshold or pass top_k"
+        )
+    return Candidate(name="induction heads", heads=sorted(heads)), scores
+
+
+# --------------------------------------------------------------------------- sufficiency / necessity
+
+
+def _measure(bridge: Any, run: RunSpec, behaviour: Behaviour) -> dict[str, float]:
+    with run.context(bridge):
+        value = behaviour(bridge)
+    if isinstance(value, Mapping):
+        return {str(k): float(v) for k, v in value.items()}
+    return {"behaviour": float(value)}
+
+
+def _table(
+    bridge: Any, runs: Sequence[tuple[RunSpec, Candidate | None]], behaviour: Behaviour, desc: str
+) -> pd.DataFrame:
+    rows = []
+    for run, added in tqdm(runs, desc=desc, leave=False):
+        row: dict[str, Any] = {
+            "run": run.name,
+            "heads": 0 if added is None else added.n_heads,
+            "neurons": 0 if added is None else added.n_neurons,
+        }
+        row.update(_measure(bridge, run, behaviour))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def sufficiency(
+    bridge: Any,
+    base: Any,
+    candidate: Candidate,
+    behaviour: Behaviour,
+    *,
+    n_random_controls: int = 1,
+    seed: int = 0,
+    base_label: str = "bigram",
+) -> pd.DataFrame:
+    """Behaviour of base only, base + candidate, base + random same-size candidates, full model.
+
+    ``base`` is a subnetwork (kept); columns: ``run``, ``heads``/``neurons`` (entries added),
+    and the behaviour's value(s).
+    """
+    runs: list[tuple[RunSpec, Candidate | None]] = [(RunSpec(base, "keep", base_label), None)]
+    runs.append(
+        (
+            RunSpec(
+                add_candidate(base, candidate, bridge), "keep", f"{base_label} + {candidate.name}"
+            ),
+            candidate,
+        )
+    )
+    base_masks = dict(base.masks)
+    for index in range(n_random_controls):
+        control = candidate.random_control(bridge, seed=seed + index, exclude=base_masks)
+        runs.append(
+            (
+                RunSpec(
+                    add_candidate(base, control, bridge), "keep", f"{base_label} + random #{index}"
+                ),
+                control,
+            )
+        )
+    runs.append((RunSpec(None, "keep", "full"), None))
+    return _table(bridge, runs, behaviour, "sufficiency")
+
+
+def necessity(
+    bridge: Any,
+    candidate: Candidate | SubnetworkLike,
+    behaviour: Behaviour,
+    *,
+    n_random_controls: int = 1,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Behaviour of the full model, the full model without the candidate, and without random
+    same-size candidates. ``candidate`` may also be any subnetwork (run with ``mode="ablate"``).
+    """
+    name = getattr(candidate, "name", "candidate")
+    runs: list[tuple[RunSpec, Candidate | None]] = [(RunSpec(None, "keep", "full"), None)]
+    runs.append(
+        (
+            RunSpec(candidate, "ablate", f"full - {name}"),
+            candidate if isinstance(candidate, Candidate) else None,
+        )
+    )
+    if isinstance(candidate, Candidate):
+        for index in range(n_random_controls):
+            control = candidate.random_control(bridge, seed=seed + index)
+            runs.append((RunSpec(control, "ablate", f"full - random #{index}"), control))
+    return _table(bridge, runs, behaviour, "necessity")

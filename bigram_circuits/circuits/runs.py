@@ -1,0 +1,219 @@
+"""A *run* of a bridge: the full model, or the model with a subnetwork kept or ablated.
+
+Every analysis in :mod:`bigram_circuits.circuits` compares runs of one bridge. A run is
+described by a subnetwork (anything with an ``applied(bridge, mode=...)`` context manager,
+e.g. :class:`bigram_circuits.subnetwork.Subnetwork`) and a mode; ``None`` is the full model.
+This module also collects per-token activations of a run for the lens and similarity
+analyses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from jaxtyping import Float, Integer
+from tqdm.auto import tqdm
+
+from bigram_circuits.errors import MaskError, TokenError
+
+__all__ = [
+    "RunSpec",
+    "SubnetworkLike",
+    "TokenActivations",
+    "as_token_tensor",
+    "collect_activations",
+    "hidden_state_names",
+    "run_context",
+    "select_windows",
+]
+
+RUN_MODES = ("keep", "ablate")
+
+
+@runtime_checkable
+class SubnetworkLike(Protocol):
+    """Anything that can be applied to a bridge for the duration of a ``with`` block."""
+
+    def applied(self, bridge: Any, mode: str = "keep") -> ContextManager[Any]:
+        """Keep only the subnetwork (``"keep"``) or remove it (``"ablate"``) inside the block."""
+        ...
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How to run the bridge: full model (``subnetwork=None``) or a subnetwork kept/ablated."""
+
+    subnetwork: SubnetworkLike | None = None
+    mode: str = "keep"
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in RUN_MODES:
+            raise MaskError(f"run mode must be one of {RUN_MODES}, got {self.mode!r}")
+        if self.subnetwork is not None and not hasattr(self.subnetwork, "applied"):
+            raise MaskError(
+                f"a run's subnetwork needs an applied(bridge, mode) method; got {type(self.subnetwork).__name__}"
+            )
+
+    @classmethod
+    def coerce(cls, run: RunSpec | tuple | SubnetworkLike | None) -> RunSpec:
+        """Accept a RunSpec, ``None`` (full model), a subnetwork, or a ``(subnetwork, mode)`` pair."""
+        if isinstance(run, RunSpec):
+            return run
+        if run is None:
+            return cls()
+        if isinstance(run, tuple):
+            if len(run) != 2:
+                raise MaskError(
+                    "a run tuple must be (subnetwork_or_None, mode), e.g. (subnetwork, 'keep')"
+                )
+            return cls(subnetwork=run[0], mode=run[1])
+        return cls(subnetwork=run)
+
+    def context(self, bridge: Any) -> ContextManager[Any]:
+        """The context manager under which the bridge computes this run."""
+        return run_context(bridge, self.subnetwork, self.mode)
+
+    @property
+    def name(self) -> str:
+        """A short label for tables: the given label, ``full`` or ``subnetwork:keep``/``:ablate``."""
+        if self.label is not None:
+            return self.label
+        return "full" if self.subnetwork is None else f"subnetwork:{self.mode}"
+
+
+def run_context(
+    bridge: Any, subnetwork: SubnetworkLike | None = None, mode: str = "keep"
+) -> ContextManager[Any]:
+    """``subnetwork.applied(bridge, mode=mode)``, or a no-op context for the full model."""
+    if mode not in RUN_MODES:
+        raise MaskError(f"run mode must be one of {RUN_MODES}, got {mode!r}")
+    if subnetwork is None:
+        return contextlib.nullcontext()
+    return subnetwork.applied(bridge, mode=mode)
+
+
+def hidden_state_names(bridge: Any) -> list[str]:
+    """Hook names of the paper's hidden states X_0..X_L (all before the final layer norm).
+
+    X_0 is the embedding output (``blocks.0.hook_resid_pre``), X_l the residual stream
+    entering block l, and X_L the residual stream after the last block.
+    """
+    n_layers = int(bridge.cfg.n_layers)
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+    names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+    return names
+
+
+def as_token_tensor(
+    tokens: Any, vocab_size: int | None = None
+) -> Integer[torch.Tensor, "batch pos"]:
+    """Validate token ids (numpy or torch, 1-D or 2-D) and return an int64 tensor [batch, pos]."""
+    tensor = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens)
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+        raise TokenError(
+            f"token ids must be integers, got dtype {tensor.dtype}; pass token ids, not text"
+        )
+    if tensor.ndim == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.ndim != 2 or tensor.numel() == 0:
+        raise TokenError(
+            f"tokens must be a non-empty [batch, pos] array, got shape {tuple(tensor.shape)}"
+        )
+    tensor = tensor.to(torch.int64)
+    if int(tensor.min()) < 0:
+        raise TokenError("token ids must be non-negative")
+    if vocab_size is not None and int(tensor.max()) >= vocab_size:
+        raise TokenError(
+            f"token id {int(tensor.max())} is outside the model's vocabulary of {vocab_size}"
+        )
+    return tensor
+
+
+def select_windows(windows: Any, n_tokens: int | None) -> Integer[torch.Tensor, "n_windows seq"]:
+    """The first windows that together hold at least ``n_tokens`` tokens (all when None)."""
+    tensor = as_token_tensor(windows)
+    if n_tokens is None:
+        return tensor
+    if n_tokens <= 0:
+        raise TokenError(f"n_tokens must be positive, got {n_tokens}")
+    n_windows = math.ceil(n_tokens / tensor.shape[1])
+    if n_windows > tensor.shape[0]:
+        raise TokenError(
+            f"need {n_tokens} tokens but the windows hold only {tensor.numel()}; "
+            "pass more windows or a smaller n_tokens"
+        )
+    return tensor[:n_windows]
+
+
+@dataclass
+class TokenActivations:
+    """Activations of one run, flattened over (window, position) into one row per token."""
+
+    activations: dict[str, Float[torch.Tensor, "n_tokens d"]]
+    input_tokens: Integer[torch.Tensor, " n_tokens"]
+    next_tokens: Integer[torch.Tensor, " n_tokens"]  # -1 at the last position of a window
+    positions: Integer[torch.Tensor, " n_tokens"]
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of token rows."""
+        return int(self.input_tokens.shape[0])
+
+
+@torch.no_grad()
+def collect_activations(
+    bridge: Any,
+    windows: Any,
+    hook_names: Sequence[str],
+    subnetwork: SubnetworkLike | None = None,
+    mode: str = "keep",
+    *,
+    n_tokens: int | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str = "collecting activations",
+) -> TokenActivations:
+    """Run the bridge over ``windows`` [n, seq] under a run and keep the named activations.
+
+    Each activation must be [batch, pos, d]; it is flattened to [n_tokens, d] (float32, CPU).
+    ``n_tokens`` truncates to the first that many tokens (whole windows are run).
+    """
+    tokens = select_windows(windows, n_tokens)
+    vocab = int(bridge.cfg.d_vocab)
+    if int(tokens.max()) >= vocab:
+        raise TokenError(
+            f"token id {int(tokens.max())} is outside the model's vocabulary of {vocab}"
+        )
+    names = list(hook_names)
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    device = getattr(bridge.cfg, "device", "cpu")
+    with run_context(bridge, subnetwork, mode):
+        for start in tqdm(
+            range(0, tokens.shape[0], batch_size), desc=description, disable=not progress
+        ):
+            batch = tokens[start : start + batch_size].to(device)
+            _, cache = bridge.run_with_cache(batch, names_filter=names)
+            for name in names:
+                act = cache[name]
+                if act.ndim != 3:
+                    raise MaskError(
+                        f"activation {name} has shape {tuple(act.shape)}; expected [batch, pos, d]"
+                    )
+                chunks[name].append(act.reshape(-1, act.shape[-1]).float().cpu())
+    limit = tokens.numel() if n_tokens is None else n_tokens
+    next_tokens = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), -1)], dim=1)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    return TokenActivations(
+        activations={name: torch.cat(parts)[:limit] for name, parts in chunks.items()},
+        input_tokens=tokens.reshape(-1)[:limit],
+        next_tokens=next_tokens.reshape(-1)[:limit],
+        positions=positions.reshape(-1)[:limit],
+    )

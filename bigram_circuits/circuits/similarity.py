@@ -1,0 +1,156 @@
+"""Layer covariance similarity (as in the tuned-lens paper; Chang & Bergen 2025, Fig. 4).
+
+For each hidden state X_l (rows = tokens): centre it, project out its top singular direction
+(the first right singular vector, which in trained models is dominated by a few outlier
+dimensions), and take the covariance C_l = A^T A / n. The similarity of layers i and j is the
+Frobenius cosine <C_i, C_j>_F / (||C_i||_F ||C_j||_F).
+
+Only the d x d covariance of each layer is needed: the top right singular vector of the
+centred activations is the top eigenvector of their covariance C, and removing it gives
+P C P with P = I - v v^T. Everything is computed in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+
+from bigram_circuits.circuits.runs import SubnetworkLike, collect_activations, hidden_state_names
+from bigram_circuits.errors import TokenError
+
+__all__ = [
+    "covariance_similarity",
+    "deflated_covariance",
+    "layer_covariance_similarity",
+    "similarity_heatmap",
+    "similarity_report",
+]
+
+
+def deflated_covariance(activations: Float[torch.Tensor, "n d"]) -> Float[np.ndarray, "d d"]:
+    """Covariance of centred activations after projecting out their top singular direction."""
+    a = torch.as_tensor(activations).double()
+    if a.ndim != 2 or a.shape[0] < 2:
+        raise TokenError(f"covariance needs activations [n >= 2, d], got shape {tuple(a.shape)}")
+    a = a - a.mean(dim=0)
+    covariance = a.T @ a / a.shape[0]
+    _, eigenvectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+    top = eigenvectors[:, -1:]
+    projector = torch.eye(covariance.shape[0], dtype=torch.float64) - top @ top.T
+    return (projector @ covariance @ projector).numpy()
+
+
+def covariance_similarity(
+    activations: Sequence[Float[torch.Tensor, "n d"]] | Mapping[Any, Float[torch.Tensor, "n d"]],
+) -> pd.DataFrame:
+    """Frobenius cosine between the deflated covariances of every pair of activation sets.
+
+    ``activations`` is a list (labels 0..n-1) or a mapping label -> [n_tokens, d]; the result
+    is a symmetric DataFrame indexed and columned by those labels, with ones on the diagonal.
+    """
+    if isinstance(activations, Mapping):
+        labels, values = list(activations.keys()), list(activations.values())
+    else:
+        labels, values = list(range(len(activations))), list(activations)
+    if not values:
+        raise TokenError("covariance_similarity needs at least one activation set")
+    flat = np.stack([deflated_covariance(v).reshape(-1) for v in values])
+    norms = np.linalg.norm(flat, axis=1)
+    if np.any(norms == 0):
+        raise TokenError(
+            "an activation set has zero covariance after deflation (constant or rank-1); use more tokens"
+        )
+    unit = flat / norms[:, None]
+    matrix = np.clip(unit @ unit.T, -1.0, 1.0)
+    np.fill_diagonal(matrix, 1.0)
+    return pd.DataFrame(
+        matrix, index=pd.Index(labels, name="layer"), columns=pd.Index(labels, name="layer")
+    )
+
+
+def layer_covariance_similarity(
+    bridge: Any,
+    windows: Any,
+    subnetwork: SubnetworkLike | None = None,
+    mode: str = "keep",
+    *,
+    n_tokens: int | None = 32768,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Layer-by-layer covariance similarity of the hidden states X_0..X_L of one run."""
+    names = hidden_state_names(bridge)
+    collected = collect_activations(
+        bridge,
+        windows,
+        names,
+        subnetwork,
+        mode,
+        n_tokens=n_tokens,
+        batch_size=batch_size,
+        progress=progress,
+        description="layer activations",
+    )
+    return covariance_similarity(
+        {layer: collected.activations[name] for layer, name in enumerate(names)}
+    )
+
+
+def similarity_report(
+    bridge: Any,
+    windows: Any,
+    subnetworks: Mapping[str, SubnetworkLike | None],
+    n_tokens: int | None = 32768,
+    *,
+    mode: str = "keep",
+    progress: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """:func:`layer_covariance_similarity` for several runs: label -> (layers x layers) DataFrame."""
+    if not subnetworks:
+        raise TokenError("similarity_report needs at least one run, e.g. {'full': None}")
+    return {
+        label: layer_covariance_similarity(
+            bridge, windows, subnetwork, mode, n_tokens=n_tokens, progress=progress
+        )
+        for label, subnetwork in subnetworks.items()
+    }
+
+
+def similarity_heatmap(
+    matrices: pd.DataFrame | Mapping[str, pd.DataFrame],
+    title: str = "Layer covariance similarity",
+):
+    """Plotly heatmap(s) of similarity matrices; a mapping gives one panel per run (paper Fig. 4)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    panels = {"": matrices} if isinstance(matrices, pd.DataFrame) else dict(matrices)
+    figure = make_subplots(
+        rows=1, cols=len(panels), subplot_titles=list(panels.keys()), horizontal_spacing=0.06
+    )
+    for col, matrix in enumerate(panels.values(), start=1):
+        figure.add_trace(
+            go.Heatmap(
+                z=matrix.to_numpy(),
+                x=[str(c) for c in matrix.columns],
+                y=[str(i) for i in matrix.index],
+                zmin=0.0,
+                zmax=1.0,
+                colorscale="Viridis",
+                showscale=col == len(panels),
+                hovertemplate="layer %{y} vs %{x}: %{z:.3f}<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
+        figure.update_yaxes(
+            autorange="reversed", title_text="layer" if col == 1 else None, row=1, col=col
+        )
+        figure.update_xaxes(title_text="layer", row=1, col=col)
+    figure.update_layout(title=title)
+    return figure
