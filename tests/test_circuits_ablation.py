@@ -121,13 +121,19 @@ def test_repeated_sequences_and_loss(tiny_neox):
     loss = repeated_sequence_loss(bridge, VOCAB, 5, 3, seed=1, prefix_token=0, low=1)
     with torch.no_grad():
         logp = torch.log_softmax(bridge(tokens)[..., :VOCAB].double(), -1)
-    manual = -logp[:, 6:-1].gather(-1, tokens[:, 7:].unsqueeze(-1)).mean()
-    assert loss == pytest.approx(float(manual))
-    assert RepeatedSequenceLoss(VOCAB, 5, 3, seed=1, prefix_token=0, low=1)(
-        bridge
-    ) == pytest.approx(loss)
+    second = -logp[:, 6:-1].gather(-1, tokens[:, 7:].unsqueeze(-1)).mean()
+    first = -logp[:, 1:5].gather(-1, tokens[:, 2:6].unsqueeze(-1)).mean()
+    assert loss == pytest.approx(float(second))
+    behaviour = RepeatedSequenceLoss(VOCAB, 5, 3, seed=1, prefix_token=0, low=1)(bridge)
+    assert behaviour["second_half_loss"] == pytest.approx(loss)
+    assert behaviour["first_half_loss"] == pytest.approx(float(first))
+    assert behaviour["copy_gain"] == pytest.approx(float(first - second))
+    pooled = repeated_random_tokens(VOCAB, 6, 4, pool=[7, 9])
+    assert set(pooled.unique().tolist()) <= {7, 9}
     with pytest.raises(TokenError):
         repeated_random_tokens(VOCAB, 1, 3)
+    with pytest.raises(TokenError, match="pool"):
+        repeated_random_tokens(VOCAB, 4, 3, pool=[VOCAB])
 
 
 @contextlib.contextmanager
@@ -204,21 +210,26 @@ def test_sufficiency_and_necessity_tables(tiny_neox):
     behaviour = RepeatedSequenceLoss(VOCAB, seq_len=6, n_sequences=4)
     table = sufficiency(bridge, base, candidate, behaviour, n_random_controls=1)
     assert list(table["run"]) == ["bigram", "bigram + heads", "bigram + random #0", "full"]
-    values = table.set_index("run")["behaviour"]
+    values = table.set_index("run")["second_half_loss"]
     with base.applied(bridge, "keep"):
-        assert values["bigram"] == pytest.approx(behaviour(bridge))
+        assert values["bigram"] == pytest.approx(behaviour(bridge)["second_half_loss"])
     with add_candidate(base, candidate, bridge).applied(bridge, "keep"):
-        assert values["bigram + heads"] == pytest.approx(behaviour(bridge))
-    assert values["full"] == pytest.approx(behaviour(bridge))
+        assert values["bigram + heads"] == pytest.approx(behaviour(bridge)["second_half_loss"])
+    assert values["full"] == pytest.approx(behaviour(bridge)["second_half_loss"])
     assert table.set_index("run").loc["bigram + heads", "heads"] == 2
 
     removed = necessity(
-        bridge, candidate, lambda b: {"loss": behaviour(b), "double": 2 * behaviour(b)}
+        bridge,
+        candidate,
+        lambda b: {
+            "loss": behaviour(b)["second_half_loss"],
+            "double": 2 * behaviour(b)["second_half_loss"],
+        },
     )
     assert list(removed["run"]) == ["full", "full - heads", "full - random #0"]
     with MaskedUnits(candidate.masks(bridge)).applied(bridge, "ablate"):
         assert removed.set_index("run").loc["full - heads", "loss"] == pytest.approx(
-            behaviour(bridge)
+            behaviour(bridge)["second_half_loss"]
         )
     np.testing.assert_allclose(removed["double"], 2 * removed["loss"])
 
@@ -237,11 +248,16 @@ def test_sufficiency_with_a_real_subnetwork(tiny_neox):
     )
     candidate = Candidate("heads", heads=[(0, 3), (1, 1)])
     behaviour = RepeatedSequenceLoss(VOCAB, seq_len=6, n_sequences=4)
-    table = sufficiency(bridge, base, candidate, behaviour, n_random_controls=0).set_index("run")
+    table = sufficiency(
+        bridge, base, candidate, lambda b: behaviour(b)["second_half_loss"], n_random_controls=0
+    )
+    table = table.set_index("run")
     assert list(table.index) == ["bigram", "bigram + heads", "full"]
     with base.applied(bridge, "keep"):
-        assert table.loc["bigram", "behaviour"] == pytest.approx(behaviour(bridge))
-    assert table.loc["full", "behaviour"] == pytest.approx(behaviour(bridge))
+        assert table.loc["bigram", "behaviour"] == pytest.approx(
+            behaviour(bridge)["second_half_loss"]
+        )
+    assert table.loc["full", "behaviour"] == pytest.approx(behaviour(bridge)["second_half_loss"])
     assert table.loc["bigram + heads", "behaviour"] != pytest.approx(
         table.loc["bigram", "behaviour"]
     )

@@ -44,9 +44,7 @@ def test_patching_a_run_with_its_own_activations_changes_nothing(
 ):
     bridge, _ = tiny_neox
     tokens = _tokens(0)
-    table = patch(
-        bridge, tokens, tokens, component, _metric, positions, units=units, progress=False
-    )
+    table = patch(bridge, tokens, tokens, component, _metric, positions, units=units)
     assert len(table) > 0
     np.testing.assert_allclose(table["metric"], table.attrs["clean_metric"], rtol=1e-5, atol=1e-5)
     assert table.attrs["clean_metric"] == pytest.approx(table.attrs["corrupted_metric"], abs=1e-6)
@@ -65,14 +63,11 @@ def test_self_patching_under_a_subnetwork_changes_nothing(tiny_neox):
         "all",
         clean_run=(sub, "keep"),
         corrupted_run=(sub, "keep"),
-        progress=False,
     )
     np.testing.assert_allclose(
         table["metric"], table.attrs["corrupted_metric"], rtol=1e-5, atol=1e-5
     )
-    full = patch(bridge, tokens, None, "resid_pre", _metric, "all", progress=False).attrs[
-        "clean_metric"
-    ]
+    full = patch(bridge, tokens, None, "resid_pre", _metric, "all").attrs["clean_metric"]
     assert table.attrs["clean_metric"] != pytest.approx(full)  # the subnetwork really ran
 
 
@@ -84,7 +79,7 @@ def test_patching_every_layers_residual_reproduces_the_clean_logits(tiny_neox):
     patched = run_with_patches(bridge, corrupted, {name: cache[name] for name in names})
     torch.testing.assert_close(patched, clean_logits, rtol=1e-5, atol=1e-5)
     # each layer alone, all positions at once, also restores the clean output
-    table = patch(bridge, clean, corrupted, "resid_pre", _metric, "all", progress=False)
+    table = patch(bridge, clean, corrupted, "resid_pre", _metric, "all")
     np.testing.assert_allclose(table["metric"], table.attrs["clean_metric"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(table["recovered"], 1.0, atol=1e-4)
 
@@ -92,7 +87,7 @@ def test_patching_every_layers_residual_reproduces_the_clean_logits(tiny_neox):
 def test_by_position_matches_transformer_lens(tiny_neox):
     bridge, _ = tiny_neox
     clean, corrupted = _tokens(4), _tokens(5)
-    ours = patch(bridge, clean, corrupted, "resid_pre", _metric, "each", progress=False)
+    ours = patch(bridge, clean, corrupted, "resid_pre", _metric, "each")
     _, cache = bridge.run_with_cache(clean)
     reference = tl_patching.get_act_patch_resid_pre(bridge, corrupted, cache, _metric)
     grid = ours.pivot(index="layer", columns="pos", values="metric").to_numpy()
@@ -116,7 +111,6 @@ def test_patch_into_a_subnetwork_run_overrides_its_masks(tiny_neox):
         layers=[0],
         clean_run=None,
         corrupted_run=(sub, "keep"),
-        progress=False,
     )
     by_head = table.set_index("head")["metric"]
     base = table.attrs["corrupted_metric"]
@@ -129,7 +123,7 @@ def test_patch_into_a_subnetwork_run_overrides_its_masks(tiny_neox):
 def test_gpt2_bridge_self_patching(tiny_gpt2):
     bridge, _ = tiny_gpt2
     tokens = _tokens(7)
-    table = patch(bridge, tokens, tokens, "neuron", _metric, "each", units=[3], progress=False)
+    table = patch(bridge, tokens, tokens, "neuron", _metric, "each", units=[3])
     np.testing.assert_allclose(table["metric"], table.attrs["clean_metric"], rtol=1e-5, atol=1e-5)
     assert set(table.columns) >= {
         "component",
@@ -156,18 +150,16 @@ def test_metrics():
 def test_bad_inputs(tiny_neox):
     bridge, _ = tiny_neox
     with pytest.raises(TokenError, match="same length"):
-        patch(bridge, _tokens(0, (2, 8)), _tokens(0, (2, 6)), "resid_pre", _metric, progress=False)
+        patch(bridge, _tokens(0, (2, 8)), _tokens(0, (2, 6)), "resid_pre", _metric)
     with pytest.raises(TokenError, match="unknown component"):
-        patch(bridge, _tokens(0), None, "resid_mid", _metric, progress=False)
+        patch(bridge, _tokens(0), None, "resid_mid", _metric)
     with pytest.raises(TokenError, match="scalar"):
-        patch(
-            bridge, _tokens(0), None, "resid_pre", lambda logits: logits[:, -1, 0], progress=False
-        )
+        patch(bridge, _tokens(0), None, "resid_pre", lambda logits: logits[:, -1, 0])
 
 
 def test_heatmap(tiny_neox):
     bridge, _ = tiny_neox
-    table = patch(bridge, _tokens(0), _tokens(1), "head", _metric, "each", progress=False)
+    table = patch(bridge, _tokens(0), _tokens(1), "head", _metric, "each")
     figure = patching_heatmap(table, "metric")
     assert np.asarray(figure.data[0].z).shape == (bridge.cfg.n_layers * bridge.cfg.n_heads, 8)
 
@@ -200,7 +192,6 @@ def test_full_model_into_a_real_subnetwork(tiny_neox):
         units=[0, 1],
         clean_run=sub,
         corrupted_run=sub,
-        progress=False,
     )
     np.testing.assert_allclose(same["metric"], same.attrs["clean_metric"], atol=1e-6)
     last = bridge.cfg.n_layers - 1
@@ -213,7 +204,6 @@ def test_full_model_into_a_real_subnetwork(tiny_neox):
         "all",
         clean_run=None,
         corrupted_run=(sub, "keep"),
-        progress=False,
     )
     assert table.attrs["clean_metric"] == pytest.approx(0.0, abs=1e-9)
     assert table.attrs["corrupted_metric"] > 1e-4

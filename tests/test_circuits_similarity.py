@@ -7,6 +7,7 @@ import pytest
 import torch
 from circuit_doubles import random_units
 
+from bigram_circuits.circuits.runs import collect_activations, hidden_state_names
 from bigram_circuits.circuits.similarity import (
     covariance_similarity,
     deflated_covariance,
@@ -79,6 +80,12 @@ def test_layer_similarity_of_a_model(tiny_neox):
     n_hidden = bridge.cfg.n_layers + 1
     assert table.shape == (n_hidden, n_hidden)
     np.testing.assert_allclose(np.diag(table.to_numpy()), 1.0)
+    names = hidden_state_names(bridge)
+    collected = collect_activations(bridge, windows, names, n_tokens=256, progress=False)
+    direct = covariance_similarity([collected.activations[name] for name in names])
+    np.testing.assert_allclose(
+        table.to_numpy(), direct.to_numpy(), atol=1e-6
+    )  # streaming == in memory
     matrices = similarity_report(
         bridge,
         windows,

@@ -323,15 +323,23 @@ def repeated_random_tokens(
     *,
     prefix_token: int | None = None,
     low: int = 0,
+    pool: Sequence[int] | None = None,
 ) -> Integer[torch.Tensor, "n total"]:
     """Random token sequences repeated twice: [n, 2 * seq_len] (+1 with ``prefix_token`` first).
 
-    Tokens are drawn uniformly from ``[low, vocab_size)`` (set ``low`` to skip special tokens).
+    Tokens are drawn uniformly from ``[low, vocab_size)`` (set ``low`` to skip special tokens),
+    or from the ids in ``pool`` (e.g. the frequent tokens, whose embeddings are well trained).
     """
     if seq_len < 2 or n_sequences < 1 or not 0 <= low < vocab_size:
         raise TokenError("need seq_len >= 2, n_sequences >= 1 and 0 <= low < vocab_size")
     generator = torch.Generator().manual_seed(seed)
-    half = torch.randint(low, vocab_size, (n_sequences, seq_len), generator=generator)
+    if pool is not None:
+        ids = torch.as_tensor(list(pool), dtype=torch.int64)
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            raise TokenError(f"the token pool must be non-empty ids in [0, {vocab_size})")
+        half = ids[torch.randint(0, ids.numel(), (n_sequences, seq_len), generator=generator)]
+    else:
+        half = torch.randint(low, vocab_size, (n_sequences, seq_len), generator=generator)
     tokens = torch.cat([half, half], dim=1)
     if prefix_token is not None:
         tokens = torch.cat([torch.full((n_sequences, 1), int(prefix_token)), tokens], dim=1)
@@ -339,6 +347,33 @@ def repeated_random_tokens(
 
 
 @torch.no_grad()
+def repeated_sequence_losses(
+    bridge: Any,
+    tokens: Integer[torch.Tensor, "n total"],
+    seq_len: int,
+    vocab_size: int,
+    *,
+    prefix: int = 0,
+    batch_size: int = 16,
+) -> tuple[float, float]:
+    """Mean next-token loss (nats) within the first copy and within the second copy.
+
+    Scored predictions: tokens 2..seq_len of each copy (the first token of a copy cannot be
+    predicted from inside it); ``prefix`` tokens precede the first copy.
+    """
+    start_second = prefix + seq_len
+    sums, count = [0.0, 0.0], 0
+    for start in range(0, tokens.shape[0], batch_size):
+        batch = tokens[start : start + batch_size]
+        logp = torch.log_softmax(bridge(batch)[..., :vocab_size].double(), -1)
+        for index, begin in enumerate((prefix, start_second)):
+            predicted = logp[:, begin : begin + seq_len - 1]
+            targets = batch[:, begin + 1 : begin + seq_len]
+            sums[index] += float(-predicted.gather(-1, targets.unsqueeze(-1)).sum())
+        count += batch.shape[0] * (seq_len - 1)
+    return sums[0] / count, sums[1] / count
+
+
 def repeated_sequence_loss(
     bridge: Any,
     vocab_size: int,
@@ -351,6 +386,7 @@ def repeated_sequence_loss(
     batch_size: int = 16,
     prefix_token: int | None = None,
     low: int = 0,
+    pool: Sequence[int] | None = None,
 ) -> float:
     """Mean next-token loss (nats) on the second half of repeated random sequences.
 
@@ -358,25 +394,27 @@ def repeated_sequence_loss(
     repeat cannot be copied); logits are cut to ``vocab_size``.
     """
     tokens = repeated_random_tokens(
-        vocab_size, seq_len, n_sequences, seed, prefix_token=prefix_token, low=low
+        vocab_size, seq_len, n_sequences, seed, prefix_token=prefix_token, low=low, pool=pool
     )
-    offset = 0 if prefix_token is None else 1
-    first = offset + seq_len  # index of the first repeated token
-    total, count = 0.0, 0
     with run_context(bridge, subnetwork, mode):
-        for start in range(0, tokens.shape[0], batch_size):
-            batch = tokens[start : start + batch_size]
-            logits = bridge(batch)[..., :vocab_size].double()
-            logp = torch.log_softmax(logits[:, first:-1], -1)
-            targets = batch[:, first + 1 :]
-            total += float(-logp.gather(-1, targets.unsqueeze(-1)).sum())
-            count += targets.numel()
-    return total / count
+        _, second = repeated_sequence_losses(
+            bridge,
+            tokens,
+            seq_len,
+            vocab_size,
+            prefix=int(prefix_token is not None),
+            batch_size=batch_size,
+        )
+    return second
 
 
 @dataclass(frozen=True)
 class RepeatedSequenceLoss:
-    """Behaviour: :func:`repeated_sequence_loss` with fixed sequences (same seed every call)."""
+    """Behaviour: losses on fixed repeated random sequences (same seed every call).
+
+    Returns ``second_half_loss`` (the loss in-context copying can lower), ``first_half_loss``
+    and ``copy_gain`` = first - second (about 0 for a model without induction).
+    """
 
     vocab_size: int
     seq_len: int = 32
@@ -384,18 +422,30 @@ class RepeatedSequenceLoss:
     seed: int = 0
     prefix_token: int | None = None
     low: int = 0
+    pool: tuple[int, ...] | None = None
 
-    def __call__(self, bridge: Any) -> float:
-        """Loss on the second half of the repeated sequences, under whatever run is active."""
-        return repeated_sequence_loss(
-            bridge,
+    def tokens(self) -> Integer[torch.Tensor, "n total"]:
+        """The repeated sequences this behaviour scores."""
+        return repeated_random_tokens(
             self.vocab_size,
             self.seq_len,
             self.n_sequences,
             self.seed,
             prefix_token=self.prefix_token,
             low=self.low,
+            pool=self.pool,
         )
+
+    def __call__(self, bridge: Any) -> dict[str, float]:
+        """Losses under whatever run is active."""
+        first, second = repeated_sequence_losses(
+            bridge,
+            self.tokens(),
+            self.seq_len,
+            self.vocab_size,
+            prefix=int(self.prefix_token is not None),
+        )
+        return {"second_half_loss": second, "first_half_loss": first, "copy_gain": first - second}
 
 
 @torch.no_grad()
@@ -411,6 +461,7 @@ def head_scores(
     batch_size: int = 16,
     prefix_token: int | None = None,
     low: int = 0,
+    pool: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Previous-token and induction scores of every head on repeated random sequences.
 
@@ -421,7 +472,7 @@ def head_scores(
     prompts; on random token ids this direct computation is used.)
     """
     tokens = repeated_random_tokens(
-        vocab_size, seq_len, n_sequences, seed, prefix_token=prefix_token, low=low
+        vocab_size, seq_len, n_sequences, seed, prefix_token=prefix_token, low=low, pool=pool
     )
     offset = 0 if prefix_token is None else 1
     n_layers, n_heads = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
@@ -479,14 +530,17 @@ def find_induction_heads(
     n_sequences: int = 32,
     seed: int = 0,
     include_previous_token_heads: bool = True,
+    low: int = 0,
+    pool: Sequence[int] | None = None,
 ) -> tuple[Candidate, pd.DataFrame]:
     """The induction circuit as a :class:`Candidate` (induction heads plus, by default,
     previous-token heads), and the per-head score table it was chosen from.
 
     A head is chosen when its score passes the threshold (or it is among the ``top_k`` by
-    induction score when ``top_k`` is given).
+    induction score when ``top_k`` is given). ``low`` / ``pool`` choose the random tokens as in
+    :func:`repeated_random_tokens`.
     """
-    scores = head_scores(bridge, vocab_size, seq_len, n_sequences, seed)
+    scores = head_scores(bridge, vocab_size, seq_len, n_sequences, seed, low=low, pool=pool)
     heads = set(
         select_heads(scores, "induction_score", top_k=top_k)
         if top_k is not None
@@ -501,7 +555,7 @@ def find_induction_heads(
             f"no head passes the thresholds (best induction score {scores['induction_score'].max():.3f}); "
             "lower induction_threshold or pass top_k"
         )
-    return Candidate(name="induction heads", heads=sorted(heads)), scores
+    return Candidate(name="induction circuit", heads=sorted(heads)), scores
 
 
 # --------------------------------------------------------------------------- sufficiency / necessity

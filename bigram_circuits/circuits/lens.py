@@ -24,8 +24,10 @@ evaluated on held-out windows (``test_fraction``). Reported per layer and target
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -148,7 +150,7 @@ def logit_lens(
             batch = tokens[start : start + batch_size]
             _, cache = bridge.run_with_cache(batch, names_filter=names)
             final_logp = torch.log_softmax(
-                _unembed(bridge, cache[names[-1]])[..., :vocab].double(), -1
+                _unembed(bridge, cache[names[-1]])[..., :vocab].float(), -1
             )
             final_top = final_logp.argmax(-1)
             targets = batch[:, 1:]
@@ -162,11 +164,13 @@ def logit_lens(
                     ).reshape(-1)
                 )
             for layer, name in enumerate(names):
-                logp = torch.log_softmax(_unembed(bridge, cache[name])[..., :vocab].double(), -1)
-                kl_sum[layer] += (final_logp.exp() * (final_logp - logp)).sum().item()
+                logp = torch.log_softmax(_unembed(bridge, cache[name])[..., :vocab].float(), -1)
+                kl_sum[layer] += (
+                    (final_logp.exp() * (final_logp - logp)).sum(dtype=torch.float64).item()
+                )
                 agree_sum[layer] += (logp.argmax(-1) == final_top).sum().item()
                 surprisal = -logp[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                loss_sum[layer] += surprisal.sum().item()
+                loss_sum[layer] += surprisal.sum(dtype=torch.float64).item()
                 if bigram_stats is not None:
                     lens_surprisal[layer].append(surprisal.reshape(-1).numpy())
     rows = []
@@ -426,13 +430,9 @@ def linear_lens(
                     similarity=config.similarity,
                 )
             else:
-                lens_logits = _unembed(bridge, predicted[has_next])[..., :vocab]
-                recall = {
-                    k: v
-                    for k, v in zip(
-                        config.ks, _logit_recall(lens_logits, test_next[has_next], config.ks)
-                    )
-                }
+                recall = _next_token_recall(
+                    bridge, predicted[has_next], test_next[has_next], vocab, config.ks
+                )
             row = {
                 "run": label,
                 "layer": layer,
@@ -446,10 +446,22 @@ def linear_lens(
     return pd.DataFrame(rows)
 
 
-def _logit_recall(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> list[float]:
-    hits = _count_hits(logits.float(), targets, ks)
+def _next_token_recall(
+    bridge: Any,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    vocab: int,
+    ks: Sequence[int],
+    chunk_size: int = 2048,
+) -> dict[int, float]:
+    """Recall@k of the actual next token in final norm + unembedding of predicted X_out."""
+    hits = {k: 0 for k in ks}
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = _unembed(bridge, hidden[start : start + chunk_size])[..., :vocab].float()
+        for k, count in _count_hits(logits, targets[start : start + chunk_size], ks).items():
+            hits[k] += count
     n = max(int(targets.shape[0]), 1)
-    return [hits[k] / n for k in ks]
+    return {k: hits[k] / n for k in ks}
 
 
 def lens_report(
@@ -514,3 +526,64 @@ def rotation_figure(table: pd.DataFrame, title: str = "Median rotation per layer
     figure.update_yaxes(title_text="median |angle| (deg)", rangemode="tozero")
     figure.update_layout(title=title)
     return figure
+
+
+def lens_command(
+    run: str | os.PathLike,
+    n_tokens: int = 16384,
+    *,
+    out: str | os.PathLike | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """``bigram-circuits lens RUN``: linear lens, logit lens and layer covariance similarity of
+    the full model, the run's bigram subnetwork and a random same-shape subnetwork.
+
+    Uses ``n_tokens`` held-out tokens of the run's corpus. Writes ``linear_lens.csv``,
+    ``logit_lens.csv``, ``similarity_{run}.csv`` and the figures ``rotation.html`` /
+    ``similarity.html`` to ``out`` (default ``RUN/circuits``); returns the linear-lens table.
+    """
+    from bigram_circuits.circuits.runs import load_run
+    from bigram_circuits.circuits.similarity import similarity_heatmap, similarity_report
+    from bigram_circuits.data import atomic_write_bytes
+    from bigram_circuits.figures import save_figure
+    from bigram_circuits.ngrams import BigramStats
+
+    loaded = load_run(run, device=device)
+    windows = loaded.eval_windows(n_tokens)
+    runs = {
+        "full": None,
+        "bigram": loaded.subnetwork,
+        "random": loaded.subnetwork.random_control(0),
+    }
+    stats_path = Path(run) / "bigram_stats.npz"
+    stats = (
+        BigramStats.load(stats_path, tokenizer=loaded.tokenizer) if stats_path.exists() else None
+    )
+    table = lens_report(loaded.bridge, loaded.tokenizer, windows, runs, n_tokens, progress=progress)
+    logit_table = logit_lens_report(
+        loaded.bridge,
+        loaded.tokenizer,
+        windows,
+        runs,
+        bigram_stats=stats,
+        n_tokens=n_tokens,
+        progress=progress,
+    )
+    matrices = similarity_report(loaded.bridge, windows, runs, n_tokens, progress=progress)
+    out_dir = Path(out) if out is not None else Path(run) / "circuits"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "linear_lens.csv", table.to_csv(index=False).encode("utf-8"))
+    atomic_write_bytes(out_dir / "logit_lens.csv", logit_table.to_csv(index=False).encode("utf-8"))
+    for label, matrix in matrices.items():
+        atomic_write_bytes(out_dir / f"similarity_{label}.csv", matrix.to_csv().encode("utf-8"))
+    save_figure(
+        rotation_figure(table), out_dir / "rotation", png=False, include_plotlyjs="directory"
+    )
+    save_figure(
+        similarity_heatmap(matrices),
+        out_dir / "similarity",
+        png=False,
+        include_plotlyjs="directory",
+    )
+    return table

@@ -25,8 +25,10 @@ component      hook                             unit axis
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -222,7 +224,6 @@ def patch(
     corrupted_run: RunSpec | tuple | SubnetworkLike | None = None,
     layers: Sequence[int] | None = None,
     units: Sequence[int] | None = None,
-    progress: bool = True,
 ) -> pd.DataFrame:
     """Patch one component at a time from the clean run into the corrupted run.
 
@@ -230,6 +231,7 @@ def patch(
     one prompt). ``positions``: ``"all"`` patches every position at once, ``"each"`` one
     position at a time, or a list of positions (one at a time). ``units`` restricts the heads
     or neurons patched. ``metric(logits) -> scalar`` sees the patched corrupted run's logits.
+    The loop is TransformerLens' ``generic_activation_patch`` (with its progress bar).
 
     Returns one row per patch with columns ``component``, ``layer``, [``pos``],
     [``head`` | ``neuron``], ``hook``, ``metric`` and ``recovered`` =
@@ -418,3 +420,80 @@ def patching_heatmap(table: pd.DataFrame, value: str = "metric", title: str | No
         f"({table.attrs.get('clean_run', 'clean')} -> {table.attrs.get('corrupted_run', 'corrupted')})"
     )
     return figure
+
+
+def patch_command(
+    model: str = "default",
+    clean: str = "",
+    corrupted: str = "",
+    component: str = "resid_pre",
+    run: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    *,
+    device: str = "cpu",
+) -> pd.DataFrame:
+    """``bigram-circuits patch``: patch ``component`` from the clean prompt into the corrupted one.
+
+    With ``run``, both prompts run under that run's bigram subnetwork (and its model; ``model``
+    is then ignored). Whole-vector components are patched one position at a time, heads and
+    neurons at all positions at once. Metric: the logit difference, at the last position,
+    between the clean run's top token and the corrupted run's top token (the KL divergence to
+    the clean output when both agree). ``out`` receives the heatmap (HTML).
+    """
+    from bigram_circuits.models import load_model, model_vocab_size
+
+    subnetwork = None
+    if run is not None:
+        from bigram_circuits.circuits.runs import load_run
+
+        loaded = load_run(run, device=device)
+        bridge, tokenizer, subnetwork = loaded.bridge, loaded.tokenizer, loaded.subnetwork
+    else:
+        bridge, tokenizer = load_model(model, device=device)
+    vocab = model_vocab_size(bridge, tokenizer)
+
+    def encode(text: str) -> torch.Tensor:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if ids.numel() == 0:
+            raise TokenError("a prompt is empty; pass --clean and --corrupted text")
+        return ids
+
+    clean_tokens, corrupted_tokens = encode(clean), encode(corrupted)
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise TokenError(
+            f"the clean prompt has {clean_tokens.shape[1]} tokens and the corrupted one {corrupted_tokens.shape[1]}; "
+            "use prompts of the same length in tokens"
+        )
+    spec = RunSpec(subnetwork, "keep", "bigram" if subnetwork is not None else "full")
+    clean_logits, _ = cache_run(bridge, clean_tokens, spec, names=[])
+    corrupted_logits, _ = cache_run(bridge, corrupted_tokens, spec, names=[])
+    clean_top = int(clean_logits[0, -1, :vocab].argmax())
+    corrupted_top = int(corrupted_logits[0, -1, :vocab].argmax())
+    if clean_top != corrupted_top:
+        metric = logit_difference(clean_top, corrupted_top)
+        metric_name = f"logit[{tokenizer.decode([clean_top])!r}] - logit[{tokenizer.decode([corrupted_top])!r}]"
+    else:
+        metric = kl_to_reference(clean_logits, vocab, position=-1)
+        metric_name = "KL(clean || patched) at the last position"
+    positions = "all" if COMPONENTS.get(component, COMPONENTS["head"]).unit is not None else "each"
+    table = patch(
+        bridge,
+        clean_tokens,
+        corrupted_tokens,
+        component,
+        metric,
+        positions,
+        clean_run=spec,
+        corrupted_run=spec,
+    )
+    table.attrs["metric_name"] = metric_name
+    if out is not None:
+        from bigram_circuits.figures import save_figure
+
+        target = Path(out)
+        save_figure(
+            patching_heatmap(table, title=f"Activation patching: {component} ({metric_name})"),
+            target.with_suffix("") if target.suffix == ".html" else target,
+            png=False,
+        )
+    return table

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -216,4 +218,70 @@ def collect_activations(
         input_tokens=tokens.reshape(-1)[:limit],
         next_tokens=next_tokens.reshape(-1)[:limit],
         positions=positions.reshape(-1)[:limit],
+    )
+
+
+@dataclass
+class LoadedRun:
+    """A saved ``bigram-circuits find`` run, ready for analysis."""
+
+    bridge: Any
+    tokenizer: Any
+    subnetwork: Any
+    subnetwork_dir: Path
+    model_name: str
+    corpus: str
+    seq_len: int
+
+    def eval_windows(self, n_tokens: int | None = None) -> Integer[np.ndarray, "n seq"]:
+        """Held-out windows of the run's corpus (enough for ``n_tokens`` when given)."""
+        from bigram_circuits.data import load_token_dataset
+
+        dataset = load_token_dataset(self.corpus, self.tokenizer, split="eval")
+        max_windows = None if n_tokens is None else math.ceil(n_tokens / self.seq_len)
+        return dataset.windows(self.seq_len, max_windows)
+
+
+def subnetwork_dir_of(run_dir: str | os.PathLike) -> Path:
+    """The subnetwork directory of a run: ``run_dir`` itself when it holds ``subnetwork.json``,
+    else the lambda marked ``chosen`` in its ``sweep.csv`` (or its only lambda)."""
+    import pandas as pd
+
+    run_path = Path(run_dir)
+    if (run_path / "subnetwork.json").exists():
+        return run_path
+    sweep_file = run_path / "sweep.csv"
+    if not sweep_file.exists():
+        raise MaskError(
+            f"{run_path} holds no subnetwork.json or sweep.csv; pass a run of `bigram-circuits find`"
+        )
+    sweep = pd.read_csv(sweep_file)
+    chosen = sweep[sweep["chosen"].astype(bool)] if "chosen" in sweep else sweep[:0]
+    if chosen.empty and len(sweep) == 1:
+        chosen = sweep
+    if chosen.empty:
+        raise MaskError(
+            f"{run_path} has no chosen subnetwork; pass one of its lambda_* directories"
+        )
+    return run_path / f"lambda_{float(chosen['lambda'].iloc[0]):g}"
+
+
+def load_run(run_dir: str | os.PathLike, *, device: str = "cpu") -> LoadedRun:
+    """Load a run's chosen subnetwork and the model and corpus it was found on."""
+    from bigram_circuits.models import load_model
+    from bigram_circuits.subnetwork import Subnetwork
+
+    directory = subnetwork_dir_of(run_dir)
+    subnetwork = Subnetwork.load(directory)
+    metadata = dict(subnetwork.metadata)
+    model_name = str(metadata.get("model") or metadata.get("model_name") or "default")
+    bridge, tokenizer = load_model(model_name, device=device)
+    return LoadedRun(
+        bridge=bridge,
+        tokenizer=tokenizer,
+        subnetwork=subnetwork,
+        subnetwork_dir=directory,
+        model_name=model_name,
+        corpus=str(metadata.get("corpus", "default")),
+        seq_len=int(dict(metadata.get("config", {}) or {}).get("seq_len", 128)),
     )

@@ -19,8 +19,14 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
+from tqdm.auto import tqdm
 
-from bigram_circuits.circuits.runs import SubnetworkLike, collect_activations, hidden_state_names
+from bigram_circuits.circuits.runs import (
+    SubnetworkLike,
+    hidden_state_names,
+    run_context,
+    select_windows,
+)
 from bigram_circuits.errors import TokenError
 
 __all__ = [
@@ -32,17 +38,36 @@ __all__ = [
 ]
 
 
+def _deflate(covariance: torch.Tensor) -> np.ndarray:
+    """P C P with P projecting out the top eigenvector of the covariance C (float64)."""
+    _, eigenvectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+    top = eigenvectors[:, -1:]
+    projector = torch.eye(covariance.shape[0], dtype=torch.float64) - top @ top.T
+    return (projector @ covariance @ projector).numpy()
+
+
 def deflated_covariance(activations: Float[torch.Tensor, "n d"]) -> Float[np.ndarray, "d d"]:
     """Covariance of centred activations after projecting out their top singular direction."""
     a = torch.as_tensor(activations).double()
     if a.ndim != 2 or a.shape[0] < 2:
         raise TokenError(f"covariance needs activations [n >= 2, d], got shape {tuple(a.shape)}")
     a = a - a.mean(dim=0)
-    covariance = a.T @ a / a.shape[0]
-    _, eigenvectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
-    top = eigenvectors[:, -1:]
-    projector = torch.eye(covariance.shape[0], dtype=torch.float64) - top @ top.T
-    return (projector @ covariance @ projector).numpy()
+    return _deflate(a.T @ a / a.shape[0])
+
+
+def _similarity_frame(covariances: Sequence[np.ndarray], labels: list) -> pd.DataFrame:
+    flat = np.stack([c.reshape(-1) for c in covariances])
+    norms = np.linalg.norm(flat, axis=1)
+    if np.any(norms == 0):
+        raise TokenError(
+            "an activation set has zero covariance after deflation (constant or rank-1); use more tokens"
+        )
+    unit = flat / norms[:, None]
+    matrix = np.clip(unit @ unit.T, -1.0, 1.0)
+    np.fill_diagonal(matrix, 1.0)
+    return pd.DataFrame(
+        matrix, index=pd.Index(labels, name="layer"), columns=pd.Index(labels, name="layer")
+    )
 
 
 def covariance_similarity(
@@ -59,20 +84,10 @@ def covariance_similarity(
         labels, values = list(range(len(activations))), list(activations)
     if not values:
         raise TokenError("covariance_similarity needs at least one activation set")
-    flat = np.stack([deflated_covariance(v).reshape(-1) for v in values])
-    norms = np.linalg.norm(flat, axis=1)
-    if np.any(norms == 0):
-        raise TokenError(
-            "an activation set has zero covariance after deflation (constant or rank-1); use more tokens"
-        )
-    unit = flat / norms[:, None]
-    matrix = np.clip(unit @ unit.T, -1.0, 1.0)
-    np.fill_diagonal(matrix, 1.0)
-    return pd.DataFrame(
-        matrix, index=pd.Index(labels, name="layer"), columns=pd.Index(labels, name="layer")
-    )
+    return _similarity_frame([deflated_covariance(v) for v in values], labels)
 
 
+@torch.no_grad()
 def layer_covariance_similarity(
     bridge: Any,
     windows: Any,
@@ -83,22 +98,36 @@ def layer_covariance_similarity(
     batch_size: int = 16,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Layer-by-layer covariance similarity of the hidden states X_0..X_L of one run."""
+    """Layer-by-layer covariance similarity of the hidden states X_0..X_L of one run.
+
+    Streams over ``windows`` [n, seq] (whole windows covering ``n_tokens``), accumulating each
+    layer's sum and second moment in float64, so memory does not grow with the token count.
+    """
+    tokens = select_windows(windows, n_tokens)
+    if int(tokens.max()) >= int(bridge.cfg.d_vocab):
+        raise TokenError(f"token id {int(tokens.max())} is outside the model's vocabulary")
     names = hidden_state_names(bridge)
-    collected = collect_activations(
-        bridge,
-        windows,
-        names,
-        subnetwork,
-        mode,
-        n_tokens=n_tokens,
-        batch_size=batch_size,
-        progress=progress,
-        description="layer activations",
-    )
-    return covariance_similarity(
-        {layer: collected.activations[name] for layer, name in enumerate(names)}
-    )
+    d_model = int(bridge.cfg.d_model)
+    sums = torch.zeros(len(names), d_model, dtype=torch.float64)
+    moments = torch.zeros(len(names), d_model, d_model, dtype=torch.float64)
+    n = 0
+    with run_context(bridge, subnetwork, mode):
+        for start in tqdm(
+            range(0, tokens.shape[0], batch_size), desc="layer covariances", disable=not progress
+        ):
+            _, cache = bridge.run_with_cache(tokens[start : start + batch_size], names_filter=names)
+            for layer, name in enumerate(names):
+                rows = cache[name].reshape(-1, d_model).double().cpu()
+                sums[layer] += rows.sum(0)
+                moments[layer] += rows.T @ rows
+            n += tokens[start : start + batch_size].numel()
+    if n < 2:
+        raise TokenError("covariance similarity needs at least two tokens")
+    covariances = []
+    for layer in range(len(names)):
+        mean = sums[layer] / n
+        covariances.append(_deflate(moments[layer] / n - torch.outer(mean, mean)))
+    return _similarity_frame(covariances, list(range(len(names))))
 
 
 def similarity_report(
