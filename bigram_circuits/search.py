@@ -1,0 +1,676 @@
+"""The subnetwork search: learn a sparse mask that makes the masked model match a target.
+
+Objective (as in the paper): ``target loss + lambda * sum(soft mask) / |M|``, optimised with
+AdamW over the mask logits only (base weights frozen). For neuron/head masks the sum weights
+each entry by the weights it gates (``penalty_weighting="params"``), which equals the paper's
+plain mean for weight masks.
+
+Targets (:class:`Target`): the bigram distribution (sparse soft cross-entropy of
+:class:`~bigram_circuits.ngrams.BigramStats`), the full model's own output distribution (the
+paper's "optimal subnetwork"), the true next token, or any callable.
+
+Schedule and stopping: temperature ``T`` starts at 1 and is multiplied by 1.001 after every
+optimizer step; a run stops once the undecided entries (soft mask in [0.1, 0.9]) are fewer than
+1% of the entries above 0.9 (or none are undecided), or at ``max_steps`` / ``time_budget_s``.
+The paper's stability check then looks for loss spikes (a step above the previous 10 steps'
+mean by +0.25 or x1.25); a run with a spike in its last 100 steps, or whose loss does not
+regain the pre-spike mean 100 steps before the end, is retried on a new data shuffle (up to
+``max_attempts`` runs).
+
+Default learning rates per granularity (``SearchConfig.lr=None``): neuron and head logits 0.05,
+weight logits 0.01. The paper's 5e-5 (``SearchConfig.paper()``) is tuned for 5-15k steps of
+weight masks, where the growing temperature does most of the deciding; neuron/head masks have
+~1000x fewer entries and with a large step size converge in a few hundred steps.
+
+Every metric of a result (``SearchResult.metrics``) is measured with the *binary* mask that is
+returned and saved, never with the soft mask.
+
+Checkpoints (mask logits, optimizer state, step, temperature, attempt, noise generator and
+history; data order is a function of seed, attempt and step) are written atomically to
+``out_dir/checkpoint.pt`` every ``checkpoint_every`` steps and on Ctrl-C; ``resume=True``
+continues from there and gives the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Integer
+from tqdm.auto import tqdm
+
+from bigram_circuits.data import atomic_write_bytes, iterate_batches
+from bigram_circuits.errors import SearchError, TokenError
+from bigram_circuits.masks import MaskSet, masks_attached, parse_granularities
+from bigram_circuits.subnetwork import Subnetwork
+
+__all__ = [
+    "DEFAULT_LR",
+    "SearchConfig",
+    "Target",
+    "SearchResult",
+    "search",
+    "sweep",
+    "choose_subnetwork",
+    "bigram_correlation",
+    "stability_check",
+    "find_command",
+]
+
+DEFAULT_LR: dict[str, float] = {"neuron": 0.05, "head": 0.05, "weight": 0.01}
+CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.csv"
+SWEEP_FILE = "sweep.csv"
+# Config fields that may change when a run is resumed (they do not change the trajectory).
+_RESUMABLE_FIELDS = {"max_steps", "time_budget_s", "checkpoint_every", "log_every", "eval_batches"}
+
+
+@dataclass
+class SearchConfig:
+    """Hyperparameters of one search. ``lr=None`` picks :data:`DEFAULT_LR` per granularity."""
+
+    lam: float = 1.0
+    lr: float | None = None
+    weight_decay: float = 0.01  # torch's AdamW default, as in the authors' code
+    temperature_init: float = 1.0
+    temperature_growth: float = 1.001
+    max_steps: int = 2000
+    batch_size: int = 32
+    seq_len: int = 128
+    seed: int = 0
+    parameterization: str = "continuous"
+    init: float = 0.0
+    penalty_weighting: str = "params"
+    undecided_low: float = 0.1
+    undecided_high: float = 0.9
+    stop_undecided_fraction: float = 0.01
+    min_steps: int = 0
+    stability_check: bool = True
+    max_attempts: int = 3
+    checkpoint_every: int = 100
+    time_budget_s: float | None = None
+    keep_top_k: int | None = None
+    eval_batches: int = 8
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (math.isfinite(self.lam) and self.lam >= 0):
+            problems.append(f"lam must be >= 0, got {self.lam}")
+        if self.lr is not None and not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.temperature_init <= 0 or self.temperature_growth < 1:
+            problems.append("temperature_init must be > 0 and temperature_growth >= 1")
+        if self.max_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
+            problems.append("max_steps and batch_size must be >= 1 and seq_len >= 2")
+        if self.max_attempts < 1 or self.checkpoint_every < 1 or self.log_every < 1:
+            problems.append("max_attempts, checkpoint_every and log_every must be >= 1")
+        if not 0 <= self.undecided_low < self.undecided_high <= 1:
+            problems.append("need 0 <= undecided_low < undecided_high <= 1")
+        if problems:
+            raise SearchError("; ".join(problems))
+
+    @classmethod
+    def paper(cls, **overrides) -> SearchConfig:
+        """The paper's settings for weight masks: lr 5e-5, batch 32, at most 15k steps."""
+        return cls(**{"lr": 5e-5, "batch_size": 32, "max_steps": 15000, **overrides})
+
+    def learning_rates(self, granularities: Sequence[str]) -> dict[str, float]:
+        return {g: (self.lr if self.lr is not None else DEFAULT_LR[g]) for g in granularities}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _soft_xent(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of -sum_j softmax(reference)_j log_softmax(logits)_j."""
+    probs = torch.softmax(reference.float(), dim=-1)
+    return -(probs * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+@dataclass
+class Target:
+    """What the masked model must reproduce. Build with :meth:`bigram`, :meth:`full_model`,
+    :meth:`next_token` or :meth:`custom`; call as ``target(logits, tokens, reference_logits)``.
+    ``needs_reference``: the search also runs the unmasked model (no grad) for each batch."""
+
+    name: str
+    loss_fn: Callable[..., torch.Tensor]
+    needs_reference: bool = False
+    stats: object | None = None
+    vocab_size: int | None = None
+
+    @classmethod
+    def bigram(cls, stats) -> Target:
+        """Soft cross-entropy against P(next | current) of bigram stats (the paper's target)."""
+        return cls("bigram", lambda logits, tokens, ref: stats.soft_cross_entropy(logits, tokens),
+                   stats=stats, vocab_size=int(stats.vocab_size))
+
+    @classmethod
+    def full_model(cls, vocab_size: int | None = None) -> Target:
+        """Soft cross-entropy against the full model's own next-token distribution."""
+        def loss(logits, tokens, ref):
+            return _soft_xent(logits[..., :vocab_size], ref[..., :vocab_size])
+        return cls("full_model", loss, needs_reference=True, vocab_size=vocab_size)
+
+    @classmethod
+    def next_token(cls, vocab_size: int | None = None) -> Target:
+        """Cross-entropy of the true next token (language-modelling loss)."""
+        def loss(logits, tokens, ref):
+            cut = logits[:, :-1, :vocab_size].float()
+            return torch.nn.functional.cross_entropy(cut.flatten(0, 1), tokens[:, 1:].flatten())
+        return cls("next_token", loss, vocab_size=vocab_size)
+
+    @classmethod
+    def custom(cls, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], name: str = "custom") -> Target:
+        """Any ``fn(logits [batch, pos, vocab], tokens [batch, pos]) -> scalar tensor``."""
+        return cls(name, lambda logits, tokens, ref: fn(logits, tokens))
+
+    @classmethod
+    def from_name(cls, name: str, stats=None, vocab_size: int | None = None) -> Target:
+        """``"bigram"`` (needs ``stats``), ``"full_model"`` or ``"next_token"``."""
+        if name == "bigram":
+            if stats is None:
+                raise SearchError("the bigram target needs bigram stats; pass stats=BigramStats...")
+            return cls.bigram(stats)
+        if name in ("full_model", "full", "optimal"):
+            return cls.full_model(vocab_size)
+        if name == "next_token":
+            return cls.next_token(vocab_size)
+        raise SearchError(f"unknown target {name!r}; use bigram, full_model or next_token")
+
+    def __call__(self, logits, tokens, reference=None) -> torch.Tensor:
+        return self.loss_fn(logits, tokens, reference)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class SearchResult:
+    """A finished search: the binary subnetwork, per-step history and binary-mask metrics."""
+
+    subnetwork: Subnetwork
+    history: pd.DataFrame
+    metrics: dict
+    config: SearchConfig
+    out_dir: Path | None = None
+    mask_set: MaskSet | None = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device(bridge) -> torch.device:
+    return next(bridge.parameters()).device
+
+
+def _check_windows(windows, seq_len: int) -> np.ndarray:
+    array = windows.cpu().numpy() if isinstance(windows, torch.Tensor) else windows
+    if getattr(array, "ndim", 0) != 2 or array.shape[0] == 0 or array.shape[1] < 2:
+        raise TokenError(f"windows must be a [n_windows, seq_len >= 2] array, got shape {getattr(array, 'shape', None)}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TokenError(f"windows must hold integer token ids, got {array.dtype}")
+    return array[:, :seq_len]
+
+
+def _batches(windows: np.ndarray, config: SearchConfig, attempt: int, start_step: int) -> Iterator[np.ndarray]:
+    """Endless batches; the order depends only on (seed, attempt, step), so resume is exact."""
+    n_batches = len(windows) // config.batch_size
+    if n_batches == 0:
+        raise SearchError(f"{len(windows)} windows are fewer than one batch of {config.batch_size}; "
+                          "use more data or a smaller batch_size")
+    step = start_step
+    while True:
+        epoch = step // n_batches
+        seed = int(np.random.SeedSequence([config.seed, attempt, epoch]).generate_state(1)[0])
+        for batch in iterate_batches(windows, config.batch_size, shuffle=True, seed=seed,
+                                     start_batch=step % n_batches):
+            yield batch
+            step += 1
+
+
+def stability_check(losses: Sequence[float], window: int = 10, abs_spike: float = 0.25,
+                    rel_spike: float = 1.25, tail: int = 100) -> tuple[bool, str]:
+    """The paper's check: ``(stable, reason)``. A spike is a loss above the previous ``window``
+    steps' mean by ``+abs_spike`` or ``x rel_spike``; a run is unstable if a spike falls in the
+    last ``tail`` steps or the loss does not regain a spike's reference mean ``tail`` steps
+    before the end."""
+    values = np.asarray(losses, dtype=np.float64)
+    n = len(values)
+    if n <= window:
+        return True, "too short to check"
+    csum = np.concatenate([[0.0], np.cumsum(values)])
+    means = (csum[window:n] - csum[: n - window]) / window  # mean of the `window` steps before i
+    idx = np.arange(window, n)
+    spikes = idx[(values[window:] > means + abs_spike) | (values[window:] > means * rel_spike)]
+    for i in spikes:
+        ref = means[i - window]
+        if i >= n - tail:
+            return False, f"loss spike at step {i + 1} within the last {tail} steps"
+        after = np.nonzero(values[i + 1 :] <= ref)[0]
+        if len(after) == 0 or i + 1 + after[0] > n - 1 - tail:
+            return False, f"loss did not recover from the spike at step {i + 1} {tail} steps before the end"
+    return True, f"{len(spikes)} spikes, all recovered"
+
+
+@torch.no_grad()
+def bigram_correlation(
+    bridge,
+    stats,
+    windows: Integer[np.ndarray, "n seq"],
+    subnetwork: Subnetwork | None = None,
+    batch_size: int = 16,
+) -> float:
+    """Pearson r between the model's surprisal of each actual next token (with ``subnetwork``
+    kept, binary) and its bigram surprisal, over ``windows``; infinite bigram surprisals are
+    dropped. (:mod:`bigram_circuits.evaluate` has the full metric suite.)"""
+    array = _check_windows(windows, windows.shape[1])
+    vocab = int(stats.vocab_size)
+    device = _device(bridge)
+    model_parts, bigram_parts = [], []
+    context = subnetwork.applied(bridge) if subnetwork is not None else _null()
+    with context:
+        for start in range(0, len(array), batch_size):
+            batch_np = np.asarray(array[start : start + batch_size], dtype=np.int64)
+            batch = torch.as_tensor(batch_np, device=device)
+            log_probs = torch.log_softmax(bridge(batch)[:, :-1, :vocab].float(), dim=-1)
+            model_parts.append(-log_probs.gather(-1, batch[:, 1:, None]).squeeze(-1).double().cpu().numpy().ravel())
+            bigram_parts.append(np.asarray(stats.surprisal(batch_np[:, :-1], batch_np[:, 1:]), dtype=np.float64).ravel())
+    model, bigram = np.concatenate(model_parts), np.concatenate(bigram_parts)
+    finite = np.isfinite(bigram)
+    if finite.sum() < 2:
+        return float("nan")
+    return float(np.corrcoef(model[finite], bigram[finite])[0, 1])
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def _target_loss(bridge, target: Target, windows: np.ndarray, subnetwork: Subnetwork | None,
+                 batch_size: int, max_batches: int) -> float:
+    """Mean target loss over the first ``max_batches`` batches, with ``subnetwork`` kept."""
+    device = _device(bridge)
+    total, count = 0.0, 0
+    for start in range(0, min(len(windows), batch_size * max_batches), batch_size):
+        batch = torch.as_tensor(np.asarray(windows[start : start + batch_size], dtype=np.int64), device=device)
+        reference = bridge(batch) if target.needs_reference else None
+        with subnetwork.applied(bridge) if subnetwork is not None else _null():
+            loss = float(target(bridge(batch), batch, reference))
+        total += loss * len(batch)
+        count += len(batch)
+    return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_checkpoint(path: Path, config: SearchConfig, granularities, target: Target, model_id: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (torch raises many types for a corrupt file)
+        raise SearchError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it or pass resume=False") from exc
+    saved = state.get("config", {})
+    current = config.to_dict()
+    changed = sorted(k for k in current if k not in _RESUMABLE_FIELDS and saved.get(k) != current[k])
+    if changed or state.get("granularities") != list(granularities) or state.get("target") != target.name \
+            or state.get("model_id") != model_id:
+        what = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed) or "model/target/granularity"
+        raise SearchError(f"checkpoint in {path.parent} belongs to another run ({what}); "
+                          "use another out_dir or resume=False")
+    return state
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def search(
+    bridge,
+    windows: Integer[np.ndarray, "n seq"],
+    target: Target,
+    granularities: str | Sequence[str] = ("neuron", "head"),
+    config: SearchConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    eval_windows: Integer[np.ndarray, "n_eval seq"] | None = None,
+    resume: bool = True,
+    show_progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+    metadata: dict | None = None,
+) -> SearchResult:
+    """Learn a mask over ``bridge`` on ``windows`` so the masked model matches ``target``.
+
+    Returns a :class:`SearchResult` whose subnetwork is the binary mask (``logit > 0``, or the
+    ``config.keep_top_k`` largest logits). ``eval_windows`` (held out) are used for the
+    result's metrics: target loss with the binary mask and, for the bigram target, the bigram
+    surprisal correlation. With ``out_dir`` the run checkpoints there and saves the subnetwork
+    (``masks.safetensors``, ``subnetwork.json``) and ``history.csv``; with ``resume=True`` a
+    finished run there is loaded and an interrupted one continues. ``callback(step, row)`` runs
+    after every step.
+    """
+    from bigram_circuits.models import model_id as model_fingerprint  # noqa: PLC0415
+
+    config = config or SearchConfig()
+    grans = parse_granularities(granularities)
+    windows = _check_windows(windows, config.seq_len)
+    if masks_attached(bridge):
+        raise SearchError("masks are applied to the model; run the search outside `subnetwork.applied(...)`")
+    out_path = Path(out_dir) if out_dir is not None else None
+    fingerprint = model_fingerprint(bridge)
+
+    if out_path is not None and resume and (out_path / "subnetwork.json").exists() and (out_path / HISTORY_FILE).exists():
+        finished = _load_finished(out_path, config, grans, target, fingerprint)
+        if finished is not None:
+            return finished
+
+    checkpoint = None
+    if out_path is not None and resume and (out_path / CHECKPOINT_FILE).exists():
+        checkpoint = _load_checkpoint(out_path / CHECKPOINT_FILE, config, grans, target, fingerprint)
+
+    device = _device(bridge)
+    lrs = config.learning_rates(grans)
+    was_training = bridge.training
+    frozen = [p for p in bridge.parameters() if p.requires_grad]
+    started = time.perf_counter()
+    elapsed_before = float(checkpoint.get("elapsed_s", 0.0)) if checkpoint else 0.0
+    bridge.eval()  # no dropout: the mask is the only source of change
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        attempt = int(checkpoint["attempt"]) if checkpoint else 0
+        previous_attempts: list[dict] = list(checkpoint.get("attempts", [])) if checkpoint else []
+        while True:
+            mask_set = MaskSet.for_model(bridge, grans, config.parameterization, config.init, config.penalty_weighting)
+            mask_set.temperature.fill_(config.temperature_init)
+            mask_set.seed(config.seed * 1000 + attempt)
+            mask_set.train()
+            groups = [{"params": [mask_set.logit(k) for k, c in mask_set.components.items() if c.granularity == g],
+                       "lr": lrs[g], "name": g} for g in grans]
+            optimizer = torch.optim.AdamW(groups, lr=max(lrs.values()), weight_decay=config.weight_decay)
+            step, history = 0, []
+            if checkpoint is not None and int(checkpoint["attempt"]) == attempt:
+                mask_set.load_state_dict(checkpoint["mask_state"])
+                optimizer.load_state_dict(checkpoint["optimizer"])
+                if mask_set.generator is not None and checkpoint.get("generator") is not None:
+                    mask_set.generator.set_state(checkpoint["generator"])
+                step, history = int(checkpoint["step"]), list(checkpoint["history"])
+                checkpoint = None
+
+            def snapshot() -> dict:
+                return {
+                    "attempt": attempt, "step": step, "history": history, "attempts": previous_attempts,
+                    "mask_state": mask_set.state_dict(), "optimizer": optimizer.state_dict(),
+                    "generator": mask_set.generator.get_state() if mask_set.generator is not None else None,
+                    "config": config.to_dict(), "granularities": list(grans), "target": target.name,
+                    "model_id": fingerprint, "elapsed_s": elapsed_before + time.perf_counter() - started,
+                }
+
+            stop_reason = "max_steps"
+            batches = _batches(windows, config, attempt, step)
+            bar = tqdm(total=config.max_steps, initial=step, desc=f"search lam={config.lam:g}",
+                       unit="step", disable=not show_progress, leave=False)
+            consistent = True  # whether the in-memory state is a whole number of steps
+            try:
+                while step < config.max_steps:
+                    if config.time_budget_s is not None and \
+                            elapsed_before + time.perf_counter() - started > config.time_budget_s:
+                        stop_reason = "time_budget"
+                        break
+                    tokens = torch.as_tensor(next(batches), device=device)
+                    consistent = False
+                    reference = None
+                    if target.needs_reference:
+                        with torch.no_grad():
+                            reference = bridge(tokens)
+                    with mask_set.attach(bridge):
+                        logits = bridge(tokens)
+                    target_loss = target(logits, tokens, reference)
+                    penalty = mask_set.penalty()
+                    loss = target_loss + config.lam * penalty
+                    if not torch.isfinite(loss):
+                        where = f"; the last good checkpoint is in {out_path}" if out_path else ""
+                        raise SearchError(f"loss became {loss.item()} at step {step + 1} (lambda {config.lam:g}); "
+                                          f"lower the learning rate{where}")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    mask_set.temperature.mul_(config.temperature_growth)
+                    step += 1
+                    consistent = True
+
+                    undecided, on, _ = mask_set.decision_counts(config.undecided_low, config.undecided_high)
+                    row = {"step": step, "loss": loss.item(), "target_loss": target_loss.item(),
+                           "soft_density": penalty.item(), "temperature": float(mask_set.temperature),
+                           "undecided": undecided, "on": on}
+                    history.append(row)
+                    if step % config.log_every == 0:
+                        bar.set_postfix(loss=f"{row['loss']:.3f}", density=f"{row['soft_density']:.3f}",
+                                        T=f"{row['temperature']:.2f}", refresh=False)
+                    bar.update(1)
+                    if out_path is not None and step % config.checkpoint_every == 0:
+                        _save_checkpoint(out_path / CHECKPOINT_FILE, snapshot())
+                    if callback is not None:
+                        callback(step, row)
+                    if step >= config.min_steps and (undecided == 0 or undecided < config.stop_undecided_fraction * on):
+                        stop_reason = "converged"
+                        break
+            except KeyboardInterrupt:
+                if out_path is not None and consistent:
+                    _save_checkpoint(out_path / CHECKPOINT_FILE, snapshot())
+                raise
+            finally:
+                bar.close()
+
+            stable, stability_reason = stability_check([r["loss"] for r in history])
+            attempt_info = {"attempt": attempt, "steps": step, "stop_reason": stop_reason,
+                            "stable": stable, "stability": stability_reason}
+            if stable or not config.stability_check or attempt + 1 >= config.max_attempts \
+                    or stop_reason == "time_budget":
+                break
+            previous_attempts.append(attempt_info)
+            attempt += 1  # a fresh mask on a new data shuffle
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        bridge.train(was_training)
+
+    wall_time = elapsed_before + time.perf_counter() - started
+    mask_set.eval()
+    binary = mask_set.binary(top_k=config.keep_top_k)
+    meta = {
+        **(metadata or {}), "model_name": getattr(bridge.cfg, "model_name", None), "target": target.name,
+        "granularities": list(grans), "config": config.to_dict(), "learning_rates": lrs,
+    }
+    subnetwork = Subnetwork.from_masks(bridge, binary, meta)
+    metrics = _binary_metrics(bridge, subnetwork, target, windows, eval_windows, config)
+    metrics.update({
+        "steps": step, "attempts": attempt + 1, "stop_reason": stop_reason, "converged": stop_reason == "converged",
+        "stable": stable, "stability": stability_reason, "wall_time_s": wall_time,
+        "final_temperature": float(mask_set.temperature), "previous_attempts": previous_attempts,
+    })
+    subnetwork.metadata["metrics"] = metrics
+    history_df = pd.DataFrame(history)
+    if out_path is not None:
+        subnetwork.save(out_path)
+        atomic_write_bytes(out_path / HISTORY_FILE, history_df.to_csv(index=False).encode("utf-8"))
+        (out_path / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return SearchResult(subnetwork, history_df, metrics, config, out_path, mask_set)
+
+
+def _binary_metrics(bridge, subnetwork: Subnetwork, target: Target, train_windows: np.ndarray,
+                    eval_windows, config: SearchConfig) -> dict:
+    """Metrics of the binary subnetwork (held-out windows when given, else training windows)."""
+    held_out = eval_windows is not None
+    windows = _check_windows(eval_windows, config.seq_len) if held_out else train_windows
+    summary = subnetwork.summary()
+    metrics = {
+        "n_params": summary["n_params"], "n_params_total": summary["n_params_total"],
+        "percent_params": summary["percent_params"], "n_kept": summary["n_kept"],
+        "n_entries": summary["n_entries"], "density": subnetwork.density,
+        "target_loss": _target_loss(bridge, target, windows, subnetwork, config.batch_size, config.eval_batches),
+        "metrics_on": "eval" if held_out else "train",
+    }
+    if target.stats is not None and held_out:
+        metrics["bigram_r"] = bigram_correlation(bridge, target.stats, windows, subnetwork)
+    return metrics
+
+
+def _load_finished(out_path: Path, config: SearchConfig, grans, target: Target, fingerprint: str) -> SearchResult | None:
+    """The saved result in ``out_path`` if it was made with the same settings, else SearchError."""
+    subnetwork = Subnetwork.load(out_path)
+    saved = subnetwork.metadata.get("config", {})
+    current = config.to_dict()
+    changed = sorted(k for k in current if k not in _RESUMABLE_FIELDS and saved.get(k) != current[k])
+    if changed or subnetwork.model_id != fingerprint or subnetwork.metadata.get("target") != target.name \
+            or tuple(subnetwork.metadata.get("granularities", ())) != tuple(grans):
+        raise SearchError(f"{out_path} holds a finished run with other settings ({', '.join(changed) or 'model/target'}); "
+                          "use another out_dir or resume=False")
+    history = pd.read_csv(out_path / HISTORY_FILE)
+    return SearchResult(subnetwork, history, dict(subnetwork.metadata.get("metrics", {})), config, out_path)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def _lambda_dir(lam: float) -> str:
+    return f"lambda_{lam:g}"
+
+
+def sweep(
+    bridge,
+    windows: Integer[np.ndarray, "n seq"],
+    target: Target,
+    lambdas: Sequence[float],
+    granularities: str | Sequence[str] = ("neuron", "head"),
+    config: SearchConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    eval_windows: Integer[np.ndarray, "n_eval seq"] | None = None,
+    resume: bool = True,
+    show_progress: bool = True,
+    tolerance: float = 0.04,
+    metadata: dict | None = None,
+) -> pd.DataFrame:
+    """Run :func:`search` for every lambda (each in ``out_dir/lambda_{lam}``; finished ones are
+    reused) and return one row per lambda, with a ``chosen`` column from
+    :func:`choose_subnetwork`. Writes ``out_dir/sweep.csv``."""
+    config = config or SearchConfig()
+    if not lambdas:
+        raise SearchError("give at least one lambda")
+    rows = []
+    for lam in tqdm(list(lambdas), desc="lambda sweep", unit="lambda", disable=not show_progress or len(lambdas) < 2):
+        run_dir = Path(out_dir) / _lambda_dir(lam) if out_dir is not None else None
+        result = search(bridge, windows, target, granularities, dataclasses.replace(config, lam=float(lam)), run_dir,
+                        eval_windows=eval_windows, resume=resume, show_progress=show_progress, metadata=metadata)
+        m = result.metrics
+        rows.append({
+            "lambda": float(lam), "n_params": m["n_params"], "percent_params": m["percent_params"],
+            "density": m["density"], "bigram_r": m.get("bigram_r", float("nan")), "target_loss": m["target_loss"],
+            "steps": m["steps"], "stop_reason": m["stop_reason"], "stable": m["stable"],
+            "attempts": m["attempts"], "wall_time_s": m["wall_time_s"],
+            "path": str(run_dir) if run_dir is not None else "",
+        })
+    table = pd.DataFrame(rows)
+    metric = "bigram_r" if table["bigram_r"].notna().any() else None
+    table["chosen"] = False
+    if metric is not None:
+        chosen = choose_subnetwork(table, tolerance=tolerance, metric=metric)
+        table.loc[chosen.name, "chosen"] = True
+    if out_dir is not None:
+        atomic_write_bytes(Path(out_dir) / SWEEP_FILE, table.to_csv(index=False).encode("utf-8"))
+    return table
+
+
+def choose_subnetwork(table: pd.DataFrame, tolerance: float = 0.04, metric: str = "bigram_r") -> pd.Series:
+    """The paper's choice: the sparsest lambda whose ``metric`` is within ``tolerance`` of the
+    lambda = 0 run (if the sweep has no lambda 0, of its best run)."""
+    valid = table[table[metric].notna()]
+    if valid.empty:
+        raise SearchError(f"no run of the sweep has a {metric}; pass eval_windows and a bigram target")
+    zero = valid[valid["lambda"] == 0]
+    reference = float(zero[metric].iloc[0]) if not zero.empty else float(valid[metric].max())
+    close = valid[valid[metric] >= reference - tolerance]
+    return close.sort_values(["n_params", "lambda"], ascending=[True, False]).iloc[0]
+
+
+# --------------------------------------------------------------------------- CLI entry
+
+
+def find_command(
+    model: str = "default",
+    granularities: str | Sequence[str] = ("neuron", "head"),
+    lambdas: Sequence[float] = (0.0, 1.0, 10.0, 100.0),
+    out_dir: str | os.PathLike = "runs/find",
+    *,
+    corpus: str = "default",
+    target: str = "bigram",
+    max_train_windows: int | None = 4096,
+    max_eval_windows: int | None = 256,
+    device: str = "cpu",
+    resume: bool = True,
+    show_progress: bool = True,
+    **config_options,
+) -> pd.DataFrame:
+    """``bigram-circuits find``: load the model and the corpus's train/eval splits, count bigram
+    stats on the train split (cached in ``out_dir/bigram_stats.npz``), run the lambda sweep
+    (resumable), save each subnetwork under ``out_dir/lambda_{lam}`` plus ``out_dir/sweep.csv``
+    and return the sweep table. ``config_options`` are :class:`SearchConfig` fields."""
+    from bigram_circuits.data import load_token_dataset  # noqa: PLC0415
+    from bigram_circuits.models import load_model, model_vocab_size  # noqa: PLC0415
+    from bigram_circuits.ngrams import BigramStats  # noqa: PLC0415
+
+    known = {f.name for f in dataclasses.fields(SearchConfig)}
+    unknown = sorted(set(config_options) - known)
+    if unknown:
+        raise SearchError(f"unknown search option(s) {unknown}; valid: {', '.join(sorted(known))}")
+    config = SearchConfig(**config_options)
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    bridge, tokenizer = load_model(model, device=device)
+    vocab = model_vocab_size(bridge, tokenizer)
+    train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
+    evaluation = load_token_dataset(corpus, tokenizer, split="eval", show_progress=show_progress)
+    stats_path = out_path / "bigram_stats.npz"
+    if stats_path.exists():
+        stats = BigramStats.load(stats_path, tokenizer=tokenizer)
+    else:
+        stats = BigramStats.from_tokens(train, vocab, seq_len=config.seq_len, show_progress=show_progress)
+        stats.save(stats_path, tokenizer=tokenizer)
+    train_windows = train.windows(config.seq_len, max_train_windows)
+    eval_windows = evaluation.windows(config.seq_len, max_eval_windows)
+    the_target = Target.from_name(target, stats=stats, vocab_size=vocab)
+    meta = {"corpus": corpus, "n_train_windows": int(len(train_windows)), "n_eval_windows": int(len(eval_windows)),
+            "model": str(model)}
+    table = sweep(bridge, train_windows, the_target, [float(x) for x in lambdas], granularities, config, out_path,
+                  eval_windows=eval_windows, resume=resume, show_progress=show_progress, metadata=meta)
+    summary = {"model": str(model), "granularities": list(parse_granularities(granularities)),
+               "target": target, "corpus": corpus}
+    if table["chosen"].any():
+        summary["chosen"] = table[table["chosen"]].iloc[0].to_dict()
+    atomic_write_bytes(out_path / "find.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
+    return table

@@ -1,0 +1,180 @@
+"""The mask search on tiny models: objective, stopping, resume, sweeps and the selection rule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bigram_circuits.data import tokenize_documents
+from bigram_circuits.errors import SearchError
+from bigram_circuits.ngrams import BigramStats
+from bigram_circuits.search import (
+    SearchConfig,
+    Target,
+    bigram_correlation,
+    choose_subnetwork,
+    search,
+    stability_check,
+    sweep,
+)
+from bigram_circuits.subnetwork import Subnetwork
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_neox, tiny_text):
+    _, tokenizer = tiny_neox
+    dataset = tokenize_documents(tiny_text, tokenizer, show_progress=False)
+    windows = dataset.windows(seq_len=24)
+    train, held_out = windows[:-16], windows[-16:]
+    stats = BigramStats.from_tokens(train, len(tokenizer), seq_len=24, show_progress=False)
+    return train, held_out, stats
+
+
+def _quick(**overrides) -> SearchConfig:
+    options = {"batch_size": 8, "seq_len": 24, "max_steps": 40, "stability_check": False, "lam": 1.0}
+    return SearchConfig(**{**options, **overrides})
+
+
+def test_search_reduces_target_loss_and_density(tiny_neox, corpus):
+    bridge, _ = tiny_neox
+    train, held_out, stats = corpus
+    result = search(bridge, train, Target.bigram(stats), ("neuron", "head"), _quick(max_steps=60),
+                    eval_windows=held_out, show_progress=False)
+    history = result.history
+    assert history["target_loss"].iloc[-5:].mean() < history["target_loss"].iloc[:5].mean()
+    assert history["soft_density"].iloc[-1] < history["soft_density"].iloc[0]
+    assert history["temperature"].iloc[-1] == pytest.approx(1.001 ** len(history))
+    m = result.metrics
+    assert m["metrics_on"] == "eval" and -1 <= m["bigram_r"] <= 1
+    assert 0 <= m["density"] <= 1 and m["n_params"] == result.subnetwork.n_params()
+    # Metrics come from the binary subnetwork that is returned, not from the soft mask.
+    assert m["bigram_r"] == pytest.approx(bigram_correlation(bridge, stats, held_out, result.subnetwork))
+    assert not any(p.grad is not None for p in bridge.parameters())
+    assert all(p.requires_grad for p in bridge.parameters())
+
+
+def test_binary_metric_is_the_subnetworks_loss(tiny_gpt2, corpus):
+    bridge, _ = tiny_gpt2
+    train, held_out, stats = corpus
+    target = Target.bigram(stats)
+    result = search(bridge, train, target, "neuron", _quick(max_steps=10), eval_windows=held_out, show_progress=False)
+    tokens = torch.as_tensor(held_out, dtype=torch.long)  # 2 equal batches of 8
+    with torch.no_grad(), result.subnetwork.applied(bridge):
+        expected = float(target(bridge(tokens), tokens))
+    assert result.metrics["target_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_resume_gives_the_uninterrupted_result(tiny_neox, corpus, tmp_path):
+    bridge, _ = tiny_neox
+    train, _, stats = corpus
+    config = _quick(max_steps=20, checkpoint_every=10, parameterization="hard_concrete", seed=3)
+    target = Target.bigram(stats)
+    straight = search(bridge, train, target, ("neuron", "head"), config, tmp_path / "straight", show_progress=False)
+
+    def interrupt(step, row):
+        if step == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search(bridge, train, target, ("neuron", "head"), config, tmp_path / "resumed", show_progress=False,
+               callback=interrupt)
+    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    resumed = search(bridge, train, target, ("neuron", "head"), config, tmp_path / "resumed", show_progress=False)
+    for key in straight.subnetwork.masks:
+        assert torch.equal(straight.mask_set.logit(key), resumed.mask_set.logit(key))
+        assert torch.equal(straight.subnetwork.masks[key], resumed.subnetwork.masks[key])
+    pd.testing.assert_frame_equal(straight.history, resumed.history)
+    assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
+
+    calls = []
+    again = search(bridge, train, target, ("neuron", "head"), config, tmp_path / "resumed", show_progress=False,
+                   callback=lambda step, row: calls.append(step))
+    assert calls == [] and again.metrics["steps"] == resumed.metrics["steps"]
+    with pytest.raises(SearchError, match="other settings"):
+        search(bridge, train, target, ("neuron", "head"), _quick(lam=5.0), tmp_path / "resumed", show_progress=False)
+    assert Subnetwork.load(tmp_path / "resumed").metadata["config"]["seed"] == 3
+
+
+def test_nan_loss_raises_and_keeps_the_checkpoint(tiny_neox, corpus, tmp_path):
+    bridge, _ = tiny_neox
+    train, _, _ = corpus
+
+    def exploding(logits, tokens):
+        return logits.float().mean() * (math.nan if exploding.calls >= 12 else 1.0)
+
+    def count(step, row):
+        exploding.calls = step
+
+    exploding.calls = 0
+    with pytest.raises(SearchError, match="nan at step 13"):
+        search(bridge, train, Target.custom(exploding), "head", _quick(checkpoint_every=5), tmp_path,
+               show_progress=False, callback=count)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 10
+    assert all(p.requires_grad for p in bridge.parameters())
+
+
+def test_other_targets_and_exact_size(tiny_gpt2, corpus):
+    bridge, tokenizer = tiny_gpt2
+    train, _, _ = corpus
+    full = search(bridge, train, Target.full_model(len(tokenizer)), ("neuron", "head"), _quick(max_steps=8, lam=0.0),
+                  show_progress=False)
+    assert full.history["target_loss"].notna().all() and full.metrics["metrics_on"] == "train"
+    top = search(bridge, train, Target.next_token(len(tokenizer)), "weight", _quick(max_steps=3, keep_top_k=100),
+                 show_progress=False)
+    assert top.subnetwork.n_kept == 100
+
+
+def test_stopping_rule_stops_a_decided_mask(tiny_neox, corpus):
+    bridge, _ = tiny_neox
+    train, _, stats = corpus
+    # A huge penalty drives every entry below 0.1 quickly: nothing undecided -> stop.
+    result = search(bridge, train, Target.bigram(stats), ("neuron", "head"), _quick(lam=1000.0, max_steps=400),
+                    show_progress=False)
+    assert result.metrics["stop_reason"] == "converged" and result.metrics["steps"] < 400
+    assert result.subnetwork.n_kept == 0
+
+
+def test_stability_check():
+    flat = [3.0] * 300
+    assert stability_check(flat)[0]
+    late_spike = flat[:-50] + [5.0] + flat[-49:]
+    assert not stability_check(late_spike)[0]
+    recovered = flat[:100] + [5.0] + flat[101:]
+    assert stability_check(recovered)[0]
+    never_recovers = flat[:100] + [5.0] + [3.5] * 199
+    assert not stability_check(never_recovers)[0]
+
+
+def test_choose_subnetwork_picks_sparsest_within_tolerance():
+    table = pd.DataFrame({
+        "lambda": [0.0, 1.0, 10.0, 100.0],
+        "n_params": [1000, 500, 100, 10],
+        "bigram_r": [0.96, 0.95, 0.93, 0.80],
+    })
+    assert choose_subnetwork(table)["lambda"] == 10.0
+    assert choose_subnetwork(table, tolerance=0.015)["lambda"] == 1.0
+    assert choose_subnetwork(table, tolerance=0.005)["lambda"] == 0.0
+
+
+def test_sweep_table_and_csv(tiny_neox, corpus, tmp_path):
+    bridge, _ = tiny_neox
+    train, held_out, stats = corpus
+    table = sweep(bridge, train, Target.bigram(stats), [0.0, 10.0], "neuron", _quick(max_steps=15), tmp_path,
+                  eval_windows=held_out, show_progress=False)
+    assert list(table["lambda"]) == [0.0, 10.0]
+    assert table["chosen"].sum() == 1
+    assert (tmp_path / "sweep.csv").exists() and (tmp_path / "lambda_10" / "masks.safetensors").exists()
+    assert np.isfinite(table["bigram_r"]).all()
+    assert table.loc[1, "n_params"] <= table.loc[0, "n_params"]
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(SearchError):
+        SearchConfig(lam=-1.0)
+    with pytest.raises(SearchError):
+        SearchConfig(undecided_low=0.9, undecided_high=0.1)
