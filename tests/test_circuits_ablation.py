@@ -217,6 +217,13 @@ def test_sufficiency_and_necessity_tables(tiny_neox):
         assert values["bigram + heads"] == pytest.approx(behaviour(bridge)["second_half_loss"])
     assert values["full"] == pytest.approx(behaviour(bridge)["second_half_loss"])
     assert table.set_index("run").loc["bigram + heads", "heads"] == 2
+    already_on = sum(
+        bool(base.masks[f"blocks.{layer}.attn.hook_z"][head]) for layer, head in candidate.heads
+    )
+    assert table.set_index("run").loc["bigram + heads", "new_entries"] == 2 - already_on
+    assert (
+        table.set_index("run").loc["bigram + random #0", "new_entries"] == 2
+    )  # controls avoid the base
 
     removed = necessity(
         bridge,

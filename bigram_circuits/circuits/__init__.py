@@ -22,6 +22,7 @@ from bigram_circuits.circuits.ablation import (
     necessity,
     repeated_random_tokens,
     repeated_sequence_loss,
+    repeated_sequence_losses,
     select_heads,
     sufficiency,
 )
@@ -51,11 +52,14 @@ from bigram_circuits.circuits.patching import (
     run_with_patches,
 )
 from bigram_circuits.circuits.runs import (
+    LoadedRun,
     RunSpec,
     SubnetworkLike,
     collect_activations,
     hidden_state_names,
+    load_run,
     run_context,
+    subnetwork_dir_of,
 )
 from bigram_circuits.circuits.similarity import (
     covariance_similarity,
@@ -69,6 +73,7 @@ __all__ = [
     "COMPONENTS",
     "Candidate",
     "LinearLensConfig",
+    "LoadedRun",
     "RepeatedSequenceLoss",
     "RidgeMap",
     "RunSpec",
@@ -87,6 +92,7 @@ __all__ = [
     "layer_covariance_similarity",
     "lens_report",
     "linear_lens",
+    "load_run",
     "logit_difference",
     "logit_lens",
     "logit_lens_logits",
@@ -99,6 +105,7 @@ __all__ = [
     "recall_at_k",
     "repeated_random_tokens",
     "repeated_sequence_loss",
+    "repeated_sequence_losses",
     "rotation_degrees",
     "rotation_figure",
     "run_context",
@@ -106,5 +113,6 @@ __all__ = [
     "select_heads",
     "similarity_heatmap",
     "similarity_report",
+    "subnetwork_dir_of",
     "sufficiency",
 ]

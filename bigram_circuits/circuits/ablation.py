@@ -569,19 +569,29 @@ def _measure(bridge: Any, run: RunSpec, behaviour: Behaviour) -> dict[str, float
     return {"behaviour": float(value)}
 
 
-def _table(
-    bridge: Any, runs: Sequence[tuple[RunSpec, Candidate | None]], behaviour: Behaviour, desc: str
-) -> pd.DataFrame:
+_Row = tuple[
+    RunSpec, "Candidate | None", "int | None"
+]  # run, candidate it adds/removes, new entries
+
+
+def _table(bridge: Any, runs: Sequence[_Row], behaviour: Behaviour, desc: str) -> pd.DataFrame:
     rows = []
-    for run, added in tqdm(runs, desc=desc, leave=False):
+    for run, candidate, new_entries in tqdm(runs, desc=desc, leave=False):
         row: dict[str, Any] = {
             "run": run.name,
-            "heads": 0 if added is None else added.n_heads,
-            "neurons": 0 if added is None else added.n_neurons,
+            "heads": 0 if candidate is None else candidate.n_heads,
+            "neurons": 0 if candidate is None else candidate.n_neurons,
+            "new_entries": new_entries,
         }
         row.update(_measure(bridge, run, behaviour))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _with_candidate(bridge: Any, base: Any, candidate: Candidate, label: str) -> _Row:
+    combined = add_candidate(base, candidate, bridge)
+    new_entries = int(sum(combined.metadata["added_entries"].values()))
+    return RunSpec(combined, "keep", label), candidate, new_entries
 
 
 def sufficiency(
@@ -596,30 +606,17 @@ def sufficiency(
 ) -> pd.DataFrame:
     """Behaviour of base only, base + candidate, base + random same-size candidates, full model.
 
-    ``base`` is a subnetwork (kept); columns: ``run``, ``heads``/``neurons`` (entries added),
-    and the behaviour's value(s).
+    ``base`` is a subnetwork (kept). Columns: ``run``, ``heads`` / ``neurons`` (size of the
+    candidate), ``new_entries`` (mask entries the candidate switched on that the base had
+    off) and the behaviour's value(s). Random controls avoid the base's and the candidate's
+    heads/neurons.
     """
-    runs: list[tuple[RunSpec, Candidate | None]] = [(RunSpec(base, "keep", base_label), None)]
-    runs.append(
-        (
-            RunSpec(
-                add_candidate(base, candidate, bridge), "keep", f"{base_label} + {candidate.name}"
-            ),
-            candidate,
-        )
-    )
-    base_masks = dict(base.masks)
+    runs: list[_Row] = [(RunSpec(base, "keep", base_label), None, None)]
+    runs.append(_with_candidate(bridge, base, candidate, f"{base_label} + {candidate.name}"))
     for index in range(n_random_controls):
-        control = candidate.random_control(bridge, seed=seed + index, exclude=base_masks)
-        runs.append(
-            (
-                RunSpec(
-                    add_candidate(base, control, bridge), "keep", f"{base_label} + random #{index}"
-                ),
-                control,
-            )
-        )
-    runs.append((RunSpec(None, "keep", "full"), None))
+        control = candidate.random_control(bridge, seed=seed + index, exclude=dict(base.masks))
+        runs.append(_with_candidate(bridge, base, control, f"{base_label} + random #{index}"))
+    runs.append((RunSpec(None, "keep", "full"), None, None))
     return _table(bridge, runs, behaviour, "sufficiency")
 
 
@@ -635,15 +632,11 @@ def necessity(
     same-size candidates. ``candidate`` may also be any subnetwork (run with ``mode="ablate"``).
     """
     name = getattr(candidate, "name", "candidate")
-    runs: list[tuple[RunSpec, Candidate | None]] = [(RunSpec(None, "keep", "full"), None)]
-    runs.append(
-        (
-            RunSpec(candidate, "ablate", f"full - {name}"),
-            candidate if isinstance(candidate, Candidate) else None,
-        )
-    )
-    if isinstance(candidate, Candidate):
+    own = candidate if isinstance(candidate, Candidate) else None
+    runs: list[_Row] = [(RunSpec(None, "keep", "full"), None, None)]
+    runs.append((RunSpec(candidate, "ablate", f"full - {name}"), own, None))
+    if own is not None:
         for index in range(n_random_controls):
-            control = candidate.random_control(bridge, seed=seed + index)
-            runs.append((RunSpec(control, "ablate", f"full - random #{index}"), control))
+            control = own.random_control(bridge, seed=seed + index)
+            runs.append((RunSpec(control, "ablate", f"full - random #{index}"), control, None))
     return _table(bridge, runs, behaviour, "necessity")
