@@ -18,7 +18,6 @@ from bigram_circuits.circuits.lens import (
     logit_lens_top_tokens,
     recall_at_k,
     rotation_degrees,
-    rotation_figure,
 )
 from bigram_circuits.errors import TokenError
 
@@ -202,7 +201,8 @@ def test_lens_report_side_by_side(tiny_neox):
     assert list(table["run"].unique()) == ["full", "bigram", "random"]
     by_run = table.set_index(["run", "layer", "target"])["rotation_deg"]
     assert by_run[("bigram", 1, "input")] != pytest.approx(by_run[("full", 1, "input")])
-    figure = rotation_figure(table)
-    assert len(figure.data) == 6
+    from bigram_circuits.figures import fig3_rotation
+
+    assert len(fig3_rotation(table).data) == 6  # the lens table is the figure's input
     with pytest.raises(TokenError, match="hold only"):
         lens_report(bridge, tokenizer, _windows(2, 32), runs, n_tokens=4096, progress=False)

@@ -38,7 +38,6 @@ from bigram_circuits.circuits.lens import (
     logit_lens_top_tokens,
     recall_at_k,
     rotation_degrees,
-    rotation_figure,
 )
 from bigram_circuits.circuits.patching import (
     COMPONENTS,
@@ -107,7 +106,6 @@ __all__ = [
     "repeated_sequence_loss",
     "repeated_sequence_losses",
     "rotation_degrees",
-    "rotation_figure",
     "run_context",
     "run_with_patches",
     "select_heads",

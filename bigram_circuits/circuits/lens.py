@@ -58,7 +58,6 @@ __all__ = [
     "logit_lens_top_tokens",
     "recall_at_k",
     "rotation_degrees",
-    "rotation_figure",
     "vocab_size_of",
 ]
 
@@ -497,37 +496,6 @@ def lens_report(
     return pd.concat(frames, ignore_index=True)
 
 
-def rotation_figure(table: pd.DataFrame, title: str = "Median rotation per layer"):
-    """Paper Fig. 3: rotation to input and to output per layer, one line per run."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    figure = make_subplots(
-        rows=1, cols=2, subplot_titles=("rotation to input", "rotation to output")
-    )
-    palette = ("#1f77b4", "#d62728", "#7f7f7f", "#2ca02c", "#9467bd", "#ff7f0e")
-    for index, (run, frame) in enumerate(table.groupby("run", sort=False)):
-        for col, target in enumerate(("input", "output"), start=1):
-            part = frame[frame["target"] == target].sort_values("layer")
-            figure.add_trace(
-                go.Scatter(
-                    x=part["layer"],
-                    y=part["rotation_deg"],
-                    mode="lines+markers",
-                    name=str(run),
-                    legendgroup=str(run),
-                    showlegend=col == 1,
-                    line={"color": palette[index % len(palette)]},
-                ),
-                row=1,
-                col=col,
-            )
-    figure.update_xaxes(title_text="layer (0 = embeddings)", dtick=1)
-    figure.update_yaxes(title_text="median |angle| (deg)", rangemode="tozero")
-    figure.update_layout(title=title)
-    return figure
-
-
 def lens_command(
     run: str | os.PathLike,
     n_tokens: int = 16384,
@@ -544,9 +512,9 @@ def lens_command(
     ``similarity.html`` to ``out`` (default ``RUN/circuits``); returns the linear-lens table.
     """
     from bigram_circuits.circuits.runs import load_run
-    from bigram_circuits.circuits.similarity import similarity_heatmap, similarity_report
+    from bigram_circuits.circuits.similarity import similarity_report
     from bigram_circuits.data import atomic_write_bytes
-    from bigram_circuits.figures import save_figure
+    from bigram_circuits.figures import fig3_rotation, fig4_similarity, save_figure
     from bigram_circuits.ngrams import BigramStats
 
     loaded = load_run(run, device=device)
@@ -577,13 +545,8 @@ def lens_command(
     atomic_write_bytes(out_dir / "logit_lens.csv", logit_table.to_csv(index=False).encode("utf-8"))
     for label, matrix in matrices.items():
         atomic_write_bytes(out_dir / f"similarity_{label}.csv", matrix.to_csv().encode("utf-8"))
+    save_figure(fig3_rotation(table), out_dir / "rotation", png=False, include_plotlyjs="directory")
     save_figure(
-        rotation_figure(table), out_dir / "rotation", png=False, include_plotlyjs="directory"
-    )
-    save_figure(
-        similarity_heatmap(matrices),
-        out_dir / "similarity",
-        png=False,
-        include_plotlyjs="directory",
+        fig4_similarity(matrices), out_dir / "similarity", png=False, include_plotlyjs="directory"
     )
     return table

@@ -151,35 +151,13 @@ def similarity_report(
 
 
 def similarity_heatmap(
-    matrices: pd.DataFrame | Mapping[str, pd.DataFrame],
-    title: str = "Layer covariance similarity",
+    matrices: pd.DataFrame | Mapping[str, pd.DataFrame], title: str = "Layer covariance similarity"
 ):
-    """Plotly heatmap(s) of similarity matrices; a mapping gives one panel per run (paper Fig. 4)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    """Plotly heatmap(s) of similarity matrices (one panel per run; paper Fig. 4), drawn by
+    :func:`bigram_circuits.figures.fig4_similarity`."""
+    from bigram_circuits.figures import fig4_similarity
 
-    panels = {"": matrices} if isinstance(matrices, pd.DataFrame) else dict(matrices)
-    figure = make_subplots(
-        rows=1, cols=len(panels), subplot_titles=list(panels.keys()), horizontal_spacing=0.06
-    )
-    for col, matrix in enumerate(panels.values(), start=1):
-        figure.add_trace(
-            go.Heatmap(
-                z=matrix.to_numpy(),
-                x=[str(c) for c in matrix.columns],
-                y=[str(i) for i in matrix.index],
-                zmin=0.0,
-                zmax=1.0,
-                colorscale="Viridis",
-                showscale=col == len(panels),
-                hovertemplate="layer %{y} vs %{x}: %{z:.3f}<extra></extra>",
-            ),
-            row=1,
-            col=col,
-        )
-        figure.update_yaxes(
-            autorange="reversed", title_text="layer" if col == 1 else None, row=1, col=col
-        )
-        figure.update_xaxes(title_text="layer", row=1, col=col)
+    panels = {"similarity": matrices} if isinstance(matrices, pd.DataFrame) else dict(matrices)
+    figure = fig4_similarity(panels)
     figure.update_layout(title=title)
     return figure
