@@ -87,6 +87,11 @@ def cmd_train_default(args: argparse.Namespace) -> int:
 def cmd_find(args: argparse.Namespace) -> int:
     from bigram_circuits.search import find_command
 
+    options = {"seed": args.seed}
+    if args.max_steps is not None:
+        options["max_steps"] = args.max_steps
+    if args.time_budget_s is not None:
+        options["time_budget_s"] = args.time_budget_s
     table = find_command(
         model=args.model,
         granularities=args.granularity,
@@ -94,8 +99,8 @@ def cmd_find(args: argparse.Namespace) -> int:
         out_dir=args.out,
         corpus=args.corpus,
         target=args.target,
-        max_steps=args.max_steps,
-        seed=args.seed,
+        device=args.device,
+        **options,
     )
     print(table.to_string(index=False))
     return 0
@@ -162,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--corpus", default="default")
     find.add_argument("--granularity", type=_csv_strings, default=["neuron", "head"])
     find.add_argument("--lambdas", type=_csv_floats, default=[0.0, 1.0, 10.0, 100.0])
-    find.add_argument("--target", default="bigram", choices=["bigram", "model", "next_token"])
+    find.add_argument("--target", default="bigram", choices=["bigram", "full_model", "next_token"],
+                      help="bigram distribution, the full model's own distribution (optimal "
+                      "subnetwork), or the true next token")
     find.add_argument("--max-steps", type=int, default=None)
+    find.add_argument("--time-budget-s", type=float, default=None, help="per lambda")
+    find.add_argument("--device", default="cpu")
     find.add_argument("--seed", type=int, default=0)
     find.add_argument("--out", required=True)
     find.set_defaults(func=cmd_find)
