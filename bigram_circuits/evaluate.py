@@ -1,0 +1,535 @@
+"""Held-out metrics, ablation tables and sample generations of full models and subnetworks.
+
+Every metric is measured with the *binary* mask of a subnetwork applied
+(``subnetwork.applied(bridge, mode)``), never with soft masks:
+
+- ``r_dropped`` / ``r_clipped``: Pearson r between the model's surprisal of each actual next
+  token and its bigram surprisal; infinite bigram surprisals (P = 0) are dropped, or clipped
+  to the largest finite bigram surprisal in the sample.
+- ``soft_xent``: cross-entropy of the model's next-token distribution against the bigram
+  distribution P(. | current token), averaged over every position.
+- ``lm_loss_nats`` / ``lm_loss_bits`` / ``perplexity``: the usual language-model loss.
+
+Logits are truncated to the tokenizer's vocabulary V when the unembedding is padded wider.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Integer
+from tqdm.auto import tqdm
+
+from bigram_circuits.circuits.overlap import layer_distribution, overlap_table
+from bigram_circuits.circuits.runs import RunSpec, load_run, run_context, subnetwork_dir_of
+from bigram_circuits.data import atomic_write_bytes, load_token_dataset
+from bigram_circuits.errors import MaskError, StatsError, TokenError
+from bigram_circuits.ngrams import BigramStats
+from bigram_circuits.subnetwork import Subnetwork
+
+__all__ = [
+    "METRIC_COLUMNS",
+    "TokenSurprisals",
+    "ablation_table",
+    "evaluate_metrics",
+    "evaluate_run",
+    "generate",
+    "generate_table",
+    "generation_conditions",
+    "loss_increase_ratio",
+    "metrics_from_surprisals",
+    "pearson_r",
+    "table_markdown",
+    "token_surprisals",
+    "write_tables",
+]
+
+METRIC_COLUMNS = ["r_dropped", "r_clipped", "soft_xent", "lm_loss_nats", "lm_loss_bits", "perplexity"]
+
+
+@dataclass(frozen=True)
+class TokenSurprisals:
+    """Per-token surprisals (nats) on held-out text, plus the summed soft cross-entropy.
+
+    ``model`` and ``bigram`` are aligned: one entry per (window, position) that has a next
+    token. ``bigram`` is inf where the bigram probability is 0. ``soft_xent_sum`` is summed
+    over ``soft_xent_count`` positions (every position, the last included).
+    """
+
+    model: Float[np.ndarray, " n"]
+    bigram: Float[np.ndarray, " n"]
+    soft_xent_sum: float
+    soft_xent_count: int
+
+
+def _device(bridge) -> torch.device:
+    cfg_device = getattr(getattr(bridge, "cfg", None), "device", None)
+    if cfg_device is not None:
+        return torch.device(cfg_device)
+    return next(bridge.parameters()).device
+
+
+def _check_windows(windows, vocab_size: int) -> np.ndarray:
+    array = windows.cpu().numpy() if isinstance(windows, torch.Tensor) else np.asarray(windows)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] < 2:
+        raise TokenError(
+            f"windows must be a [n_windows, seq_len >= 2] array, got shape {array.shape}; "
+            "use TokenDataset.windows()"
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TokenError(f"windows must hold integer token ids, got dtype {array.dtype}")
+    if array.min() < 0 or array.max() >= vocab_size:
+        raise TokenError(
+            f"token ids must lie in [0, {vocab_size}); got {int(array.min())}..{int(array.max())}; "
+            "tokenise with the model's tokenizer"
+        )
+    return array
+
+
+def _stats_vocab_size(stats) -> int:
+    vocab = getattr(stats, "vocab_size", None)
+    if vocab is None:
+        raise StatsError("bigram stats have no vocab_size; build them with BigramStats.from_tokens")
+    return int(vocab)
+
+
+@torch.no_grad()
+def token_surprisals(
+    bridge,
+    stats,
+    windows: Integer[np.ndarray, "n seq"],
+    subnetwork=None,
+    mode: str = "keep",
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> TokenSurprisals:
+    """Model and bigram surprisal of every actual next token, with ``subnetwork`` applied."""
+    vocab_size = _stats_vocab_size(stats)
+    array = _check_windows(windows, vocab_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = _device(bridge)
+    model_parts: list[np.ndarray] = []
+    bigram_parts: list[np.ndarray] = []
+    xent_sum, xent_count = 0.0, 0
+    label = "full model" if subnetwork is None else f"subnetwork ({mode})"
+    with run_context(bridge, subnetwork, mode):
+        for start in tqdm(range(0, len(array), batch_size), desc=f"evaluate {label}", unit="batch",
+                          disable=not show_progress, leave=False):
+            batch_np = np.asarray(array[start : start + batch_size], dtype=np.int64)
+            batch = torch.as_tensor(batch_np, device=device)
+            logits = bridge(batch)
+            if logits.shape[-1] < vocab_size:
+                raise StatsError(
+                    f"model has {logits.shape[-1]} logits but the bigram stats have vocab {vocab_size}; "
+                    "build the stats with this model's tokenizer"
+                )
+            logits = logits[..., :vocab_size].float()
+            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+            surprisal = -log_probs.gather(-1, batch[:, 1:, None]).squeeze(-1)
+            model_parts.append(surprisal.double().cpu().numpy().ravel())
+            bigram_parts.append(np.asarray(stats.next_token_surprisal(batch_np), dtype=np.float64).ravel())
+            xent_sum += float(stats.soft_cross_entropy(logits, batch_np, reduction="sum"))
+            xent_count += batch.numel()
+    return TokenSurprisals(
+        model=np.concatenate(model_parts),
+        bigram=np.concatenate(bigram_parts),
+        soft_xent_sum=xent_sum,
+        soft_xent_count=xent_count,
+    )
+
+
+def pearson_r(x: Float[np.ndarray, " n"], y: Float[np.ndarray, " n"]) -> float:
+    """Pearson correlation in float64; NaN when fewer than two points or a constant input."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.size < 2:
+        return float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float(np.dot(dx, dx)) * float(np.dot(dy, dy)))
+    if denom == 0.0:
+        return float("nan")
+    return float(np.dot(dx, dy) / denom)
+
+
+def metrics_from_surprisals(surprisals: TokenSurprisals) -> dict[str, float]:
+    """The metric row (``METRIC_COLUMNS`` plus ``n_tokens`` and ``n_inf_bigram``) of a pass."""
+    model, bigram = surprisals.model, surprisals.bigram
+    finite = np.isfinite(bigram)
+    r_dropped = pearson_r(model[finite], bigram[finite])
+    if finite.any():
+        clipped = np.where(finite, bigram, bigram[finite].max())
+        r_clipped = pearson_r(model, clipped)
+    else:
+        r_clipped = float("nan")
+    loss = float(model.mean())
+    return {
+        "r_dropped": r_dropped,
+        "r_clipped": r_clipped,
+        "soft_xent": surprisals.soft_xent_sum / surprisals.soft_xent_count,
+        "lm_loss_nats": loss,
+        "lm_loss_bits": loss / math.log(2.0),
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "n_tokens": int(model.size),
+        "n_inf_bigram": int((~finite).sum()),
+    }
+
+
+def evaluate_metrics(
+    bridge,
+    stats,
+    windows: Integer[np.ndarray, "n seq"],
+    subnetwork=None,
+    mode: str = "keep",
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Bigram r (dropped / clipped), soft cross-entropy, LM loss and perplexity on ``windows``.
+
+    ``subnetwork=None`` evaluates the full model; otherwise its binary mask is applied with
+    ``mode="keep"`` (only the subnetwork) or ``"ablate"`` (the subnetwork removed).
+    """
+    surprisals = token_surprisals(bridge, stats, windows, subnetwork, mode, batch_size, show_progress)
+    return metrics_from_surprisals(surprisals)
+
+
+def _active_params(subnetwork, mode: str, full_params: float) -> float:
+    """Weights (paper unit) the model runs with; ablating keeps the complement's weights."""
+    if subnetwork is None:
+        return full_params
+    return float(subnetwork.n_params() if mode == "keep" else subnetwork.complement().n_params())
+
+
+def ablation_table(
+    bridge,
+    stats,
+    windows: Integer[np.ndarray, "n seq"],
+    bigram,
+    optimal=None,
+    seeds: Sequence[int] = (0, 1, 2),
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """Metrics of the full model and of subnetworks kept alone or ablated (complement kept).
+
+    Rows: full model; bigram only; bigram ablated; random only and random ablated (random
+    subnetworks with the bigram subnetwork's kept count per block, one per seed, reported as
+    mean and sample std over seeds); optimal only and optimal ablated when ``optimal`` is given.
+    ``loss_increase`` is the LM loss minus the full model's. The summary
+    ``table.attrs["loss_increase_ratio"]`` is the loss increase from ablating the bigram
+    subnetwork over the mean increase from ablating a random one.
+    """
+    if not seeds:
+        raise ValueError("seeds must name at least one random control")
+    full_params = float(bigram.n_params_total())
+    conditions: list[tuple[str, object, str, int | None]] = [
+        ("full model", None, "keep", None),
+        ("bigram only", bigram, "keep", None),
+        ("bigram ablated", bigram, "ablate", None),
+    ]
+    randoms = {seed: bigram.random_control(seed) for seed in seeds}
+    conditions += [("random only", randoms[s], "keep", s) for s in seeds]
+    conditions += [("random ablated", randoms[s], "ablate", s) for s in seeds]
+    if optimal is not None:
+        conditions += [("optimal only", optimal, "keep", None), ("optimal ablated", optimal, "ablate", None)]
+
+    runs = []
+    for name, subnetwork, mode, seed in tqdm(conditions, desc="ablation table", unit="condition",
+                                             disable=not show_progress):
+        row = evaluate_metrics(bridge, stats, windows, subnetwork, mode, batch_size, show_progress=False)
+        runs.append({"condition": name, "mode": mode, "seed": seed,
+                     "active_params": _active_params(subnetwork, mode, full_params), **row})
+    raw = pd.DataFrame(runs)
+
+    value_columns = ["active_params", *METRIC_COLUMNS]
+    rows = []
+    for name, group in raw.groupby("condition", sort=False):
+        row: dict[str, object] = {"condition": name, "mode": group["mode"].iloc[0], "n_seeds": len(group)}
+        for column in value_columns:
+            row[column] = float(group[column].mean())
+        for column in ("lm_loss_nats", "r_dropped", "soft_xent"):
+            row[f"{column}_std"] = float(group[column].std(ddof=1)) if len(group) > 1 else float("nan")
+        row["n_tokens"] = int(group["n_tokens"].iloc[0])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    full_loss = float(table.loc[table["condition"] == "full model", "lm_loss_nats"].iloc[0])
+    table.insert(table.columns.get_loc("lm_loss_nats") + 1, "loss_increase", table["lm_loss_nats"] - full_loss)
+    order = ["condition", "mode", "n_seeds", "active_params", "lm_loss_nats", "lm_loss_nats_std",
+             "loss_increase", "lm_loss_bits", "perplexity", "r_dropped", "r_dropped_std", "r_clipped",
+             "soft_xent", "soft_xent_std", "n_tokens"]
+    table = table[order]
+    table.attrs["loss_increase_ratio"] = loss_increase_ratio(table)
+    random_increase = raw.loc[raw["condition"] == "random ablated", "lm_loss_nats"] - full_loss
+    table.attrs["random_ablated_loss_increase_by_seed"] = [float(x) for x in random_increase]
+    return table
+
+
+def loss_increase_ratio(table: pd.DataFrame) -> float:
+    """(loss(bigram ablated) - loss(full)) / mean(loss(random ablated) - loss(full)) of a table."""
+    by_name = table.set_index("condition")["loss_increase" if "loss_increase" in table else "lm_loss_nats"]
+    if "loss_increase" not in table:
+        by_name = by_name - by_name["full model"]
+    random = float(by_name["random ablated"])
+    if random <= 0.0:
+        # Ablating random parameters did not hurt at all: the ratio is unbounded.
+        return float("inf") if float(by_name["bigram ablated"]) > 0 else float("nan")
+    return float(by_name["bigram ablated"]) / random
+
+
+def generation_conditions(bigram, random_seed: int = 0) -> dict[str, RunSpec]:
+    """The paper's Table 4 conditions: full, bigram only, bigram ablated, random ablated."""
+    return {
+        "full model": RunSpec(),
+        "bigram only": RunSpec(bigram, "keep"),
+        "bigram ablated": RunSpec(bigram, "ablate"),
+        "random ablated": RunSpec(bigram.random_control(random_seed), "ablate"),
+    }
+
+
+@torch.no_grad()
+def generate(
+    bridge,
+    tokenizer,
+    prompt: str,
+    condition: RunSpec | tuple | None = None,
+    temperature: float = 1.0,
+    max_new_tokens: int = 30,
+    seed: int = 0,
+) -> str:
+    """Sample a continuation of ``prompt`` under ``condition`` (``temperature=0`` is greedy).
+
+    ``condition`` is a :class:`~bigram_circuits.circuits.runs.RunSpec`, a ``(subnetwork, mode)``
+    pair or ``None`` (the full model).
+
+    Sampling uses its own seeded generator, so equal seeds give equal random draws across
+    conditions; it stops early at the tokenizer's end-of-text token.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    vocab_size = len(tokenizer)
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+    eos = tokenizer.eos_token_id
+    if not ids:
+        if eos is None:
+            raise TokenError("empty prompt and the tokenizer has no eos_token_id to start from; pass a prompt")
+        ids = [int(eos)]
+    device = _device(bridge)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    tokens = torch.tensor([ids], dtype=torch.long, device=device)
+    max_len = getattr(getattr(bridge, "cfg", None), "n_ctx", None)
+    new: list[int] = []
+    with RunSpec.coerce(condition).context(bridge):
+        for _ in range(max_new_tokens):
+            context = tokens if not max_len else tokens[:, -int(max_len):]
+            logits = bridge(context)[0, -1, :vocab_size].float().cpu()
+            if temperature == 0:
+                next_id = int(torch.argmax(logits))
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                next_id = int(torch.multinomial(probs, 1, generator=generator))
+            if eos is not None and next_id == eos:
+                break
+            new.append(next_id)
+            tokens = torch.cat([tokens, torch.tensor([[next_id]], device=device)], dim=1)
+    return tokenizer.decode(new)
+
+
+def generate_table(
+    bridge,
+    tokenizer,
+    prompt: str,
+    conditions: Mapping[str, RunSpec | tuple | None],
+    temperature: float = 1.0,
+    max_new_tokens: int = 30,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """One generation per condition from the same prompt, temperature and seed (Table 4)."""
+    rows = []
+    for name, condition in conditions.items():
+        text = generate(bridge, tokenizer, prompt, condition, temperature, max_new_tokens, seed)
+        rows.append({"condition": name, "prompt": prompt, "temperature": temperature, "generation": text})
+    return pd.DataFrame(rows)
+
+
+def table_markdown(table: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """A pipe-table Markdown rendering of ``table`` (no index); whole-number columns such as
+    parameter counts are written in full, other numbers with ``floatfmt``."""
+    formats = []
+    for column in table.columns:
+        values = table[column]
+        whole = (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+                 and bool(np.all(np.isfinite(values) & (values == np.round(values)) | ~np.isfinite(values))))
+        formats.append(",.0f" if whole and values.abs().max() >= 1000 else floatfmt)
+    return table.to_markdown(index=False, floatfmt=tuple(formats))
+
+
+def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike) -> list[Path]:
+    """Write each table as ``NAME.csv`` and ``NAME.md`` in ``out_dir`` (atomically); return the paths."""
+    out = Path(out_dir)
+    written: list[Path] = []
+    for name, table in tables.items():
+        csv_path = out / f"{name}.csv"
+        buffer = io.StringIO()
+        table.to_csv(buffer, index=False)
+        atomic_write_bytes(csv_path, buffer.getvalue().encode("utf-8"))
+        md_path = out / f"{name}.md"
+        summary = "".join(f"- {key}: {value}\n" for key, value in table.attrs.items())
+        text = f"## {name}\n\n{table_markdown(table)}\n" + (f"\n{summary}" if summary else "")
+        atomic_write_bytes(md_path, text.encode("utf-8"))
+        written += [csv_path, md_path]
+    return written
+
+
+DEFAULT_PROMPT = "The President of the United States"
+EVALUATION_DIR = "evaluation"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MaskError(f"cannot read {path} ({type(exc).__name__}); run `bigram-circuits find` again") from exc
+
+
+def _sweep_rows(run_dir: Path) -> pd.DataFrame | None:
+    sweep_file = run_dir / "sweep.csv"
+    if not sweep_file.exists():
+        return None
+    table = pd.read_csv(sweep_file)
+    if "lambda" not in table or table.empty:
+        raise MaskError(f"{sweep_file} has no lambda rows; run `bigram-circuits find` again")
+    table["dir"] = [str(run_dir / f"lambda_{lam:g}") for lam in table["lambda"]]
+    return table
+
+
+def optimal_subnetwork_dir(run_dir: str | os.PathLike, prefer_lambda: float | None = None) -> Path:
+    """The subnetwork directory of an optimal (full-model target) run: as
+    :func:`~bigram_circuits.circuits.runs.subnetwork_dir_of`, and since such a sweep chooses no
+    lambda (it has no bigram r), else its ``lambda_{prefer_lambda}`` subnetwork."""
+    run_path = Path(run_dir)
+    try:
+        return subnetwork_dir_of(run_path)
+    except MaskError:
+        candidate = run_path / f"lambda_{float(prefer_lambda):g}" if prefer_lambda is not None else None
+        if candidate is not None and (candidate / "subnetwork.json").exists():
+            return candidate
+        raise
+
+
+def run_bigram_stats(run_dir: str | os.PathLike, tokenizer, corpus: str = "default", seq_len: int = 128,
+                     show_progress: bool = True) -> BigramStats:
+    """A run's bigram stats (``run_dir/bigram_stats.npz``), counted on the corpus's train split
+    and saved there when the run has none."""
+    stats_path = Path(run_dir) / "bigram_stats.npz"
+    if stats_path.exists():
+        return BigramStats.load(stats_path, tokenizer=tokenizer)
+    train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
+    stats = BigramStats.from_tokens(train, len(tokenizer), seq_len=seq_len, show_progress=show_progress)
+    stats.save(stats_path, tokenizer=tokenizer)
+    return stats
+
+
+def sweep_metrics_table(bridge, stats, windows, run_dir: str | os.PathLike, batch_size: int = 16,
+                        show_progress: bool = True) -> pd.DataFrame:
+    """Metrics of the full model and of every subnetwork of a run's lambda sweep (kept alone)."""
+
+    run_path = Path(run_dir)
+    sweep_table = _sweep_rows(run_path)
+    entries: list[tuple[float, bool, Path]] = []
+    if sweep_table is None:
+        entries.append((float("nan"), True, subnetwork_dir_of(run_path)))
+    else:
+        chosen = sweep_table["chosen"].astype(bool) if "chosen" in sweep_table else [False] * len(sweep_table)
+        entries += [(float(lam), bool(c), Path(d)) for lam, c, d in zip(sweep_table["lambda"], chosen, sweep_table["dir"])]
+    full = evaluate_metrics(bridge, stats, windows, None, batch_size=batch_size, show_progress=show_progress)
+    rows = [{"subnetwork": "full model", "lambda": float("-inf"), "chosen": False, "active_params": float("nan"),
+             "percent_params": 100.0, **full}]
+    for lam, chosen, directory in entries:
+        sub = Subnetwork.load(directory)
+        metrics = evaluate_metrics(bridge, stats, windows, sub, "keep", batch_size, show_progress)
+        summary = sub.summary()
+        rows.append({"subnetwork": directory.name, "lambda": lam, "chosen": chosen,
+                     "active_params": summary["n_params"], "percent_params": summary["percent_params"], **metrics})
+    table = pd.DataFrame(rows)
+    table.loc[0, "active_params"] = float(Subnetwork.load(entries[0][2]).n_params_total())
+    return table
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    optimal: str | os.PathLike | None = None,
+    n_eval_windows: int | None = 256,
+    seeds: Sequence[int] = (0, 1, 2),
+    n_random: int = 10_000,
+    prompt: str = DEFAULT_PROMPT,
+    temperature: float = 0.8,
+    max_new_tokens: int = 30,
+    batch_size: int = 16,
+    device: str = "cpu",
+    out_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """Evaluate a saved ``bigram-circuits find`` run and write its tables next to it.
+
+    Loads the run's chosen bigram subnetwork (or the subnetwork saved in ``run_dir`` itself),
+    the model and corpus it was found on, the run's bigram stats and ``n_eval_windows``
+    held-out windows. ``optimal`` is a run (or subnetwork directory) of the same model and
+    granularity searched with the full-model target; without it, ``run_dir/optimal`` is used
+    if it exists. Returns and writes (``out_dir``, default ``run_dir/evaluation``, as
+    ``NAME.csv`` + ``NAME.md`` and ``summary.json``) the tables: ``metrics`` (full model and
+    every lambda), ``ablation``, ``generations``, ``layer_distribution`` and, with an optimal
+    subnetwork, ``overlap``.
+    """
+
+    run_path = Path(run_dir)
+    if not run_path.is_dir():
+        raise MaskError(f"run directory {run_path} does not exist; run `bigram-circuits find` first")
+    loaded = load_run(run_path, device=device)
+    bridge, tokenizer, bigram = loaded.bridge, loaded.tokenizer, loaded.subnetwork
+    optimal_path = Path(optimal) if optimal is not None else run_path / "optimal"
+    optimal_sub = None
+    if optimal is not None or optimal_path.is_dir():
+        if not optimal_path.is_dir():
+            raise MaskError(f"optimal run {optimal_path} does not exist; run `bigram-circuits find --target full_model`")
+        bigram_lambda = bigram.metadata.get("config", {}).get("lam")
+        optimal_sub = Subnetwork.load(optimal_subnetwork_dir(optimal_path, prefer_lambda=bigram_lambda))
+    stats = run_bigram_stats(run_path, tokenizer, loaded.corpus, loaded.seq_len, show_progress)
+    windows = loaded.eval_windows(None if n_eval_windows is None else n_eval_windows * loaded.seq_len)
+
+    tables: dict[str, pd.DataFrame] = {}
+    tables["metrics"] = sweep_metrics_table(bridge, stats, windows, run_path, batch_size, show_progress)
+    tables["ablation"] = ablation_table(bridge, stats, windows, bigram, optimal_sub, seeds, batch_size, show_progress)
+    tables["generations"] = generate_table(bridge, tokenizer, prompt, generation_conditions(bigram, seeds[0]),
+                                           temperature, max_new_tokens, seed=0)
+    tables["layer_distribution"] = layer_distribution(bigram)
+    if optimal_sub is not None:
+        tables["overlap"] = overlap_table({"bigram vs optimal": (bigram, optimal_sub)}, n_random=n_random)
+
+    summary = {
+        "run": str(run_path), "bigram_subnetwork": str(loaded.subnetwork_dir), "model": loaded.model_name,
+        "n_eval_windows": len(windows), "n_eval_tokens": int(tables["ablation"]["n_tokens"].iloc[0]),
+        "loss_increase_ratio": tables["ablation"].attrs["loss_increase_ratio"],
+        "random_ablated_loss_increase_by_seed": tables["ablation"].attrs["random_ablated_loss_increase_by_seed"],
+        **{f"layer_{k}": v for k, v in tables["layer_distribution"].attrs.items()},
+    }
+    if optimal_sub is not None:
+        row = tables["overlap"].iloc[0]
+        summary.update({"overlap_fraction": float(row["fraction_overlap"]), "overlap_expected": float(row["expected"]),
+                        "overlap_ratio": float(row["ratio"]), "overlap_p_value": float(row["p_value"]),
+                        "overlap_frac_bigram_in_optimal": float(row["frac_a_in_b"])})
+    target_dir = Path(out_dir) if out_dir is not None else run_path / EVALUATION_DIR
+    write_tables(tables, target_dir)
+    atomic_write_bytes(target_dir / "summary.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
+    return tables
