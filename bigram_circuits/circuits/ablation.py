@@ -585,7 +585,9 @@ def _table(bridge: Any, runs: Sequence[_Row], behaviour: Behaviour, desc: str) -
         }
         row.update(_measure(bridge, run, behaviour))
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table["new_entries"] = table["new_entries"].astype("Int64")  # missing where nothing is added
+    return table
 
 
 def _with_candidate(bridge: Any, base: Any, candidate: Candidate, label: str) -> _Row:
