@@ -387,8 +387,8 @@ class MaskSet(nn.Module):
     """Learnable mask logits keyed by component name, with soft/binary views and densities.
 
     Build with :meth:`for_model`; use ``with mask_set.attach(bridge):`` to run the bridge with
-    the current soft masks (differentiable w.r.t. the logits). ``temperature`` is a buffer the
-    search multiplies after every step; ``penalty()`` is ``sum(soft mask x size) / total size``
+    the current soft masks (differentiable w.r.t. the logits). ``temperature`` (a float, saved in
+    the state dict) is what the search multiplies after every step; ``penalty()`` is ``sum(soft mask x size) / total size``
     (``penalty_weighting="params"``: entries weighted by the weights they gate, identical to the
     paper's ``sum(soft mask) / |M|`` for weight masks) or the plain mean over entries
     (``"entries"``).
@@ -414,7 +414,8 @@ class MaskSet(nn.Module):
         self.logits = nn.ParameterDict({
             _safe(c.key): nn.Parameter(torch.full(c.shape, float(init), device=device)) for c in components
         })
-        self.register_buffer("temperature", torch.tensor(1.0, dtype=torch.float64, device=device))
+        # A Python float (saved through get_extra_state) so reading it never syncs a GPU.
+        self.temperature: float = 1.0
         self._always_off: dict[str, torch.Tensor] = {}
         for key, off in (always_off or {}).items():
             if off.any():
@@ -428,6 +429,12 @@ class MaskSet(nn.Module):
         if self.parameterization.name == "hard_concrete":
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(0)
+
+    def get_extra_state(self) -> dict:
+        return {"temperature": self.temperature}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.temperature = float(state["temperature"])
 
     # ---- construction
 
@@ -474,14 +481,13 @@ class MaskSet(nn.Module):
 
     def soft_mask(self, key: str) -> torch.Tensor:
         """The mask the forward pass uses now (sampled gates while training for hard concrete)."""
-        temperature = float(self.temperature)
-        mask = self.parameterization.sample(self.logit(key), temperature, self.training, self.generator)
+        mask = self.parameterization.sample(self.logit(key), self.temperature, self.training, self.generator)
         allowed = self._allowed(key)
         return mask if allowed is None else mask * allowed
 
     def probability(self, key: str) -> torch.Tensor:
         """Soft mask (continuous) or P(gate on) (hard concrete), zero where always off."""
-        p = self.parameterization.probability(self.logit(key), float(self.temperature))
+        p = self.parameterization.probability(self.logit(key), self.temperature)
         allowed = self._allowed(key)
         return p if allowed is None else p * allowed
 

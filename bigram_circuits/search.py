@@ -83,7 +83,7 @@ class SearchConfig:
     lr: float | None = None
     weight_decay: float = 0.01  # torch's AdamW default, as in the authors' code
     temperature_init: float = 1.0
-    temperature_growth: float = 1.001
+    temperature_growth: float = 1.01
     max_steps: int = 2000
     batch_size: int = 32
     seq_len: int = 128
@@ -122,8 +122,9 @@ class SearchConfig:
 
     @classmethod
     def paper(cls, **overrides) -> SearchConfig:
-        """The paper's settings for weight masks: lr 5e-5, batch 32, at most 15k steps."""
-        return cls(**{"lr": 5e-5, "batch_size": 32, "max_steps": 15000, **overrides})
+        """The paper's settings for weight masks: lr 5e-5, T x1.001 per step, batch 32, at most
+        15k steps."""
+        return cls(**{"lr": 5e-5, "temperature_growth": 1.001, "batch_size": 32, "max_steps": 15000, **overrides})
 
     def learning_rates(self, granularities: Sequence[str]) -> dict[str, float]:
         return {g: (self.lr if self.lr is not None else DEFAULT_LR[g]) for g in granularities}
@@ -406,7 +407,7 @@ def search(
         previous_attempts: list[dict] = list(checkpoint.get("attempts", [])) if checkpoint else []
         while True:
             mask_set = MaskSet.for_model(bridge, grans, config.parameterization, config.init, config.penalty_weighting)
-            mask_set.temperature.fill_(config.temperature_init)
+            mask_set.temperature = float(config.temperature_init)
             mask_set.seed(config.seed * 1000 + attempt)
             mask_set.train()
             groups = [{"params": [mask_set.logit(k) for k, c in mask_set.components.items() if c.granularity == g],
@@ -459,7 +460,7 @@ def search(
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    mask_set.temperature.mul_(config.temperature_growth)
+                    mask_set.temperature *= config.temperature_growth
                     step += 1
                     consistent = True
 

@@ -47,7 +47,7 @@ def test_search_reduces_target_loss_and_density(tiny_neox, corpus):
     history = result.history
     assert history["target_loss"].iloc[-5:].mean() < history["target_loss"].iloc[:5].mean()
     assert history["soft_density"].iloc[-1] < history["soft_density"].iloc[0]
-    assert history["temperature"].iloc[-1] == pytest.approx(1.001 ** len(history))
+    assert history["temperature"].iloc[-1] == pytest.approx(result.config.temperature_growth ** len(history))
     m = result.metrics
     assert m["metrics_on"] == "eval" and -1 <= m["bigram_r"] <= 1
     assert 0 <= m["density"] <= 1 and m["n_params"] == result.subnetwork.n_params()
