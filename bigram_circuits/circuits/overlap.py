@@ -90,27 +90,11 @@ def _masks_of(subnetwork) -> Mapping[str, torch.Tensor]:
     return masks
 
 
-def _block_index(subnetwork, key: str, mask: torch.Tensor) -> torch.Tensor | None:
-    """Integer block id of every entry of ``mask`` if the subnetwork defines finer blocks."""
-    blocks_of = getattr(subnetwork, "block_ids", None)
-    if callable(blocks_of):
-        ids = blocks_of(key)
-        if ids is not None:
-            ids = torch.as_tensor(ids)
-            if ids.shape != mask.shape:
-                raise MaskError(
-                    f"block ids of {key!r} have shape {tuple(ids.shape)}, mask has {tuple(mask.shape)}"
-                )
-            return ids
-    return None
-
-
 def block_counts(a, b) -> BlockCounts:
     """Count entries, kept entries and shared kept entries of subnetworks ``a`` and ``b`` per block.
 
-    A block is one mask key (one weight matrix, or one layer's neurons or heads) unless the
-    subnetwork exposes ``block_ids(key)``, an integer tensor of the mask's shape that splits a
-    key into several blocks (e.g. a fused QKV matrix).
+    A block is one mask key: one weight matrix (Q, K, V, O, MLP in/out of a layer), or one
+    layer's neurons or heads, the unit within which ``Subnetwork.random_control`` shuffles.
     """
     masks_a, masks_b = _masks_of(a), _masks_of(b)
     if set(masks_a) != set(masks_b):
@@ -135,17 +119,11 @@ def block_counts(a, b) -> BlockCounts:
                 f"mask {key!r} has shape {tuple(ma.shape)} in A and {tuple(mb.shape)} in B; "
                 "compare subnetworks of the same model"
             )
-        ids = _block_index(a, key, ma)
-        if ids is None:
-            groups = [(key, torch.ones_like(ma))]
-        else:
-            groups = [(f"{key}[{int(i)}]", ids == i) for i in torch.unique(ids)]
-        for name, member in groups:
-            names.append(name)
-            size.append(int(member.sum()))
-            kept_a.append(int((ma & member).sum()))
-            kept_b.append(int((mb & member).sum()))
-            kept_both.append(int((ma & mb & member).sum()))
+        names.append(key)
+        size.append(ma.numel())
+        kept_a.append(int(ma.sum()))
+        kept_b.append(int(mb.sum()))
+        kept_both.append(int((ma & mb).sum()))
     return BlockCounts(
         names=names,
         size=np.asarray(size, dtype=np.int64),
@@ -177,7 +155,7 @@ def null_overlap_samples(
         raise MaskError("kept counts must lie between 0 and the block size")
     if np.any(size >= _MAX_BLOCK_ENTRIES):
         raise MaskError(
-            f"a block has {int(size.max())} entries; split blocks below 1e9 entries (block_ids)"
+            f"a block has {int(size.max())} entries; the null supports blocks below 1e9"
         )
     rng = np.random.default_rng(seed)
     # Blocks where one side keeps nothing or everything have a fixed overlap; skip sampling them.
