@@ -44,7 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bigram_circuits.masks import MaskSet  # noqa: E402
+from bigram_circuits.masks import MaskSet
 
 SIZES = {
     "70m": {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "intermediate_size": 2048},
@@ -115,7 +115,7 @@ def make_variants(bridge, tokens: torch.Tensor):
         def step():
             set_trainable(lambda p: False)
             with mask_set.attach(bridge):
-                loss = loss_of(bridge(tokens)) + mask_set.penalty()
+                loss = loss_of(bridge(tokens)) + mask_set.penalty(reuse_forward_masks=True)
             optimizers[name].zero_grad(set_to_none=True)
             loss.backward()
             if search_step:

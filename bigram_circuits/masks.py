@@ -48,21 +48,21 @@ from bigram_circuits.errors import MaskError
 __all__ = [
     "GRANULARITIES",
     "PARAMETERIZATIONS",
-    "ModelGeometry",
-    "MaskComponent",
     "ContinuousSparsification",
     "HardConcrete",
+    "MaskComponent",
     "MaskSet",
-    "parse_granularities",
-    "model_geometry",
-    "mask_components",
+    "ModelGeometry",
     "attach_masks",
-    "masks_attached",
-    "weight_tensor",
-    "expand_to_weight_masks",
-    "author_parameter_names",
-    "weight_masks_to_author_dict",
     "author_dict_to_weight_masks",
+    "author_parameter_names",
+    "expand_to_weight_masks",
+    "mask_components",
+    "masks_attached",
+    "model_geometry",
+    "parse_granularities",
+    "weight_masks_to_author_dict",
+    "weight_tensor",
 ]
 
 GRANULARITIES: tuple[str, ...] = ("neuron", "head", "weight")
@@ -335,6 +335,11 @@ class ContinuousSparsification:
     """Soft mask ``sigmoid(T * m)`` (Savarese et al. 2020); final mask ``m > 0``."""
 
     name = "continuous"
+    sample_is_probability = True  # the forward mask is the penalty's soft mask
+
+    def logit_at(self, p: float, temperature: float) -> float:
+        """The logit at which the soft mask equals ``p``."""
+        return math.log(p / (1.0 - p)) / temperature
 
     def sample(self, logits: torch.Tensor, temperature: float, training: bool,
                generator: torch.Generator | None) -> torch.Tensor:
@@ -352,6 +357,7 @@ class HardConcrete:
     """
 
     name = "hard_concrete"
+    sample_is_probability = False
 
     def __init__(self, beta: float = 2.0 / 3.0, gamma: float = -0.1, zeta: float = 1.1):
         self.beta, self.gamma, self.zeta = beta, gamma, zeta
@@ -369,6 +375,10 @@ class HardConcrete:
 
     def probability(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         return torch.sigmoid(logits - self._l0_shift)
+
+    def logit_at(self, p: float, temperature: float) -> float:
+        """The logit at which P(gate != 0) equals ``p``."""
+        return math.log(p / (1.0 - p)) + self._l0_shift
 
 
 def _make_parameterization(name: str):
@@ -425,6 +435,8 @@ class MaskSet(nn.Module):
         weights = {c.key: (c.params_per_entry if penalty_weighting == "params" else 1.0) for c in components}
         self._penalty_weight = weights
         self._penalty_total = sum(c.n_entries * weights[c.key] for c in components)
+        self._forward_masks: dict[str, torch.Tensor] = {}
+        self._caching = False
         self.generator: torch.Generator | None = None
         if self.parameterization.name == "hard_concrete":
             self.generator = torch.Generator(device=device)
@@ -480,10 +492,19 @@ class MaskSet(nn.Module):
         return None if name is None else ~getattr(self, name)
 
     def soft_mask(self, key: str) -> torch.Tensor:
-        """The mask the forward pass uses now (sampled gates while training for hard concrete)."""
+        """The mask the forward pass uses now (sampled gates while training for hard concrete).
+
+        Inside :meth:`attach` it is computed once per key and kept until the next ``attach``,
+        so ``penalty(reuse_forward_masks=True)`` can reuse it instead of recomputing."""
+        cached = self._forward_masks.get(key)
+        if cached is not None:
+            return cached
         mask = self.parameterization.sample(self.logit(key), self.temperature, self.training, self.generator)
         allowed = self._allowed(key)
-        return mask if allowed is None else mask * allowed
+        mask = mask if allowed is None else mask * allowed
+        if self._caching:
+            self._forward_masks[key] = mask
+        return mask
 
     def probability(self, key: str) -> torch.Tensor:
         """Soft mask (continuous) or P(gate on) (hard concrete), zero where always off."""
@@ -491,12 +512,12 @@ class MaskSet(nn.Module):
         allowed = self._allowed(key)
         return p if allowed is None else p * allowed
 
-    def soft(self) -> dict[str, Float[torch.Tensor, "..."]]:
+    def soft(self) -> dict[str, Float[torch.Tensor, ...]]:
         """Detached soft masks (probabilities) per key."""
         with torch.no_grad():
             return {key: self.probability(key).detach().clone() for key in self.components}
 
-    def binary(self, top_k: int | None = None) -> dict[str, Bool[torch.Tensor, "..."]]:
+    def binary(self, top_k: int | None = None) -> dict[str, Bool[torch.Tensor, ...]]:
         """The final masks: ``logit > 0`` (never an always-off entry), or the ``top_k`` entries
         with the largest logits over all components (an exact target size)."""
         with torch.no_grad():
@@ -525,22 +546,41 @@ class MaskSet(nn.Module):
 
     # ---- objective pieces
 
-    def penalty(self) -> Float[torch.Tensor, ""]:
-        """Weighted mean of the soft mask (the sparsity term, multiplied by lambda in the loss)."""
+    def penalty(self, reuse_forward_masks: bool = False) -> Float[torch.Tensor, ""]:
+        """Weighted mean of the soft mask (the sparsity term, multiplied by lambda in the loss).
+
+        ``reuse_forward_masks=True`` (continuous sparsification) sums the masks the last
+        ``attach`` forward used, sharing their graph: one sigmoid per step instead of two. Use it
+        only before that forward's ``backward()``."""
+        reuse = (reuse_forward_masks and self.parameterization.sample_is_probability
+                 and len(self._forward_masks) == len(self.components))
         total = None
         for key in self.components:
-            term = self.probability(key).sum() * self._penalty_weight[key]
+            p = self._forward_masks[key] if reuse else self.probability(key)
+            term = p.sum() * self._penalty_weight[key]
             total = term if total is None else total + term
+        if reuse:
+            self._forward_masks = {}  # hand the graph over to the loss; don't keep it alive
         return total / self._penalty_total
 
     def decision_counts(self, low: float = 0.1, high: float = 0.9) -> tuple[int, int, int]:
-        """``(undecided, on, total)``: entries with soft mask in (low, high), above high, all."""
+        """``(undecided, on, total)``: entries with soft mask in [low, high], above high, all.
+
+        Compares logits with the logits of ``low`` and ``high`` (no sigmoid pass)."""
         undecided = on = total = 0
+        lo = self.parameterization.logit_at(low, self.temperature)
+        hi = self.parameterization.logit_at(high, self.temperature)
         with torch.no_grad():
             for key, c in self.components.items():
-                p = self.probability(key)
-                on += int((p > high).sum())
-                undecided += int(((p >= low) & (p <= high)).sum())
+                logit = self.logit(key)
+                allowed = self._allowed(key)
+                above = logit > hi
+                middle = (logit >= lo) & ~above
+                if allowed is not None:  # always-off entries are decided (off)
+                    above &= allowed
+                    middle &= allowed
+                on += int(above.sum())
+                undecided += int(middle.sum())
                 total += c.n_entries
         return undecided, on, total
 
@@ -570,8 +610,13 @@ class MaskSet(nn.Module):
     @contextlib.contextmanager
     def attach(self, bridge) -> Iterator[MaskSet]:
         """Run ``bridge`` with the current soft masks inside the block."""
-        with attach_masks(bridge, list(self.components.values()), self.soft_mask):
-            yield self
+        self._forward_masks = {}
+        self._caching = True
+        try:
+            with attach_masks(bridge, list(self.components.values()), self.soft_mask):
+                yield self
+        finally:
+            self._caching = False
 
 
 # --------------------------------------------------------------------------- weight-level views

@@ -33,6 +33,7 @@ continues from there and gives the same result as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Integer
+from jaxtyping import Integer
 from tqdm.auto import tqdm
 
 from bigram_circuits.data import atomic_write_bytes, iterate_batches
@@ -57,14 +58,14 @@ from bigram_circuits.subnetwork import Subnetwork
 __all__ = [
     "DEFAULT_LR",
     "SearchConfig",
-    "Target",
     "SearchResult",
-    "search",
-    "sweep",
-    "choose_subnetwork",
+    "Target",
     "bigram_correlation",
-    "stability_check",
+    "choose_subnetwork",
     "find_command",
+    "search",
+    "stability_check",
+    "sweep",
 ]
 
 DEFAULT_LR: dict[str, float] = {"neuron": 0.05, "head": 0.05, "weight": 0.01}
@@ -283,7 +284,7 @@ def bigram_correlation(
     vocab = int(stats.vocab_size)
     device = _device(bridge)
     model_parts, bigram_parts = [], []
-    context = subnetwork.applied(bridge) if subnetwork is not None else _null()
+    context = subnetwork.applied(bridge) if subnetwork is not None else contextlib.nullcontext()
     with context:
         for start in range(0, len(array), batch_size):
             batch_np = np.asarray(array[start : start + batch_size], dtype=np.int64)
@@ -298,14 +299,6 @@ def bigram_correlation(
     return float(np.corrcoef(model[finite], bigram[finite])[0, 1])
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 @torch.no_grad()
 def _target_loss(bridge, target: Target, windows: np.ndarray, subnetwork: Subnetwork | None,
                  batch_size: int, max_batches: int) -> float:
@@ -315,7 +308,7 @@ def _target_loss(bridge, target: Target, windows: np.ndarray, subnetwork: Subnet
     for start in range(0, min(len(windows), batch_size * max_batches), batch_size):
         batch = torch.as_tensor(np.asarray(windows[start : start + batch_size], dtype=np.int64), device=device)
         reference = bridge(batch) if target.needs_reference else None
-        with subnetwork.applied(bridge) if subnetwork is not None else _null():
+        with subnetwork.applied(bridge) if subnetwork is not None else contextlib.nullcontext():
             loss = float(target(bridge(batch), batch, reference))
         total += loss * len(batch)
         count += len(batch)
@@ -334,7 +327,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def _load_checkpoint(path: Path, config: SearchConfig, granularities, target: Target, model_id: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (torch raises many types for a corrupt file)
+    except Exception as exc:
         raise SearchError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it or pass resume=False") from exc
     saved = state.get("config", {})
     current = config.to_dict()
@@ -374,7 +367,7 @@ def search(
     finished run there is loaded and an interrupted one continues. ``callback(step, row)`` runs
     after every step.
     """
-    from bigram_circuits.models import model_id as model_fingerprint  # noqa: PLC0415
+    from bigram_circuits.models import model_id as model_fingerprint
 
     config = config or SearchConfig()
     grans = parse_granularities(granularities)
@@ -422,7 +415,7 @@ def search(
                 step, history = int(checkpoint["step"]), list(checkpoint["history"])
                 checkpoint = None
 
-            def snapshot() -> dict:
+            def snapshot(step: int, history: list, attempt=attempt, mask_set=mask_set, optimizer=optimizer) -> dict:
                 return {
                     "attempt": attempt, "step": step, "history": history, "attempts": previous_attempts,
                     "mask_state": mask_set.state_dict(), "optimizer": optimizer.state_dict(),
@@ -451,7 +444,7 @@ def search(
                     with mask_set.attach(bridge):
                         logits = bridge(tokens)
                     target_loss = target(logits, tokens, reference)
-                    penalty = mask_set.penalty()
+                    penalty = mask_set.penalty(reuse_forward_masks=True)
                     loss = target_loss + config.lam * penalty
                     if not torch.isfinite(loss):
                         where = f"; the last good checkpoint is in {out_path}" if out_path else ""
@@ -474,7 +467,7 @@ def search(
                                         T=f"{row['temperature']:.2f}", refresh=False)
                     bar.update(1)
                     if out_path is not None and step % config.checkpoint_every == 0:
-                        _save_checkpoint(out_path / CHECKPOINT_FILE, snapshot())
+                        _save_checkpoint(out_path / CHECKPOINT_FILE, snapshot(step, history))
                     if callback is not None:
                         callback(step, row)
                     if step >= config.min_steps and (undecided == 0 or undecided < config.stop_undecided_fraction * on):
@@ -482,7 +475,7 @@ def search(
                         break
             except KeyboardInterrupt:
                 if out_path is not None and consistent:
-                    _save_checkpoint(out_path / CHECKPOINT_FILE, snapshot())
+                    _save_checkpoint(out_path / CHECKPOINT_FILE, snapshot(step, history))
                 raise
             finally:
                 bar.close()
@@ -641,9 +634,9 @@ def find_command(
     stats on the train split (cached in ``out_dir/bigram_stats.npz``), run the lambda sweep
     (resumable), save each subnetwork under ``out_dir/lambda_{lam}`` plus ``out_dir/sweep.csv``
     and return the sweep table. ``config_options`` are :class:`SearchConfig` fields."""
-    from bigram_circuits.data import load_token_dataset  # noqa: PLC0415
-    from bigram_circuits.models import load_model, model_vocab_size  # noqa: PLC0415
-    from bigram_circuits.ngrams import BigramStats  # noqa: PLC0415
+    from bigram_circuits.data import load_token_dataset
+    from bigram_circuits.models import load_model, model_vocab_size
+    from bigram_circuits.ngrams import BigramStats
 
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     unknown = sorted(set(config_options) - known)
@@ -665,7 +658,7 @@ def find_command(
     train_windows = train.windows(config.seq_len, max_train_windows)
     eval_windows = evaluation.windows(config.seq_len, max_eval_windows)
     the_target = Target.from_name(target, stats=stats, vocab_size=vocab)
-    meta = {"corpus": corpus, "n_train_windows": int(len(train_windows)), "n_eval_windows": int(len(eval_windows)),
+    meta = {"corpus": corpus, "n_train_windows": len(train_windows), "n_eval_windows": len(eval_windows),
             "model": str(model)}
     table = sweep(bridge, train_windows, the_target, [float(x) for x in lambdas], granularities, config, out_path,
                   eval_windows=eval_windows, resume=resume, show_progress=show_progress, metadata=meta)

@@ -23,7 +23,7 @@ import math
 import os
 import pickle
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, is_dataclass, asdict
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +83,7 @@ class Subnetwork:
     :meth:`load`, or :meth:`from_author_pickle`.
     """
 
-    masks: dict[str, Bool[torch.Tensor, "..."]]
+    masks: dict[str, Bool[torch.Tensor, ...]]
     components: dict[str, MaskComponent]
     geometry: ModelGeometry
     model_id: str
@@ -106,7 +106,7 @@ class Subnetwork:
     def from_masks(cls, bridge, masks: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> Subnetwork:
         """A subnetwork of ``bridge`` from boolean masks keyed by mask key (all keys of their
         granularities must be present)."""
-        from bigram_circuits.models import model_id  # noqa: PLC0415  (models imports are heavy)
+        from bigram_circuits.models import model_id
 
         if masks_attached(bridge):
             raise MaskError("build subnetworks while no masks are applied to the model")
@@ -211,7 +211,7 @@ class Subnetwork:
 
     def check_model(self, bridge) -> None:
         """Raise ``MaskError`` unless ``bridge`` is the architecture this subnetwork was made for."""
-        from bigram_circuits.models import model_id  # noqa: PLC0415
+        from bigram_circuits.models import model_id
 
         if masks_attached(bridge):
             raise MaskError("masks are already applied to this model; exit the other `with` block first")
@@ -240,7 +240,7 @@ class Subnetwork:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``masks.safetensors`` and ``subnetwork.json`` into ``directory`` (atomically)."""
-        from safetensors.torch import save as safetensors_bytes  # noqa: PLC0415
+        from safetensors.torch import save as safetensors_bytes
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -258,8 +258,8 @@ class Subnetwork:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Subnetwork:
         """Read a subnetwork saved by :meth:`save`."""
-        from safetensors import SafetensorError  # noqa: PLC0415
-        from safetensors.torch import load as safetensors_load  # noqa: PLC0415
+        from safetensors import SafetensorError
+        from safetensors.torch import load as safetensors_load
 
         directory = Path(directory)
         meta_path, masks_path = directory / META_FILE, directory / MASKS_FILE

@@ -187,9 +187,8 @@ def test_attach_is_exclusive_and_leaves_no_trace(tiny_neox):
     names_before = [n for n, _ in bridge.named_parameters()]
     mask_set = MaskSet.for_model(bridge, ALL)
     with mask_set.attach(bridge):
-        with pytest.raises(MaskError):
-            with mask_set.attach(bridge):
-                pass
+        with pytest.raises(MaskError), mask_set.attach(bridge):
+            pass
         bridge.reset_hooks()  # user calls must not strip the masks
         assert bridge.hook_dict["blocks.0.mlp.hook_post"].fwd_hooks
     assert [n for n, _ in bridge.named_parameters()] == names_before
@@ -237,3 +236,29 @@ def test_hard_concrete_gates():
     expected_zero = 1 - float(hc.probability(torch.zeros(1), 1.0))
     assert abs(p_zero - expected_zero) < 0.02
     assert torch.allclose(hc.sample(logits, 1.0, training=False, generator=None), torch.full_like(logits, 0.5))
+
+
+@pytest.mark.parametrize("parameterization", ["continuous", "hard_concrete"])
+def test_decision_counts_and_penalty_reuse(tiny_neox, parameterization):
+    bridge, _ = tiny_neox
+    mask_set = MaskSet.for_model(bridge, ("neuron", "head", "weight"), parameterization=parameterization)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key in mask_set.keys:
+            mask_set.logit(key).copy_(torch.randn(mask_set.logit(key).shape, generator=gen) * 3)
+    mask_set.temperature = 1.7
+    probs = mask_set.soft()
+    on = sum(int((p > 0.9).sum()) for p in probs.values())
+    undecided = sum(int(((p >= 0.1) & (p <= 0.9)).sum()) for p in probs.values())
+    assert mask_set.decision_counts()[:2] == (undecided, on)
+
+    mask_set.eval()  # deterministic gates, so both forward passes see the same mask
+    grads = []
+    for reuse in (False, True):
+        mask_set.zero_grad()
+        with mask_set.attach(bridge):
+            logits = bridge(_tokens(8))
+        (logits.square().mean() + 3.0 * mask_set.penalty(reuse_forward_masks=reuse)).backward()
+        grads.append({k: mask_set.logit(k).grad.clone() for k in mask_set.keys})
+    for key in mask_set.keys:
+        assert torch.allclose(grads[0][key], grads[1][key], rtol=1e-5, atol=1e-9)

@@ -48,16 +48,12 @@ def test_keep_and_ablate(tiny_neox):
 def test_applying_twice_or_to_another_model_is_refused(tiny_neox, tiny_gpt2):
     bridge, _ = tiny_neox
     sub = _random_subnetwork(bridge, "neuron")
-    with sub.applied(bridge):
-        with pytest.raises(MaskError, match="already applied"):
-            with sub.applied(bridge):
-                pass
-    with pytest.raises(MaskError, match="made for model"):
-        with sub.applied(tiny_gpt2[0]):
-            pass
-    with pytest.raises(MaskError):
-        with sub.applied(bridge, mode="remove"):
-            pass
+    with sub.applied(bridge), pytest.raises(MaskError, match="already applied"), sub.applied(bridge):
+        pass
+    with pytest.raises(MaskError, match="made for model"), sub.applied(tiny_gpt2[0]):
+        pass
+    with pytest.raises(MaskError), sub.applied(bridge, mode="remove"):
+        pass
 
 
 def test_sizes_in_paper_unit(tiny_neox):
