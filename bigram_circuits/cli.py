@@ -1,7 +1,8 @@
 """Command line: ``bigram-circuits demo | train-default | find | evaluate | lens | patch | figures``.
 
-Each sub-command is a thin layer over the Python API; errors from the package are printed as
-one line (``error: ...``) with exit status 2, never as a traceback.
+Each sub-command is a thin layer over the Python API; errors from the package, OS errors
+(missing files, disk full, permission denied) and bad arguments are printed as one line
+(``error: ...``) with exit status 2, never as a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,17 @@ import time
 from collections.abc import Sequence
 
 from bigram_circuits.errors import BigramCircuitsError
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one ``error: ...`` line (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def _csv_floats(text: str) -> list[float]:
@@ -88,10 +100,9 @@ def cmd_find(args: argparse.Namespace) -> int:
     from bigram_circuits.search import find_command
 
     options = {"seed": args.seed}
-    if args.max_steps is not None:
-        options["max_steps"] = args.max_steps
-    if args.time_budget_s is not None:
-        options["time_budget_s"] = args.time_budget_s
+    for name in ("max_steps", "time_budget_s", "checkpoint_every", "batch_size", "seq_len"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     table = find_command(
         model=args.model,
         granularities=args.granularity,
@@ -100,6 +111,9 @@ def cmd_find(args: argparse.Namespace) -> int:
         corpus=args.corpus,
         target=args.target,
         device=args.device,
+        max_train_windows=args.max_train_windows,
+        max_eval_windows=args.max_eval_windows,
+        show_progress=not args.no_progress,
         **options,
     )
     print(table.to_string(index=False))
@@ -144,7 +158,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bigram-circuits", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="bigram-circuits", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="load the default model, evaluate it and find a bigram subnetwork")
@@ -172,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "subnetwork), or the true next token")
     find.add_argument("--max-steps", type=int, default=None)
     find.add_argument("--time-budget-s", type=float, default=None, help="per lambda")
+    find.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    find.add_argument("--batch-size", type=int, default=None)
+    find.add_argument("--seq-len", type=int, default=None, help="tokens per window (<= the model's context)")
+    find.add_argument("--max-train-windows", type=int, default=4096)
+    find.add_argument("--max-eval-windows", type=int, default=256)
+    find.add_argument("--no-progress", action="store_true", help="no progress bars")
     find.add_argument("--device", default="cpu")
     find.add_argument("--seed", type=int, default=0)
     find.add_argument("--out", required=True)
@@ -210,7 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BigramCircuitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the package does not wrap (e.g. an input that vanished)
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"error: {_one_line(exc.strerror or exc)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: completed steps are checkpointed; rerun the same command to resume",

@@ -27,25 +27,31 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from jaxtyping import Integer
 
-from bigram_circuits.errors import CorpusError
+from bigram_circuits.errors import ConfigError, CorpusError, OutputError
 
 __all__ = [
     "OFFLINE_SOURCES",
     "TokenDataset",
+    "atomic_directory",
+    "atomic_save_into",
+    "atomic_write",
+    "atomic_write_bytes",
     "cache_dir",
+    "ensure_output_dir",
+    "iterate_batches",
     "load_documents",
+    "load_token_dataset",
     "split_documents",
     "tokenize_documents",
-    "load_token_dataset",
-    "iterate_batches",
-    "atomic_write_bytes",
 ]
 
 
@@ -94,18 +100,101 @@ def cache_dir() -> Path:
     return path
 
 
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or type(exc).__name__
+    return OutputError(f"cannot write {path}: {reason}; free disk space or choose a writable location")
+
+
+def ensure_output_dir(path: str | os.PathLike) -> Path:
+    """Create the output directory ``path`` (and parents); ``OutputError`` if that is impossible.
+
+    Called before long work so an unwritable destination fails at once, not at the end."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: permission denied; choose a writable location")
+    return path
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Yield a binary handle whose content replaces ``path`` only when the block succeeds.
+
+    The data goes to a temporary file next to ``path`` (``.NAME.*.tmp``) that is renamed over
+    ``path`` at the end, so ``path`` is never half-written; on any error the temporary file is
+    removed. Every package write goes through here. ``OutputError`` for OS errors (disk full,
+    permission denied, a file where a directory should be)."""
+    path = Path(path)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with atomic_write(path) as handle:
+        handle.write(data)
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
+    """Fill a fresh sibling directory, then swap it in for ``target`` (never half-written).
+
+    With ``keep_existing``, a ``target`` that another process completed meanwhile is kept (its
+    content is the same) and the staged copy is dropped."""
+    target = Path(target)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    except OSError as exc:
+        raise _output_error(target, exc) from exc
+    try:
+        yield staging
+        if keep_existing and target.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def atomic_save_into(out_dir: str | os.PathLike, save: Callable[[Path], object]) -> list[Path]:
+    """Run ``save(staging_dir)`` (e.g. ``tokenizer.save_pretrained``) in a temporary directory
+    inside ``out_dir``, then rename each file it wrote into ``out_dir``: every file appears
+    whole or not at all. Returns the files' final paths."""
+    out_dir = ensure_output_dir(out_dir)
+    moved = []
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging.") as tmp:
+        save(Path(tmp))
+        try:
+            for path in sorted(Path(tmp).rglob("*")):
+                if path.is_file():
+                    final = out_dir / path.relative_to(tmp)
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, final)
+                    moved.append(final)
+        except OSError as exc:
+            raise _output_error(out_dir, exc) from exc
+    return moved
 
 
 def _sha256(path: Path) -> str:
@@ -216,10 +305,10 @@ def _read_hf(spec: str) -> list[str]:
     config = parts[2] if len(parts) > 2 and parts[2] else None
     split = parts[3] if len(parts) > 3 else "train"
     try:
-        import datasets  # noqa: PLC0415  (optional, heavy)
+        import datasets
 
         dataset = datasets.load_dataset(name, config, split=split)
-    except Exception as exc:  # noqa: BLE001  (hub errors come in many types)
+    except Exception as exc:
         raise CorpusError(
             f"cannot load Hugging Face dataset {name!r} ({type(exc).__name__}); offline sources are "
             f"{', '.join(sorted(OFFLINE_SOURCES) + sorted(COMPOSITE_SOURCES))} or a local path"
@@ -251,7 +340,7 @@ def split_documents(
     """Deterministic document-level split: a document goes to eval when the hash of its text
     falls in the lowest ``eval_fraction`` of the hash range (independent of order and seed)."""
     if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        raise ConfigError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     train, evaluation = [], []
     threshold = int(eval_fraction * 2**32)
     for doc in documents:
@@ -288,7 +377,7 @@ class TokenDataset:
     def windows(self, seq_len: int = 128, max_windows: int | None = None) -> Integer[np.ndarray, "n seq"]:
         """Non-overlapping windows of ``seq_len`` tokens (the tail that does not fill one is dropped)."""
         if seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+            raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
         n_windows = len(self) // seq_len
         if n_windows == 0:
             raise CorpusError(
@@ -302,7 +391,7 @@ class TokenDataset:
 
 def tokenize_documents(documents: Sequence[str], tokenizer, show_progress: bool = True) -> TokenDataset:
     """Tokenise documents (no special tokens inside) and join them with the EOS token."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from tqdm.auto import tqdm
 
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -329,7 +418,7 @@ def load_token_dataset(
 ) -> TokenDataset:
     """Tokenised ``split`` ("train", "eval" or "all") of a corpus, cached by source and tokenizer."""
     if split not in {"train", "eval", "all"}:
-        raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
+        raise ConfigError(f"split must be 'train', 'eval' or 'all', got {split!r}")
     fingerprint = tokenizer_fingerprint(tokenizer)
     source_key = str(source)
     if not (source_key in OFFLINE_SOURCES or source_key in COMPOSITE_SOURCES or source_key.startswith("hf:")):
@@ -363,7 +452,7 @@ def iterate_batches(
 ) -> Iterator[Integer[np.ndarray, "batch seq"]]:
     """Yield batches of windows in a seeded shuffled order; ``start_batch`` skips ahead (resume)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
     order = np.random.default_rng(seed).permutation(len(windows)) if shuffle else np.arange(len(windows))
     n_batches = len(order) // batch_size if drop_last else -(-len(order) // batch_size)
     for b in range(start_batch, n_batches):

@@ -33,3 +33,15 @@ class SearchError(BigramCircuitsError, RuntimeError):
 
 class UnsafeFileError(BigramCircuitsError, ValueError):
     """A file would need to execute code to be loaded (e.g. a pickle with objects), so it is refused."""
+
+
+class ConfigError(BigramCircuitsError, ValueError):
+    """An option has an invalid value (out of range, NaN, unknown name)."""
+
+
+class OutputError(BigramCircuitsError, OSError):
+    """An output file or directory cannot be written (permission denied, disk full, not a directory)."""
+
+
+class ManifestError(BigramCircuitsError, ValueError):
+    """A run directory's manifest.json is missing or unreadable."""

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from bigram_circuits.circuits.overlap import layer_distribution, overlap_table
 from bigram_circuits.circuits.runs import RunSpec, load_run, run_context, subnetwork_dir_of
 from bigram_circuits.data import atomic_write_bytes, load_token_dataset
-from bigram_circuits.errors import MaskError, StatsError, TokenError
+from bigram_circuits.errors import ConfigError, MaskError, StatsError, TokenError
+from bigram_circuits.models import check_tokens_fit
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.subnetwork import Subnetwork
 
@@ -115,8 +116,9 @@ def token_surprisals(
     """Model and bigram surprisal of every actual next token, with ``subnetwork`` applied."""
     vocab_size = _stats_vocab_size(stats)
     array = _check_windows(windows, vocab_size)
+    check_tokens_fit(bridge, array)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
     device = _device(bridge)
     model_parts: list[np.ndarray] = []
     bigram_parts: list[np.ndarray] = []
@@ -229,7 +231,7 @@ def ablation_table(
     subnetwork over the mean increase from ablating a random one.
     """
     if not seeds:
-        raise ValueError("seeds must name at least one random control")
+        raise ConfigError("seeds must name at least one random control; pass e.g. seeds=(0, 1, 2)")
     full_params = float(bigram.n_params_total())
     conditions: list[tuple[str, object, str, int | None]] = [
         ("full model", None, "keep", None),
@@ -313,10 +315,10 @@ def generate(
     Sampling uses its own seeded generator, so equal seeds give equal random draws across
     conditions; it stops early at the tokenizer's end-of-text token.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature must be a finite number >= 0, got {temperature}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
     vocab_size = len(tokenizer)
     ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
     eos = tokenizer.eos_token_id

@@ -37,8 +37,6 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +44,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from bigram_circuits.data import atomic_write_bytes, cache_dir
+from bigram_circuits.data import atomic_directory, atomic_write_bytes, cache_dir
 from bigram_circuits.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -57,6 +55,7 @@ __all__ = [
     "DEFAULT_MODEL_ENV",
     "ModelSource",
     "available_checkpoints",
+    "check_tokens_fit",
     "default_model_dir",
     "load_model",
     "model_id",
@@ -303,27 +302,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextmanager
-def _staged_dir(target: Path, keep_existing: bool = False) -> Iterator[Path]:
-    """Fill a fresh sibling directory, then swap it in for ``target`` (never half-written).
-
-    With ``keep_existing``, a ``target`` that another process completed meanwhile is kept (its
-    content is the same) and the staged copy is dropped.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        yield staging
-        if keep_existing and target.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-            return
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def _gguf_as_hf_dir(gguf_path: Path) -> Path:
     """A cached Hugging Face directory holding the dequantised GGUF model and its tokenizer."""
     if importlib.util.find_spec("gguf") is None:
@@ -342,7 +320,7 @@ def _gguf_as_hf_dir(gguf_path: Path) -> Path:
         )
     except Exception as exc:  # gguf reader / converter errors: the file is unusable
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {_one_line(exc)}") from exc
-    with _staged_dir(target, keep_existing=True) as staging:
+    with atomic_directory(target, keep_existing=True) as staging:
         tokenizer.save_pretrained(str(staging))
         config = model.config.to_dict()
         # The weights below are already dequantised floats, so the GGUF quantisation entry must
@@ -398,7 +376,7 @@ def _load_hub(name: str, dtype: torch.dtype):
     # TransformerLens re-loads the tokenizer by name; a local copy keeps that offline-safe.
     safe_name = re.sub(r"[^A-Za-z0-9._-]+", "--", name)
     tokenizer_dir = cache_dir() / "tokenizers" / safe_name
-    with _staged_dir(tokenizer_dir) as staging:
+    with atomic_directory(tokenizer_dir) as staging:
         tokenizer.save_pretrained(str(staging))
     return tokenizer_dir, model
 
@@ -492,6 +470,33 @@ def model_vocab_size(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBa
             "use the tokenizer returned by load_model"
         )
     return n_tokens
+
+
+def check_tokens_fit(bridge: TransformerBridge, tokens) -> None:
+    """``TokenError`` unless ``tokens`` (``[..., pos]`` integer ids, numpy or torch) can run
+    through ``bridge``: ids in ``[0, d_vocab)`` and at most ``n_ctx`` positions. (Rotary models
+    would run longer sequences without complaint, but past their training context.)"""
+    from bigram_circuits.errors import TokenError
+
+    cfg = getattr(bridge, "cfg", None)
+    if cfg is None:  # not a TransformerLens model (e.g. a test double): nothing to check against
+        return
+    shape = tuple(tokens.shape)
+    n_ctx = getattr(cfg, "n_ctx", None)
+    if n_ctx is not None and len(shape) >= 1 and shape[-1] > int(n_ctx):
+        raise TokenError(
+            f"sequences of {shape[-1]} tokens exceed the model's context of {int(n_ctx)}; "
+            f"use seq_len <= {int(n_ctx)}"
+        )
+    if len(shape) == 0 or 0 in shape:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    d_vocab = getattr(cfg, "d_vocab", None)
+    if low < 0 or (d_vocab is not None and high >= int(d_vocab)):
+        raise TokenError(
+            f"token ids {low}..{high} fall outside the model's vocabulary [0, {d_vocab}); "
+            "tokenise with the model's tokenizer"
+        )
 
 
 def model_id(bridge: TransformerBridge) -> str:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -54,6 +53,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Integer
 
+from bigram_circuits.data import atomic_write
 from bigram_circuits.errors import StatsError, TokenError
 
 __all__ = ["STATS_FORMAT_VERSION", "BigramStats", "CountTable", "TargetRows"]
@@ -1047,15 +1047,8 @@ class BigramStats:
                 arrays.update({f"{name}_contexts": table.contexts, f"{name}_indptr": table.indptr,
                                f"{name}_next_ids": table.next_ids, f"{name}_counts": table.counts})
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez_compressed(handle, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as handle:
+            np.savez_compressed(handle, **arrays)
         return path
 
     @classmethod

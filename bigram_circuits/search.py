@@ -50,8 +50,9 @@ import torch
 from jaxtyping import Integer
 from tqdm.auto import tqdm
 
-from bigram_circuits.data import atomic_write_bytes, iterate_batches
+from bigram_circuits.data import atomic_write_bytes, ensure_output_dir, iterate_batches
 from bigram_circuits.errors import SearchError, TokenError
+from bigram_circuits.manifest import write_manifest
 from bigram_circuits.masks import MaskSet, masks_attached, parse_granularities
 from bigram_circuits.subnetwork import Subnetwork
 
@@ -108,10 +109,17 @@ class SearchConfig:
         problems = []
         if not (math.isfinite(self.lam) and self.lam >= 0):
             problems.append(f"lam must be >= 0, got {self.lam}")
-        if self.lr is not None and not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.temperature_init <= 0 or self.temperature_growth < 1:
-            problems.append("temperature_init must be > 0 and temperature_growth >= 1")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        # NaN fails every comparison, so test for the valid range rather than the invalid one.
+        if not (math.isfinite(self.temperature_init) and self.temperature_init > 0
+                and math.isfinite(self.temperature_growth) and self.temperature_growth >= 1):
+            problems.append("temperature schedule needs a finite temperature_init > 0 and a finite "
+                            f"temperature_growth >= 1, got {self.temperature_init} and {self.temperature_growth}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            problems.append(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
         if self.max_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             problems.append("max_steps and batch_size must be >= 1 and seq_len >= 2")
         if self.max_attempts < 1 or self.checkpoint_every < 1 or self.log_every < 1:
@@ -367,14 +375,18 @@ def search(
     finished run there is loaded and an interrupted one continues. ``callback(step, row)`` runs
     after every step.
     """
+    from bigram_circuits.models import check_tokens_fit
     from bigram_circuits.models import model_id as model_fingerprint
 
     config = config or SearchConfig()
     grans = parse_granularities(granularities)
     windows = _check_windows(windows, config.seq_len)
+    check_tokens_fit(bridge, windows)
+    if eval_windows is not None:  # fail now, not after the search
+        check_tokens_fit(bridge, _check_windows(eval_windows, config.seq_len))
     if masks_attached(bridge):
         raise SearchError("masks are applied to the model; run the search outside `subnetwork.applied(...)`")
-    out_path = Path(out_dir) if out_dir is not None else None
+    out_path = ensure_output_dir(out_dir) if out_dir is not None else None
     fingerprint = model_fingerprint(bridge)
 
     if out_path is not None and resume and (out_path / "subnetwork.json").exists() and (out_path / HISTORY_FILE).exists():
@@ -383,6 +395,9 @@ def search(
             return finished
 
     checkpoint = None
+    if out_path is not None:  # a process killed while writing a checkpoint leaves its temp file
+        for stale in out_path.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+            stale.unlink(missing_ok=True)
     if out_path is not None and resume and (out_path / CHECKPOINT_FILE).exists():
         checkpoint = _load_checkpoint(out_path / CHECKPOINT_FILE, config, grans, target, fingerprint)
 
@@ -436,6 +451,8 @@ def search(
                         stop_reason = "time_budget"
                         break
                     tokens = torch.as_tensor(next(batches), device=device)
+                    # The noise state before this step's sampling: part of a snapshot of the last good step.
+                    generator_before = mask_set.generator.get_state() if mask_set.generator is not None else None
                     consistent = False
                     reference = None
                     if target.needs_reference:
@@ -447,9 +464,16 @@ def search(
                     penalty = mask_set.penalty(reuse_forward_masks=True)
                     loss = target_loss + config.lam * penalty
                     if not torch.isfinite(loss):
-                        where = f"; the last good checkpoint is in {out_path}" if out_path else ""
+                        where = ""
+                        if out_path is not None:
+                            if all(bool(torch.isfinite(p).all()) for p in mask_set.parameters()):
+                                good = {**snapshot(step, history), "generator": generator_before}
+                                _save_checkpoint(out_path / CHECKPOINT_FILE, good)
+                                where = f"; the last good state (step {step}) is checkpointed in {out_path}"
+                            else:
+                                where = f"; the last periodic checkpoint in {out_path} is kept"
                         raise SearchError(f"loss became {loss.item()} at step {step + 1} (lambda {config.lam:g}); "
-                                          f"lower the learning rate{where}")
+                                          f"lower the learning rate or check the target{where}")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -513,6 +537,7 @@ def search(
         subnetwork.save(out_path)
         atomic_write_bytes(out_path / HISTORY_FILE, history_df.to_csv(index=False).encode("utf-8"))
         (out_path / CHECKPOINT_FILE).unlink(missing_ok=True)
+        write_manifest(out_path, "search", {**meta, "model_id": fingerprint})
     return SearchResult(subnetwork, history_df, metrics, config, out_path, mask_set)
 
 
@@ -597,6 +622,10 @@ def sweep(
         table.loc[chosen.name, "chosen"] = True
     if out_dir is not None:
         atomic_write_bytes(Path(out_dir) / SWEEP_FILE, table.to_csv(index=False).encode("utf-8"))
+        write_manifest(out_dir, "sweep", {"lambdas": [float(x) for x in lambdas], "target": target.name,
+                                          "granularities": list(parse_granularities(granularities)),
+                                          "config": config.to_dict(), "tolerance": tolerance,
+                                          "metadata": metadata or {}})
     return table
 
 
@@ -643,8 +672,15 @@ def find_command(
     if unknown:
         raise SearchError(f"unknown search option(s) {unknown}; valid: {', '.join(sorted(known))}")
     config = SearchConfig(**config_options)
-    out_path = Path(out_dir)
-    out_path.mkdir(parents=True, exist_ok=True)
+    try:  # every lambda's config is checked before the model and corpus are loaded
+        for lam in lambdas:
+            dataclasses.replace(config, lam=float(lam))
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, SearchError):
+            raise
+        raise SearchError(f"lambdas must be numbers >= 0, got {list(lambdas)!r}") from exc
+    parse_granularities(granularities)
+    out_path = ensure_output_dir(out_dir)
     bridge, tokenizer = load_model(model, device=device)
     vocab = model_vocab_size(bridge, tokenizer)
     train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
@@ -667,4 +703,7 @@ def find_command(
     if table["chosen"].any():
         summary["chosen"] = table[table["chosen"]].iloc[0].to_dict()
     atomic_write_bytes(out_path / "find.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
+    write_manifest(out_path, "find", {**summary, "lambdas": [float(x) for x in lambdas], "config": config.to_dict(),
+                                      "max_train_windows": max_train_windows, "max_eval_windows": max_eval_windows,
+                                      "device": device})
     return table

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool
 
-from bigram_circuits.data import atomic_write_bytes
+from bigram_circuits.data import atomic_write_bytes, ensure_output_dir
 from bigram_circuits.errors import MaskError, UnsafeFileError
 from bigram_circuits.masks import (
     MaskComponent,
@@ -242,8 +242,7 @@ class Subnetwork:
         """Write ``masks.safetensors`` and ``subnetwork.json`` into ``directory`` (atomically)."""
         from safetensors.torch import save as safetensors_bytes
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = ensure_output_dir(directory)
         atomic_write_bytes(directory / MASKS_FILE,
                            safetensors_bytes({k: m.contiguous() for k, m in self.masks.items()}))
         meta = {

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from bigram_circuits.data import (
+    atomic_directory,
+    atomic_save_into,
     atomic_write_bytes,
     load_documents,
     split_documents,
@@ -33,12 +35,12 @@ from bigram_circuits.data import (
 
 __all__ = [
     "TrainConfig",
-    "train_tokenizer",
-    "neox_config",
     "init_model",
+    "install_default_model",
+    "neox_config",
     "state_sha256",
     "train_default_model",
-    "install_default_model",
+    "train_tokenizer",
 ]
 
 EOS = "<|endoftext|>"
@@ -75,8 +77,8 @@ class TrainConfig:
 
 def train_tokenizer(documents: list[str], vocab_size: int, out_dir: Path):
     """Train a byte-level BPE tokenizer (GPT-2/NeoX style) and save it as a HF directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -91,14 +93,13 @@ def train_tokenizer(documents: list[str], vocab_size: int, out_dir: Path):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out_dir)
+    atomic_save_into(out_dir, lambda staging: fast.save_pretrained(staging))
     return fast
 
 
 def neox_config(cfg: TrainConfig, tokenizer):
     """The GPT-NeoX (Pythia-style: rotary on 25% of dims, parallel residual) config."""
-    from transformers import GPTNeoXConfig  # noqa: PLC0415
+    from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
         vocab_size=len(tokenizer),
@@ -120,7 +121,7 @@ def neox_config(cfg: TrainConfig, tokenizer):
 def init_model(cfg: TrainConfig, model_cfg):
     """Step-0 weights: seeded initialisation on the CPU, so the same seed gives the same model
     whatever device trains it."""
-    from transformers import GPTNeoXForCausalLM  # noqa: PLC0415
+    from transformers import GPTNeoXForCausalLM
 
     torch.manual_seed(cfg.seed)
     return GPTNeoXForCausalLM(model_cfg)
@@ -128,7 +129,7 @@ def init_model(cfg: TrainConfig, model_cfg):
 
 def state_sha256(model) -> str:
     """Hash of a model's fp16 state dict (checks that a re-created checkpoint is identical)."""
-    import hashlib  # noqa: PLC0415
+    import hashlib
 
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -168,7 +169,7 @@ def _unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 
 
 def _save_weights(model, path: Path, dtype: torch.dtype) -> None:
-    from safetensors.torch import save  # noqa: PLC0415
+    from safetensors.torch import save
 
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
@@ -196,7 +197,7 @@ SAMPLE_PROMPTS = (
 
 def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = None) -> dict:
     """Train tokenizer and model from scratch; returns the metrics written to ``metrics.json``."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from tqdm.auto import tqdm
     cfg = cfg or TrainConfig()
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -266,7 +267,7 @@ def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = No
 
     # Shipped in fp16 (half the size); load_model casts to the requested dtype.
     _save_weights(model, out / "model.safetensors", torch.float16)
-    model_cfg.save_pretrained(out)
+    atomic_save_into(out, lambda staging: model_cfg.save_pretrained(staging))
     final_eval = _eval_loss(model.half().float(), eval_windows)  # as shipped (fp16 weights)
     unigram_h = _unigram_entropy(eval_tokens, len(tokenizer))
     samples = {prompt: _greedy(model, tokenizer, prompt) for prompt in SAMPLE_PROMPTS}
@@ -276,8 +277,8 @@ def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = No
         "config": asdict(cfg),
         "n_parameters": n_params,
         "n_non_embedding_parameters": n_params - n_embed,
-        "train_tokens_available": int(len(train_tokens)),
-        "eval_tokens": int(len(eval_tokens)),
+        "train_tokens_available": len(train_tokens),
+        "eval_tokens": len(eval_tokens),
         "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len,
         "final_eval_loss_nats": final_eval,
         "final_eval_perplexity": math.exp(final_eval),
@@ -335,7 +336,7 @@ own byte-level BPE tokenizer of {c['vocab_size']} tokens trained on the same tra
 def _recreate_step0(run: Path, target: Path) -> None:
     """Re-create the step-0 checkpoint from the seed (it is not transferred when training ran
     elsewhere) and check it against the hash recorded by the training run."""
-    from transformers import GPTNeoXConfig  # noqa: PLC0415
+    from transformers import GPTNeoXConfig
 
     metrics = json.loads((run / "metrics.json").read_text())
     cfg = TrainConfig(**{**metrics["config"], "checkpoint_steps": tuple(metrics["config"]["checkpoint_steps"])})
@@ -349,16 +350,12 @@ def install_default_model(run_dir: str | os.PathLike) -> Path:
     """Copy a trained run into the package assets (final weights fp32, checkpoints fp16)."""
     run = Path(run_dir)
     target = Path(__file__).parent / "assets" / "default_model"
-    staging = target.with_name("default_model.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for path in run.iterdir():
-        if path.is_file() and path.suffix in {".json", ".md", ".safetensors", ".txt"}:
-            shutil.copy2(path, staging / path.name)
-    shutil.copytree(run / "checkpoints", staging / "checkpoints")
-    step0 = staging / "checkpoints" / "step_0.safetensors"
-    if not step0.exists():
-        _recreate_step0(run, step0)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    with atomic_directory(target) as staging:
+        for path in run.iterdir():
+            if path.is_file() and path.suffix in {".json", ".md", ".safetensors", ".txt"}:
+                shutil.copy2(path, staging / path.name)
+        shutil.copytree(run / "checkpoints", staging / "checkpoints")
+        step0 = staging / "checkpoints" / "step_0.safetensors"
+        if not step0.exists():
+            _recreate_step0(run, step0)
     return target

@@ -513,11 +513,13 @@ def lens_command(
     """
     from bigram_circuits.circuits.runs import load_run
     from bigram_circuits.circuits.similarity import similarity_report
-    from bigram_circuits.data import atomic_write_bytes
+    from bigram_circuits.data import atomic_write_bytes, ensure_output_dir
     from bigram_circuits.figures import fig3_rotation, fig4_similarity, save_figure
     from bigram_circuits.ngrams import BigramStats
 
     loaded = load_run(run, device=device)
+    # An unwritable destination fails now, not after the lens work.
+    out_dir = ensure_output_dir(Path(out) if out is not None else Path(run) / "circuits")
     windows = loaded.eval_windows(n_tokens)
     runs = {
         "full": None,
@@ -539,8 +541,6 @@ def lens_command(
         progress=progress,
     )
     matrices = similarity_report(loaded.bridge, windows, runs, n_tokens, progress=progress)
-    out_dir = Path(out) if out is not None else Path(run) / "circuits"
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "linear_lens.csv", table.to_csv(index=False).encode("utf-8"))
     atomic_write_bytes(out_dir / "logit_lens.csv", logit_table.to_csv(index=False).encode("utf-8"))
     for label, matrix in matrices.items():

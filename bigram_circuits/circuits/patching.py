@@ -38,7 +38,7 @@ from jaxtyping import Float, Integer
 from transformer_lens.patching import generic_activation_patch
 
 from bigram_circuits.circuits.runs import RunSpec, SubnetworkLike, as_token_tensor
-from bigram_circuits.errors import StatsError, TokenError
+from bigram_circuits.errors import ConfigError, StatsError, TokenError
 
 __all__ = [
     "COMPONENTS",
@@ -94,6 +94,15 @@ def _component(name: str) -> Component:
     return COMPONENTS[name]
 
 
+def _check_hook_names(bridge: Any, names: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in bridge.hook_dict]
+    if unknown:
+        raise ConfigError(
+            f"unknown hook name(s) {unknown[:3]} for this model; use names from bridge.hook_dict, "
+            "e.g. blocks.0.hook_resid_pre"
+        )
+
+
 def component_hook_name(component: str, layer: int) -> str:
     """Hook point name of ``component`` at ``layer``, e.g. ``("head", 1) -> blocks.1.attn.hook_z``."""
     return _component(component).hook_name(layer)
@@ -109,6 +118,8 @@ def cache_run(
     """Logits and cached activations (``names``; all when None) of one run."""
     run = RunSpec.coerce(run)
     tokens = as_token_tensor(tokens, int(bridge.cfg.d_vocab))
+    if names is not None:
+        _check_hook_names(bridge, list(names))
     with run.context(bridge):
         logits, cache = bridge.run_with_cache(
             tokens, names_filter=list(names) if names is not None else None
@@ -126,6 +137,7 @@ def run_with_patches(
     """Logits of a run with whole activations replaced: ``{hook_name: activation}``."""
     run = RunSpec.coerce(run)
     tokens = as_token_tensor(tokens, int(bridge.cfg.d_vocab))
+    _check_hook_names(bridge, list(patches))
 
     def make_hook(value: torch.Tensor):
         def replace(activation: torch.Tensor, hook: Any) -> torch.Tensor:
