@@ -22,7 +22,8 @@ demo: setup
 	$(VENV)/bin/bigram-circuits demo
 
 test: setup
-	$(VENV)/bin/pytest
+	# one torch thread per test process: tiny models run faster and a busy machine does not stall
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/pytest
 
 figures: setup
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium unavailable: figures are written as HTML only"
