@@ -501,12 +501,13 @@ def evaluate_run(
     loaded = load_run(run_path, device=device)
     bridge, tokenizer, bigram = loaded.bridge, loaded.tokenizer, loaded.subnetwork
     optimal_path = Path(optimal) if optimal is not None else run_path / "optimal"
-    optimal_sub = None
+    optimal_sub, optimal_dir = None, None
     if optimal is not None or optimal_path.is_dir():
         if not optimal_path.is_dir():
             raise MaskError(f"optimal run {optimal_path} does not exist; run `bigram-circuits find --target full_model`")
         bigram_lambda = bigram.metadata.get("config", {}).get("lam")
-        optimal_sub = Subnetwork.load(optimal_subnetwork_dir(optimal_path, prefer_lambda=bigram_lambda))
+        optimal_dir = optimal_subnetwork_dir(optimal_path, prefer_lambda=bigram_lambda)
+        optimal_sub = Subnetwork.load(optimal_dir)
     stats = run_bigram_stats(run_path, tokenizer, loaded.corpus, loaded.seq_len, show_progress)
     windows = loaded.eval_windows(None if n_eval_windows is None else n_eval_windows * loaded.seq_len)
 
@@ -528,7 +529,7 @@ def evaluate_run(
     }
     if optimal_sub is not None:
         row = tables["overlap"].iloc[0]
-        summary.update({"overlap_fraction": float(row["fraction_overlap"]), "overlap_expected": float(row["expected"]),
+        summary.update({"optimal_subnetwork": str(optimal_dir), "overlap_fraction": float(row["fraction_overlap"]), "overlap_expected": float(row["expected"]),
                         "overlap_ratio": float(row["ratio"]), "overlap_p_value": float(row["p_value"]),
                         "overlap_frac_bigram_in_optimal": float(row["frac_a_in_b"])})
     target_dir = Path(out_dir) if out_dir is not None else run_path / EVALUATION_DIR
