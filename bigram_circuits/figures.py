@@ -17,13 +17,12 @@ Fig 3     ``fig3_rotation``            lens: run, layer, target ("input"|"output
 Fig 4     ``fig4_similarity``          matrices: {run: square layer x layer DataFrame of cosines}
 Fig 5     ``fig5_optimal``             opt_sweep: active_params, r_model, r_bigram, [model];
                                        ablation: condition, loss, [loss_std], [model]
-Table 1   ``table1_chosen``            sweep: model, lambda, active_params, r, [mask_size],
-                                       [total_params]
+Table 1   ``table1_chosen``            sweep: model, lambda, active_params, r, [mask_size]
 Table 2   ``table2_bigram_r``          rows: condition, r, [model]
 Table 3   ``table3_overlap``           rows: pair, fraction_overlap, expected, ratio, p_value,
                                        frac_a_in_b, [expected_frac_a_in_b], [p_value_text],
                                        [n_random] (``circuits.overlap.overlap_table`` output)
-Table 4   ``table4_generations``       generations: condition, text, [prompt]
+Table 4   ``table4_generations``       generations: condition, text (or generation), [prompt]
 ========  ===========================  ==========================================================
 
 ``active_params`` is in the paper's unit: non-embedding weights gated by kept mask entries.
@@ -33,17 +32,21 @@ renders a table for the README.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+from tqdm.auto import tqdm
 
 from bigram_circuits.data import atomic_write_bytes
 from bigram_circuits.errors import BigramCircuitsError
@@ -52,11 +55,14 @@ __all__ = [
     "PAPER_FIG1",
     "PNG_HELP",
     "FigureDataError",
+    "FiguresConfig",
     "fig1_r_vs_params",
     "fig2_training_dynamics",
     "fig3_rotation",
     "fig4_similarity",
     "fig5_optimal",
+    "figures_command",
+    "from_search_sweep",
     "human_count",
     "interpolate_r",
     "save_figure",
@@ -154,6 +160,24 @@ def human_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _log_ticks(values: Iterable[float]) -> dict:
+    """Tick values and paper-style labels (50k, 100k, 200k) for a log axis over ``values``.
+
+    Ticks at 1-2-5 multiples of powers of ten, or 1-2-3-5-7 or every 1-9 multiple when the
+    range is too narrow for three; plotly's own log ticks label minor ticks with bare digits.
+    """
+    positive = np.asarray([v for v in values if v > 0], dtype=float)
+    if positive.size == 0:
+        return {}
+    low, high = positive.min() / 1.15, positive.max() * 1.15
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    for multiples in ((1, 2, 5), (1, 2, 3, 5, 7), (1, 2, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [m * 10.0**d for d in decades for m in multiples if low <= m * 10.0**d <= high]
+        if len(ticks) >= 3:
+            break
+    return {"tickvals": ticks, "ticktext": [human_count(t) for t in ticks]}
+
+
 def _ordered(values: Iterable, preferred: Sequence[str]) -> list:
     """Unique values in first-seen order, with the ``preferred`` ones first in that order."""
     seen = list(dict.fromkeys(values))
@@ -205,7 +229,8 @@ def fig1_r_vs_params(sweep: pd.DataFrame, full_model_r: Mapping[str, float] | No
                 line={"color": color, "width": 1.5, "dash": "dash"},
                 hovertemplate="full model r=%{y:.3f}<extra>" + str(model) + "</extra>",
             ))
-    fig.update_xaxes(type="log", title_text="Active non-embedding parameters (log scale)")
+    fig.update_xaxes(type="log", title_text="Active non-embedding parameters (log scale)",
+                     **_log_ticks(data["active_params"]))
     fig.update_yaxes(title_text="Bigram surprisal correlation (Pearson r)")
     return _style(fig, "Bigram subnetworks: correlation with bigram surprisal vs size")
 
@@ -240,17 +265,18 @@ def interpolate_r(sweep: pd.DataFrame, target_params: Sequence[float]) -> pd.Dat
     ``sweep`` (one model or checkpoint) has ``active_params`` and ``r``. As in the paper's
     Figure 2, r at a size is read off the piecewise-linear curve of r against log10 of active
     parameters; targets outside the swept range are clamped to the nearest end (and flagged in
-    the ``extrapolated`` column). Returns columns target_params, r_estimated, extrapolated.
+    the ``extrapolated`` column); with no non-empty subnetwork the estimates are NaN. Returns
+    columns target_params, r_estimated, extrapolated.
     """
     _require_columns(sweep, ["active_params", "r"], "interpolate_r sweep")
     data = sweep[(sweep["active_params"] > 0) & sweep["r"].notna()]
-    if data.empty:
-        raise FigureDataError("interpolate_r sweep has no subnetwork with active_params > 0")
+    targets = np.asarray(target_params, dtype=float)
+    if data.empty:  # every mask came out empty: nothing to read r off (a gap in Fig 2)
+        return pd.DataFrame({"target_params": targets, "r_estimated": np.nan, "extrapolated": True})
     # Equal sizes (e.g. several lambdas that all keep everything) average into one point.
     curve = data.groupby("active_params", as_index=False)["r"].mean().sort_values("active_params")
     log_x = np.log10(curve["active_params"].to_numpy(dtype=float))
     r = curve["r"].to_numpy(dtype=float)
-    targets = np.asarray(target_params, dtype=float)
     estimate = np.interp(np.log10(targets), log_x, r)
     outside = (targets < curve["active_params"].iloc[0]) | (targets > curve["active_params"].iloc[-1])
     return pd.DataFrame({"target_params": targets, "r_estimated": estimate, "extrapolated": outside})
@@ -398,7 +424,8 @@ def fig5_optimal(opt_sweep: pd.DataFrame, ablation: pd.DataFrame) -> go.Figure:
     (held-out LM loss, nats), optional loss_std (error bars) and model (x axis groups).
 
     Left panel (log x): two lines per model (r with the model, r with bigrams). Right panel:
-    one bar trace per condition.
+    one bar trace per condition, labelled with its loss (x: model when ``model`` has several
+    values, else the condition).
     """
     _require_columns(opt_sweep, ["active_params", "r_model", "r_bigram"], "fig5_optimal opt_sweep")
     _require_columns(ablation, ["condition", "loss"], "fig5_optimal ablation")
@@ -406,7 +433,8 @@ def fig5_optimal(opt_sweep: pd.DataFrame, ablation: pd.DataFrame) -> go.Figure:
                         subplot_titles=("Optimal subnetworks: correlation with model and bigrams",
                                         "Eval loss with a subnetwork removed"))
     data = opt_sweep[opt_sweep["active_params"] > 0]
-    groups = data.groupby("model", sort=False) if "model" in data.columns else [("", data)]
+    several_models = "model" in data.columns and data["model"].nunique() > 1
+    groups = data.groupby("model", sort=False) if several_models else [("", data)]
     for i, (model, group) in enumerate(groups):
         group = group.sort_values("active_params")
         suffix = f" ({model})" if model != "" else ""
@@ -420,12 +448,13 @@ def fig5_optimal(opt_sweep: pd.DataFrame, ablation: pd.DataFrame) -> go.Figure:
                 line={"color": line_color, "dash": dash, "width": 2},
                 hovertemplate="%{x:.3s} params<br>r=%{y:.3f}<extra>" + label + suffix + "</extra>",
             ), row=1, col=1)
-    fig.update_xaxes(type="log", title_text="Active non-embedding parameters (log scale)", row=1, col=1)
+    fig.update_xaxes(type="log", title_text="Active non-embedding parameters (log scale)", row=1, col=1,
+                     **_log_ticks(data["active_params"]))
     fig.update_yaxes(title_text="Surprisal correlation (Pearson r)", row=1, col=1)
 
     conditions = _ordered(ablation["condition"], ["full model", "full", "random ablated", "random",
                                                   "bigram ablated", "bigram", "optimal ablated", "optimal"])
-    has_model = "model" in ablation.columns
+    has_model = "model" in ablation.columns and ablation["model"].nunique() > 1
     for i, condition in enumerate(conditions):
         rows = ablation[ablation["condition"] == condition]
         kind = next((k for k in ("full", "random", "bigram", "optimal") if k in str(condition).lower()), None)
@@ -435,6 +464,7 @@ def fig5_optimal(opt_sweep: pd.DataFrame, ablation: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Bar(
             x=rows["model"].astype(str) if has_model else [str(condition)], y=rows["loss"],
             name=str(condition), error_y=error, showlegend=has_model,
+            text=rows["loss"], texttemplate="%{text:.2f}", textposition="outside", cliponaxis=False,
             marker_color=_RUN_COLORS[kind] if kind else _PALETTE[i % len(_PALETTE)],
             hovertemplate="%{y:.3f} nats<extra>" + str(condition) + "</extra>",
         ), row=1, col=2)
@@ -451,9 +481,11 @@ def table1_chosen(sweep: pd.DataFrame, tolerance: float = 0.04) -> pd.DataFrame:
     """Table 1: the chosen bigram subnetwork of each model.
 
     The chosen subnetwork is the sparsest (fewest active_params) whose r is within
-    ``tolerance`` of the r at the smallest lambda (lambda = 0 in the paper). ``sweep`` columns:
-    model, lambda, active_params, r, and optionally mask_size (kept mask entries) and
-    total_params (non-embedding parameters of the model, for a percentage column).
+    ``tolerance`` of the lambda = 0 run's r (of the best run's when the sweep has no lambda 0),
+    the rule of ``search.choose_subnetwork``. ``sweep`` columns: model, lambda, active_params,
+    r, and optionally mask_size (|M|, the model's maskable non-embedding weights, as in the
+    paper's "7.24M of 84.9M"). Returns: model, lambda, active_params, [mask_size,
+    active_percent], r.
     """
     _require_columns(sweep, ["model", "lambda", "active_params", "r"], "table1_chosen sweep")
     rows = []
@@ -461,20 +493,38 @@ def table1_chosen(sweep: pd.DataFrame, tolerance: float = 0.04) -> pd.DataFrame:
         group = group.dropna(subset=["r"])
         if group.empty:
             continue
-        reference_r = float(group.loc[group["lambda"].idxmin(), "r"])
+        zero = group[group["lambda"] == 0]
+        reference_r = float(zero["r"].iloc[0]) if not zero.empty else float(group["r"].max())
         eligible = group[group["r"] >= reference_r - tolerance]
         chosen = eligible.sort_values(["active_params", "lambda"], ascending=[True, False]).iloc[0]
         row = {"model": model, "lambda": chosen["lambda"], "active_params": int(chosen["active_params"])}
-        if "total_params" in group.columns and pd.notna(chosen["total_params"]):
-            row["total_params"] = int(chosen["total_params"])
-            row["active_percent"] = round(100.0 * chosen["active_params"] / chosen["total_params"], 2)
         if "mask_size" in group.columns and pd.notna(chosen["mask_size"]):
             row["mask_size"] = int(chosen["mask_size"])
+            row["active_percent"] = round(100.0 * chosen["active_params"] / chosen["mask_size"], 2)
         row["r"] = round(float(chosen["r"]), 3)
         rows.append(row)
     if not rows:
         raise FigureDataError("table1_chosen sweep has no row with a finite r")
     return pd.DataFrame(rows)
+
+
+def from_search_sweep(table: pd.DataFrame, model: str, mask_size: int | None = None) -> pd.DataFrame:
+    """Rows for :func:`fig1_r_vs_params` / :func:`table1_chosen` from a ``search.sweep`` table.
+
+    ``search.sweep`` (and ``bigram-circuits find``'s ``sweep.csv``) name the columns lambda,
+    n_params and bigram_r; this adds ``model`` and renames them to lambda, active_params, r
+    (plus mask_size when given).
+    """
+    _require_columns(table, ["lambda", "n_params", "bigram_r"], "from_search_sweep table")
+    rows = pd.DataFrame({
+        "model": str(model),
+        "lambda": table["lambda"].astype(float).to_numpy(),
+        "active_params": table["n_params"].astype(float).to_numpy(),
+        "r": table["bigram_r"].astype(float).to_numpy(),
+    })
+    if mask_size is not None:
+        rows["mask_size"] = int(mask_size)
+    return rows
 
 
 _TABLE2_ORDER = [
@@ -535,17 +585,21 @@ def table3_overlap(rows: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-_TABLE4_ORDER = ["full model", "full", "bigram subnetwork", "bigram", "bigram ablated",
+_TABLE4_ORDER = ["full model", "full", "bigram subnetwork", "bigram only", "bigram", "bigram ablated",
                  "random ablated", "optimal ablated"]
 
 
 def table4_generations(generations: pd.DataFrame) -> pd.DataFrame:
     """Table 4: sample generations of the full model, the bigram subnetwork and ablations.
 
-    ``generations``: condition, text, optional prompt. Rows are ordered by prompt (first seen)
-    then condition (full model, bigram subnetwork, bigram ablated, random ablated, others);
-    whitespace runs (newlines) are shown as single spaces so the table stays one line a row.
+    ``generations``: condition, text (or generation, as ``evaluate.generate_table`` names
+    it), optional prompt. Rows are ordered by prompt (first seen) then condition (full model,
+    bigram subnetwork, bigram ablated, random ablated, others); whitespace runs (newlines) are
+    shown as single spaces so the table stays one line a row.
     """
+    if isinstance(generations, pd.DataFrame) and "text" not in generations.columns \
+            and "generation" in generations.columns:
+        generations = generations.rename(columns={"generation": "text"})
     _require_columns(generations, ["condition", "text"], "table4_generations generations")
     table = generations.copy()
     order = _ordered(table["condition"], _TABLE4_ORDER)
@@ -562,11 +616,20 @@ def table4_generations(generations: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def _is_whole(column: pd.Series) -> bool:
+    """A float column whose values are all whole numbers of at least 1000 (parameter counts)."""
+    if not pd.api.types.is_float_dtype(column):
+        return False
+    values = column.dropna()
+    return bool(len(values)) and bool((values == values.round()).all()) and bool((values.abs() >= 1000).all())
+
+
 def to_markdown(df: pd.DataFrame, floatfmt: str = ".3g", index: bool = False) -> str:
     """A GitHub-flavoured Markdown table of ``df`` (for the README), pipes and newlines escaped.
 
-    Floats use ``floatfmt`` (3 significant digits by default), integers get thousands
-    separators. Needs the ``tabulate`` package (pandas' Markdown writer).
+    Floats use ``floatfmt`` (3 significant digits by default); integers, and float columns of
+    whole numbers >= 1000 (parameter counts), get thousands separators; missing values are
+    blank. Needs the ``tabulate`` package (pandas' Markdown writer).
     """
     if not isinstance(df, pd.DataFrame):
         raise FigureDataError(f"to_markdown needs a pandas DataFrame, got {type(df).__name__}")
@@ -575,10 +638,13 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = ".3g", index: bool = False) ->
         if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
             table[column] = (table[column].astype(str).str.replace("|", r"\|", regex=False)
                              .str.replace("\n", " ", regex=False))
-        elif pd.api.types.is_integer_dtype(table[column]):
-            table[column] = table[column].map(lambda v: f"{v:,}")
+        elif pd.api.types.is_integer_dtype(table[column]) or _is_whole(table[column]):
+            table[column] = table[column].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
+        elif pd.api.types.is_float_dtype(table[column]) and table[column].isna().any():
+            # tabulate leaves None cells blank (missingval) but prints NaN as "nan".
+            table[column] = table[column].astype(object).where(table[column].notna(), None)
     try:
-        return table.to_markdown(index=index, floatfmt=floatfmt, disable_numparse=False)
+        return table.to_markdown(index=index, floatfmt=floatfmt, missingval="")
     except ImportError as exc:
         raise BigramCircuitsError("to_markdown needs the 'tabulate' package: pip install tabulate") from exc
 
@@ -642,4 +708,439 @@ def save_figure(
         return written
     atomic_write_bytes(png_path, image)
     written.append(png_path)
+    return written
+
+
+# ----------------------------------------------------------------------------- regenerate everything
+
+
+@dataclass(frozen=True)
+class FiguresConfig:
+    """Settings of :func:`figures_command`, sized for the default model on 2 CPU cores.
+
+    The paper's searches are weight masks over 10k steps of 32 x 128 tokens; here masks are
+    neurons and heads (``granularities``), batches are 8 x 64 tokens (a bigram target needs no
+    long context) and the temperature grows 3% per step instead of 0.1%, so a mask is decided
+    within ``max_steps`` = 100 steps. Fig 2 uses at most ``max_checkpoints`` training
+    checkpoints (evenly spaced, first and last included) plus the final model, and estimates r
+    at ``target_fractions`` of the maskable parameters.
+    """
+
+    corpus: str = "default"
+    granularities: tuple[str, ...] = ("neuron", "head")
+    seq_len: int = 64
+    batch_size: int = 8
+    max_steps: int = 100
+    temperature_growth: float = 1.03
+    bigram_lambdas: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 100.0)
+    optimal_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0)
+    checkpoint_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0)
+    max_checkpoints: int = 3
+    target_fractions: tuple[float, ...] = (0.02, 0.05, 0.2)
+    train_windows: int = 2048
+    eval_windows: int = 64
+    analysis_seq_len: int = 128
+    analysis_tokens: int = 16384
+    ablation_windows: int = 32
+    random_seeds: tuple[int, ...] = (0, 1, 2)
+    overlap_samples: int = 10_000
+    prompts: tuple[str, ...] = ("The President of the United States", "The city is located in")
+    generation_tokens: int = 20
+    generation_temperature: float = 1.0
+    seed: int = 0
+
+    def search_config(self):
+        """The :class:`~bigram_circuits.search.SearchConfig` of every search (lambda set per run)."""
+        from bigram_circuits.search import SearchConfig
+
+        return SearchConfig(max_steps=self.max_steps, batch_size=self.batch_size, seq_len=self.seq_len,
+                            temperature_growth=self.temperature_growth, seed=self.seed,
+                            checkpoint_every=25, eval_batches=2)
+
+    def key(self) -> str:
+        """A short hash of every setting (results of other settings live in other cache folders)."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+
+
+def _model_fingerprint(model: str) -> str:
+    """A short hash of the model's files (weights and checkpoints), or of its name for hub models."""
+    from bigram_circuits.models import resolve_source
+
+    source = resolve_source(model)
+    digest = hashlib.sha256(f"{source.kind}|{source.label}".encode())
+    location = Path(source.location)
+    files = [location] if location.is_file() else sorted(
+        p for p in location.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin", ".gguf"))
+    for path in files:
+        # Name, size and modification time: a retrained model gets a new cache without hashing GBs.
+        stat = path.stat()
+        digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:10]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text.strip("/\\").split("/")[-1])[:40] or "model"
+
+
+def _evenly_spaced(values: Sequence[int], count: int) -> list[int]:
+    if len(values) <= count:
+        return list(values)
+    picks = np.unique(np.linspace(0, len(values) - 1, count).round().astype(int))
+    return [values[i] for i in picks]
+
+
+class _FigureRun:
+    """Results of one model under one FiguresConfig, computed on first use and cached on disk.
+
+    Every result is a CSV/JSON file under ``root``; searches keep their own resumable folders
+    there. The model, data and bigram statistics are loaded only when something is missing,
+    so a fully cached run only redraws.
+    """
+
+    def __init__(self, model: str, config: FiguresConfig, root: Path, device: str, show_progress: bool):
+        self.model, self.config, self.root = model, config, root
+        self.device, self.show_progress = device, show_progress
+        self._loaded: dict | None = None
+        root.mkdir(parents=True, exist_ok=True)
+        settings = {"model": model, "config": asdict(config)}
+        atomic_write_bytes(root / "settings.json", json.dumps(settings, indent=2).encode("utf-8"))
+
+    # -- cache helpers
+
+    def _frame(self, name: str, compute) -> pd.DataFrame:
+        path = self.root / f"{name}.csv"
+        if path.exists():
+            return pd.read_csv(path)
+        table = compute()
+        atomic_write_bytes(path, table.to_csv(index=False).encode("utf-8"))
+        return table
+
+    def _json(self, name: str, compute) -> dict:
+        path = self.root / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        value = compute()
+        atomic_write_bytes(path, json.dumps(value, indent=2).encode("utf-8"))
+        return value
+
+    # -- model and data (loaded lazily, once)
+
+    @property
+    def loaded(self) -> dict:
+        if self._loaded is None:
+            from bigram_circuits.data import load_token_dataset
+            from bigram_circuits.models import load_model, model_vocab_size
+            from bigram_circuits.ngrams import BigramStats
+
+            cfg = self.config
+            bridge, tokenizer = load_model(self.model, device=self.device)
+            vocab = model_vocab_size(bridge, tokenizer)
+            train = load_token_dataset(cfg.corpus, tokenizer, split="train", show_progress=self.show_progress)
+            held_out = load_token_dataset(cfg.corpus, tokenizer, split="eval", show_progress=self.show_progress)
+            stats = BigramStats.from_tokens(train, vocab, seq_len=cfg.analysis_seq_len, show_progress=False)
+            n_analysis = math.ceil(cfg.analysis_tokens / cfg.analysis_seq_len)
+            self._loaded = {
+                "bridge": bridge, "tokenizer": tokenizer, "vocab": vocab, "stats": stats,
+                "train": train.windows(cfg.seq_len, cfg.train_windows),
+                "eval": held_out.windows(cfg.seq_len, cfg.eval_windows),
+                "analysis": held_out.windows(cfg.analysis_seq_len, n_analysis),
+                "ablation": held_out.windows(cfg.analysis_seq_len, cfg.ablation_windows),
+            }
+        return self._loaded
+
+    def _sweep(self, bridge, target_name: str, lambdas, folder: str) -> pd.DataFrame:
+        from bigram_circuits.search import Target, sweep
+
+        data = self.loaded
+        target = Target.bigram(data["stats"]) if target_name == "bigram" else Target.full_model(data["vocab"])
+        table = sweep(bridge, data["train"], target, [float(x) for x in lambdas], self.config.granularities,
+                      self.config.search_config(), self.root / folder, eval_windows=data["eval"],
+                      show_progress=self.show_progress, metadata={"figures": folder})
+        table["path"] = [str(Path(p).relative_to(self.root)) for p in table["path"]]
+        return table
+
+    def subnetwork(self, relative_path: str):
+        from bigram_circuits.subnetwork import Subnetwork
+
+        return Subnetwork.load(self.root / relative_path)
+
+    # -- Fig 1, Table 1
+
+    def bigram_sweep(self) -> pd.DataFrame:
+        """The lambda sweep of bigram subnetworks of the final model, with full-model r and |M|."""
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.search import bigram_correlation
+            from bigram_circuits.subnetwork import Subnetwork
+
+            data = self.loaded
+            table = self._sweep(data["bridge"], "bigram", self.config.bigram_lambdas, "final/bigram")
+            mask_size = Subnetwork.full(data["bridge"], self.config.granularities).n_params_total()
+            rows = from_search_sweep(table, self.model, mask_size=mask_size)
+            rows["full_model_r"] = bigram_correlation(data["bridge"], data["stats"], data["eval"])
+            rows["chosen"] = table["chosen"].to_numpy()
+            rows["path"] = table["path"].to_numpy()
+            return rows
+        return self._frame("bigram_sweep", compute)
+
+    def chosen_bigram(self):
+        table = self.bigram_sweep()
+        chosen = table[table["chosen"]] if table["chosen"].any() else table.loc[[table["r"].idxmax()]]
+        return self.subnetwork(chosen["path"].iloc[0])
+
+    # -- Fig 5 left, and the optimal subnetwork paired with the chosen bigram one
+
+    def optimal_sweep(self) -> pd.DataFrame:
+        """Optimal subnetworks (target: the full model's distribution): r with model and bigrams."""
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.evaluate import (
+                metrics_from_surprisals,
+                pearson_r,
+                token_surprisals,
+            )
+
+            data = self.loaded
+            table = self._sweep(data["bridge"], "full_model", self.config.optimal_lambdas, "final/optimal")
+            full = token_surprisals(data["bridge"], data["stats"], data["eval"], show_progress=False)
+            rows = []
+            for _, run in table.iterrows():
+                sub = token_surprisals(data["bridge"], data["stats"], data["eval"], self.subnetwork(run["path"]),
+                                       show_progress=False)
+                rows.append({"model": self.model, "lambda": run["lambda"], "active_params": run["n_params"],
+                             "r_model": pearson_r(sub.model, full.model),
+                             "r_bigram": metrics_from_surprisals(sub)["r_dropped"], "path": run["path"]})
+            return pd.DataFrame(rows)
+        return self._frame("optimal_sweep", compute)
+
+    def paired_optimal(self):
+        """The optimal subnetwork closest in size (log scale) to the chosen bigram subnetwork."""
+        table = self.optimal_sweep()
+        size = max(self.chosen_bigram().n_params(), 1)
+        distance = (np.log(table["active_params"].clip(lower=1)) - math.log(size)).abs()
+        return self.subnetwork(table.loc[distance.idxmin(), "path"])
+
+    # -- Fig 2
+
+    def checkpoint_results(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Estimated r at fixed sizes and layer shares of the chosen subnetwork, per checkpoint."""
+        from bigram_circuits.models import available_checkpoints
+
+        steps = _evenly_spaced(available_checkpoints(self.model), self.config.max_checkpoints)
+        if not steps:
+            return pd.DataFrame(), pd.DataFrame()
+
+        def compute_step(step: int | None) -> pd.DataFrame:
+            from bigram_circuits.models import load_model
+            from bigram_circuits.search import bigram_correlation, choose_subnetwork
+
+            data = self.loaded
+            if step is None:  # the final model: reuse the Fig 1 sweep
+                rows = self.bigram_sweep()
+                full_r = float(rows["full_model_r"].iloc[0])
+                chosen_path = rows.loc[rows["chosen"], "path"].iloc[0] if rows["chosen"].any() \
+                    else rows.loc[rows["r"].idxmax(), "path"]
+            else:
+                bridge, _ = load_model(self.model, device=self.device, checkpoint=step)
+                table = self._sweep(bridge, "bigram", self.config.checkpoint_lambdas, f"step_{step}/bigram")
+                rows = from_search_sweep(table, self.model)
+                full_r = bigram_correlation(bridge, data["stats"], data["eval"])
+                chosen_path = table.loc[choose_subnetwork(table).name, "path"]
+                del bridge
+            chosen = self.subnetwork(chosen_path)
+            targets = [f * chosen.n_params_total() for f in self.config.target_fractions]
+            estimate = interpolate_r(rows, targets)
+            estimate["full_model_r"] = full_r
+            shares = chosen.layer_distribution().rename(columns={"block": "component", "share_of_subnetwork": "share"})
+            shares = shares[["layer", "component", "share"]].assign(kind="share")
+            return pd.concat([estimate.assign(kind="r"), shares], ignore_index=True)
+
+        final_step = self._final_step()
+        parts = []
+        for step in steps + ([None] if final_step is not None else []):
+            label = final_step if step is None else step
+            part = self._frame(f"checkpoint_{label}", lambda s=step: compute_step(s))
+            parts.append(part.assign(step=label))
+        combined = pd.concat(parts, ignore_index=True)
+        ckpt = combined[combined["kind"] == "r"][["step", "target_params", "r_estimated", "full_model_r",
+                                                  "extrapolated"]]
+        share = combined[combined["kind"] == "share"][["step", "component", "layer", "share"]]
+        return ckpt.reset_index(drop=True), share.astype({"layer": int}).reset_index(drop=True)
+
+    def _final_step(self) -> int | None:
+        """The final model's training step, from the model folder's metrics.json when it has one."""
+        from bigram_circuits.models import resolve_source
+
+        metrics = Path(resolve_source(self.model).location) / "metrics.json"
+        if not metrics.is_file():
+            return None
+        try:
+            return int(json.loads(metrics.read_text())["config"]["max_steps"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    # -- Fig 3, Fig 4
+
+    def _runs(self) -> dict:
+        bigram = self.chosen_bigram()
+        return {"full": None, "bigram": bigram, "random": bigram.random_control(self.config.seed)}
+
+    def lens(self) -> pd.DataFrame:
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.circuits.lens import lens_report
+
+            data = self.loaded
+            return lens_report(data["bridge"], data["tokenizer"], data["analysis"], self._runs(),
+                               n_tokens=self.config.analysis_tokens, progress=self.show_progress)
+        return self._frame("lens", compute)
+
+    def similarity(self) -> dict[str, pd.DataFrame]:
+        names = ("full", "bigram", "random")
+        paths = {name: self.root / f"similarity_{name}.csv" for name in names}
+        if not all(p.exists() for p in paths.values()):
+            from bigram_circuits.circuits.similarity import similarity_report
+
+            data = self.loaded
+            matrices = similarity_report(data["bridge"], data["analysis"], self._runs(),
+                                         n_tokens=self.config.analysis_tokens, progress=self.show_progress)
+            for name, matrix in matrices.items():
+                atomic_write_bytes(paths[name], matrix.to_csv().encode("utf-8"))
+        return {name: pd.read_csv(path, index_col=0) for name, path in paths.items()}
+
+    # -- Fig 5 right, Tables 2-4
+
+    def ablation(self) -> pd.DataFrame:
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.evaluate import ablation_table
+
+            data = self.loaded
+            return ablation_table(data["bridge"], data["stats"], data["ablation"], self.chosen_bigram(),
+                                  optimal=self.paired_optimal(), seeds=self.config.random_seeds,
+                                  show_progress=self.show_progress)
+        return self._frame("ablation", compute)
+
+    def overlap(self) -> pd.DataFrame:
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.circuits.overlap import overlap_table
+
+            return overlap_table({"bigram vs optimal": (self.chosen_bigram(), self.paired_optimal())},
+                                 n_random=self.config.overlap_samples, seed=self.config.seed)
+        return self._frame("overlap", compute)
+
+    def generations(self) -> pd.DataFrame:
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.evaluate import generate_table, generation_conditions
+
+            data = self.loaded
+            conditions = generation_conditions(self.chosen_bigram(), random_seed=self.config.seed)
+            return pd.concat([
+                generate_table(data["bridge"], data["tokenizer"], prompt, conditions,
+                               temperature=self.config.generation_temperature,
+                               max_new_tokens=self.config.generation_tokens, seed=self.config.seed)
+                for prompt in self.config.prompts
+            ], ignore_index=True)
+        return self._frame("generations", compute)
+
+    def bigram_r_rows(self) -> pd.DataFrame:
+        """Table 2 rows this toolkit computes: full model, bigram subnetwork, empty subnetwork
+        (embeddings, layernorms and biases only) and, with a step-0 checkpoint, the subnetwork
+        found at random initialisation."""
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.search import SWEEP_FILE, bigram_correlation, choose_subnetwork
+            from bigram_circuits.subnetwork import Subnetwork
+
+            data = self.loaded
+            sweep_rows = self.bigram_sweep()
+            chosen = table1_chosen(sweep_rows).iloc[0]
+            empty = Subnetwork.empty(data["bridge"], self.config.granularities)
+            rows = [
+                {"condition": "full model", "r": float(sweep_rows["full_model_r"].iloc[0])},
+                {"condition": "bigram subnetwork", "r": float(chosen["r"])},
+            ]
+            init_sweep = self.root / "step_0" / "bigram" / SWEEP_FILE  # written by the checkpoints stage
+            if init_sweep.exists():
+                rows.append({"condition": "subnetwork at random init",
+                             "r": float(choose_subnetwork(pd.read_csv(init_sweep))["bigram_r"])})
+            rows.append({"condition": "empty subnetwork + embeddings",
+                         "r": bigram_correlation(data["bridge"], data["stats"], data["eval"], empty)})
+            return pd.DataFrame(rows)
+        return self._frame("table2_rows", compute)
+
+
+def figures_command(
+    model: str = "default",
+    out_dir: str | os.PathLike = "figures",
+    cache_dir: str | os.PathLike = "runs/figures_cache",
+    *,
+    config: FiguresConfig | None = None,
+    device: str = "cpu",
+    png: bool = True,
+    show_progress: bool = True,
+) -> list[Path]:
+    """``bigram-circuits figures``: compute every result of the paper's figures and tables for
+    ``model`` and write them to ``out_dir``; returns the paths written.
+
+    Intermediate results (searches, evaluations, lens, similarity, ablations, generations) are
+    cached under ``cache_dir/<model>-<hash of model files and settings>/``, so an interrupted
+    run resumes where it stopped and a finished one only redraws. Writes ``fig1..fig5`` as
+    HTML (+ PNG when Chromium is available; one shared ``plotly.min.js``), every table as CSV,
+    and ``tables.md`` with all tables in Markdown. ``png=False`` skips the PNG export.
+    """
+    config = config or FiguresConfig()
+    out = Path(out_dir)
+    root = Path(cache_dir) / f"{_slug(str(model))}-{_model_fingerprint(str(model))}-{config.key()}"
+    run = _FigureRun(str(model), config, root, device, show_progress)
+
+    stages = [
+        ("bigram sweep", run.bigram_sweep), ("optimal sweep", run.optimal_sweep),
+        ("checkpoints", run.checkpoint_results), ("linear lens", run.lens), ("similarity", run.similarity),
+        ("ablation", run.ablation), ("overlap", run.overlap), ("generations", run.generations),
+        ("bigram r table", run.bigram_r_rows),
+    ]
+    results = {}
+    with tqdm(total=len(stages), desc="figures", unit="stage", disable=not show_progress) as bar:
+        for name, compute in stages:
+            bar.set_postfix_str(name)
+            results[name] = compute()
+            bar.update(1)
+
+    written: list[Path] = []
+
+    def save(fig: go.Figure, name: str) -> None:
+        written.extend(save_figure(fig, out / name, png=png, include_plotlyjs="directory"))
+
+    sweep_rows = results["bigram sweep"]
+    save(fig1_r_vs_params(sweep_rows), "fig1_r_vs_params")
+    ckpt, share = results["checkpoints"]
+    if len(ckpt):
+        save(fig2_training_dynamics(ckpt, share), "fig2_training_dynamics")
+    else:
+        _log.warning("Fig 2 skipped: %s has no training checkpoints (checkpoints/step_N.safetensors)", model)
+    save(fig3_rotation(results["linear lens"]), "fig3_rotation")
+    save(fig4_similarity(results["similarity"]), "fig4_similarity")
+    ablation = results["ablation"].rename(columns={"lm_loss_nats": "loss", "lm_loss_nats_std": "loss_std"})
+    ablation = ablation[ablation["condition"].isin(["full model", "random ablated", "bigram ablated",
+                                                    "optimal ablated"])]
+    save(fig5_optimal(results["optimal sweep"], ablation), "fig5_optimal")
+
+    tables = {
+        "Figure 1: best bigram subnetwork r vs full model r": ("table_fig1", table_fig1(sweep_rows)),
+        "Figure 1 (paper): Pythia and GPT-2": ("table_fig1_paper", PAPER_FIG1),
+        "Table 1: chosen bigram subnetwork": ("table1_chosen", table1_chosen(sweep_rows)),
+        "Table 2: bigram r of the full model, the subnetwork and baselines":
+            ("table2_bigram_r", table2_bigram_r(results["bigram r table"])),
+        "Table 3: overlap of the bigram and optimal subnetworks": ("table3_overlap", table3_overlap(results["overlap"])),
+        "Table 4: sample generations": ("table4_generations", table4_generations(results["generations"])),
+        "Ablation: held-out LM loss (nats) with subnetworks kept or removed":
+            ("table_ablation", results["ablation"][["condition", "lm_loss_nats", "lm_loss_nats_std",
+                                                   "loss_increase", "r_dropped", "active_params"]]),
+    }
+    markdown = [f"# Tables for model {model!r}\n"]
+    for title, (name, table) in tables.items():
+        csv_path = out / f"{name}.csv"
+        atomic_write_bytes(csv_path, table.to_csv(index=False).encode("utf-8"))
+        written.append(csv_path)
+        markdown.append(f"## {title}\n\n{to_markdown(table)}\n")
+    md_path = out / "tables.md"
+    atomic_write_bytes(md_path, "\n".join(markdown).encode("utf-8"))
+    written.append(md_path)
     return written

@@ -20,7 +20,7 @@ def _sweep() -> pd.DataFrame:
     for model, full_r in (("tiny", 0.70), ("small", 0.65)):
         for lam, params, r in ((0, 2e6, 0.96), (1, 1e6, 0.95), (10, 2e5, 0.93), (100, 3e4, 0.85), (1000, 0, 0.1)):
             rows.append({"model": model, "lambda": lam, "active_params": params, "r": r,
-                         "full_model_r": full_r, "mask_size": int(params // 512), "total_params": 3_000_000})
+                         "full_model_r": full_r, "mask_size": 3_000_000})
     return pd.DataFrame(rows)
 
 
@@ -189,16 +189,36 @@ def test_interpolate_r_in_log_params_and_clamps_outside():
     table = F.interpolate_r(sweep, [1e5, 1e7, 1e3])
     assert table["r_estimated"].tolist() == pytest.approx([0.75, 0.9, 0.6])
     assert table["extrapolated"].tolist() == [False, True, True]
+    empty = F.interpolate_r(pd.DataFrame({"active_params": [0, 0], "r": [0.1, 0.2]}), [1e5])
+    assert empty["r_estimated"].isna().all()
 
 
 def test_table1_picks_sparsest_within_tolerance_of_lambda_zero():
     table = F.table1_chosen(_sweep())
     tiny = table.set_index("model").loc["tiny"]
     assert tiny["lambda"] == 10 and tiny["active_params"] == 200_000 and tiny["r"] == 0.93
-    assert tiny["mask_size"] == 200_000 // 512
+    assert tiny["mask_size"] == 3_000_000
     assert tiny["active_percent"] == pytest.approx(6.67)
     strict = F.table1_chosen(_sweep(), tolerance=0.015)
     assert strict.set_index("model").loc["tiny", "lambda"] == 1
+
+
+def test_table1_agrees_with_search_choose_subnetwork():
+    search = pytest.importorskip("bigram_circuits.search")
+    sweep = _sweep()
+    for lambdas in ([0, 1, 10, 100, 1000], [1, 10, 100]):  # with and without a lambda = 0 run
+        part = sweep[(sweep["model"] == "tiny") & sweep["lambda"].isin(lambdas)]
+        native = part.rename(columns={"active_params": "n_params", "r": "bigram_r"})
+        expected = search.choose_subnetwork(native.reset_index(drop=True))
+        assert F.table1_chosen(part).loc[0, "lambda"] == expected["lambda"]
+
+
+def test_from_search_sweep_renames_columns_for_fig1():
+    native = pd.DataFrame({"lambda": [0.0, 10.0], "n_params": [1000, 10], "bigram_r": [0.9, 0.8],
+                           "chosen": [False, True]})
+    rows = F.from_search_sweep(native, "default", mask_size=5000)
+    assert rows.columns.tolist() == ["model", "lambda", "active_params", "r", "mask_size"]
+    assert len(F.fig1_r_vs_params(rows).data) == 1
 
 
 def test_table2_orders_conditions_like_the_paper():
@@ -236,6 +256,9 @@ def test_table4_orders_and_flattens_generations():
     table = F.table4_generations(rows)
     assert table["condition"].tolist() == ["full model", "bigram ablated", "full model"]
     assert table.loc[0, "text"] == "The cat sat"
+    # evaluate.generate_table names the column "generation"
+    renamed = F.table4_generations(rows.rename(columns={"text": "generation"}))
+    assert renamed.equals(table)
 
 
 def test_to_markdown_escapes_pipes_and_groups_thousands():
@@ -293,3 +316,64 @@ def test_save_figure_writes_png_with_chromium(tmp_path, monkeypatch):
     assert os.environ["BROWSER_PATH"] == "/usr/bin/chromium"
     assert [p.name for p in written] == ["fig4.html", "fig4.png"]
     assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- figures_command
+
+
+def _tiny_figures_config(corpus: Path) -> F.FiguresConfig:
+    return F.FiguresConfig(
+        corpus=str(corpus), seq_len=16, batch_size=4, max_steps=3, bigram_lambdas=(0.0, 10.0),
+        optimal_lambdas=(10.0,), checkpoint_lambdas=(1.0, 10.0), max_checkpoints=2, train_windows=64,
+        eval_windows=8, analysis_seq_len=32, analysis_tokens=256, ablation_windows=4, random_seeds=(0, 1),
+        overlap_samples=100, prompts=("the",), generation_tokens=3,
+    )
+
+
+@pytest.fixture
+def tiny_figures_model(tmp_path, tiny_model_factory, tiny_text, monkeypatch):
+    """A tiny GPT-NeoX directory with two training checkpoints, and a corpus file for it."""
+    import shutil
+
+    monkeypatch.setenv("BIGRAM_CIRCUITS_CACHE", str(tmp_path / "cache"))
+    model_dir = tiny_model_factory("neox", tmp_path / "model")
+    (model_dir / "checkpoints").mkdir()
+    for step in (0, 4):
+        shutil.copy(model_dir / "model.safetensors", model_dir / "checkpoints" / f"step_{step}.safetensors")
+    (model_dir / "metrics.json").write_text('{"config": {"max_steps": 8}}')
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(list(tiny_text) * 3))
+    return model_dir, corpus
+
+
+@pytest.mark.slow
+def test_figures_command_writes_everything_then_redraws_from_cache(tmp_path, tiny_figures_model, monkeypatch):
+    model_dir, corpus = tiny_figures_model
+    config = _tiny_figures_config(corpus)
+    out, cache = tmp_path / "figures", tmp_path / "figures_cache"
+    written = F.figures_command(str(model_dir), out, cache, config=config, png=False, show_progress=False)
+    names = {p.name for p in written}
+    for figure in ("fig1_r_vs_params", "fig2_training_dynamics", "fig3_rotation", "fig4_similarity", "fig5_optimal"):
+        assert f"{figure}.html" in names
+    assert {"table1_chosen.csv", "table3_overlap.csv", "table4_generations.csv", "tables.md"} <= names
+    assert (out / "plotly.min.js").exists()
+    assert all(p.exists() for p in written)
+    tables = (out / "tables.md").read_text()
+    assert "Table 2" in tables and "subnetwork at random init" in tables and "Pythia 1B" in tables
+    ckpt = pd.read_csv(out / "table1_chosen.csv")
+    assert ckpt.loc[0, "mask_size"] > ckpt.loc[0, "active_params"] >= 0
+
+    # Everything is cached: a second run redraws without loading the model.
+    from bigram_circuits import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although every result is cached")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    again = F.figures_command(str(model_dir), out, cache, config=config, png=False, show_progress=False)
+    assert {p.name for p in again} == names
+
+
+def test_figures_config_key_changes_with_settings():
+    assert F.FiguresConfig().key() == F.FiguresConfig().key()
+    assert F.FiguresConfig().key() != F.FiguresConfig(max_steps=5).key()
