@@ -317,7 +317,7 @@ def _target_loss(bridge, target: Target, windows: np.ndarray, subnetwork: Subnet
         batch = torch.as_tensor(np.asarray(windows[start : start + batch_size], dtype=np.int64), device=device)
         reference = bridge(batch) if target.needs_reference else None
         with subnetwork.applied(bridge) if subnetwork is not None else contextlib.nullcontext():
-            loss = float(target(bridge(batch), batch, reference))
+            loss = float(target(bridge(batch), batch, reference).detach())
         total += loss * len(batch)
         count += len(batch)
     return total / max(count, 1)

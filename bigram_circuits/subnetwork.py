@@ -197,7 +197,9 @@ class Subnetwork:
         (Q, K, V, O, MLP in/out of each layer) for weight masks, each layer's neurons or heads."""
         gen = torch.Generator().manual_seed(int(seed))
         masks = {}
-        for key, mask in self.masks.items():
+        # Sorted keys: the draw must not depend on dict order (a loaded file's order varies).
+        for key in sorted(self.masks):
+            mask = self.masks[key]
             flat = torch.zeros(mask.numel(), dtype=torch.bool)
             flat[torch.randperm(mask.numel(), generator=gen)[: int(mask.sum())]] = True
             masks[key] = flat.reshape(mask.shape)

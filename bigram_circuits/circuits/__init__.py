@@ -39,6 +39,15 @@ from bigram_circuits.circuits.lens import (
     recall_at_k,
     rotation_degrees,
 )
+from bigram_circuits.circuits.overlap import (
+    BlockCounts,
+    OverlapResult,
+    block_counts,
+    layer_distribution,
+    null_overlap_samples,
+    overlap,
+    overlap_table,
+)
 from bigram_circuits.circuits.patching import (
     COMPONENTS,
     bigram_cross_entropy,
@@ -69,6 +78,13 @@ from bigram_circuits.circuits.similarity import (
 )
 
 __all__ = [
+    "BlockCounts",
+    "OverlapResult",
+    "block_counts",
+    "layer_distribution",
+    "null_overlap_samples",
+    "overlap",
+    "overlap_table",
     "COMPONENTS",
     "Candidate",
     "LinearLensConfig",
