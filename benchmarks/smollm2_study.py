@@ -1,0 +1,200 @@
+"""Bigram subnetwork of SmolLM2-135M (LLaMA-style, 30 layers) at neuron + head granularity on CPU.
+
+    python benchmarks/smollm2_study.py --lambdas 1 10 --max-steps 60 --batch-size 8 \
+        --time-budget-s 420 --out runs/smollm2
+
+Steps: load SmolLM2-135M and its tokenizer (``load_model("smollm2")``); tokenise the default
+corpus's train/eval splits; count bigram statistics on the train split; bigram r of the full
+model on the eval windows; a short, resumable lambda sweep (``bigram_circuits.search.sweep``,
+checkpoints under ``--out``); then for the chosen subnetwork its r, size in the paper's unit
+(attention + MLP weight entries, i.e. non-embedding weight matrices), layer distribution and an
+ablation comparison (bigram subnetwork ablated vs a random subnetwork of the same shape ablated).
+
+Writes ``benchmarks/results/smollm2_study.json`` and ``.md``. The search is far shorter than the
+paper's (up to 15k steps): the result says whether it converged. Re-running with the same
+``--out`` resumes the sweep from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bigram_circuits.data import atomic_write_bytes, load_token_dataset
+from bigram_circuits.evaluate import ablation_table, evaluate_metrics, table_markdown
+from bigram_circuits.models import load_model, model_id, model_vocab_size
+from bigram_circuits.ngrams import BigramStats
+from bigram_circuits.search import SearchConfig, Target, sweep
+from bigram_circuits.subnetwork import Subnetwork
+
+# Chang & Bergen (2025), /work/shared/paper.md: bigram r of the chosen subnetwork vs the full model.
+PAPER_ROWS = [
+    {"model": "Pythia 160M (paper)", "full_model_r": 0.69, "subnetwork_r": 0.964},
+    {"model": "GPT-2 small (paper)", "full_model_r": 0.624, "subnetwork_r": 0.979},
+]
+PAPER_NOTE = ("paper: chosen subnetworks ~1M weights (<0.2% of non-embedding parameters), "
+              "concentrated in the first MLP layer (layer 0)")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 10.0])
+    parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--train-windows", type=int, default=1024)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--time-budget-s", type=float, default=420.0, help="search time per lambda")
+    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--eval-batches", type=int, default=2, help="batches for each run's target loss")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "smollm2")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "smollm2_study")
+    return parser.parse_args()
+
+
+def layer_summary(subnetwork: Subnetwork) -> dict:
+    """Where the subnetwork's weights sit: plurality layer, MLP vs attention share, top layers."""
+    dist = subnetwork.layer_distribution()
+    by_layer = dist.groupby("layer")["kept_params"].sum()
+    by_block = dist.groupby("block")["kept_params"].sum()
+    kept = max(int(by_layer.sum()), 1)
+    top = dist.sort_values("kept_params", ascending=False).head(5)
+    return {
+        "plurality_layer": int(by_layer.idxmax()),
+        "plurality_layer_share": float(by_layer.max() / kept),
+        "mlp_share": float(by_block.get("mlp", 0) / kept),
+        "attn_share": float(by_block.get("attn", 0) / kept),
+        "mlp_layer0_share": float(dist.query("layer == 0 and block == 'mlp'")["kept_params"].sum() / kept),
+        "top_blocks": [{"layer": int(r.layer), "block": r.block, "kept_params": int(r.kept_params),
+                        "share_of_subnetwork": float(r.share_of_subnetwork), "fraction_kept": float(r.fraction_kept)}
+                       for r in top.itertuples()],
+        "per_layer_kept_params": {int(k): int(v) for k, v in by_layer.items()},
+    }
+
+
+def render_markdown(result: dict, sweep_table: pd.DataFrame, ablation: pd.DataFrame) -> str:
+    chosen = result["chosen"]
+    comparison = pd.DataFrame(PAPER_ROWS + [{
+        "model": "SmolLM2-135M (this run)", "full_model_r": result["full_model"]["r_dropped"],
+        "subnetwork_r": chosen["r_dropped"]}])
+    lines = [
+        "# SmolLM2-135M bigram subnetwork (neuron + head, CPU, short search)", "",
+        f"Command: `{result['command']}`  ",
+        f"Wall time: {result['wall_time_s']:.0f} s on {result['torch_threads']} CPU threads; "
+        f"{result['n_train_windows']} train / {result['n_eval_windows']} eval windows of {result['seq_len']} tokens.",
+        "",
+        "## Bigram r: paper vs this run", "", table_markdown(comparison, floatfmt=".3f"), "", PAPER_NOTE, "",
+        "## Sweep", "", table_markdown(sweep_table.drop(columns=["path"], errors="ignore")), "",
+        f"Converged: {result['converged']} (stop reasons: {', '.join(map(str, sweep_table['stop_reason']))}).", "",
+        "## Chosen subnetwork", "",
+        f"lambda {chosen['lambda']:g}: {chosen['n_params']:,} weights = {chosen['percent_params']:.3f}% of the "
+        f"{chosen['n_params_total']:,} attention + MLP weights (non-embedding); bigram r {chosen['r_dropped']:.3f} "
+        f"(full model {result['full_model']['r_dropped']:.3f}).  ",
+        f"Plurality layer {chosen['layers']['plurality_layer']} "
+        f"({100 * chosen['layers']['plurality_layer_share']:.1f}% of kept weights); MLP share "
+        f"{100 * chosen['layers']['mlp_share']:.1f}%, attention {100 * chosen['layers']['attn_share']:.1f}%; "
+        f"MLP layer 0 holds {100 * chosen['layers']['mlp_layer0_share']:.1f}%.", "",
+        "## Ablation", "", table_markdown(ablation[["condition", "active_params", "lm_loss_nats", "loss_increase",
+                                                    "r_dropped", "n_tokens"]]), "",
+        f"Loss increase ratio (bigram ablated / random ablated): {result['loss_increase_ratio']:.3g}", "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    bridge, tokenizer = load_model("smollm2")
+    vocab = model_vocab_size(bridge, tokenizer)
+    train = load_token_dataset("default", tokenizer, split="train")
+    evaluation = load_token_dataset("default", tokenizer, split="eval")
+    timings["load_s"] = time.perf_counter() - t
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stats_path = args.out / "bigram_stats.npz"
+    t = time.perf_counter()
+    if stats_path.exists():  # same file and layout as `bigram-circuits find`, so reruns reuse it
+        stats = BigramStats.load(stats_path, tokenizer=tokenizer)
+    else:
+        stats = BigramStats.from_tokens(train, vocab, seq_len=args.seq_len)
+        stats.save(stats_path, tokenizer=tokenizer)
+    timings["bigram_stats_s"] = time.perf_counter() - t
+
+    train_windows = train.windows(args.seq_len, args.train_windows)
+    eval_windows = evaluation.windows(args.seq_len, args.eval_windows)
+
+    t = time.perf_counter()
+    full = evaluate_metrics(bridge, stats, eval_windows, batch_size=args.batch_size)
+    timings["full_model_eval_s"] = time.perf_counter() - t
+    print(f"full model: r={full['r_dropped']:.4f} loss={full['lm_loss_nats']:.4f}", flush=True)
+
+    config = SearchConfig(max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                          checkpoint_every=args.checkpoint_every, time_budget_s=args.time_budget_s,
+                          eval_batches=args.eval_batches)
+    t = time.perf_counter()
+    table = sweep(bridge, train_windows, Target.bigram(stats), args.lambdas, ("neuron", "head"), config, args.out,
+                  eval_windows=eval_windows,
+                  metadata={"model": "smollm2", "corpus": "default", "n_train_windows": len(train_windows),
+                            "n_eval_windows": len(eval_windows)})
+    timings["sweep_s"] = time.perf_counter() - t
+    print(table.to_string(), flush=True)
+
+    chosen_row = table[table["chosen"]].iloc[0]
+    subnetwork = Subnetwork.load(Path(chosen_row["path"]))
+    summary = subnetwork.summary()
+    t = time.perf_counter()
+    layers = layer_summary(subnetwork)
+    ablation = ablation_table(bridge, stats, eval_windows, subnetwork, seeds=(0,), batch_size=args.batch_size)
+    timings["ablation_s"] = time.perf_counter() - t
+    by_condition = ablation.set_index("condition")
+
+    result = {
+        "model": "smollm2", "model_id": model_id(bridge), "granularities": ["neuron", "head"],
+        "command": "python benchmarks/smollm2_study.py " + " ".join(sys.argv[1:]),
+        "corpus": "default", "vocab_size": vocab, "seq_len": args.seq_len,
+        "n_train_windows": len(train_windows), "n_eval_windows": len(eval_windows),
+        "config": config.to_dict(), "lambdas": args.lambdas,
+        "full_model": {k: float(v) for k, v in full.items()},
+        "sweep": json.loads(table.to_json(orient="records")),
+        "converged": bool((table["stop_reason"] == "converged").all()),
+        "chosen": {
+            "lambda": float(chosen_row["lambda"]), "steps": int(chosen_row["steps"]),
+            "stop_reason": str(chosen_row["stop_reason"]),
+            "n_params": summary["n_params"], "n_params_total": summary["n_params_total"],
+            "percent_params": summary["percent_params"], "n_kept": summary["n_kept"], "n_entries": summary["n_entries"],
+            "r_dropped": float(by_condition.loc["bigram only", "r_dropped"]),
+            "lm_loss_nats": float(by_condition.loc["bigram only", "lm_loss_nats"]),
+            "layers": layers,
+        },
+        "ablation": json.loads(ablation.to_json(orient="records")),
+        "loss_increase_ratio": float(ablation.attrs["loss_increase_ratio"]),
+        "paper": {"rows": PAPER_ROWS, "note": PAPER_NOTE},
+        "timings_s": timings, "wall_time_s": time.perf_counter() - started,
+        "torch_threads": args.threads, "device": "cpu", "machine": platform.machine(),
+        "python": platform.python_version(), "torch": torch.__version__,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.results.with_suffix(".json"), json.dumps(result, indent=2, default=str).encode("utf-8"))
+    atomic_write_bytes(args.results.with_suffix(".md"), render_markdown(result, table, ablation).encode("utf-8"))
+    print(json.dumps({k: result[k] for k in ("full_model", "chosen", "loss_increase_ratio", "wall_time_s")},
+                     indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
