@@ -409,8 +409,9 @@ def search(
     lrs = config.learning_rates(grans)
     was_training = bridge.training
     frozen = [p for p in bridge.parameters() if p.requires_grad]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     elapsed_before = float(checkpoint.get("elapsed_s", 0.0)) if checkpoint else 0.0
+    cpu_before = float(checkpoint.get("cpu_s", 0.0)) if checkpoint else 0.0
     bridge.eval()  # no dropout: the mask is the only source of change
     for p in frozen:
         p.requires_grad_(False)
@@ -441,6 +442,7 @@ def search(
                     "generator": mask_set.generator.get_state() if mask_set.generator is not None else None,
                     "config": config.to_dict(), "granularities": list(grans), "target": target.name,
                     "model_id": fingerprint, "elapsed_s": elapsed_before + time.perf_counter() - started,
+                    "cpu_s": cpu_before + time.process_time() - cpu_started,
                 }
 
             stop_reason = "max_steps"
@@ -522,6 +524,7 @@ def search(
         bridge.train(was_training)
 
     wall_time = elapsed_before + time.perf_counter() - started
+    cpu_time = cpu_before + time.process_time() - cpu_started  # process CPU s: robust on shared CPUs
     mask_set.eval()
     binary = mask_set.binary(top_k=config.keep_top_k)
     meta = {
@@ -533,6 +536,7 @@ def search(
     metrics.update({
         "steps": step, "attempts": attempt + 1, "stop_reason": stop_reason, "converged": stop_reason == "converged",
         "stable": stable, "stability": stability_reason, "wall_time_s": wall_time,
+        "cpu_time_s": cpu_time,
         "final_temperature": float(mask_set.temperature), "previous_attempts": previous_attempts,
     })
     subnetwork.metadata["metrics"] = metrics
@@ -615,7 +619,7 @@ def sweep(
             "lambda": float(lam), "n_params": m["n_params"], "percent_params": m["percent_params"],
             "density": m["density"], "bigram_r": m.get("bigram_r", float("nan")), "target_loss": m["target_loss"],
             "steps": m["steps"], "stop_reason": m["stop_reason"], "stable": m["stable"],
-            "attempts": m["attempts"], "wall_time_s": m["wall_time_s"],
+            "attempts": m["attempts"], "wall_time_s": m["wall_time_s"], "cpu_time_s": m.get("cpu_time_s"),
             "path": str(run_dir) if run_dir is not None else "",
         })
     table = pd.DataFrame(rows)
