@@ -1085,8 +1085,12 @@ def figures_command(
     HTML (+ PNG when Chromium is available; one shared ``plotly.min.js``), every table as CSV,
     and ``tables.md`` with all tables in Markdown. ``png=False`` skips the PNG export.
     """
+    from bigram_circuits.data import ensure_output_dir
+
     config = config or FiguresConfig()
-    out = Path(out_dir)
+    # Unwritable destinations fail now, not after the searches.
+    out = ensure_output_dir(out_dir)
+    ensure_output_dir(cache_dir)
     root = Path(cache_dir) / f"{_slug(str(model))}-{_model_fingerprint(str(model))}-{config.key()}"
     run = _FigureRun(str(model), config, root, device, show_progress)
 

@@ -72,7 +72,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_masks(tiny_neox_dir, tiny_t
                                       pd.read_csv(killed_out / f"lambda_{lam}" / "history.csv"))
         assert not (killed_out / f"lambda_{lam}" / "checkpoint.pt").exists()
     pd.testing.assert_frame_equal(
-        pd.read_csv(straight_out / "sweep.csv").drop(columns=["wall_time_s", "path"]),
-        pd.read_csv(killed_out / "sweep.csv").drop(columns=["wall_time_s", "path"]))
+        pd.read_csv(straight_out / "sweep.csv").drop(columns=["wall_time_s", "cpu_time_s", "path"], errors="ignore"),
+        pd.read_csv(killed_out / "sweep.csv").drop(columns=["wall_time_s", "cpu_time_s", "path"], errors="ignore"))
     assert verify_manifest(killed_out).attrs["ok"]
     assert not [p for p in killed_out.rglob("*") if p.name.endswith(".tmp")]
