@@ -43,13 +43,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from bigram_circuits.data import load_token_dataset
     from bigram_circuits.models import load_model
+    from bigram_circuits.subnetwork import Subnetwork
 
     started = time.time()
     bridge, tokenizer = load_model(args.model)
-    # Count the wrapped HF model: the bridge also exposes split copies of fused QKV weights.
-    n_params = sum(p.numel() for p in bridge.original_model.parameters())
+    # Attention + MLP weight matrices (the paper's mask unit); the bridge also holds split
+    # copies of fused QKV weights, so counting bridge.parameters() would double count.
+    n_weights = Subnetwork.full(bridge).n_params_total()
     print(f"model {args.model!r}: {bridge.cfg.n_layers} layers, d_model {bridge.cfg.d_model}, "
-          f"{n_params:,} parameters, vocab {len(tokenizer)}")
+          f"{n_weights:,} attention+MLP weights, vocab {len(tokenizer)}")
     windows = load_token_dataset(args.corpus, tokenizer, split="eval").windows(128, max_windows=args.eval_windows)
     with torch.no_grad():
         total, count = 0.0, 0
@@ -76,12 +78,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_search(args: argparse.Namespace, bridge, tokenizer) -> None:
-    try:
-        from bigram_circuits.search import demo_search
-    except ImportError:
-        print("(search module not available yet: skipping the subnetwork search)")
-        return
-    demo_search(bridge, tokenizer, corpus=args.corpus, out_dir=args.out)
+    """A short neuron + head bigram-subnetwork search on the loaded model, reported from the
+    binary mask (resumable: rerunning the demo reuses ``args.out``)."""
+    from bigram_circuits.data import load_token_dataset
+    from bigram_circuits.models import model_vocab_size
+    from bigram_circuits.ngrams import BigramStats
+    from bigram_circuits.search import SearchConfig, Target, search
+
+    vocab = model_vocab_size(bridge, tokenizer)
+    train = load_token_dataset(args.corpus, tokenizer, split="train")
+    evaluation = load_token_dataset(args.corpus, tokenizer, split="eval")
+    stats = BigramStats.from_tokens(train, vocab)
+    config = SearchConfig(lam=args.lam, max_steps=args.steps, batch_size=16, checkpoint_every=25)
+    print(f"searching a bigram subnetwork (neuron + head masks, lambda {args.lam:g}, "
+          f"at most {args.steps} steps) -> {args.out}")
+    result = search(bridge, train.windows(128, 2048), Target.bigram(stats), ("neuron", "head"),
+                    config, args.out, eval_windows=evaluation.windows(128, args.eval_windows))
+    m = result.metrics
+    print(f"bigram subnetwork: {m['n_params']:,} weights ({m['percent_params']:.1f}% of attention+MLP "
+          f"weights), bigram r {m['bigram_r']:.3f} on held-out text (binary mask), "
+          f"{m['steps']} steps, stopped by {m['stop_reason']}")
+    layers = result.subnetwork.layer_distribution()
+    print(layers.to_string(index=False))
 
 
 def cmd_train_default(args: argparse.Namespace) -> int:
@@ -167,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-windows", type=int, default=64)
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--no-search", action="store_true", help="only load and evaluate the model")
+    demo.add_argument("--lam", type=float, default=1.0, help="sparsity weight of the demo search")
+    demo.add_argument("--steps", type=int, default=150, help="search steps of the demo")
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train-default", help="train the bundled default model from scratch")
