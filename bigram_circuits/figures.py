@@ -723,7 +723,9 @@ class FiguresConfig:
     long context) and the temperature grows 3% per step instead of 0.1%, so a mask is decided
     within ``max_steps`` = 100 steps. Fig 2 uses at most ``max_checkpoints`` training
     checkpoints (evenly spaced, first and last included) plus the final model, and estimates r
-    at ``target_fractions`` of the maskable parameters.
+    at ``target_fractions`` of the maskable parameters. With these defaults the default model's
+    figures take about 6.5 minutes on 2 idle CPU cores (17 searches of ~15 s each, then lens,
+    similarity, ablations and generations in ~1 minute).
     """
 
     corpus: str = "default"
@@ -738,10 +740,10 @@ class FiguresConfig:
     max_checkpoints: int = 3
     target_fractions: tuple[float, ...] = (0.02, 0.05, 0.2)
     train_windows: int = 2048
-    eval_windows: int = 64
+    eval_windows: int = 256
     analysis_seq_len: int = 128
-    analysis_tokens: int = 16384
-    ablation_windows: int = 32
+    analysis_tokens: int = 32768
+    ablation_windows: int = 64
     random_seeds: tuple[int, ...] = (0, 1, 2)
     overlap_samples: int = 10_000
     prompts: tuple[str, ...] = ("The President of the United States", "The city is located in")
