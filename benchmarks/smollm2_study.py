@@ -55,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-windows", type=int, default=1024)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--time-budget-s", type=float, default=420.0, help="search time per lambda")
+    parser.add_argument("--temperature-growth", type=float, default=SearchConfig.temperature_growth,
+                        help="mask temperature factor per step (the paper: 1.001 over up to 15k steps)")
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--eval-batches", type=int, default=2, help="batches for each run's target loss")
     parser.add_argument("--threads", type=int, default=2)
@@ -146,6 +148,7 @@ def main() -> None:
 
     config = SearchConfig(max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
                           checkpoint_every=args.checkpoint_every, time_budget_s=args.time_budget_s,
+                          temperature_growth=args.temperature_growth,
                           eval_batches=args.eval_batches)
     t = time.perf_counter()
     table = sweep(bridge, train_windows, Target.bigram(stats), args.lambdas, ("neuron", "head"), config, args.out,

@@ -723,7 +723,8 @@ class FiguresConfig:
     long context) and the temperature grows 3% per step instead of 0.1%, so a mask is decided
     within ``max_steps`` = 100 steps. Fig 2 uses at most ``max_checkpoints`` training
     checkpoints (evenly spaced, first and last included) plus the final model, and estimates r
-    at ``target_fractions`` of the maskable parameters. With these defaults the default model's
+    at ``target_fractions`` of the maskable parameters. Table 2's "embeddings + linear map"
+    baseline trains its map for ``linear_map_steps`` steps. With these defaults the default model's
     figures take about 6.5 minutes on 2 idle CPU cores (17 searches of ~15 s each, then lens,
     similarity, ablations and generations in ~1 minute).
     """
@@ -749,6 +750,7 @@ class FiguresConfig:
     prompts: tuple[str, ...] = ("The President of the United States", "The city is located in")
     generation_tokens: int = 20
     generation_temperature: float = 1.0
+    linear_map_steps: int = 300
     seed: int = 0
 
     def search_config(self):
@@ -1043,10 +1045,12 @@ class _FigureRun:
         return self._frame("generations", compute)
 
     def bigram_r_rows(self) -> pd.DataFrame:
-        """Table 2 rows this toolkit computes: full model, bigram subnetwork, empty subnetwork
-        (embeddings, layernorms and biases only) and, with a step-0 checkpoint, the subnetwork
-        found at random initialisation."""
+        """Table 2 rows: full model, bigram subnetwork, empty subnetwork (embeddings, layernorms
+        and biases only), "embeddings + linear map" and, with a step-0 checkpoint, the subnetworks
+        found at random initialisation with its own and with the trained embeddings."""
         def compute() -> pd.DataFrame:
+            from bigram_circuits.baselines import LinearMapConfig, fit_linear_map, transplant_embeddings
+            from bigram_circuits.models import available_checkpoints, load_model
             from bigram_circuits.search import SWEEP_FILE, bigram_correlation, choose_subnetwork
             from bigram_circuits.subnetwork import Subnetwork
 
@@ -1058,14 +1062,31 @@ class _FigureRun:
                 {"condition": "full model", "r": float(sweep_rows["full_model_r"].iloc[0])},
                 {"condition": "bigram subnetwork", "r": float(chosen["r"])},
             ]
-            init_sweep = self.root / "step_0" / "bigram" / SWEEP_FILE  # written by the checkpoints stage
-            if init_sweep.exists():
+            if 0 in available_checkpoints(self.model):
+                self.checkpoint_results()  # makes sure the step-0 sweep exists
+                init_sweep = self.root / "step_0" / "bigram" / SWEEP_FILE
                 rows.append({"condition": "subnetwork at random init",
                              "r": float(choose_subnetwork(pd.read_csv(init_sweep))["bigram_r"])})
+                init_bridge, _ = load_model(self.model, device=self.device, checkpoint=0)
+                transplant_embeddings(init_bridge, data["bridge"])
+                table = self._sweep(init_bridge, "bigram", self.config.checkpoint_lambdas,
+                                    "step_0_trained_embeddings/bigram")
+                rows.append({"condition": "random init + trained embeddings",
+                             "r": float(choose_subnetwork(table)["bigram_r"])})
+                del init_bridge
             rows.append({"condition": "empty subnetwork + embeddings",
                          "r": bigram_correlation(data["bridge"], data["stats"], data["eval"], empty)})
+            linear_map = fit_linear_map(
+                data["bridge"], data["stats"], data["train"],
+                LinearMapConfig(steps=self.config.linear_map_steps, batch_size=self.config.batch_size,
+                                seed=self.config.seed),
+                show_progress=self.show_progress)
+            rows.append({"condition": "embeddings + linear map",
+                         "r": linear_map.evaluate(data["bridge"], data["stats"], data["eval"])["r_dropped"]})
             return pd.DataFrame(rows)
-        return self._frame("table2_rows", compute)
+        # "table2_bigram_r": a cache written before the linear-map and transplant rows existed
+        # ("table2_rows") is not reused.
+        return self._frame("table2_bigram_r", compute)
 
 
 def figures_command(

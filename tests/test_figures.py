@@ -326,7 +326,7 @@ def _tiny_figures_config(corpus: Path) -> F.FiguresConfig:
         corpus=str(corpus), seq_len=16, batch_size=4, max_steps=3, bigram_lambdas=(0.0, 10.0),
         optimal_lambdas=(10.0,), checkpoint_lambdas=(1.0, 10.0), max_checkpoints=2, train_windows=64,
         eval_windows=8, analysis_seq_len=32, analysis_tokens=256, ablation_windows=4, random_seeds=(0, 1),
-        overlap_samples=100, prompts=("the",), generation_tokens=3,
+        overlap_samples=100, prompts=("the",), generation_tokens=3, linear_map_steps=3,
     )
 
 
@@ -360,6 +360,11 @@ def test_figures_command_writes_everything_then_redraws_from_cache(tmp_path, tin
     assert all(p.exists() for p in written)
     tables = (out / "tables.md").read_text()
     assert "Table 2" in tables and "subnetwork at random init" in tables and "Pythia 1B" in tables
+    table2 = pd.read_csv(out / "table2_bigram_r.csv")
+    assert list(table2["condition"]) == [
+        "full model", "bigram subnetwork", "subnetwork at random init", "random init + trained embeddings",
+        "empty subnetwork + embeddings", "embeddings + linear map"]
+    assert table2["r"].between(-1, 1).all()
     ckpt = pd.read_csv(out / "table1_chosen.csv")
     assert ckpt.loc[0, "mask_size"] > ckpt.loc[0, "active_params"] >= 0
 
