@@ -24,14 +24,25 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bigram_circuits.circuits.lens import lens_report
+from bigram_circuits.circuits.similarity import similarity_report
 from bigram_circuits.data import atomic_write_bytes, load_token_dataset
 from bigram_circuits.evaluate import ablation_table, evaluate_metrics, table_markdown
+from bigram_circuits.figures import (
+    fig1_r_vs_params,
+    fig3_rotation,
+    fig4_similarity,
+    fig_layer_distribution,
+    from_search_sweep,
+    save_figure,
+)
 from bigram_circuits.models import load_model, model_id, model_vocab_size
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.search import SearchConfig, Target, sweep
@@ -48,6 +59,8 @@ PAPER_NOTE = ("paper: chosen subnetworks ~1M weights (<0.2% of non-embedding par
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", help="any load_model name (e.g. default for a quick check)")
+    parser.add_argument("--label", default="SmolLM2-135M", help="the model's name in tables and figures")
     parser.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 10.0])
     parser.add_argument("--max-steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -59,9 +72,13 @@ def parse_args() -> argparse.Namespace:
                         help="mask temperature factor per step (the paper: 1.001 over up to 15k steps)")
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--eval-batches", type=int, default=2, help="batches for each run's target loss")
+    parser.add_argument("--analysis-tokens", type=int, default=8192,
+                        help="held-out tokens for the linear lens (Fig 3) and layer similarity (Fig 4)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "smollm2")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "smollm2_study")
+    parser.add_argument("--figures", type=Path, default=REPO / "figures" / "smollm2",
+                        help="folder for the study's figures (PNG when Chromium is available, HTML always)")
     return parser.parse_args()
 
 
@@ -85,13 +102,31 @@ def layer_summary(subnetwork: Subnetwork) -> dict:
     }
 
 
+def circuits_summary(lens: pd.DataFrame, similarity: dict[str, pd.DataFrame]) -> dict:
+    """Per run: rotation to the input at layers 0-2 (the paper's layer-0 jump), rotation to the
+    output at layer 1, and the mean covariance similarity of layer 0 with later layers and
+    among layers >= 1 (the paper: near 1 for random subnetworks)."""
+    summary = {}
+    for run, matrix in similarity.items():
+        part = lens[lens["run"] == run].set_index(["target", "layer"])["rotation_deg"]
+        values = matrix.to_numpy(dtype=float)
+        later = values[1:, 1:][np.triu_indices(values.shape[0] - 1, k=1)]
+        summary[run] = {
+            "rotation_to_input_deg": {int(layer): float(part.get(("input", layer), float("nan"))) for layer in (0, 1, 2)},
+            "rotation_to_output_layer1_deg": float(part.get(("output", 1), float("nan"))),
+            "similarity_layer0_vs_later": float(values[0, 1:].mean()),
+            "similarity_among_later_layers": float(later.mean()),
+        }
+    return summary
+
+
 def render_markdown(result: dict, sweep_table: pd.DataFrame, ablation: pd.DataFrame) -> str:
     chosen = result["chosen"]
     comparison = pd.DataFrame(PAPER_ROWS + [{
-        "model": "SmolLM2-135M (this run)", "full_model_r": result["full_model"]["r_dropped"],
+        "model": f"{result['label']} (this run)", "full_model_r": result["full_model"]["r_dropped"],
         "subnetwork_r": chosen["r_dropped"]}])
     lines = [
-        "# SmolLM2-135M bigram subnetwork (neuron + head, CPU, short search)", "",
+        f"# {result['label']} bigram subnetwork (neuron + head, CPU)", "",
         f"Command: `{result['command']}`  ",
         f"Wall time: {result['wall_time_s']:.0f} s on {result['torch_threads']} CPU threads; "
         f"{result['n_train_windows']} train / {result['n_eval_windows']} eval windows of {result['seq_len']} tokens.",
@@ -110,6 +145,15 @@ def render_markdown(result: dict, sweep_table: pd.DataFrame, ablation: pd.DataFr
         "## Ablation", "", table_markdown(ablation[["condition", "active_params", "lm_loss_nats", "loss_increase",
                                                     "r_dropped", "n_tokens"]]), "",
         f"Loss increase ratio (bigram ablated / random ablated): {result['loss_increase_ratio']:.3g}", "",
+        f"## Circuits ({result['analysis_tokens']:,} held-out tokens)", "",
+        table_markdown(pd.DataFrame([
+            {"run": run, "to input, layer 1 (deg)": c["rotation_to_input_deg"][1],
+             "to input, layer 2 (deg)": c["rotation_to_input_deg"][2],
+             "to output, layer 1 (deg)": c["rotation_to_output_layer1_deg"],
+             "similarity layer 0 vs later": c["similarity_layer0_vs_later"],
+             "similarity among layers >= 1": c["similarity_among_later_layers"]}
+            for run, c in result["circuits"].items()]), floatfmt=".3g"), "",
+        "Figures: " + ", ".join(f"`{p}`" for p in result["figures"] if p.endswith(".png")), "",
     ]
     return "\n".join(lines)
 
@@ -122,7 +166,7 @@ def main() -> None:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    bridge, tokenizer = load_model("smollm2")
+    bridge, tokenizer = load_model(args.model)
     vocab = model_vocab_size(bridge, tokenizer)
     train = load_token_dataset("default", tokenizer, split="train")
     evaluation = load_token_dataset("default", tokenizer, split="eval")
@@ -153,7 +197,7 @@ def main() -> None:
     t = time.perf_counter()
     table = sweep(bridge, train_windows, Target.bigram(stats), args.lambdas, ("neuron", "head"), config, args.out,
                   eval_windows=eval_windows,
-                  metadata={"model": "smollm2", "corpus": "default", "n_train_windows": len(train_windows),
+                  metadata={"model": args.model, "corpus": "default", "n_train_windows": len(train_windows),
                             "n_eval_windows": len(eval_windows)})
     timings["sweep_s"] = time.perf_counter() - t
     print(table.to_string(), flush=True)
@@ -167,8 +211,30 @@ def main() -> None:
     timings["ablation_s"] = time.perf_counter() - t
     by_condition = ablation.set_index("condition")
 
+    # Fig 3 / Fig 4 on SmolLM2: full model, the chosen bigram subnetwork, a random same-shape one.
+    t = time.perf_counter()
+    runs = {"full": None, "bigram": subnetwork, "random": subnetwork.random_control(0)}
+    lens = lens_report(bridge, tokenizer, eval_windows, runs, n_tokens=args.analysis_tokens)
+    similarity = similarity_report(bridge, eval_windows, runs, n_tokens=args.analysis_tokens)
+    timings["circuits_s"] = time.perf_counter() - t
+    circuits = circuits_summary(lens, similarity)
+
+    figure_paths = []
+    args.figures.mkdir(parents=True, exist_ok=True)
+    label = args.label
+    figures = {
+        "fig1_r_vs_params": fig1_r_vs_params(from_search_sweep(table, label), {label: full["r_dropped"]}),
+        "layer_distribution": fig_layer_distribution(
+            subnetwork.layer_distribution(), f"{label} bigram subnetwork (lambda {chosen_row['lambda']:g})"),
+        "fig3_rotation": fig3_rotation(lens),
+        "fig4_similarity": fig4_similarity(similarity),
+    }
+    for name, figure in figures.items():
+        figure_paths += [str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+                         for p in save_figure(figure, args.figures / name, include_plotlyjs="directory")]
+
     result = {
-        "model": "smollm2", "model_id": model_id(bridge), "granularities": ["neuron", "head"],
+        "model": args.model, "label": args.label, "model_id": model_id(bridge), "granularities": ["neuron", "head"],
         "command": "python benchmarks/smollm2_study.py " + " ".join(sys.argv[1:]),
         "corpus": "default", "vocab_size": vocab, "seq_len": args.seq_len,
         "n_train_windows": len(train_windows), "n_eval_windows": len(eval_windows),
@@ -187,6 +253,7 @@ def main() -> None:
         },
         "ablation": json.loads(ablation.to_json(orient="records")),
         "loss_increase_ratio": float(ablation.attrs["loss_increase_ratio"]),
+        "circuits": circuits, "analysis_tokens": args.analysis_tokens, "figures": figure_paths,
         "paper": {"rows": PAPER_ROWS, "note": PAPER_NOTE},
         "timings_s": timings, "wall_time_s": time.perf_counter() - started,
         "torch_threads": args.threads, "device": "cpu", "machine": platform.machine(),

@@ -13,6 +13,8 @@ Fig 1     ``table_fig1``               sweep: model, lambda, active_params, r, [
                                        reference numbers of the paper in ``PAPER_FIG1``
 Fig 2     ``fig2_training_dynamics``   ckpt: step, target_params, r_estimated, full_model_r;
                                        layer_share: step, component ("mlp"|"attn"), layer, share
+(Fig 2)   ``fig_layer_distribution``   distribution: layer, block ("mlp"|"attn"), share_of_subnetwork,
+                                       [fraction_kept] (``Subnetwork.layer_distribution()``)
 Fig 3     ``fig3_rotation``            lens: run, layer, target ("input"|"output"), rotation_deg
 Fig 4     ``fig4_similarity``          matrices: {run: square layer x layer DataFrame of cosines}
 Fig 5     ``fig5_optimal``             opt_sweep: active_params, r_model, r_bigram, [model];
@@ -61,6 +63,7 @@ __all__ = [
     "fig3_rotation",
     "fig4_similarity",
     "fig5_optimal",
+    "fig_layer_distribution",
     "figures_command",
     "from_search_sweep",
     "human_count",
@@ -340,6 +343,45 @@ def fig2_training_dynamics(ckpt: pd.DataFrame, layer_share: pd.DataFrame) -> go.
                                  "colorbar": {"title": "share", "tickformat": ".0%", "x": 1.02}},
                       legend={"orientation": "h", "y": -0.25, "x": 0.0})
     return _style(fig, "Bigram subnetworks across training checkpoints", height=480, width=1250)
+
+
+def fig_layer_distribution(distribution: pd.DataFrame, title: str = "Where the subnetwork sits") -> go.Figure:
+    """One subnetwork's layer distribution (Fig 2's heatmaps for a single model, no checkpoints).
+
+    ``distribution``: layer, block ("mlp" or "attn"), share_of_subnetwork and optionally
+    fraction_kept, as returned by :meth:`Subnetwork.layer_distribution`. Left: stacked bars of
+    the share of the subnetwork's weights in each layer's MLP and attention. Right (with
+    fraction_kept): the fraction of each block that is kept.
+    """
+    _require_columns(distribution, ["layer", "block", "share_of_subnetwork"], "fig_layer_distribution")
+    blocks = set(distribution["block"].str.lower())
+    if not blocks <= {"mlp", "attn"}:
+        raise FigureDataError(f"block must be 'mlp' or 'attn', got {sorted(blocks - {'mlp', 'attn'})}")
+    with_fraction = "fraction_kept" in distribution.columns
+    fig = make_subplots(rows=1, cols=2 if with_fraction else 1, horizontal_spacing=0.1,
+                        subplot_titles=("Share of the subnetwork's weights", "Fraction of each block kept")
+                        if with_fraction else ("Share of the subnetwork's weights",))
+    colors = {"mlp": _PALETTE[0], "attn": _PALETTE[1]}
+    for block, label in (("mlp", "MLP"), ("attn", "attention")):
+        part = distribution[distribution["block"].str.lower() == block].sort_values("layer")
+        if part.empty:
+            continue
+        fig.add_trace(go.Bar(
+            x=part["layer"], y=part["share_of_subnetwork"], name=label, legendgroup=block,
+            marker_color=colors[block], hovertemplate="layer %{x}<br>%{y:.1%}<extra>" + label + "</extra>",
+        ), row=1, col=1)
+        if with_fraction:
+            fig.add_trace(go.Scatter(
+                x=part["layer"], y=part["fraction_kept"], mode="lines+markers", name=label,
+                legendgroup=block, showlegend=False, line={"color": colors[block], "width": 2},
+                hovertemplate="layer %{x}<br>%{y:.1%} kept<extra>" + label + "</extra>",
+            ), row=1, col=2)
+    for col in range(1, (2 if with_fraction else 1) + 1):
+        fig.update_xaxes(title_text="Layer", dtick=1 if distribution["layer"].nunique() <= 12 else 2,
+                         row=1, col=col)
+        fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=1, col=col)
+    fig.update_layout(barmode="stack")
+    return _style(fig, title, height=420, width=1100 if with_fraction else 650)
 
 
 # ----------------------------------------------------------------------------- Figure 3

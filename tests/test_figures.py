@@ -114,6 +114,27 @@ def test_fig2_rejects_unknown_component():
         F.fig2_training_dynamics(ckpt, share)
 
 
+def test_fig_layer_distribution_from_a_real_subnetwork(tiny_neox):
+    from bigram_circuits.subnetwork import Subnetwork
+
+    bridge, _ = tiny_neox
+    sub = Subnetwork.empty(bridge, ("neuron", "head")).random_control(0)
+    full = Subnetwork.empty(bridge, ("neuron", "head")).complement()
+    distribution = full.layer_distribution()
+    fig = F.fig_layer_distribution(distribution)
+    bars = [t for t in fig.data if isinstance(t, go.Bar)]
+    assert [b.name for b in bars] == ["MLP", "attention"]
+    total = sum(float(np.sum(b.y)) for b in bars)
+    assert total == pytest.approx(1.0)  # shares of one subnetwork add up to 1
+    assert len([t for t in fig.data if isinstance(t, go.Scatter)]) == 2  # fraction kept per block
+    only_share = F.fig_layer_distribution(sub.layer_distribution().drop(columns=["fraction_kept"]))
+    assert all(isinstance(t, go.Bar) for t in only_share.data)
+    with pytest.raises(FigureDataError, match="share_of_subnetwork"):
+        F.fig_layer_distribution(distribution.drop(columns=["share_of_subnetwork"]))
+    with pytest.raises(FigureDataError, match="embed"):
+        F.fig_layer_distribution(distribution.assign(block="embed"))
+
+
 def test_fig3_two_panels_one_line_per_run_in_paper_order():
     fig = F.fig3_rotation(_lens())
     assert len(fig.data) == 6

@@ -118,7 +118,13 @@ def as_token_tensor(
     tokens: Any, vocab_size: int | None = None
 ) -> Integer[torch.Tensor, "batch pos"]:
     """Validate token ids (numpy or torch, 1-D or 2-D) and return an int64 tensor [batch, pos]."""
-    tensor = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens)
+    if isinstance(tokens, torch.Tensor):
+        tensor = tokens
+    else:
+        array = np.asarray(tokens)
+        if not array.flags.writeable:  # read-only memmap windows: copy rather than share (torch warns)
+            array = array.copy()
+        tensor = torch.as_tensor(array)
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
         raise TokenError(
             f"token ids must be integers, got dtype {tensor.dtype}; pass token ids, not text"
