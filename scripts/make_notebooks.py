@@ -163,9 +163,34 @@ from bigram_circuits.evaluate import ablation_table
 chosen = Subnetwork.load(table.loc[table["chosen"], "path"].iloc[0])
 ablation = ablation_table(bridge, stats, evaluation.windows(128, 16), chosen, seeds=(0, 1), show_progress=False)
 ablation[["condition", "active_params", "lm_loss_nats", "loss_increase", "r_dropped"]]"""),
-    new_code_cell("""from bigram_circuits.figures import fig5_optimal
+    new_code_cell("""from bigram_circuits.figures import fig_layer_distribution
 print("loss increase ratio (bigram ablated / random ablated):", round(ablation.attrs["loss_increase_ratio"], 2))
-chosen.layer_distribution()"""),
+fig_layer_distribution(chosen.layer_distribution())"""),
+    new_markdown_cell("""Table 2: the chosen subnetwork against baselines. "random init + trained embeddings" is
+a bigram search in the step-0 checkpoint after copying in the trained embedding, unembedding and
+final norm; "embeddings + linear map" learns one `d_model x d_model` map between the trained
+embeddings (tiny settings here)."""),
+    new_code_cell("""import pandas as pd
+from bigram_circuits.baselines import LinearMapConfig, fit_linear_map, transplant_embeddings
+from bigram_circuits.figures import table2_bigram_r
+from bigram_circuits.search import bigram_correlation, search
+
+eval_windows = evaluation.windows(128, 16)
+init, _ = load_model("default", checkpoint=0)
+transplant_embeddings(init, bridge)
+init_result = search(init, train.windows(128, 384), Target.bigram(stats), ("neuron", "head"),
+                     SearchConfig(lam=10.0, max_steps=25, batch_size=8, stability_check=False, eval_batches=2),
+                     show_progress=False)
+linear = fit_linear_map(bridge, stats, train.windows(128, 384), LinearMapConfig(steps=60), show_progress=False)
+rows = pd.DataFrame([
+    {"condition": "full model", "r": bigram_correlation(bridge, stats, eval_windows)},
+    {"condition": "bigram subnetwork", "r": bigram_correlation(bridge, stats, eval_windows, chosen)},
+    {"condition": "random init + trained embeddings", "r": bigram_correlation(init, stats, eval_windows, init_result.subnetwork)},
+    {"condition": "empty subnetwork + embeddings",
+     "r": bigram_correlation(bridge, stats, eval_windows, Subnetwork.empty(bridge, ("neuron", "head")))},
+    {"condition": "embeddings + linear map", "r": linear.evaluate(bridge, stats, eval_windows)["r_dropped"]},
+])
+table2_bigram_r(rows)"""),
 ]
 
 
