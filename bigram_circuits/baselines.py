@@ -25,14 +25,18 @@ from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
 
 from bigram_circuits.errors import BigramCircuitsError, ConfigError
-from bigram_circuits.evaluate import TokenSurprisals, metrics_from_surprisals
+from bigram_circuits.evaluate import (
+    TokenSurprisals,
+    metrics_from_surprisals,
+    surprisals_from_logits,
+)
 
 __all__ = [
     "BaselineError",
-    "LinearMapConfig",
     "LinearMapBaseline",
-    "transplant_embeddings",
+    "LinearMapConfig",
     "fit_linear_map",
+    "transplant_embeddings",
 ]
 
 
@@ -117,25 +121,12 @@ class LinearMapBaseline:
         hidden = bridge.embed(tokens) @ self.weight + self.bias
         return bridge.unembed(bridge.ln_final(hidden))
 
-    @torch.no_grad()
     def surprisals(self, bridge, stats, windows: Integer[np.ndarray, "n seq"],
                    batch_size: int = 16) -> TokenSurprisals:
         """Model and bigram surprisal of every actual next token of ``windows``."""
-        vocab = int(stats.vocab_size)
-        device = self.weight.device
-        model_parts, bigram_parts = [], []
-        xent_sum, xent_count = 0.0, 0
-        for start in range(0, len(windows), batch_size):
-            batch_np = np.asarray(windows[start : start + batch_size], dtype=np.int64)
-            batch = torch.as_tensor(batch_np, device=device)
-            logits = self.logits(bridge, batch)[..., :vocab].float()
-            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-            model_parts.append((-log_probs.gather(-1, batch[:, 1:, None]).squeeze(-1)).double().cpu().numpy().ravel())
-            bigram_parts.append(np.asarray(stats.next_token_surprisal(batch_np), dtype=np.float64).ravel())
-            xent_sum += float(stats.soft_cross_entropy(logits, batch_np, reduction="sum"))
-            xent_count += batch.numel()
-        return TokenSurprisals(model=np.concatenate(model_parts), bigram=np.concatenate(bigram_parts),
-                               soft_xent_sum=xent_sum, soft_xent_count=xent_count)
+        return surprisals_from_logits(lambda tokens: self.logits(bridge, tokens), stats, windows,
+                                      self.weight.device, batch_size, desc="evaluate linear map",
+                                      show_progress=False)
 
     def evaluate(self, bridge, stats, windows: Integer[np.ndarray, "n seq"], batch_size: int = 16) -> dict[str, float]:
         """The metric row of :func:`bigram_circuits.evaluate.evaluate_metrics` for this predictor."""

@@ -19,7 +19,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,7 @@ __all__ = [
     "loss_increase_ratio",
     "metrics_from_surprisals",
     "pearson_r",
+    "surprisals_from_logits",
     "table_markdown",
     "token_surprisals",
     "write_tables",
@@ -104,6 +105,51 @@ def _stats_vocab_size(stats) -> int:
 
 
 @torch.no_grad()
+def surprisals_from_logits(
+    logits_fn: Callable[[Integer[torch.Tensor, "batch pos"]], Float[torch.Tensor, "batch pos vocab"]],
+    stats,
+    windows: Integer[np.ndarray, "n seq"],
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    desc: str = "evaluate",
+    show_progress: bool = True,
+) -> TokenSurprisals:
+    """Model and bigram surprisal of every actual next token, for any next-token predictor
+    ``logits_fn(tokens [batch, pos]) -> logits [batch, pos, >= V]`` (a model, a model with a
+    subnetwork applied, or a baseline such as :class:`bigram_circuits.baselines.LinearMapBaseline`)."""
+    vocab_size = _stats_vocab_size(stats)
+    array = _check_windows(windows, vocab_size)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    model_parts: list[np.ndarray] = []
+    bigram_parts: list[np.ndarray] = []
+    xent_sum, xent_count = 0.0, 0
+    for start in tqdm(range(0, len(array), batch_size), desc=desc, unit="batch",
+                      disable=not show_progress, leave=False):
+        batch_np = np.asarray(array[start : start + batch_size], dtype=np.int64)
+        batch = torch.as_tensor(batch_np, device=device)
+        logits = logits_fn(batch)
+        if logits.shape[-1] < vocab_size:
+            raise StatsError(
+                f"model has {logits.shape[-1]} logits but the bigram stats have vocab {vocab_size}; "
+                "build the stats with this model's tokenizer"
+            )
+        logits = logits[..., :vocab_size].float()
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        surprisal = -log_probs.gather(-1, batch[:, 1:, None]).squeeze(-1)
+        model_parts.append(surprisal.double().cpu().numpy().ravel())
+        bigram_parts.append(np.asarray(stats.next_token_surprisal(batch_np), dtype=np.float64).ravel())
+        xent_sum += float(stats.soft_cross_entropy(logits, batch_np, reduction="sum"))
+        xent_count += batch.numel()
+    return TokenSurprisals(
+        model=np.concatenate(model_parts),
+        bigram=np.concatenate(bigram_parts),
+        soft_xent_sum=xent_sum,
+        soft_xent_count=xent_count,
+    )
+
+
+@torch.no_grad()
 def token_surprisals(
     bridge,
     stats,
@@ -114,40 +160,12 @@ def token_surprisals(
     show_progress: bool = True,
 ) -> TokenSurprisals:
     """Model and bigram surprisal of every actual next token, with ``subnetwork`` applied."""
-    vocab_size = _stats_vocab_size(stats)
-    array = _check_windows(windows, vocab_size)
+    array = _check_windows(windows, _stats_vocab_size(stats))
     check_tokens_fit(bridge, array)
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be positive, got {batch_size}")
-    device = _device(bridge)
-    model_parts: list[np.ndarray] = []
-    bigram_parts: list[np.ndarray] = []
-    xent_sum, xent_count = 0.0, 0
     label = "full model" if subnetwork is None else f"subnetwork ({mode})"
     with run_context(bridge, subnetwork, mode):
-        for start in tqdm(range(0, len(array), batch_size), desc=f"evaluate {label}", unit="batch",
-                          disable=not show_progress, leave=False):
-            batch_np = np.asarray(array[start : start + batch_size], dtype=np.int64)
-            batch = torch.as_tensor(batch_np, device=device)
-            logits = bridge(batch)
-            if logits.shape[-1] < vocab_size:
-                raise StatsError(
-                    f"model has {logits.shape[-1]} logits but the bigram stats have vocab {vocab_size}; "
-                    "build the stats with this model's tokenizer"
-                )
-            logits = logits[..., :vocab_size].float()
-            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-            surprisal = -log_probs.gather(-1, batch[:, 1:, None]).squeeze(-1)
-            model_parts.append(surprisal.double().cpu().numpy().ravel())
-            bigram_parts.append(np.asarray(stats.next_token_surprisal(batch_np), dtype=np.float64).ravel())
-            xent_sum += float(stats.soft_cross_entropy(logits, batch_np, reduction="sum"))
-            xent_count += batch.numel()
-    return TokenSurprisals(
-        model=np.concatenate(model_parts),
-        bigram=np.concatenate(bigram_parts),
-        soft_xent_sum=xent_sum,
-        soft_xent_count=xent_count,
-    )
+        return surprisals_from_logits(bridge, stats, array, _device(bridge), batch_size,
+                                      desc=f"evaluate {label}", show_progress=show_progress)
 
 
 def pearson_r(x: Float[np.ndarray, " n"], y: Float[np.ndarray, " n"]) -> float:

@@ -1091,7 +1091,11 @@ class _FigureRun:
         and biases only), "embeddings + linear map" and, with a step-0 checkpoint, the subnetworks
         found at random initialisation with its own and with the trained embeddings."""
         def compute() -> pd.DataFrame:
-            from bigram_circuits.baselines import LinearMapConfig, fit_linear_map, transplant_embeddings
+            from bigram_circuits.baselines import (
+                LinearMapConfig,
+                fit_linear_map,
+                transplant_embeddings,
+            )
             from bigram_circuits.models import available_checkpoints, load_model
             from bigram_circuits.search import SWEEP_FILE, bigram_correlation, choose_subnetwork
             from bigram_circuits.subnetwork import Subnetwork
