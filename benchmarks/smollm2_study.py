@@ -57,10 +57,11 @@ PAPER_NOTE = ("paper: chosen subnetworks ~1M weights (<0.2% of non-embedding par
               "concentrated in the first MLP layer (layer 0)")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="any load_model name (e.g. default for a quick check)")
     parser.add_argument("--label", default="SmolLM2-135M", help="the model's name in tables and figures")
+    parser.add_argument("--corpus", default="default", help="any load_token_dataset name or text file")
     parser.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 10.0])
     parser.add_argument("--max-steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -79,7 +80,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "smollm2_study")
     parser.add_argument("--figures", type=Path, default=REPO / "figures" / "smollm2",
                         help="folder for the study's figures (PNG when Chromium is available, HTML always)")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def layer_summary(subnetwork: Subnetwork) -> dict:
@@ -158,8 +159,8 @@ def render_markdown(result: dict, sweep_table: pd.DataFrame, ablation: pd.DataFr
     return "\n".join(lines)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -168,8 +169,8 @@ def main() -> None:
     t = time.perf_counter()
     bridge, tokenizer = load_model(args.model)
     vocab = model_vocab_size(bridge, tokenizer)
-    train = load_token_dataset("default", tokenizer, split="train")
-    evaluation = load_token_dataset("default", tokenizer, split="eval")
+    train = load_token_dataset(args.corpus, tokenizer, split="train")
+    evaluation = load_token_dataset(args.corpus, tokenizer, split="eval")
     timings["load_s"] = time.perf_counter() - t
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +198,7 @@ def main() -> None:
     t = time.perf_counter()
     table = sweep(bridge, train_windows, Target.bigram(stats), args.lambdas, ("neuron", "head"), config, args.out,
                   eval_windows=eval_windows,
-                  metadata={"model": args.model, "corpus": "default", "n_train_windows": len(train_windows),
+                  metadata={"model": args.model, "corpus": args.corpus, "n_train_windows": len(train_windows),
                             "n_eval_windows": len(eval_windows)})
     timings["sweep_s"] = time.perf_counter() - t
     print(table.to_string(), flush=True)
@@ -235,8 +236,8 @@ def main() -> None:
 
     result = {
         "model": args.model, "label": args.label, "model_id": model_id(bridge), "granularities": ["neuron", "head"],
-        "command": "python benchmarks/smollm2_study.py " + " ".join(sys.argv[1:]),
-        "corpus": "default", "vocab_size": vocab, "seq_len": args.seq_len,
+        "command": "python benchmarks/smollm2_study.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "corpus": args.corpus, "vocab_size": vocab, "seq_len": args.seq_len,
         "n_train_windows": len(train_windows), "n_eval_windows": len(eval_windows),
         "config": config.to_dict(), "lambdas": args.lambdas,
         "full_model": {k: float(v) for k, v in full.items()},
@@ -264,6 +265,7 @@ def main() -> None:
     atomic_write_bytes(args.results.with_suffix(".md"), render_markdown(result, table, ablation).encode("utf-8"))
     print(json.dumps({k: result[k] for k in ("full_model", "chosen", "loss_increase_ratio", "wall_time_s")},
                      indent=2, default=str))
+    return result
 
 
 if __name__ == "__main__":
