@@ -129,7 +129,9 @@ def render_markdown(result: dict, sweep_table: pd.DataFrame, ablation: pd.DataFr
     lines = [
         f"# {result['label']} bigram subnetwork (neuron + head, CPU)", "",
         f"Command: `{result['command']}`  ",
-        f"Wall time: {result['wall_time_s']:.0f} s on {result['torch_threads']} CPU threads; "
+        f"Search wall time {sum(row['wall_time_s'] for row in result['sweep']):.0f} s in all (each lambda's "
+        f"time, also over resumed runs); this invocation {result['wall_time_s']:.0f} s; "
+        f"{result['torch_threads']} CPU threads; "
         f"{result['n_train_windows']} train / {result['n_eval_windows']} eval windows of {result['seq_len']} tokens.",
         "",
         "## Bigram r: paper vs this run", "", table_markdown(comparison, floatfmt=".3f"), "", PAPER_NOTE, "",
@@ -146,6 +148,11 @@ def render_markdown(result: dict, sweep_table: pd.DataFrame, ablation: pd.DataFr
         "## Ablation", "", table_markdown(ablation[["condition", "active_params", "lm_loss_nats", "loss_increase",
                                                     "r_dropped", "n_tokens"]]), "",
         f"Loss increase ratio (bigram ablated / random ablated): {result['loss_increase_ratio']:.3g}", "",
+        "## Where each lambda's subnetwork sits", "",
+        table_markdown(pd.DataFrame(result["sweep_layers"]).rename(columns={
+            "layer0_share": "share in layer 0", "mlp0_share": "share in MLP 0", "mlp_share": "share in MLPs",
+            "mlp0_fraction_kept": "MLP 0 neurons kept", "mlp_mean_fraction_kept": "MLP neurons kept (mean over layers)"}),
+            floatfmt=".3g"), "",
         f"## Circuits ({result['analysis_tokens']:,} held-out tokens)", "",
         table_markdown(pd.DataFrame([
             {"run": run, "to input, layer 1 (deg)": c["rotation_to_input_deg"][1],
@@ -225,11 +232,24 @@ def main(argv: list[str] | None = None) -> dict:
     label = args.label
     figures = {
         "fig1_r_vs_params": fig1_r_vs_params(from_search_sweep(table, label), {label: full["r_dropped"]}),
-        "layer_distribution": fig_layer_distribution(
-            subnetwork.layer_distribution(), f"{label} bigram subnetwork (lambda {chosen_row['lambda']:g})"),
         "fig3_rotation": fig3_rotation(lens),
         "fig4_similarity": fig4_similarity(similarity),
     }
+    sweep_layers = []
+    for row in table.to_dict("records"):  # where each lambda's subnetwork sits (sparser: more in layer 0?)
+        lam, n_params, r = float(row["lambda"]), int(row["n_params"]), float(row["bigram_r"])
+        swept = Subnetwork.load(Path(row["path"]))
+        summary_row = layer_summary(swept)
+        dist = swept.layer_distribution()
+        mlp = dist[dist["block"] == "mlp"].set_index("layer")["fraction_kept"]
+        sweep_layers.append({
+            "lambda": lam, "n_params": n_params, "bigram_r": r,
+            "layer0_share": float(summary_row["per_layer_kept_params"].get(0, 0) / max(n_params, 1)),
+            "mlp0_share": summary_row["mlp_layer0_share"], "mlp_share": summary_row["mlp_share"],
+            "mlp0_fraction_kept": float(mlp.get(0, float("nan"))), "mlp_mean_fraction_kept": float(mlp.mean()),
+        })
+        figures[f"layer_distribution_lambda_{lam:g}"] = fig_layer_distribution(
+            dist, f"{label} bigram subnetwork, lambda {lam:g} (r {r:.3f})")
     for name, figure in figures.items():
         figure_paths += [str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
                          for p in save_figure(figure, args.figures / name, include_plotlyjs="directory")]
@@ -254,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "ablation": json.loads(ablation.to_json(orient="records")),
         "loss_increase_ratio": float(ablation.attrs["loss_increase_ratio"]),
-        "circuits": circuits, "analysis_tokens": args.analysis_tokens, "figures": figure_paths,
+        "sweep_layers": sweep_layers, "circuits": circuits, "analysis_tokens": args.analysis_tokens, "figures": figure_paths,
         "paper": {"rows": PAPER_ROWS, "note": PAPER_NOTE},
         "timings_s": timings, "wall_time_s": time.perf_counter() - started,
         "torch_threads": args.threads, "device": "cpu", "machine": platform.machine(),

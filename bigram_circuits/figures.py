@@ -377,7 +377,7 @@ def fig_layer_distribution(distribution: pd.DataFrame, title: str = "Where the s
                 hovertemplate="layer %{x}<br>%{y:.1%} kept<extra>" + label + "</extra>",
             ), row=1, col=2)
     for col in range(1, (2 if with_fraction else 1) + 1):
-        fig.update_xaxes(title_text="Layer", dtick=1 if distribution["layer"].nunique() <= 12 else 2,
+        fig.update_xaxes(title_text="Layer", dtick=1 if distribution["layer"].nunique() <= 12 else 5,
                          row=1, col=col)
         fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=1, col=col)
     fig.update_layout(barmode="stack")
@@ -412,7 +412,9 @@ def fig3_rotation(lens: pd.DataFrame) -> go.Figure:
                 line={"color": _run_color(run, i), "dash": _DASHES[i % len(_DASHES)], "width": 2.5},
                 hovertemplate="layer %{x}<br>%{y:.1f}°<extra>" + str(run) + "</extra>",
             ), row=1, col=col)
-        fig.update_xaxes(type="linear", dtick=1, title_text="Layer (0 = embeddings)", row=1, col=col)
+        # One tick per layer for small models; every 5th for deep ones (30 layers are unreadable).
+        fig.update_xaxes(type="linear", dtick=1 if lens["layer"].max() <= 12 else 5, rangemode="tozero",
+                         title_text="Layer (0 = embeddings)", row=1, col=col)
     fig.update_yaxes(title_text="Median rotation (degrees)", rangemode="tozero", row=1, col=1)
     return _style(fig, "Rotation of hidden states towards the input and the output", height=450, width=1000)
 

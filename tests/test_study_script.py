@@ -39,7 +39,9 @@ def test_study_script_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_neox_dir, 
     assert {"full model", "bigram ablated", "random ablated"} <= {row["condition"] for row in saved["ablation"]}
     markdown = (tmp_path / "results" / "study.md").read_text()
     assert "tiny (this run)" in markdown and "## Circuits" in markdown
-    for name in ("fig1_r_vs_params", "layer_distribution", "fig3_rotation", "fig4_similarity"):
+    assert [row["lambda"] for row in saved["sweep_layers"]] == [0.0, 10.0]
+    for name in ("fig1_r_vs_params", "layer_distribution_lambda_0", "layer_distribution_lambda_10",
+                 "fig3_rotation", "fig4_similarity"):
         assert (tmp_path / "figures" / f"{name}.html").exists()
 
     # A second run resumes the finished sweep instead of searching again.
