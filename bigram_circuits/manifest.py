@@ -12,7 +12,6 @@ modified or missing; files added later (e.g. ``evaluation/``) are not its concer
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bigram_circuits.data import atomic_write_bytes
+from bigram_circuits.data import atomic_write_bytes, sha256_file
 from bigram_circuits.errors import ManifestError
 
 __all__ = ["MANIFEST_FILE", "environment_versions", "read_manifest", "verify_manifest", "write_manifest"]
@@ -50,14 +49,6 @@ def environment_versions() -> dict[str, str | None]:
     return versions
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _result_files(run_dir: Path) -> list[Path]:
     """Every regular file under ``run_dir`` except hidden (temporary) files, checkpoints and
     the top-level manifest (nested runs' manifests are listed)."""
@@ -79,7 +70,7 @@ def write_manifest(run_dir: str | os.PathLike, kind: str, config: Mapping) -> Pa
     any JSON-able mapping of its settings (non-JSON values are stored as strings)."""
     run_dir = Path(run_dir)
     files = {
-        path.relative_to(run_dir).as_posix(): {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        path.relative_to(run_dir).as_posix(): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         for path in _result_files(run_dir)
     }
     manifest = {
@@ -121,7 +112,7 @@ def verify_manifest(run_dir: str | os.PathLike) -> pd.DataFrame:
     for rel, entry in sorted(manifest["files"].items()):
         path = run_dir / rel
         expected = str(entry.get("sha256", "")) if isinstance(entry, dict) else ""
-        found = _sha256(path) if path.is_file() else None
+        found = sha256_file(path) if path.is_file() else None
         status = "missing" if found is None else ("ok" if found == expected else "modified")
         rows.append({"path": rel, "status": status, "expected_sha256": expected, "found_sha256": found})
     table = pd.DataFrame(rows, columns=["path", "status", "expected_sha256", "found_sha256"])

@@ -44,7 +44,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from bigram_circuits.data import atomic_directory, atomic_write_bytes, cache_dir
+from bigram_circuits.data import atomic_directory, atomic_write_bytes, cache_dir, sha256_file
 from bigram_circuits.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -294,19 +294,11 @@ def _load_hf_dir_model(model_dir: Path, dtype: torch.dtype, checkpoint: int | No
         return _from_pretrained_checked(Path(tmp), dtype, checkpoints[checkpoint])
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _gguf_as_hf_dir(gguf_path: Path) -> Path:
     """A cached Hugging Face directory holding the dequantised GGUF model and its tokenizer."""
     if importlib.util.find_spec("gguf") is None:
         raise ModelLoadError("loading .gguf files needs the gguf package; run `pip install gguf`")
-    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{_sha256_file(gguf_path)[:16]}"
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     from safetensors.torch import save
