@@ -1,14 +1,19 @@
-"""Bigram subnetwork of SmolLM2-135M (LLaMA-style, 30 layers) at neuron + head granularity on CPU.
+"""Bigram subnetwork of SmolLM2-135M (LLaMA-style, 30 layers) at weight masks (the paper's unit) on CPU.
 
-    python benchmarks/smollm2_study.py --lambdas 1 10 --max-steps 60 --batch-size 8 \
-        --time-budget-s 420 --out runs/smollm2
+    python benchmarks/smollm2_study.py --lambdas 0 1 10 --max-steps 350 --batch-size 8 --seq-len 64 \
+        --time-budget-s 1500 --out runs/smollm2_weight
+
+``--granularity neuron,head`` runs the coarser neuron + head masks instead.
 
 Steps: load SmolLM2-135M and its tokenizer (``load_model("smollm2")``); tokenise the default
 corpus's train/eval splits; count bigram statistics on the train split; bigram r of the full
 model on the eval windows; a short, resumable lambda sweep (``bigram_circuits.search.sweep``,
 checkpoints under ``--out``); then for the chosen subnetwork its r, size in the paper's unit
 (attention + MLP weight entries, i.e. non-embedding weight matrices), layer distribution and an
-ablation comparison (bigram subnetwork ablated vs a random subnetwork of the same shape ablated).
+ablation comparison (bigram subnetwork ablated vs a random subnetwork of the same shape ablated)
+with sample generations; an optimal subnetwork (target: the full model's own distribution) at
+``--optimal-lambda`` and its overlap with the bigram subnetwork of the same lambda (exact null);
+the linear-lens rotation (Fig 3) and covariance similarity (Fig 4) of full, bigram and random.
 
 Writes ``benchmarks/results/smollm2_study.json`` and ``.md``. The search is far shorter than the
 paper's (up to 15k steps): the result says whether it converged. Re-running with the same
@@ -32,9 +37,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bigram_circuits.circuits.lens import lens_report
+from bigram_circuits.circuits.overlap import overlap_table
 from bigram_circuits.circuits.similarity import similarity_report
 from bigram_circuits.data import atomic_write_bytes, load_token_dataset
-from bigram_circuits.evaluate import ablation_table, evaluate_metrics, table_markdown
+from bigram_circuits.evaluate import (
+    ablation_table,
+    evaluate_metrics,
+    generate_table,
+    generation_conditions,
+    metrics_from_surprisals,
+    pearson_r,
+    table_markdown,
+    token_surprisals,
+)
 from bigram_circuits.figures import (
     fig1_r_vs_params,
     fig3_rotation,
@@ -43,6 +58,7 @@ from bigram_circuits.figures import (
     from_search_sweep,
     save_figure,
 )
+from bigram_circuits.masks import parse_granularities
 from bigram_circuits.models import load_model, model_id, model_vocab_size
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.search import SearchConfig, Target, sweep
@@ -62,13 +78,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2", help="any load_model name (e.g. default for a quick check)")
     parser.add_argument("--label", default="SmolLM2-135M", help="the model's name in tables and figures")
     parser.add_argument("--corpus", default="default", help="any load_token_dataset name or text file")
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 10.0])
-    parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--granularity", default="weight",
+                        help="mask unit(s), comma-separated: weight (the paper's) or neuron,head")
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 1.0, 10.0])
+    parser.add_argument("--optimal-lambda", type=float, default=10.0,
+                        help="lambda of the optimal subnetwork compared with the bigram one (negative: skip)")
+    parser.add_argument("--max-steps", type=int, default=350)
+    parser.add_argument("--lr", type=float, default=SearchConfig.lr,
+                        help="mask learning rate (default: per granularity, weight 0.01)")
+    parser.add_argument("--max-attempts", type=int, default=1,
+                        help="stability retries (a retry restarts the search, so the default reports "
+                        "stability without retrying inside the time budget)")
+    parser.add_argument("--prompts", nargs="+",
+                        default=["The President of the United States", "The city is located in"])
+    parser.add_argument("--generation-tokens", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--train-windows", type=int, default=1024)
     parser.add_argument("--eval-windows", type=int, default=32)
-    parser.add_argument("--time-budget-s", type=float, default=420.0, help="search time per lambda")
+    parser.add_argument("--time-budget-s", type=float, default=1500.0, help="search time per lambda")
     parser.add_argument("--temperature-growth", type=float, default=SearchConfig.temperature_growth,
                         help="mask temperature factor per step (the paper: 1.001 over up to 15k steps)")
     parser.add_argument("--checkpoint-every", type=int, default=10)
@@ -127,27 +155,34 @@ def render_markdown(result: dict, sweep_table: pd.DataFrame, ablation: pd.DataFr
         "model": f"{result['label']} (this run)", "full_model_r": result["full_model"]["r_dropped"],
         "subnetwork_r": chosen["r_dropped"]}])
     lines = [
-        f"# {result['label']} bigram subnetwork (neuron + head, CPU)", "",
+        f"# {result['label']} bigram subnetwork ({' + '.join(result['granularities'])} masks, CPU)", "",
         f"Command: `{result['command']}`  ",
-        f"Search wall time {sum(row['wall_time_s'] for row in result['sweep']):.0f} s in all (each lambda's "
+        (f"Search wall time {sum(row['wall_time_s'] for row in result['sweep']):.0f} s in all (each lambda's "
         f"time, also over resumed runs); this invocation {result['wall_time_s']:.0f} s; "
         f"{result['torch_threads']} CPU threads; "
-        f"{result['n_train_windows']} train / {result['n_eval_windows']} eval windows of {result['seq_len']} tokens.",
+        f"{result['n_train_windows']} train / {result['n_eval_windows']} eval windows of {result['seq_len']} tokens."),
         "",
         "## Bigram r: paper vs this run", "", table_markdown(comparison, floatfmt=".3f"), "", PAPER_NOTE, "",
         "## Sweep", "", table_markdown(sweep_table.drop(columns=["path"], errors="ignore")), "",
         f"Converged: {result['converged']} (stop reasons: {', '.join(map(str, sweep_table['stop_reason']))}).", "",
         "## Chosen subnetwork", "",
-        f"lambda {chosen['lambda']:g}: {chosen['n_params']:,} weights = {chosen['percent_params']:.3f}% of the "
+        (f"lambda {chosen['lambda']:g}: {chosen['n_params']:,} weights = {chosen['percent_params']:.3f}% of the "
         f"{chosen['n_params_total']:,} attention + MLP weights (non-embedding); bigram r {chosen['r_dropped']:.3f} "
-        f"(full model {result['full_model']['r_dropped']:.3f}).  ",
-        f"Plurality layer {chosen['layers']['plurality_layer']} "
+        f"(full model {result['full_model']['r_dropped']:.3f}).  "),
+        (f"Plurality layer {chosen['layers']['plurality_layer']} "
         f"({100 * chosen['layers']['plurality_layer_share']:.1f}% of kept weights); MLP share "
         f"{100 * chosen['layers']['mlp_share']:.1f}%, attention {100 * chosen['layers']['attn_share']:.1f}%; "
-        f"MLP layer 0 holds {100 * chosen['layers']['mlp_layer0_share']:.1f}%.", "",
+        f"MLP layer 0 holds {100 * chosen['layers']['mlp_layer0_share']:.1f}%."), "",
         "## Ablation", "", table_markdown(ablation[["condition", "active_params", "lm_loss_nats", "loss_increase",
                                                     "r_dropped", "n_tokens"]]), "",
         f"Loss increase ratio (bigram ablated / random ablated): {result['loss_increase_ratio']:.3g}", "",
+        "## Generations (temperature 1, same seed per condition)", "",
+        table_markdown(pd.DataFrame(result["generations"])[["prompt", "condition", "generation"]]), "",
+        *(["## Overlap with the optimal subnetwork", "",
+           (f"Bigram and optimal subnetworks at lambda {result['optimal']['lambda']:g} (optimal: "
+           f"{result['optimal']['n_params']:,} weights, r with the full model's surprisal "
+           f"{result['optimal']['r_model']:.3f}, bigram r {result['optimal']['r_bigram']:.3f})."), "",
+           table_markdown(pd.DataFrame(result["overlap"]), floatfmt=".4g"), ""] if result.get("optimal") else []),
         "## Where each lambda's subnetwork sits", "",
         table_markdown(pd.DataFrame(result["sweep_layers"]).rename(columns={
             "layer0_share": "share in layer 0", "mlp0_share": "share in MLP 0", "mlp_share": "share in MLPs",
@@ -198,12 +233,13 @@ def main(argv: list[str] | None = None) -> dict:
     timings["full_model_eval_s"] = time.perf_counter() - t
     print(f"full model: r={full['r_dropped']:.4f} loss={full['lm_loss_nats']:.4f}", flush=True)
 
+    granularities = parse_granularities(args.granularity.split(","))
     config = SearchConfig(max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
                           checkpoint_every=args.checkpoint_every, time_budget_s=args.time_budget_s,
-                          temperature_growth=args.temperature_growth,
-                          eval_batches=args.eval_batches)
+                          temperature_growth=args.temperature_growth, lr=args.lr,
+                          max_attempts=args.max_attempts, eval_batches=args.eval_batches)
     t = time.perf_counter()
-    table = sweep(bridge, train_windows, Target.bigram(stats), args.lambdas, ("neuron", "head"), config, args.out,
+    table = sweep(bridge, train_windows, Target.bigram(stats), args.lambdas, granularities, config, args.out,
                   eval_windows=eval_windows,
                   metadata={"model": args.model, "corpus": args.corpus, "n_train_windows": len(train_windows),
                             "n_eval_windows": len(eval_windows)})
@@ -218,6 +254,37 @@ def main(argv: list[str] | None = None) -> dict:
     ablation = ablation_table(bridge, stats, eval_windows, subnetwork, seeds=(0,), batch_size=args.batch_size)
     timings["ablation_s"] = time.perf_counter() - t
     by_condition = ablation.set_index("condition")
+    t = time.perf_counter()
+    conditions = generation_conditions(subnetwork, random_seed=0)
+    generations = pd.concat([generate_table(bridge, tokenizer, prompt, conditions, temperature=1.0,
+                                            max_new_tokens=args.generation_tokens, seed=0)
+                             for prompt in args.prompts], ignore_index=True)
+    timings["generations_s"] = time.perf_counter() - t
+
+    # The optimal subnetwork (target: the full model) at one lambda, and its overlap with the
+    # bigram subnetwork of the same lambda (the paper's Table 3).
+    optimal, overlap = None, None
+    if args.optimal_lambda >= 0:
+        t = time.perf_counter()
+        optimal_table = sweep(bridge, train_windows, Target.full_model(vocab), [args.optimal_lambda], granularities,
+                              config, args.out / "optimal", eval_windows=eval_windows,
+                              metadata={"model": args.model, "corpus": args.corpus, "target": "full_model"})
+        timings["optimal_search_s"] = time.perf_counter() - t
+        optimal_row = optimal_table.iloc[0]
+        optimal_sub = Subnetwork.load(Path(optimal_row["path"]))
+        paired = table[table["lambda"] == args.optimal_lambda]
+        paired_sub = Subnetwork.load(Path(paired["path"].iloc[0])) if len(paired) else subnetwork
+        full_s = token_surprisals(bridge, stats, eval_windows, show_progress=False)
+        opt_s = token_surprisals(bridge, stats, eval_windows, optimal_sub, show_progress=False)
+        optimal = {"lambda": float(args.optimal_lambda), "n_params": int(optimal_row["n_params"]),
+                   "percent_params": float(optimal_row["percent_params"]), "steps": int(optimal_row["steps"]),
+                   "stop_reason": str(optimal_row["stop_reason"]), "wall_time_s": float(optimal_row["wall_time_s"]),
+                   "r_model": pearson_r(opt_s.model, full_s.model),
+                   "r_bigram": float(metrics_from_surprisals(opt_s)["r_dropped"]),
+                   "paired_bigram_lambda": float(args.optimal_lambda) if len(paired) else float(chosen_row["lambda"])}
+        overlap = overlap_table({f"bigram vs optimal (lambda {args.optimal_lambda:g})": (paired_sub, optimal_sub)},
+                                n_random=10_000, seed=0)
+        timings["overlap_s"] = time.perf_counter() - t - timings["optimal_search_s"]
 
     # Fig 3 / Fig 4 on SmolLM2: full model, the chosen bigram subnetwork, a random same-shape one.
     t = time.perf_counter()
@@ -255,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
                          for p in save_figure(figure, args.figures / name, include_plotlyjs="directory")]
 
     result = {
-        "model": args.model, "label": args.label, "model_id": model_id(bridge), "granularities": ["neuron", "head"],
+        "model": args.model, "label": args.label, "model_id": model_id(bridge), "granularities": list(granularities),
         "command": "python benchmarks/smollm2_study.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "corpus": args.corpus, "vocab_size": vocab, "seq_len": args.seq_len,
         "n_train_windows": len(train_windows), "n_eval_windows": len(eval_windows),
@@ -274,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "ablation": json.loads(ablation.to_json(orient="records")),
         "loss_increase_ratio": float(ablation.attrs["loss_increase_ratio"]),
+        "generations": json.loads(generations.to_json(orient="records")),
+        "optimal": optimal, "overlap": json.loads(overlap.to_json(orient="records")) if overlap is not None else None,
         "sweep_layers": sweep_layers, "circuits": circuits, "analysis_tokens": args.analysis_tokens, "figures": figure_paths,
         "paper": {"rows": PAPER_ROWS, "note": PAPER_NOTE},
         "timings_s": timings, "wall_time_s": time.perf_counter() - started,
