@@ -30,6 +30,7 @@ from bigram_circuits.evaluate import (
     metrics_from_surprisals,
     surprisals_from_logits,
 )
+from bigram_circuits.models import input_device
 
 __all__ = [
     "BaselineError",
@@ -154,7 +155,7 @@ def fit_linear_map(
         raise BaselineError(f"token id {int(windows.max())} is outside the bigram stats' vocab "
                             f"{stats.vocab_size}; build the stats with this model's tokenizer")
     d_model = int(bridge.cfg.d_model)
-    device = next(bridge.parameters()).device
+    device = input_device(bridge)
     weight = torch.nn.Parameter(torch.eye(d_model, device=device))
     bias = torch.nn.Parameter(torch.zeros(d_model, device=device))
     optimizer = torch.optim.AdamW([weight, bias], lr=config.lr, weight_decay=config.weight_decay)

@@ -45,3 +45,7 @@ class OutputError(BigramCircuitsError, OSError):
 
 class ManifestError(BigramCircuitsError, ValueError):
     """A run directory's manifest.json is missing or unreadable."""
+
+
+class DeviceError(BigramCircuitsError, ValueError):
+    """A torch device (or device map) names a device that is unknown or not present here."""

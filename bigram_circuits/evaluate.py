@@ -74,10 +74,10 @@ class TokenSurprisals:
 
 
 def _device(bridge) -> torch.device:
-    cfg_device = getattr(getattr(bridge, "cfg", None), "device", None)
-    if cfg_device is not None:
-        return torch.device(cfg_device)
-    return next(bridge.parameters()).device
+    """Where token ids go in: the embedding's device (also under a device_map)."""
+    from bigram_circuits.models import input_device
+
+    return input_device(bridge)
 
 
 def _check_windows(windows, vocab_size: int) -> np.ndarray:

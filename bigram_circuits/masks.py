@@ -56,6 +56,7 @@ __all__ = [
     "attach_masks",
     "author_dict_to_weight_masks",
     "author_parameter_names",
+    "component_device",
     "expand_to_weight_masks",
     "mask_components",
     "masks_attached",
@@ -250,10 +251,72 @@ def _weight_module(bridge, component: MaskComponent) -> tuple[nn.Module, bool]:
     return module.original_component, _weight_layout(module)
 
 
+def _offloaded_weight(module: nn.Module) -> torch.Tensor | None:
+    """The real weight of a module whose weight accelerate offloaded (CPU/disk), else None.
+
+    Under a ``device_map`` with ``"disk"`` (or offloaded ``"cpu"``) targets, accelerate keeps
+    such a module's parameters on the ``meta`` device and loads them from ``_hf_hook.weights_map``
+    for each forward pass; this reads that stored copy (a CPU tensor or a disk memmap)."""
+    hook = getattr(module, "_hf_hook", None)
+    weights_map = getattr(hook, "weights_map", None)
+    if not getattr(hook, "offload", False) or weights_map is None:
+        return None
+    try:
+        return weights_map["weight"]
+    except KeyError:
+        return None
+
+
+def _execution_device(module: nn.Module, fallback: torch.device) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device for an offloaded module, else
+    the device of its first non-meta parameter, else ``fallback``."""
+    hook = getattr(module, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None and getattr(hook, "offload", False):
+        return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
+    for param in module.parameters():
+        if param.device.type != "meta":
+            return param.device
+    if execution is not None:
+        return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
+    return fallback
+
+
+def _bridge_device(bridge) -> torch.device:
+    """The device the bridge takes its inputs on (``cfg.device``: the embedding's device)."""
+    from bigram_circuits.models import input_device
+
+    return input_device(bridge)
+
+
+def component_device(bridge, component: MaskComponent) -> torch.device:
+    """The device of the tensor a mask component gates: the weight matrix's (its execution
+    device when accelerate offloaded it), the MLP output projection's for neurons (its input is
+    ``hook_post``), the attention output projection's for heads (its input is ``hook_z``).
+
+    With the model on one device this is that device; under a ``device_map`` each layer's masks
+    live on that layer's device, so no mask crosses devices in the forward pass."""
+    fallback = _bridge_device(bridge)
+    if component.granularity == "weight":
+        module, _ = _weight_module(bridge, component)
+        return _execution_device(module, fallback)
+    kind = "out" if component.granularity == "neuron" else "o"
+    modules = _linear_bridges(bridge, component.layer)
+    if kind not in modules:
+        return fallback
+    return _execution_device(modules[kind][1].original_component, fallback)
+
+
 def weight_tensor(bridge, component: MaskComponent) -> Float[torch.Tensor, "out in"]:
-    """A weight component's matrix in the canonical ``[out, in]`` layout (a view, no copy)."""
+    """A weight component's matrix in the canonical ``[out, in]`` layout (a view, no copy; the
+    stored copy when accelerate offloaded the module's weight to CPU or disk)."""
     module, transposed = _weight_module(bridge, component)
-    return module.weight.T if transposed else module.weight
+    weight = module.weight
+    if weight.device.type == "meta":
+        stored = _offloaded_weight(module)
+        if stored is not None:
+            weight = stored
+    return weight.T if transposed else weight
 
 
 # --------------------------------------------------------------------------- attachment
@@ -262,13 +325,20 @@ def weight_tensor(bridge, component: MaskComponent) -> Float[torch.Tensor, "out 
 class _WeightMaskParametrization(nn.Module):
     """``weight -> weight * mask`` where the mask is fetched at every forward (soft or fixed)."""
 
-    def __init__(self, mask_for: Callable[[], torch.Tensor], transposed: bool):
+    def __init__(self, mask_for: Callable[[], torch.Tensor], transposed: bool,
+                 module: nn.Module | None = None):
         super().__init__()
         self._mask_for = mask_for
         self._transposed = transposed
+        # Offloaded modules (accelerate, device_map with "disk"/"cpu" targets) keep the weight on
+        # the meta device; their hook cannot load a parametrized weight, so it is read here.
+        self._offloaded = module if module is not None and _offloaded_weight(module) is not None else None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        mask = self._mask_for()
+        if weight.device.type == "meta" and self._offloaded is not None:
+            device = _execution_device(self._offloaded, torch.device("cpu"))
+            weight = _offloaded_weight(self._offloaded).to(device)
+        mask = self._mask_for().to(weight.device)
         return weight * (mask.T if self._transposed else mask)
 
 
@@ -301,7 +371,7 @@ def attach_masks(
                 module, transposed = _weight_module(bridge, component)
                 parametrize.register_parametrization(
                     module, "weight",
-                    _WeightMaskParametrization(lambda key=key: mask_for(key), transposed),
+                    _WeightMaskParametrization(lambda key=key: mask_for(key), transposed, module),
                     unsafe=True,
                 )
                 parametrized.append(module)
@@ -311,10 +381,10 @@ def attach_masks(
             hook_point = bridge.hook_dict[key]
             if component.granularity == "neuron":
                 def hook_fn(act, hook, key=key):
-                    return act * mask_for(key).to(act.dtype)
+                    return act * mask_for(key).to(act.device, act.dtype)
             else:
                 def hook_fn(act, hook, key=key):
-                    return act * mask_for(key).to(act.dtype)[:, None]
+                    return act * mask_for(key).to(act.device, act.dtype)[:, None]
             handle = hook_point.add_hook(hook_fn, is_permanent=True, prepend=True)
             hook_handles.append((hook_point, handle))
         yield
@@ -366,7 +436,10 @@ class HardConcrete:
     def sample(self, logits: torch.Tensor, temperature: float, training: bool,
                generator: torch.Generator | None) -> torch.Tensor:
         if training:
-            u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+            # Noise is drawn on the generator's device (one stream for masks on several devices).
+            noise_device = generator.device if generator is not None else logits.device
+            u = torch.rand(logits.shape, generator=generator, device=noise_device, dtype=logits.dtype)
+            u = u.to(logits.device)
             u = u.clamp(1e-6, 1.0 - 1e-6)
             s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / self.beta)
         else:
@@ -412,6 +485,7 @@ class MaskSet(nn.Module):
         always_off: Mapping[str, torch.Tensor] | None = None,
         penalty_weighting: str = "params",
         device: torch.device | str = "cpu",
+        devices: Mapping[str, torch.device | str] | None = None,
     ):
         super().__init__()
         if not components:
@@ -421,8 +495,13 @@ class MaskSet(nn.Module):
         self.components: dict[str, MaskComponent] = {c.key: c for c in components}
         self.parameterization = _make_parameterization(parameterization)
         self.penalty_weighting = penalty_weighting
+        # Each key's logits live where its gated tensor lives (``devices``, e.g. one device per
+        # layer under a device_map); keys not in ``devices`` go to ``device``.
+        placement = {c.key: torch.device((devices or {}).get(c.key, device)) for c in components}
+        self.device = torch.device(device)
         self.logits = nn.ParameterDict({
-            _safe(c.key): nn.Parameter(torch.full(c.shape, float(init), device=device)) for c in components
+            _safe(c.key): nn.Parameter(torch.full(c.shape, float(init), device=placement[c.key]))
+            for c in components
         })
         # A Python float (saved through get_extra_state) so reading it never syncs a GPU.
         self.temperature: float = 1.0
@@ -430,7 +509,7 @@ class MaskSet(nn.Module):
         for key, off in (always_off or {}).items():
             if off.any():
                 name = f"off__{_safe(key)}"
-                self.register_buffer(name, off.to(device=device, dtype=torch.bool))
+                self.register_buffer(name, off.to(device=placement.get(key, device), dtype=torch.bool))
                 self._always_off[key] = name
         weights = {c.key: (c.params_per_entry if penalty_weighting == "params" else 1.0) for c in components}
         self._penalty_weight = weights
@@ -461,13 +540,14 @@ class MaskSet(nn.Module):
     ) -> MaskSet:
         """Mask logits for every component of ``bridge`` at the given granularities."""
         components = mask_components(bridge, granularities)
-        device = next(bridge.parameters()).device
+        device = _bridge_device(bridge)
+        devices = {c.key: component_device(bridge, c) for c in components}
         always_off = {}
         for c in components:
             if c.granularity == "weight":
                 with torch.no_grad():
                     always_off[c.key] = weight_tensor(bridge, c) == 0
-        return cls(components, parameterization, init, always_off, penalty_weighting, device)
+        return cls(components, parameterization, init, always_off, penalty_weighting, device, devices)
 
     @property
     def keys(self) -> list[str]:
@@ -557,7 +637,7 @@ class MaskSet(nn.Module):
         total = None
         for key in self.components:
             p = self._forward_masks[key] if reuse else self.probability(key)
-            term = p.sum() * self._penalty_weight[key]
+            term = (p.sum() * self._penalty_weight[key]).to(self.device)  # masks may span devices
             total = term if total is None else total + term
         if reuse:
             self._forward_masks = {}  # hand the graph over to the loss; don't keep it alive

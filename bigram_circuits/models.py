@@ -45,7 +45,7 @@ from urllib.parse import urlparse
 import torch
 
 from bigram_circuits.data import atomic_directory, atomic_write_bytes, cache_dir, sha256_file
-from bigram_circuits.errors import ModelLoadError
+from bigram_circuits.errors import DeviceError, ModelLoadError
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -55,11 +55,15 @@ __all__ = [
     "DEFAULT_MODEL_ENV",
     "ModelSource",
     "available_checkpoints",
+    "available_devices",
     "check_tokens_fit",
     "default_model_dir",
+    "input_device",
     "load_model",
     "model_id",
     "model_vocab_size",
+    "resolve_device",
+    "resolve_device_map",
     "resolve_source",
     "smollm2_gguf_path",
 ]
@@ -94,6 +98,129 @@ _ID_CFG_FIELDS = (
     "parallel_attn_mlp",
 )
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+# --------------------------------------------------------------------------- devices
+
+# device_map strings accelerate resolves itself (by memory), as opposed to explicit maps.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def available_devices() -> list[str]:
+    """The torch devices present here, e.g. ``["cpu"]`` or ``["cpu", "cuda:0", "cuda:1"]``."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        found += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return found
+
+
+def resolve_device(device: str | int | torch.device | None = "cpu") -> torch.device:
+    """Check that ``device`` exists here and return it as a ``torch.device``.
+
+    ``None`` and ``"cpu"`` are the CPU; ``"auto"`` is the first GPU if there is one, else the
+    CPU; an int ``i`` or ``"cuda"`` is a CUDA device (``"cuda"`` = the current one). Call it
+    before long work so a typo or a missing GPU fails at once.
+
+    Raises:
+        DeviceError: an unparseable name, ``meta``, or a device that is not present (the message
+            names the devices that are).
+    """
+    present = available_devices()
+    hint = f"devices present: {', '.join(present)}; pass one of them (e.g. --device cpu)"
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device(present[1] if len(present) > 1 else "cpu")
+    try:
+        resolved = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise DeviceError(f"unknown device {device!r}; {hint}") from exc
+    kind, index = resolved.type, resolved.index
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "meta":
+        raise DeviceError(f"device 'meta' holds no data and cannot run a model; {hint}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {str(device)!r} is not available (no CUDA here); {hint}")
+        count = torch.cuda.device_count()
+        index = torch.cuda.current_device() if index is None else index
+        if not 0 <= index < count:
+            raise DeviceError(f"device {str(device)!r} is not available ({count} CUDA devices); {hint}")
+        return torch.device("cuda", index)
+    name = kind if index is None else f"{kind}:{index}"
+    if name in present:
+        return resolved
+    if index is None and any(p.split(":")[0] == kind for p in present):
+        return torch.device(kind, 0)
+    raise DeviceError(f"device {str(device)!r} is not available; {hint}")
+
+
+def _map_target(value, where: str) -> str | int:
+    """One ``device_map`` / ``max_memory`` target checked: ``"cpu"``, ``"disk"`` or a present device."""
+    if isinstance(value, str) and value.strip().lower() in ("cpu", "disk"):
+        return value.strip().lower()
+    if isinstance(value, str) and value.strip().lower() == "meta":
+        raise DeviceError(f"{where} places weights on 'meta', which holds no data; use 'cpu', "
+                          "'disk' or a GPU")
+    resolved = resolve_device(value)
+    if resolved.type == "cuda":
+        return int(resolved.index)  # accelerate's spelling of a GPU
+    return str(resolved)
+
+
+def resolve_device_map(
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    n_devices: int | None = None,
+) -> tuple[str | dict | None, dict | None]:
+    """Check a multi-device placement before loading: ``(device_map, max_memory)`` normalised.
+
+    ``device_map`` is one of :data:`DEVICE_MAP_STRATEGIES` or a dict ``module name -> device``
+    (``"cpu"``, ``"disk"``, ``"cuda:N"`` or ``N``); ``max_memory`` maps devices (``N``,
+    ``"cpu"``, ``"disk"``) to budgets such as ``"10GiB"``; ``n_devices`` needs that many GPUs.
+
+    Raises:
+        DeviceError: a strategy name that does not exist, or a device that is not present.
+    """
+    if n_devices is not None:
+        if int(n_devices) < 1:
+            raise DeviceError(f"n_devices must be >= 1, got {n_devices}")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(n_devices) > 1 and int(n_devices) > count:
+            raise DeviceError(f"n_devices={n_devices} needs {n_devices} GPUs but {count} are present "
+                              f"(devices present: {', '.join(available_devices())}); lower n_devices")
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise DeviceError(f"unknown device_map {device_map!r}; use one of "
+                              f"{', '.join(DEVICE_MAP_STRATEGIES)} or a dict module -> device")
+    elif isinstance(device_map, dict):
+        device_map = {str(k): _map_target(v, f"device_map[{k!r}]") for k, v in device_map.items()}
+    elif device_map is not None:
+        raise DeviceError(f"device_map must be a strategy name or a dict, got {type(device_map).__name__}")
+    if max_memory is not None:
+        if not isinstance(max_memory, dict):
+            raise DeviceError(f"max_memory must be a dict device -> budget, got {type(max_memory).__name__}")
+        max_memory = {_map_target(k, "max_memory"): v for k, v in max_memory.items()}
+    return device_map, max_memory
+
+
+def input_device(bridge: TransformerBridge) -> torch.device:
+    """The device a bridge takes its token ids on: ``cfg.device`` (the embedding's device, also
+    under a ``device_map``), else its first parameter's device."""
+    cfg_device = getattr(getattr(bridge, "cfg", None), "device", None)
+    if cfg_device is not None:
+        return torch.device(cfg_device)
+    for param in bridge.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -347,8 +474,9 @@ def _hub_reachable(timeout_s: float = HUB_CONNECT_TIMEOUT_S) -> bool:
         return False
 
 
-def _load_hub(name: str, dtype: torch.dtype):
-    """Tokenizer directory and HF model for a hub name (from the local HF cache when offline).
+def _load_hub(name: str, dtype: torch.dtype, tokenizer_only: bool = False):
+    """Tokenizer directory and HF model (None with ``tokenizer_only``) for a hub name (from the
+    local HF cache when offline).
 
     Checking reachability first avoids huggingface_hub's ~50 s of retries when offline; the
     local cache is then used through the same ``from_pretrained`` call.
@@ -358,7 +486,8 @@ def _load_hub(name: str, dtype: torch.dtype):
     online = _hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=not online)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=not online)
+        model = None if tokenizer_only else AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, local_files_only=not online)
     except Exception as exc:
         if not online:
             raise ModelLoadError(f"cannot reach the hub for {name!r}; {LOCAL_OPTIONS}") from exc
@@ -387,19 +516,74 @@ def _check_vocab(hf_model, tokenizer, label: str) -> None:
         )
 
 
+def _checkpoint_view(model_dir: Path, checkpoint: int) -> Path:
+    """A cached directory presenting a training checkpoint as a model (config + weights links),
+    for loaders that keep reading the directory after loading (accelerate's disk offload)."""
+    checkpoints = _checkpoint_files(model_dir)
+    if checkpoint not in checkpoints:
+        steps = ", ".join(str(s) for s in sorted(checkpoints)) or "none"
+        raise ModelLoadError(f"no checkpoint at step {checkpoint} in {model_dir}; available: {steps}")
+    source = checkpoints[checkpoint]
+    key = hashlib.sha256(f"{source.resolve()}|{source.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "checkpoint_views" / f"step_{checkpoint}-{key}"
+    if (target / "model.safetensors").exists():
+        return target
+    with atomic_directory(target, keep_existing=True) as staging:
+        for src, name in ((model_dir / "config.json", "config.json"), (source, "model.safetensors")):
+            try:
+                os.symlink(src.resolve(), staging / name)
+            except OSError:  # no symlinks (e.g. Windows without privileges)
+                shutil.copyfile(src, staging / name)
+    return target
+
+
+def _boot_dispatched(boot_name: str, label: str, tokenizer, dtype: torch.dtype, device_map,
+                     max_memory, offload_folder, n_devices):
+    """Boot a bridge that loads (and places) the HF model itself, through the bridge's own
+    ``device_map`` / ``max_memory`` / ``offload_folder`` / ``n_devices`` options."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    uses_disk = isinstance(device_map, dict) and "disk" in device_map.values()
+    if offload_folder is None and (uses_disk or (max_memory is not None and "disk" in max_memory)):
+        offload_folder = str(cache_dir() / "offload" / re.sub(r"[^A-Za-z0-9._-]+", "--", label))
+    if offload_folder is not None:
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
+    try:
+        return TransformerBridge.boot_transformers(
+            boot_name, tokenizer=tokenizer, dtype=dtype, device_map=device_map,
+            max_memory=max_memory, offload_folder=offload_folder, n_devices=n_devices,
+        )
+    except Exception as exc:  # accelerate / transformers / TL refusals: all mean "cannot place"
+        raise ModelLoadError(
+            f"cannot load {label!r} with device_map={device_map!r}: {_one_line(exc)}; "
+            "change the device map (or load on one device with device=)"
+        ) from exc
+
+
 def load_model(
     name_or_path: str | os.PathLike = "default",
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
     checkpoint: int | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    n_devices: int | None = None,
 ) -> tuple[TransformerBridge, PreTrainedTokenizerBase]:
     """Load a model as a ``TransformerBridge`` and its tokenizer: ``(bridge, tokenizer)``.
 
     ``name_or_path`` is ``"default"``, ``"smollm2"``, a local HF directory, a ``.gguf`` file or
     a hub name (see the module docstring). ``checkpoint`` picks a training step saved as
     ``checkpoints/step_{N}.safetensors`` in a local directory (see :func:`available_checkpoints`);
-    its weights are cast to ``dtype``.
+    its weights are cast to ``dtype``. ``device`` is checked first (:func:`resolve_device`).
+
+    Beyond one device: ``device_map`` (``"auto"``, ``"balanced"``, ... or a dict HF module
+    name -> ``"cuda:N"`` / ``"cpu"`` / ``"disk"``), ``max_memory`` (device -> budget),
+    ``offload_folder`` (for ``"disk"`` targets; a cache folder by default) and ``n_devices``
+    (split over that many GPUs) go to ``TransformerBridge.boot_transformers``, which loads and
+    places the model through accelerate; ``device`` is then not used. Masks, search,
+    evaluation and lenses follow each layer's device.
 
     The returned tokenizer is the model's own (it does not add a BOS token unless the model's
     tokenizer does); ``bridge.tokenizer`` is TransformerLens's copy that prepends BOS in
@@ -407,44 +591,70 @@ def load_model(
     the model was asked for. Every call builds a fresh HF model, which booting then modifies.
 
     Raises:
+        DeviceError: ``device`` (or a device in ``device_map`` / ``max_memory``, or
+            ``n_devices``) is unknown or not present here.
         ModelLoadError: unknown name while offline, missing or corrupt files, a tokenizer with
-            more tokens than the model's vocabulary, or a missing optional package.
+            more tokens than the model's vocabulary, a missing optional package, or a device
+            map accelerate / TransformerLens cannot apply.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    dispatched = device_map is not None or max_memory is not None or (n_devices or 1) > 1
+    if dispatched:
+        device_map, max_memory = resolve_device_map(device_map, max_memory, n_devices)
+        if device_map is None and (n_devices or 1) <= 1:
+            device_map = "auto"  # max_memory alone: accelerate places within the budgets
+    else:
+        resolve_device_map(None, None, n_devices)
+        device = resolve_device(device)
     dtype = _as_dtype(dtype)
     source = resolve_source(name_or_path)
     if checkpoint is not None and source.kind != "hf_dir":
         raise ModelLoadError(
             f"checkpoint= needs a local model directory with checkpoints/, not {source.label!r}"
         )
-    if source.kind == "hub":
-        tokenizer_dir, hf_model = _load_hub(source.location, dtype)
-        boot_name = source.location
+    label = source.label if checkpoint is None else f"{source.label}@step{checkpoint}"
+    if dispatched:
+        if source.kind == "hub":
+            tokenizer_dir, _ = _load_hub(source.location, dtype, tokenizer_only=True)
+            boot_name = source.location
+        else:
+            model_dir = Path(source.location)
+            if source.kind == "gguf":
+                model_dir = _gguf_as_hf_dir(model_dir)
+            tokenizer_dir = model_dir
+            boot_name = str(model_dir if checkpoint is None else _checkpoint_view(model_dir, checkpoint))
+        tokenizer = _load_tokenizer(tokenizer_dir)
+        bridge = _boot_dispatched(boot_name, label, _load_tokenizer(tokenizer_dir), dtype,
+                                  device_map, max_memory,
+                                  None if offload_folder is None else str(offload_folder), n_devices)
+        _check_vocab(bridge.original_model, tokenizer, source.label)
     else:
-        model_dir = Path(source.location)
-        if source.kind == "gguf":
-            model_dir = _gguf_as_hf_dir(model_dir)
-        tokenizer_dir = model_dir
-        hf_model = _load_hf_dir_model(model_dir, dtype, checkpoint)
-        boot_name = str(model_dir)
-    tokenizer = _load_tokenizer(tokenizer_dir)
-    _check_vocab(hf_model, tokenizer, source.label)
-    # dtype was applied at load time, which keeps float32 buffers such as rotary frequencies.
-    hf_model = hf_model.to(device).eval()
-    bridge_tokenizer = _load_tokenizer(tokenizer_dir)  # TL adjusts its tokenizer in place
-    try:
-        bridge = TransformerBridge.boot_transformers(
-            boot_name, hf_model=hf_model, tokenizer=bridge_tokenizer, device=device, dtype=dtype
-        )
-    except (ValueError, KeyError, NotImplementedError) as exc:  # unsupported architecture
-        raise ModelLoadError(
-            f"TransformerLens cannot wrap {source.label!r}: {_one_line(exc)}"
-        ) from exc
+        if source.kind == "hub":
+            tokenizer_dir, hf_model = _load_hub(source.location, dtype)
+            boot_name = source.location
+        else:
+            model_dir = Path(source.location)
+            if source.kind == "gguf":
+                model_dir = _gguf_as_hf_dir(model_dir)
+            tokenizer_dir = model_dir
+            hf_model = _load_hf_dir_model(model_dir, dtype, checkpoint)
+            boot_name = str(model_dir)
+        tokenizer = _load_tokenizer(tokenizer_dir)
+        _check_vocab(hf_model, tokenizer, source.label)
+        # dtype was applied at load time, which keeps float32 buffers such as rotary frequencies.
+        hf_model = hf_model.to(device).eval()
+        bridge_tokenizer = _load_tokenizer(tokenizer_dir)  # TL adjusts its tokenizer in place
+        try:
+            bridge = TransformerBridge.boot_transformers(
+                boot_name, hf_model=hf_model, tokenizer=bridge_tokenizer, device=device, dtype=dtype
+            )
+        except (ValueError, KeyError, NotImplementedError) as exc:  # unsupported architecture
+            raise ModelLoadError(
+                f"TransformerLens cannot wrap {source.label!r}: {_one_line(exc)}"
+            ) from exc
     bridge.eval()
-    bridge.cfg.model_name = (
-        source.label if checkpoint is None else f"{source.label}@step{checkpoint}"
-    )
+    bridge.cfg.model_name = label
     return bridge, tokenizer
 
 

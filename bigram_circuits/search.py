@@ -229,7 +229,10 @@ class SearchResult:
 
 
 def _device(bridge) -> torch.device:
-    return next(bridge.parameters()).device
+    """Where token ids go in: the embedding's device (also under a device_map)."""
+    from bigram_circuits.models import input_device
+
+    return input_device(bridge)
 
 
 def _check_windows(windows, seq_len: int) -> np.ndarray:
@@ -467,7 +470,7 @@ def search(
                     with mask_set.attach(bridge):
                         logits = bridge(tokens)
                     target_loss = target(logits, tokens, reference)
-                    penalty = mask_set.penalty(reuse_forward_masks=True)
+                    penalty = mask_set.penalty(reuse_forward_masks=True).to(target_loss.device)
                     loss = target_loss + config.lam * penalty
                     if not torch.isfinite(loss):
                         where = ""
@@ -672,7 +675,7 @@ def find_command(
     (resumable), save each subnetwork under ``out_dir/lambda_{lam}`` plus ``out_dir/sweep.csv``
     and return the sweep table. ``config_options`` are :class:`SearchConfig` fields."""
     from bigram_circuits.data import load_token_dataset
-    from bigram_circuits.models import load_model, model_vocab_size
+    from bigram_circuits.models import load_model, model_vocab_size, resolve_device
     from bigram_circuits.ngrams import BigramStats
 
     known = {f.name for f in dataclasses.fields(SearchConfig)}
@@ -688,6 +691,7 @@ def find_command(
             raise
         raise SearchError(f"lambdas must be numbers >= 0, got {list(lambdas)!r}") from exc
     parse_granularities(granularities)
+    resolve_device(device)  # an absent device is one line now, before any output is written
     out_path = ensure_output_dir(out_dir)
     bridge, tokenizer = load_model(model, device=device)
     vocab = model_vocab_size(bridge, tokenizer)

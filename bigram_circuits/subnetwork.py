@@ -39,6 +39,7 @@ from bigram_circuits.masks import (
     attach_masks,
     author_dict_to_weight_masks,
     author_parameter_names,
+    component_device,
     expand_to_weight_masks,
     mask_components,
     masks_attached,
@@ -230,9 +231,11 @@ class Subnetwork:
         if mode not in ("keep", "ablate"):
             raise MaskError(f"mode must be 'keep' or 'ablate', got {mode!r}")
         self.check_model(bridge)
-        param = next(bridge.parameters())
+        dtype = next(bridge.parameters()).dtype
+        # Each mask goes to the device of the tensor it gates (layers may live on several devices).
         floats = {
-            key: (mask if mode == "keep" else ~mask).to(device=param.device, dtype=param.dtype)
+            key: (mask if mode == "keep" else ~mask).to(
+                device=component_device(bridge, self.components[key]), dtype=dtype)
             for key, mask in self.masks.items()
         }
         with attach_masks(bridge, list(self.components.values()), floats.__getitem__):

@@ -9,10 +9,15 @@
 - ``tiny_neox`` / ``tiny_gpt2``: ``(bridge, tokenizer)`` loaded through ``load_model``. They are
   session-wide, so a test must not leave hooks or weight changes on them.
 - ``tiny_text``: the deterministic text the tiny tokenizer was trained on.
+- ``device``: the torch device tests run on, from ``$BIGRAM_CIRCUITS_TEST_DEVICE`` (default
+  ``cpu``; e.g. ``cuda`` or ``cuda:1``), validated by ``models.resolve_device``;
+  ``tiny_neox_on_device`` is the tiny GPT-NeoX model loaded there. Tests marked ``gpu`` are
+  skipped unless CUDA is present.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+TEST_DEVICE_ENV = "BIGRAM_CIRCUITS_TEST_DEVICE"
 TINY_VOCAB = 300
 TINY_NEOX_PADDED_VOCAB = 320
 TINY_CONTEXT = 64
@@ -163,3 +169,29 @@ def tiny_llama(tiny_llama_dir):
     from bigram_circuits.models import load_model
 
     return load_model(tiny_llama_dir)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip tests marked ``gpu`` when no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device under test: ``$BIGRAM_CIRCUITS_TEST_DEVICE`` (default ``cpu``)."""
+    from bigram_circuits.models import resolve_device
+
+    return resolve_device(os.environ.get(TEST_DEVICE_ENV, "cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_neox_on_device(tiny_neox_dir, device):
+    """``(bridge, tokenizer)`` of the tiny GPT-NeoX model loaded on the device under test."""
+    from bigram_circuits.models import load_model
+
+    return load_model(tiny_neox_dir, device=device)

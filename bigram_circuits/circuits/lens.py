@@ -45,6 +45,7 @@ from bigram_circuits.circuits.runs import (
     select_windows,
 )
 from bigram_circuits.errors import StatsError, TokenError
+from bigram_circuits.models import input_device
 
 __all__ = [
     "LinearLensConfig",
@@ -134,6 +135,7 @@ def logit_lens(
     if int(tokens.max()) >= int(bridge.cfg.d_vocab):
         raise TokenError(f"token id {int(tokens.max())} is outside the model's vocabulary")
     names = hidden_state_names(bridge)
+    device = input_device(bridge)
     n_layers = len(names)
     kl_sum = np.zeros(n_layers)
     agree_sum = np.zeros(n_layers)
@@ -146,7 +148,7 @@ def logit_lens(
         for start in tqdm(
             range(0, tokens.shape[0], batch_size), desc="logit lens", disable=not progress
         ):
-            batch = tokens[start : start + batch_size]
+            batch = tokens[start : start + batch_size].to(device)
             _, cache = bridge.run_with_cache(batch, names_filter=names)
             final_logp = torch.log_softmax(
                 _unembed(bridge, cache[names[-1]])[..., :vocab].float(), -1
@@ -158,7 +160,7 @@ def logit_lens(
             if bigram_stats is not None:
                 bigram_surprisal.append(
                     np.asarray(
-                        bigram_stats.surprisal(batch[:, :-1].numpy(), targets.numpy()),
+                        bigram_stats.surprisal(batch[:, :-1].cpu().numpy(), targets.cpu().numpy()),
                         dtype=np.float64,
                     ).reshape(-1)
                 )
@@ -171,7 +173,7 @@ def logit_lens(
                 surprisal = -logp[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 loss_sum[layer] += surprisal.sum(dtype=torch.float64).item()
                 if bigram_stats is not None:
-                    lens_surprisal[layer].append(surprisal.reshape(-1).numpy())
+                    lens_surprisal[layer].append(surprisal.reshape(-1).cpu().numpy())
     rows = []
     for layer in range(n_layers):
         r = float("nan")

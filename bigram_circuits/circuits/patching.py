@@ -146,7 +146,7 @@ def run_with_patches(
                     f"patch for {hook.name} has shape {tuple(value.shape)} but the run's activation is "
                     f"{tuple(activation.shape)}; clean and corrupted tokens must have the same shape"
                 )
-            return value.to(activation.dtype)
+            return value.to(activation.device, activation.dtype)
 
         return replace
 
@@ -166,9 +166,9 @@ def _patch_setter(axes: tuple[str, ...]):
         pos = int(index[1]) if has_pos else slice(None)
         if has_unit:
             unit = int(index[-1])
-            patched[:, pos, unit] = clean[:, pos, unit].to(patched.dtype)
+            patched[:, pos, unit] = clean[:, pos, unit].to(patched.device, patched.dtype)
         else:
-            patched[:, pos] = clean[:, pos].to(patched.dtype)
+            patched[:, pos] = clean[:, pos].to(patched.device, patched.dtype)
         return patched
 
     return setter

@@ -28,6 +28,7 @@ from bigram_circuits.circuits.runs import (
     select_windows,
 )
 from bigram_circuits.errors import TokenError
+from bigram_circuits.models import input_device
 
 __all__ = [
     "covariance_similarity",
@@ -40,10 +41,11 @@ __all__ = [
 
 def _deflate(covariance: torch.Tensor) -> np.ndarray:
     """P C P with P projecting out the top eigenvector of the covariance C (float64)."""
+    covariance = covariance.double()
     _, eigenvectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
     top = eigenvectors[:, -1:]
-    projector = torch.eye(covariance.shape[0], dtype=torch.float64) - top @ top.T
-    return (projector @ covariance @ projector).numpy()
+    projector = torch.eye(covariance.shape[0], dtype=torch.float64, device=covariance.device) - top @ top.T
+    return (projector @ covariance @ projector).cpu().numpy()
 
 
 def deflated_covariance(activations: Float[torch.Tensor, "n d"]) -> Float[np.ndarray, "d d"]:
@@ -115,7 +117,8 @@ def layer_covariance_similarity(
         for start in tqdm(
             range(0, tokens.shape[0], batch_size), desc="layer covariances", disable=not progress
         ):
-            _, cache = bridge.run_with_cache(tokens[start : start + batch_size], names_filter=names)
+            batch = tokens[start : start + batch_size].to(input_device(bridge))
+            _, cache = bridge.run_with_cache(batch, names_filter=names)
             for layer, name in enumerate(names):
                 rows = cache[name].reshape(-1, d_model).double().cpu()
                 sums[layer] += rows.sum(0)
