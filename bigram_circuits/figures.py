@@ -41,7 +41,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from bigram_circuits.data import atomic_write_bytes
 from bigram_circuits.errors import BigramCircuitsError
+from bigram_circuits.masks import DEFAULT_GRANULARITIES
 
 __all__ = [
     "PAPER_FIG1",
@@ -63,6 +64,7 @@ __all__ = [
     "fig3_rotation",
     "fig4_similarity",
     "fig5_optimal",
+    "fig_build_up",
     "fig_layer_distribution",
     "figures_command",
     "from_search_sweep",
@@ -74,6 +76,7 @@ __all__ = [
     "table3_overlap",
     "table4_generations",
     "table_fig1",
+    "table_headline",
     "to_markdown",
 ]
 
@@ -384,6 +387,75 @@ def fig_layer_distribution(distribution: pd.DataFrame, title: str = "Where the s
     return _style(fig, title, height=420, width=1100 if with_fraction else 650)
 
 
+def fig_build_up(summary: pd.DataFrame, title: str = "Circuits built on the base subnetwork") -> go.Figure:
+    """Build-up experiments: base, base + candidate, base + random heads and the full model.
+
+    ``summary``: task, metric, base, condition, candidate, value, [value_std] (the output of
+    ``circuits.buildup.summarize_build_up``). One panel per task; per candidate, bars for
+    every base with the candidate added (solid) and with as many random heads (light, error bar
+    = std over seeds); dashed lines mark each base alone, a black line the full model, and
+    crosses the full model without the candidate.
+    """
+    _require_columns(summary, ["task", "metric", "base", "condition", "candidate", "value"], "fig_build_up")
+    tasks = list(dict.fromkeys(summary["task"]))
+    metrics = {t: str(summary.loc[summary["task"] == t, "metric"].iloc[0]) for t in tasks}
+    fig = make_subplots(rows=1, cols=len(tasks), horizontal_spacing=0.12,
+                        subplot_titles=[f"{t} ({metrics[t].replace('_', ' ')})" for t in tasks])
+    bases = list(dict.fromkeys(summary["base"]))
+    shown: set[str] = set()
+
+    def legend(name: str) -> bool:
+        first = name not in shown
+        shown.add(name)
+        return first
+
+    for col, task in enumerate(tasks, start=1):
+        part = summary[summary["task"] == task]
+        names = list(dict.fromkeys(part["candidate"].dropna()))
+        for index, base in enumerate(bases):
+            mine = part[part["base"] == base]
+            color = _run_color(base, index)
+            for condition, label, opacity in (("base + candidate", f"{base} + candidate", 1.0),
+                                              ("base + random heads", f"{base} + random heads", 0.4)):
+                rows = mine[mine["condition"] == condition].set_index("candidate").reindex(names)
+                if rows["value"].isna().all():
+                    continue
+                error = None
+                if "value_std" in rows.columns and rows["value_std"].notna().any():
+                    error = {"type": "data", "array": rows["value_std"].fillna(0.0).tolist(), "visible": True}
+                fig.add_trace(go.Bar(
+                    x=names, y=rows["value"].tolist(), name=label, legendgroup=label,
+                    showlegend=legend(label), marker={"color": color, "opacity": opacity},
+                    error_y=error, hovertemplate="%{x}<br>%{y:.3f}<extra>" + label + "</extra>",
+                ), row=1, col=col)
+            alone = mine.loc[mine["condition"] == "base", "value"]
+            if not alone.empty:
+                fig.add_trace(go.Scatter(
+                    x=names, y=[float(alone.iloc[0])] * len(names), mode="lines", name=f"{base} alone",
+                    legendgroup=f"{base} alone", showlegend=legend(f"{base} alone"),
+                    line={"color": color, "dash": "dash", "width": 2},
+                ), row=1, col=col)
+        full = part.loc[part["condition"] == "full", "value"]
+        if not full.empty:
+            fig.add_trace(go.Scatter(
+                x=names, y=[float(full.iloc[0])] * len(names), mode="lines", name="full model",
+                legendgroup="full model", showlegend=legend("full model"),
+                line={"color": _RUN_COLORS["full"], "width": 2},
+            ), row=1, col=col)
+        without = part[part["condition"] == "full - candidate"].drop_duplicates("candidate")
+        without = without.set_index("candidate").reindex(names)
+        if without["value"].notna().any():
+            fig.add_trace(go.Scatter(
+                x=names, y=without["value"].tolist(), mode="markers", name="full - candidate",
+                legendgroup="full - candidate", showlegend=legend("full - candidate"),
+                marker={"symbol": "x", "size": 11, "color": _RUN_COLORS["full"]},
+            ), row=1, col=col)
+        fig.update_yaxes(title_text=metrics[task].replace("_", " "), row=1, col=col)
+        fig.update_xaxes(tickangle=-25, row=1, col=col)
+    fig.update_layout(barmode="group", legend={"orientation": "h", "y": -0.35, "x": 0.0})
+    return _style(fig, title, height=520, width=max(650, 560 * len(tasks)))
+
+
 # ----------------------------------------------------------------------------- Figure 3
 
 
@@ -660,6 +732,26 @@ def table4_generations(generations: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+HEADLINE_COLUMNS = ("active_params", "active_percent", "r", "mlp0_share", "ablated_loss_increase",
+                    "random_ablated_loss_increase", "ablation_ratio", "random_only_loss", "overlap_ratio",
+                    "overlap_frac_in_optimal")
+
+
+def table_headline(rows: pd.DataFrame) -> pd.DataFrame:
+    """Headline numbers per seed (``FiguresConfig.headline_seeds``) and a last row of
+    ``mean ± sd`` (sample std) for each of :data:`HEADLINE_COLUMNS` present in ``rows``."""
+    _require_columns(rows, ["seed", "active_params", "r"], "table_headline rows")
+    columns = [c for c in HEADLINE_COLUMNS if c in rows.columns]
+    shown = rows[["seed", *[c for c in ("lambda", "steps") if c in rows.columns], *columns]].copy()
+    summary: dict[str, object] = {"seed": "mean ± sd"}
+    for column in columns:
+        values = rows[column].astype(float)
+        spread = values.std(ddof=1) if len(values) > 1 else float("nan")
+        summary[column] = f"{values.mean():.4g} ± {spread:.2g}"
+    table = pd.concat([shown.astype(object), pd.DataFrame([summary])], ignore_index=True)
+    return table
+
+
 def _is_whole(column: pd.Series) -> bool:
     """A float column whose values are all whole numbers of at least 1000 (parameter counts)."""
     if not pd.api.types.is_float_dtype(column):
@@ -762,23 +854,27 @@ def save_figure(
 class FiguresConfig:
     """Settings of :func:`figures_command`, sized for the default model on 2 CPU cores.
 
-    The paper's searches are weight masks over 10k steps of 32 x 128 tokens; here masks are
-    neurons and heads (``granularities``), batches are 8 x 64 tokens (a bigram target needs no
-    long context) and the temperature grows 3% per step instead of 0.1%, so a mask is decided
-    within ``max_steps`` = 100 steps. Fig 2 uses at most ``max_checkpoints`` training
-    checkpoints (evenly spaced, first and last included) plus the final model, and estimates r
-    at ``target_fractions`` of the maskable parameters. Table 2's "embeddings + linear map"
-    baseline trains its map for ``linear_map_steps`` steps. With these defaults the default model's
-    figures take about 6.5 minutes on 2 idle CPU cores (17 searches of ~15 s each, then lens,
-    similarity, ablations and generations in ~1 minute).
+    The paper's searches are weight masks over 10k steps of 32 x 128 tokens with the
+    temperature growing 0.1% per step. Here masks are also single weights (``granularities``;
+    ``("neuron", "head")`` draws the coarser masks), but batches are 8 x 64 tokens (a bigram
+    target needs no long context) and the temperature grows 3% per step, so a mask is decided
+    in a few hundred steps (at most ``max_steps``). The chosen lambda's bigram subnetwork is
+    searched again with every seed of ``headline_seeds``, and the headline numbers (size, r,
+    ablation ratio, overlap with the optimal subnetwork) are reported as mean and sample std
+    over those seeds. Fig 2 uses at most ``max_checkpoints`` training checkpoints (evenly
+    spaced, first and last included) plus the final model, and estimates r at
+    ``target_fractions`` of the maskable parameters. Table 2's "embeddings + linear map"
+    baseline trains its map for ``linear_map_steps`` steps.
     """
 
     corpus: str = "default"
-    granularities: tuple[str, ...] = ("neuron", "head")
+    granularities: tuple[str, ...] = DEFAULT_GRANULARITIES
     seq_len: int = 64
     batch_size: int = 8
-    max_steps: int = 100
+    max_steps: int = 400
     temperature_growth: float = 1.03
+    lr: float | None = None
+    headline_seeds: tuple[int, ...] = (0, 1, 2)
     bigram_lambdas: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 100.0)
     optimal_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0)
     checkpoint_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0)
@@ -802,7 +898,7 @@ class FiguresConfig:
         from bigram_circuits.search import SearchConfig
 
         return SearchConfig(max_steps=self.max_steps, batch_size=self.batch_size, seq_len=self.seq_len,
-                            temperature_growth=self.temperature_growth, seed=self.seed,
+                            temperature_growth=self.temperature_growth, lr=self.lr, seed=self.seed,
                             checkpoint_every=25, eval_batches=2)
 
     def key(self) -> str:
@@ -897,13 +993,16 @@ class _FigureRun:
             }
         return self._loaded
 
-    def _sweep(self, bridge, target_name: str, lambdas, folder: str) -> pd.DataFrame:
+    def _sweep(self, bridge, target_name: str, lambdas, folder: str, seed: int | None = None) -> pd.DataFrame:
         from bigram_circuits.search import Target, sweep
 
         data = self.loaded
         target = Target.bigram(data["stats"]) if target_name == "bigram" else Target.full_model(data["vocab"])
+        config = self.config.search_config()
+        if seed is not None:
+            config = replace(config, seed=seed)
         table = sweep(bridge, data["train"], target, [float(x) for x in lambdas], self.config.granularities,
-                      self.config.search_config(), self.root / folder, eval_windows=data["eval"],
+                      config, self.root / folder, eval_windows=data["eval"],
                       show_progress=self.show_progress, metadata={"figures": folder})
         table["path"] = [str(Path(p).relative_to(self.root)) for p in table["path"]]
         return table
@@ -966,6 +1065,50 @@ class _FigureRun:
         size = max(self.chosen_bigram().n_params(), 1)
         distance = (np.log(table["active_params"].clip(lower=1)) - math.log(size)).abs()
         return self.subnetwork(table.loc[distance.idxmin(), "path"])
+
+    # -- headline numbers over seeds
+
+    def headline(self) -> pd.DataFrame:
+        """The chosen lambda's bigram subnetwork searched once per ``headline_seeds`` seed: its
+        size, r, where it sits, the ablation ratio against a random same-shape subnetwork (drawn
+        with the same seed) and its overlap with the paired optimal subnetwork."""
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.circuits.overlap import overlap
+            from bigram_circuits.evaluate import ablation_table
+
+            data = self.loaded
+            sweep_rows = self.bigram_sweep()
+            chosen = sweep_rows[sweep_rows["chosen"]] if sweep_rows["chosen"].any() \
+                else sweep_rows.loc[[sweep_rows["r"].idxmax()]]
+            lam, chosen_path = float(chosen["lambda"].iloc[0]), str(chosen["path"].iloc[0])
+            optimal = self.paired_optimal()
+            rows = []
+            for seed in self.config.headline_seeds:
+                path = chosen_path if seed == self.config.seed else str(
+                    self._sweep(data["bridge"], "bigram", [lam], f"final/bigram_seed_{seed}", seed=seed)["path"].iloc[0])
+                sub = self.subnetwork(path)
+                metrics = sub.metadata.get("metrics", {})
+                ablation = ablation_table(data["bridge"], data["stats"], data["ablation"], sub, seeds=(seed,),
+                                          show_progress=False).set_index("condition")
+                shares = sub.layer_distribution()
+                kept = max(float(shares["kept_params"].sum()), 1.0)
+                result = overlap(sub, optimal, n_random=self.config.overlap_samples, seed=self.config.seed)
+                rows.append({
+                    "seed": seed, "lambda": lam, "active_params": int(sub.n_params()),
+                    "active_percent": 100.0 * sub.n_params() / max(sub.n_params_total(), 1),
+                    "r": float(metrics.get("bigram_r", float("nan"))), "steps": int(metrics.get("steps", 0)),
+                    "converged": bool(metrics.get("converged", False)),
+                    "mlp0_share": float(shares.query("layer == 0 and block == 'mlp'")["kept_params"].sum() / kept),
+                    "ablated_loss_increase": float(ablation.loc["bigram ablated", "loss_increase"]),
+                    "random_ablated_loss_increase": float(ablation.loc["random ablated", "loss_increase"]),
+                    "ablation_ratio": float(ablation.attrs["loss_increase_ratio"]),
+                    "bigram_only_loss": float(ablation.loc["bigram only", "lm_loss_nats"]),
+                    "random_only_loss": float(ablation.loc["random only", "lm_loss_nats"]),
+                    "overlap_ratio": result.ratio, "overlap_p_value": result.p_value,
+                    "overlap_frac_in_optimal": result.frac_a_in_b, "path": path,
+                })
+            return pd.DataFrame(rows)
+        return self._frame("headline_seeds", compute)
 
     # -- Fig 2
 
@@ -1169,7 +1312,7 @@ def figures_command(
         ("bigram sweep", run.bigram_sweep), ("optimal sweep", run.optimal_sweep),
         ("checkpoints", run.checkpoint_results), ("linear lens", run.lens), ("similarity", run.similarity),
         ("ablation", run.ablation), ("overlap", run.overlap), ("generations", run.generations),
-        ("bigram r table", run.bigram_r_rows),
+        ("bigram r table", run.bigram_r_rows), ("headline over seeds", run.headline),
     ]
     results = {}
     with tqdm(total=len(stages), desc="figures", unit="stage", disable=not show_progress) as bar:
@@ -1205,6 +1348,8 @@ def figures_command(
             ("table2_bigram_r", table2_bigram_r(results["bigram r table"])),
         "Table 3: overlap of the bigram and optimal subnetworks": ("table3_overlap", table3_overlap(results["overlap"])),
         "Table 4: sample generations": ("table4_generations", table4_generations(results["generations"])),
+        "Headline over seeds: the chosen lambda searched with each seed (mean ± sd last)":
+            ("table_headline_seeds", table_headline(results["headline over seeds"])),
         "Ablation: held-out LM loss (nats) with subnetworks kept or removed":
             ("table_ablation", results["ablation"][["condition", "lm_loss_nats", "lm_loss_nats_std",
                                                    "loss_increase", "r_dropped", "active_params"]]),

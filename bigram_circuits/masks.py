@@ -46,6 +46,7 @@ from torch.nn.utils import parametrize
 from bigram_circuits.errors import MaskError
 
 __all__ = [
+    "DEFAULT_GRANULARITIES",
     "GRANULARITIES",
     "PARAMETERIZATIONS",
     "ContinuousSparsification",
@@ -67,6 +68,8 @@ __all__ = [
 ]
 
 GRANULARITIES: tuple[str, ...] = ("neuron", "head", "weight")
+# The paper's unit: what searches, sweeps, ``find`` and ``figures`` use unless told otherwise.
+DEFAULT_GRANULARITIES: tuple[str, ...] = ("weight",)
 PARAMETERIZATIONS: tuple[str, ...] = ("continuous", "hard_concrete")
 
 _ATTACHED_FLAG = "_bigram_circuits_masks_attached"

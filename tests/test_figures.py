@@ -347,7 +347,7 @@ def _tiny_figures_config(corpus: Path) -> F.FiguresConfig:
         corpus=str(corpus), seq_len=16, batch_size=4, max_steps=3, bigram_lambdas=(0.0, 10.0),
         optimal_lambdas=(10.0,), checkpoint_lambdas=(1.0, 10.0), max_checkpoints=2, train_windows=64,
         eval_windows=8, analysis_seq_len=32, analysis_tokens=256, ablation_windows=4, random_seeds=(0, 1),
-        overlap_samples=100, prompts=("the",), generation_tokens=3, linear_map_steps=3,
+        overlap_samples=100, prompts=("the",), generation_tokens=3, linear_map_steps=3, headline_seeds=(0, 1),
     )
 
 
@@ -388,6 +388,9 @@ def test_figures_command_writes_everything_then_redraws_from_cache(tmp_path, tin
     assert table2["r"].between(-1, 1).all()
     ckpt = pd.read_csv(out / "table1_chosen.csv")
     assert ckpt.loc[0, "mask_size"] > ckpt.loc[0, "active_params"] >= 0
+    headline = pd.read_csv(out / "table_headline_seeds.csv")
+    assert list(headline["seed"].astype(str)) == ["0", "1", "mean ± sd"]
+    assert " ± " in headline["r"].iloc[-1] and "Headline over seeds" in tables
 
     # Everything is cached: a second run redraws without loading the model.
     from bigram_circuits import models
@@ -398,6 +401,18 @@ def test_figures_command_writes_everything_then_redraws_from_cache(tmp_path, tin
     monkeypatch.setattr(models, "load_model", no_loading)
     again = F.figures_command(str(model_dir), out, cache, config=config, png=False, show_progress=False)
     assert {p.name for p in again} == names
+
+
+def test_table_headline_adds_a_mean_sd_row():
+    rows = pd.DataFrame({"seed": [0, 1, 2], "active_params": [10, 12, 14], "r": [0.9, 0.92, 0.94]})
+    table = F.table_headline(rows)
+    assert list(table["seed"]) == [0, 1, 2, "mean ± sd"]
+    assert table["active_params"].iloc[-1] == "12 ± 2" and table["r"].iloc[-1] == "0.92 ± 0.02"
+
+
+def test_figures_default_to_weight_masks():
+    assert F.FiguresConfig().granularities == ("weight",)
+    assert F.FiguresConfig().search_config().lr is None  # per granularity: weight logits 0.01
 
 
 def test_figures_config_key_changes_with_settings():
