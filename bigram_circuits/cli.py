@@ -31,22 +31,43 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Settings of ``bigram-circuits demo``: the paper's headline on the bundled model in a few
+    minutes on 2 CPU cores (weight masks at lambda 10, 16 x 64-token batches, T x1.03 per step)."""
+
+    model: str = "default"
+    corpus: str = "default"
+    out: str = "runs/demo"
+    granularity: str = "weight"
+    lam: float = 10.0
+    steps: int = 400
+    batch_size: int = 16
+    seq_len: int = 64
+    temperature_growth: float = 1.03
+    eval_windows: int = 64
+    no_search: bool = False
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Load the default model, report size, eval loss and generations; then a quick search."""
+    """Load the default model, report size, eval loss and generations; then find a bigram
+    subnetwork and compare removing it with removing a random same-shape one."""
     import torch
 
     from bigram_circuits.data import load_token_dataset
+    from bigram_circuits.evaluate import generate
     from bigram_circuits.models import load_model
     from bigram_circuits.subnetwork import Subnetwork
 
+    demo = DemoConfig(**_given(args, [f.name for f in dataclasses.fields(DemoConfig)]))
     started = time.time()
-    bridge, tokenizer = load_model(args.model)
+    bridge, tokenizer = load_model(demo.model)
     # Attention + MLP weight matrices (the paper's mask unit); the bridge also holds split
     # copies of fused QKV weights, so counting bridge.parameters() would double count.
-    n_weights = Subnetwork.full(bridge).n_params_total()
-    print(f"model {args.model!r}: {bridge.cfg.n_layers} layers, d_model {bridge.cfg.d_model}, "
+    n_weights = Subnetwork.full(bridge, ("weight",)).n_params_total()
+    print(f"model {demo.model!r}: {bridge.cfg.n_layers} layers, d_model {bridge.cfg.d_model}, "
           f"{n_weights:,} attention+MLP weights, vocab {len(tokenizer)}")
-    windows = load_token_dataset(args.corpus, tokenizer, split="eval").windows(128, max_windows=args.eval_windows)
+    windows = load_token_dataset(demo.corpus, tokenizer, split="eval").windows(128, max_windows=demo.eval_windows)
     with torch.no_grad():
         total, count = 0.0, 0
         for start in range(0, len(windows), 8):
@@ -56,44 +77,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
             total += loss.item()
             count += batch[:, 1:].numel()
-    print(f"eval loss on {count:,} tokens of {args.corpus!r}: {total / count:.3f} nats "
+    print(f"eval loss on {count:,} tokens of {demo.corpus!r}: {total / count:.3f} nats "
           f"(perplexity {torch.tensor(total / count).exp().item():.1f})")
     for prompt in ("The President of the United States", "The city is located in"):
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            for _ in range(20):
-                next_id = bridge(ids)[0, -1, : len(tokenizer)].argmax()
-                ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
-        print(f"  {tokenizer.decode(ids[0])!r}")
-    if not args.no_search:
-        _demo_search(args, bridge, tokenizer)
+        text = generate(bridge, tokenizer, prompt, temperature=0, max_new_tokens=20)
+        print(f"  {prompt + text!r}")
+    if not demo.no_search:
+        _demo_search(demo, bridge, tokenizer)
     print(f"demo finished in {time.time() - started:.0f} s")
     return 0
 
 
-def _demo_search(args: argparse.Namespace, bridge, tokenizer) -> None:
-    """A short neuron + head bigram-subnetwork search on the loaded model, reported from the
-    binary mask (resumable: rerunning the demo reuses ``args.out``)."""
+def _demo_search(demo: DemoConfig, bridge, tokenizer) -> None:
+    """A bigram-subnetwork search on the loaded model (weight masks by default), then the
+    paper's ablation: remove it vs remove a random subnetwork of the same shape. Every number
+    comes from the saved binary mask; rerunning the demo reuses ``demo.out``."""
     from bigram_circuits.data import load_token_dataset
+    from bigram_circuits.evaluate import ablation_table, generate
     from bigram_circuits.models import model_vocab_size
     from bigram_circuits.ngrams import BigramStats
     from bigram_circuits.search import SearchConfig, Target, search
 
     vocab = model_vocab_size(bridge, tokenizer)
-    train = load_token_dataset(args.corpus, tokenizer, split="train")
-    evaluation = load_token_dataset(args.corpus, tokenizer, split="eval")
+    train = load_token_dataset(demo.corpus, tokenizer, split="train")
+    evaluation = load_token_dataset(demo.corpus, tokenizer, split="eval")
     stats = BigramStats.from_tokens(train, vocab)
-    config = SearchConfig(lam=args.lam, max_steps=args.steps, batch_size=16, checkpoint_every=25)
-    print(f"searching a bigram subnetwork (neuron + head masks, lambda {args.lam:g}, "
-          f"at most {args.steps} steps) -> {args.out}")
-    result = search(bridge, train.windows(128, 2048), Target.bigram(stats), ("neuron", "head"),
-                    config, args.out, eval_windows=evaluation.windows(128, args.eval_windows))
+    config = SearchConfig(lam=demo.lam, max_steps=demo.steps, batch_size=demo.batch_size, seq_len=demo.seq_len,
+                          temperature_growth=demo.temperature_growth, checkpoint_every=25)
+    print(f"searching a bigram subnetwork ({demo.granularity} masks, lambda {demo.lam:g}, "
+          f"at most {demo.steps} steps of {demo.batch_size} x {demo.seq_len} tokens) -> {demo.out}")
+    result = search(bridge, train.windows(demo.seq_len, 2048), Target.bigram(stats), demo.granularity,
+                    config, demo.out, eval_windows=evaluation.windows(128, demo.eval_windows))
     m = result.metrics
-    print(f"bigram subnetwork: {m['n_params']:,} weights ({m['percent_params']:.1f}% of attention+MLP "
+    print(f"bigram subnetwork: {m['n_params']:,} weights ({m['percent_params']:.2f}% of attention+MLP "
           f"weights), bigram r {m['bigram_r']:.3f} on held-out text (binary mask), "
           f"{m['steps']} steps, stopped by {m['stop_reason']}")
     layers = result.subnetwork.layer_distribution()
-    print(layers.to_string(index=False))
+    top = layers.sort_values("kept_params", ascending=False).head(3)
+    print("where it sits: " + ", ".join(f"{r.block} {r.layer}: {100 * r.share_of_subnetwork:.0f}%"
+                                       for r in top.itertuples()))
+    table = ablation_table(bridge, stats, evaluation.windows(128, demo.eval_windows), result.subnetwork,
+                           seeds=(0,), show_progress=False)
+    shown = table[["condition", "active_params", "lm_loss_nats", "loss_increase", "r_dropped"]].rename(columns={
+        "active_params": "weights", "lm_loss_nats": "LM loss (nats)", "loss_increase": "vs full",
+        "r_dropped": "bigram r"})
+    print(shown.to_string(index=False, formatters={"weights": "{:,.0f}".format, "LM loss (nats)": "{:.3f}".format,
+                                                   "vs full": "{:+.3f}".format, "bigram r": "{:.3f}".format}))
+    print(f"removing the bigram subnetwork costs {table.attrs['loss_increase_ratio']:.1f}x the loss of "
+          "removing a random subnetwork of the same shape")
+    prompt = "The President of the United States"
+    for condition in ("bigram only", "bigram ablated"):
+        mode = "keep" if condition == "bigram only" else "ablate"
+        text = generate(bridge, tokenizer, prompt, (result.subnetwork, mode), temperature=0, max_new_tokens=12)
+        print(f"  {condition}: {prompt + text!r}")
 
 
 def cmd_train_default(args: argparse.Namespace) -> int:
@@ -283,14 +319,14 @@ def _options_of(source, names: Sequence[str]) -> list[tuple[str, object, object]
 
 
 def _add_options(parser: argparse.ArgumentParser, options, title: str | None = None,
-                 required: Sequence[str] = ()) -> list[str]:
+                 required: Sequence[str] = (), helps: dict[str, str] | None = None) -> list[str]:
     """Add one ``--flag`` per option (defaults suppressed, so unset options are not passed);
     returns the option names, for :func:`_given`. ``required`` names options the CLI needs
     although the function has a default (e.g. ``find --out``)."""
     group = parser.add_argument_group(title) if title else parser
     for name, hint, default in options:
         flag = "--" + _RENAMED.get(name, name).replace("_", "-")
-        text = _HELP.get(name, name.replace("_", " "))
+        text = (helps or {}).get(name) or _HELP.get(name, name.replace("_", " "))
         if isinstance(default, bool):
             if default:
                 group.add_argument("--no-" + flag[2:], dest=name, action="store_false", default=argparse.SUPPRESS,
@@ -323,13 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="load the default model, evaluate it and find a bigram subnetwork")
-    demo.add_argument("--model", default="default")
-    demo.add_argument("--corpus", default="default")
-    demo.add_argument("--eval-windows", type=int, default=64)
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--no-search", action="store_true", help="only load and evaluate the model")
-    demo.add_argument("--lam", type=float, default=1.0, help="sparsity weight of the demo search")
-    demo.add_argument("--steps", type=int, default=150, help="search steps of the demo")
+    _add_options(demo, _options_of(DemoConfig, [f.name for f in dataclasses.fields(DemoConfig)]), helps={
+        "lam": "sparsity weight of the demo search", "steps": "search steps of the demo (at most)",
+        "eval_windows": "held-out windows of 128 tokens", "no_search": "only load and evaluate the model",
+        "out": "output directory (a finished search there is reused)", "granularity": _HELP["granularities"]})
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train-default", help="train the bundled default model from scratch")

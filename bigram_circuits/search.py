@@ -55,6 +55,8 @@ from jaxtyping import Integer
 from tqdm.auto import tqdm
 
 from bigram_circuits.data import atomic_write_bytes, ensure_output_dir, iterate_batches
+from bigram_circuits.distributed import current as current_group
+from bigram_circuits.distributed import launched_by_torchrun
 from bigram_circuits.errors import SearchError, TokenError
 from bigram_circuits.manifest import write_manifest
 from bigram_circuits.masks import MaskSet, masks_attached, parse_granularities
@@ -334,6 +336,8 @@ def _target_loss(bridge, target: Target, windows: np.ndarray, subnetwork: Subnet
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
+    if not current_group().is_writer:  # data-parallel: rank 0 writes, every rank holds the same state
+        return
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -395,6 +399,11 @@ def search(
         raise SearchError("masks are applied to the model; run the search outside `subnetwork.applied(...)`")
     out_path = ensure_output_dir(out_dir) if out_dir is not None else None
     fingerprint = model_fingerprint(bridge)
+    group = current_group()  # data-parallel ranks (bigram_circuits.distributed); rank 0 writes
+    if launched_by_torchrun() and not group.active:
+        raise SearchError("started by torchrun but not data-parallel: run `torchrun ... -m "
+                          "bigram_circuits.distributed find ...` or search inside data_parallel()")
+    show_progress = show_progress and group.is_writer
 
     if out_path is not None and resume and (out_path / "subnetwork.json").exists() and (out_path / HISTORY_FILE).exists():
         finished = _load_finished(out_path, config, grans, target, fingerprint)
@@ -402,7 +411,7 @@ def search(
             return finished
 
     checkpoint = None
-    if out_path is not None:  # a process killed while writing a checkpoint leaves its temp file
+    if out_path is not None and group.is_writer:  # a killed process leaves its temp file
         for stale in out_path.glob(f".{CHECKPOINT_FILE}.*.tmp"):
             stale.unlink(missing_ok=True)
     if out_path is not None and resume and (out_path / CHECKPOINT_FILE).exists():
@@ -455,11 +464,11 @@ def search(
             consistent = True  # whether the in-memory state is a whole number of steps
             try:
                 while step < config.max_steps:
-                    if config.time_budget_s is not None and \
-                            elapsed_before + time.perf_counter() - started > config.time_budget_s:
+                    if config.time_budget_s is not None and group.any(
+                            elapsed_before + time.perf_counter() - started > config.time_budget_s):
                         stop_reason = "time_budget"
                         break
-                    tokens = torch.as_tensor(next(batches), device=device)
+                    tokens = torch.as_tensor(group.shard(next(batches)), device=device)
                     # The noise state before this step's sampling: part of a snapshot of the last good step.
                     generator_before = mask_set.generator.get_state() if mask_set.generator is not None else None
                     consistent = False
@@ -472,7 +481,9 @@ def search(
                     target_loss = target(logits, tokens, reference)
                     penalty = mask_set.penalty(reuse_forward_masks=True).to(target_loss.device)
                     loss = target_loss + config.lam * penalty
-                    if not torch.isfinite(loss):
+                    # Loss of the whole batch (the mean over ranks' equal shards) for logs and checks.
+                    logged = group.average(torch.stack([loss.detach(), target_loss.detach().to(loss.dtype)]))
+                    if not torch.isfinite(logged[0]):
                         where = ""
                         if out_path is not None:
                             if all(bool(torch.isfinite(p).all()) for p in mask_set.parameters()):
@@ -481,17 +492,18 @@ def search(
                                 where = f"; the last good state (step {step}) is checkpointed in {out_path}"
                             else:
                                 where = f"; the last periodic checkpoint in {out_path} is kept"
-                        raise SearchError(f"loss became {loss.item()} at step {step + 1} (lambda {config.lam:g}); "
+                        raise SearchError(f"loss became {logged[0].item()} at step {step + 1} (lambda {config.lam:g}); "
                                           f"lower the learning rate or check the target{where}")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    group.after_backward(mask_set)  # average the mask-logit gradients over ranks
                     optimizer.step()
                     mask_set.temperature *= config.temperature_growth
                     step += 1
                     consistent = True
 
                     undecided, on, _ = mask_set.decision_counts(config.undecided_low, config.undecided_high)
-                    row = {"step": step, "loss": loss.item(), "target_loss": target_loss.item(),
+                    row = {"step": step, "loss": logged[0].item(), "target_loss": logged[1].item(),
                            "soft_density": penalty.item(), "temperature": float(mask_set.temperature),
                            "undecided": undecided, "on": on}
                     history.append(row)
@@ -544,11 +556,12 @@ def search(
     })
     subnetwork.metadata["metrics"] = metrics
     history_df = pd.DataFrame(history)
-    if out_path is not None:
+    if out_path is not None and group.is_writer:
         subnetwork.save(out_path)
         atomic_write_bytes(out_path / HISTORY_FILE, history_df.to_csv(index=False).encode("utf-8"))
         (out_path / CHECKPOINT_FILE).unlink(missing_ok=True)
         write_manifest(out_path, "search", {**meta, "model_id": fingerprint})
+    group.barrier()  # other ranks go on only once the result is on disk
     return SearchResult(subnetwork, history_df, metrics, config, out_path, mask_set)
 
 
@@ -631,7 +644,7 @@ def sweep(
     if metric is not None:
         chosen = choose_subnetwork(table, tolerance=tolerance, metric=metric)
         table.loc[chosen.name, "chosen"] = True
-    if out_dir is not None:
+    if out_dir is not None and current_group().is_writer:
         atomic_write_bytes(Path(out_dir) / SWEEP_FILE, table.to_csv(index=False).encode("utf-8"))
         write_manifest(out_dir, "sweep", {"lambdas": [float(x) for x in lambdas], "target": target.name,
                                           "granularities": list(parse_granularities(granularities)),
@@ -693,7 +706,7 @@ def find_command(
     parse_granularities(granularities)
     resolve_device(device)  # an absent device is one line now, before any output is written
     out_path = ensure_output_dir(out_dir)
-    bridge, tokenizer = load_model(model, device=device)
+    bridge, tokenizer = load_model(model, device=current_group().device_for(device))
     vocab = model_vocab_size(bridge, tokenizer)
     train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
     evaluation = load_token_dataset(corpus, tokenizer, split="eval", show_progress=show_progress)
@@ -702,7 +715,8 @@ def find_command(
         stats = BigramStats.load(stats_path, tokenizer=tokenizer)
     else:
         stats = BigramStats.from_tokens(train, vocab, seq_len=config.seq_len, show_progress=show_progress)
-        stats.save(stats_path, tokenizer=tokenizer)
+        if current_group().is_writer:
+            stats.save(stats_path, tokenizer=tokenizer)
     train_windows = train.windows(config.seq_len, max_train_windows)
     eval_windows = evaluation.windows(config.seq_len, max_eval_windows)
     the_target = Target.from_name(target, stats=stats, vocab_size=vocab)
@@ -710,6 +724,8 @@ def find_command(
             "model": str(model)}
     table = sweep(bridge, train_windows, the_target, [float(x) for x in lambdas], granularities, config, out_path,
                   eval_windows=eval_windows, resume=resume, show_progress=show_progress, metadata=meta)
+    if not current_group().is_writer:  # data-parallel: rank 0 writes the summaries
+        return table
     summary = {"model": str(model), "granularities": list(parse_granularities(granularities)),
                "target": target, "corpus": corpus}
     if table["chosen"].any():

@@ -1,0 +1,121 @@
+"""Data-parallel search (``bigram_circuits.distributed``): gloo on CPU, two ranks under torchrun.
+
+Two ranks, each on half of every batch, with the mask-logit gradients averaged, follow one
+process with the same global batch; a run killed mid-search (SIGKILL to every rank) resumes from
+rank 0's checkpoint to the same result.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bigram_circuits.distributed import SINGLE_PROCESS, ProcessGroup, current, launched_by_torchrun
+from bigram_circuits.errors import SearchError
+from bigram_circuits.search import SearchConfig, Target, search
+from bigram_circuits.subnetwork import Subnetwork
+
+TIMEOUT_S = 300
+LAMBDA = "0.5"
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+
+
+def _find_args(model: Path, corpus: Path, out: Path, max_steps: int = 150) -> list[str]:
+    return ["find", "--model", str(model), "--corpus", str(corpus), "--out", str(out),
+            "--granularity", "weight", "--lambdas", LAMBDA, "--seq-len", "24", "--batch-size", "8",
+            "--max-steps", str(max_steps), "--checkpoint-every", "5", "--max-train-windows", "128",
+            "--max-eval-windows", "16", "--no-progress", "--no-stability-check"]
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "BIGRAM_CIRCUITS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _torchrun(args: list[str]) -> list[str]:
+    return [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "bigram_circuits.distributed", *args]
+
+
+def test_single_process_group_changes_nothing():
+    batch = np.arange(24).reshape(8, 3)
+    assert current() is SINGLE_PROCESS and not SINGLE_PROCESS.active and SINGLE_PROCESS.is_writer
+    assert SINGLE_PROCESS.shard(batch) is batch
+    values = torch.tensor([1.0, 2.0])
+    assert SINGLE_PROCESS.average(values) is values
+    assert SINGLE_PROCESS.any(True) and not SINGLE_PROCESS.any(False)
+
+
+def test_shards_are_equal_contiguous_parts_of_the_batch():
+    batch = np.arange(16).reshape(8, 2)
+    parts = [ProcessGroup(rank=r, world_size=4).shard(batch) for r in range(4)]
+    np.testing.assert_array_equal(np.concatenate(parts), batch)
+    assert {len(p) for p in parts} == {2}
+    with pytest.raises(SearchError, match="multiple of 3"):
+        ProcessGroup(rank=0, world_size=3).shard(batch)
+    assert ProcessGroup(rank=1, world_size=2, local_rank=1).device_for("cuda") == "cuda:1"
+    assert ProcessGroup(rank=1, world_size=2, local_rank=1).device_for("cpu") == "cpu"
+
+
+def test_torchrun_without_the_data_parallel_entry_is_refused(tiny_neox, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched_by_torchrun()
+    windows = np.zeros((8, 24), dtype=np.int64)
+    with pytest.raises(SearchError, match="bigram_circuits.distributed"):
+        search(tiny_neox[0], windows, Target.next_token(300), "neuron", SearchConfig(max_steps=1, batch_size=8),
+               show_progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None or not hasattr(signal, "SIGKILL"), reason="needs torchrun and SIGKILL")
+def test_two_ranks_equal_one_process_and_a_killed_run_resumes(tiny_neox_dir, tiny_text, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(tiny_text), encoding="utf-8")
+    env = _env(tmp_path)
+    single_out, parallel_out = tmp_path / "single", tmp_path / "parallel"
+    single = subprocess.Popen([sys.executable, "-m", "bigram_circuits.cli",
+                               *_find_args(tiny_neox_dir, corpus, single_out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as handle:  # own session: the kill reaches torchrun and both ranks
+        victim = subprocess.Popen(_torchrun(_find_args(tiny_neox_dir, corpus, parallel_out)), env=env,
+                                  stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    run_dir = parallel_out / f"lambda_{LAMBDA}"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (run_dir / "checkpoint.pt").exists():
+        assert victim.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert not (run_dir / "masks.safetensors").exists(), "killed too late"
+    resumed = subprocess.run(_torchrun(_find_args(tiny_neox_dir, corpus, parallel_out)), env=env,
+                             capture_output=True, timeout=TIMEOUT_S, check=False)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    out, _ = single.communicate(timeout=TIMEOUT_S)
+    assert single.returncode == 0, out.decode()[-3000:]
+
+    one = pd.read_csv(single_out / f"lambda_{LAMBDA}" / "history.csv")
+    two = pd.read_csv(run_dir / "history.csv")
+    assert len(one) == len(two) > 5
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
+    np.testing.assert_allclose(two["soft_density"], one["soft_density"], rtol=1e-4)
+    a, b = Subnetwork.load(single_out / f"lambda_{LAMBDA}"), Subnetwork.load(run_dir)
+    agree = sum(int((a.masks[k] == b.masks[k]).sum()) for k in a.masks) / a.n_entries
+    assert agree >= 0.999, agree
+    # One writer: one stats file, one sweep table, no stray temp files or checkpoints.
+    assert (parallel_out / "sweep.csv").exists() and (parallel_out / "find.json").exists()
+    assert not list(parallel_out.rglob("*.tmp")) and not (run_dir / "checkpoint.pt").exists()
+    stdout = resumed.stdout.decode()
+    assert stdout.count("n_params") == 1  # the table printed by rank 0 only
+    print(f"data-parallel vs one process: {len(one)} steps, max relative loss difference "
+          f"{float(np.max(np.abs(two['loss'] / one['loss'] - 1))):.2e}, mask agreement {agree:.6f}")
