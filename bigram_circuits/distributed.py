@@ -43,8 +43,10 @@ __all__ = [
     "ProcessGroup",
     "current",
     "data_parallel",
+    "full_logits",
     "launched_by_torchrun",
     "main",
+    "shard_mask_set",
 ]
 
 
@@ -200,6 +202,40 @@ def data_parallel(
         _ACTIVE.pop()
         if created:
             dist.destroy_process_group()
+
+
+def shard_mask_set(mask_set: torch.nn.Module, mesh=None) -> torch.nn.Module:
+    """Shard a :class:`~bigram_circuits.masks.MaskSet`'s logits over the ranks with FSDP2
+    (``torch.distributed.fsdp.fully_shard``): each rank keeps 1/N of every logit tensor (dim 0),
+    so the logits, their gradients and an optimizer's moments over ``mask_set.parameters()``
+    cost 16/N bytes per masked weight. Inside ``mask_set.attach(bridge)`` the full logits are
+    gathered once per forward pass (FSDP2's pre-forward all-gather around ``mask_set()``) and
+    the gradients reduce-scattered (averaged) in the backward pass, so ranks that each run their
+    shard of a batch follow one process on the whole batch. Needs an initialised process group
+    (:func:`data_parallel`); works on CPU with gloo. Returns the same module, now an
+    ``FSDPModule``. Not yet wired into :func:`bigram_circuits.search.search` (see
+    docs/scale_out.md)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("shard_mask_set needs a process group; call it inside data_parallel()")
+    if mesh is None:
+        device = next(mask_set.parameters()).device
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    fully_shard(mask_set, mesh=mesh, reshard_after_forward=True)
+    mask_set.gather_masks_in_forward = True
+    return mask_set
+
+
+def full_logits(mask_set: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) logit tensors of a mask set, keyed like its parameters (a
+    collective: every rank must call it)."""
+    out = {}
+    for name, param in mask_set.named_parameters():
+        out[name] = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
+    return out
 
 
 def _option(argv: list[str], name: str) -> str | None:

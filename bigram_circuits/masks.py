@@ -690,12 +690,20 @@ class MaskSet(nn.Module):
         kept = sum(float(m.float().sum()) for m in masks.values())
         return kept / sum(c.n_entries for c in self.components.values())
 
+    def forward(self) -> dict[str, Float[torch.Tensor, ...]]:
+        """Every key's forward mask (sampled gates while training for hard concrete), in
+        component order. With sharded logits (``distributed.shard_mask_set``) FSDP2 gathers the
+        full logits around this call and reduce-scatters their gradients in the backward pass."""
+        return {key: self.soft_mask(key) for key in self.components}
+
     @contextlib.contextmanager
     def attach(self, bridge) -> Iterator[MaskSet]:
         """Run ``bridge`` with the current soft masks inside the block."""
         self._forward_masks = {}
         self._caching = True
         try:
+            if getattr(self, "gather_masks_in_forward", False):  # sharded logits: gather them now
+                self._forward_masks = dict(self())
             with attach_masks(bridge, list(self.components.values()), self.soft_mask):
                 yield self
         finally:
