@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test figures bench lint clean
+.PHONY: setup demo test figures figures-neuron-head findings bench lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,16 @@ test: setup
 figures: setup
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium unavailable: figures are written as HTML only"
 	BROWSER_PATH=/usr/bin/chromium $(VENV)/bin/bigram-circuits figures --model default --out figures/
+
+# The same figures with neuron + head masks (the coarser unit), side by side with figures/
+figures-neuron-head: setup
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium unavailable: figures are written as HTML only"
+	BROWSER_PATH=/usr/bin/chromium $(VENV)/bin/bigram-circuits figures --model default --granularity neuron,head \
+		--max-steps 100 --temperature-growth 1.03 --bigram-lambdas 0,1,3,10,100 --out figures/neuron_head/
+
+# The paper's findings against the committed results (README table)
+findings: setup
+	$(PY) benchmarks/findings.py
 
 bench: setup
 	$(PY) benchmarks/bench_ngrams.py
