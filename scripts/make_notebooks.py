@@ -16,54 +16,67 @@ import numpy as np, pandas as pd, torch
 pd.set_option("display.width", 140)
 torch.manual_seed(0)"""
 
-QUICKSTART = [
-    new_markdown_cell("""# 01 — Quickstart: find and inspect a bigram subnetwork
-
-A *bigram subnetwork* is a small set of a model's parameters that, with everything else
-removed, predicts the next token from the current token alone (Chang & Bergen 2025).
-This notebook loads the bundled default model, counts bigram statistics of its corpus, runs a
-short mask search (MLP neurons + attention heads), and inspects the binary subnetwork.
-Settings are small so the notebook runs in a few minutes on 2 CPU cores."""),
-    new_code_cell(SETUP),
-    new_code_cell("""from bigram_circuits.models import load_model, model_vocab_size
+SEARCH_CELL = """from bigram_circuits.models import load_model, model_vocab_size
 from bigram_circuits.data import load_token_dataset
 from bigram_circuits.ngrams import BigramStats
+from bigram_circuits.search import SearchConfig, Target, search
+from pathlib import Path
 
 bridge, tokenizer = load_model("default")          # a TransformerLens 4 TransformerBridge
 V = model_vocab_size(bridge, tokenizer)
 train = load_token_dataset("default", tokenizer, split="train", show_progress=False)
 evaluation = load_token_dataset("default", tokenizer, split="eval", show_progress=False)
 stats = BigramStats.from_tokens(train, V, show_progress=False)
-print(bridge.cfg.n_layers, "layers;", len(train), "train tokens;", V, "vocab")"""),
+# Weight masks (the paper's unit), lambda 10, 16 x 64-token batches, temperature x1.03 per step:
+# decided in a few hundred steps (1-2 minutes on 2 CPU cores). The run is saved, so notebooks
+# 01 and 02 share it and a rerun loads it.
+root = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").exists())
+config = SearchConfig(lam=10.0, max_steps=400, batch_size=16, seq_len=64, temperature_growth=1.03, eval_batches=2)
+result = search(bridge, train.windows(64, 2048), Target.bigram(stats), "weight", config,
+                root / "runs" / "notebooks" / "weight_lambda_10", eval_windows=evaluation.windows(128, 64),
+                show_progress=False)
+subnetwork = result.subnetwork"""
+
+QUICKSTART = [
+    new_markdown_cell("""# 01 — Quickstart: find and inspect a bigram subnetwork
+
+A *bigram subnetwork* is a small set of a model's weights that, with everything else removed,
+predicts the next token from the current token alone (Chang & Bergen 2025). This notebook loads
+the bundled default model, counts bigram statistics of its corpus, searches a **weight-mask**
+subnetwork (one mask entry per attention / MLP weight, the paper's unit), and shows the paper's
+headline: about 1% of the weights, bigram r above 0.95, and removing it hurts the model far
+more than removing a random subnetwork of the same shape."""),
+    new_code_cell(SETUP),
+    new_code_cell(SEARCH_CELL),
     new_markdown_cell("What does the bigram distribution predict after a token?"),
     new_code_cell("""token = tokenizer.encode(" United")[0]
 stats.top_k(token, k=5, tokenizer=tokenizer)"""),
-    new_markdown_cell("""## Search
-Loss = soft cross-entropy against P(next | current) + lambda x (mask size). Metrics in the
-result are measured with the **binary** mask, never the soft one."""),
-    new_code_cell("""from bigram_circuits.search import SearchConfig, Target, search
-
-config = SearchConfig(lam=10.0, max_steps=30, batch_size=8, seed=0, stability_check=False, eval_batches=2)
-result = search(bridge, train.windows(128, 512), Target.bigram(stats), ("neuron", "head"), config,
-                eval_windows=evaluation.windows(128, 32), show_progress=False)
-subnetwork = result.subnetwork
-{k: result.metrics[k] for k in ("n_params", "percent_params", "density", "bigram_r", "steps", "stop_reason")}"""),
-    new_code_cell("""result.history[["step", "loss", "target_loss", "temperature"]].tail()"""),
-    new_markdown_cell("Where does the subnetwork live? (parameters in the paper's unit: weights gated)"),
+    new_markdown_cell("""## The subnetwork
+Loss = soft cross-entropy against P(next | current) + lambda x (mean soft mask). Metrics are
+measured with the **binary** mask that is returned and saved, never the soft one; r is on
+held-out text."""),
+    new_code_cell("""{k: result.metrics[k] for k in ("n_params", "n_params_total", "percent_params", "bigram_r", "steps",
+                                   "stop_reason")}"""),
+    new_code_cell("""result.history[["step", "loss", "target_loss", "soft_density", "temperature", "undecided"]].tail()"""),
+    new_markdown_cell("Where does it live? The first MLP holds most of it."),
     new_code_cell("""subnetwork.layer_distribution()"""),
-    new_markdown_cell("## Keep only the subnetwork, or ablate it, inside a `with` block"),
-    new_code_cell("""from bigram_circuits.evaluate import evaluate_metrics
+    new_markdown_cell("""## Removing it vs removing a random subnetwork of the same shape
+`ablation_table` measures the full model, the subnetwork alone, the model without it, and the
+same for random subnetworks with the same number of weights in every matrix (three seeds)."""),
+    new_code_cell("""from bigram_circuits.evaluate import ablation_table
 
-eval_windows = evaluation.windows(128, 16)
-rows = {
-    "full model": evaluate_metrics(bridge, stats, eval_windows, show_progress=False),
-    "bigram only": evaluate_metrics(bridge, stats, eval_windows, subnetwork, "keep", show_progress=False),
-    "bigram ablated": evaluate_metrics(bridge, stats, eval_windows, subnetwork, "ablate", show_progress=False),
-}
-pd.DataFrame(rows).T[["r_dropped", "soft_xent", "lm_loss_nats"]]"""),
-    new_code_cell("""prompt = tokenizer("The President of the United", return_tensors="pt")["input_ids"]
+ablation = ablation_table(bridge, stats, evaluation.windows(128, 64), subnetwork, seeds=(0, 1, 2), show_progress=False)
+print("removing the bigram subnetwork costs", round(ablation.attrs["loss_increase_ratio"], 1),
+      "x the loss increase of removing a random one")
+ablation[["condition", "active_params", "lm_loss_nats", "lm_loss_nats_std", "loss_increase", "r_dropped"]]"""),
+    new_markdown_cell("## Keep only the subnetwork, or remove it, inside a `with` block"),
+    new_code_cell("""from bigram_circuits.evaluate import generate
+prompt = "The President of the United States"
+{mode: generate(bridge, tokenizer, prompt, (subnetwork, mode), temperature=0, max_new_tokens=12)
+ for mode in ("keep", "ablate")}"""),
+    new_code_cell("""ids = tokenizer("The President of the United", return_tensors="pt")["input_ids"]
 with subnetwork.applied(bridge, mode="keep"):
-    logits = bridge(prompt)
+    logits = bridge(ids)
 tokenizer.decode(logits[0, -1, :V].argmax())"""),
     new_markdown_cell("Save, reload, and export in the authors' mask-dict format."),
     new_code_cell("""import tempfile
@@ -77,22 +90,11 @@ all(torch.equal(again.masks[k], subnetwork.masks[k]) for k in subnetwork.masks)"
 CIRCUITS = [
     new_markdown_cell("""# 02 — Circuits: patching, lenses, similarity, sufficiency
 
-Compare the full model, its bigram subnetwork and a random same-shape subnetwork with the
-circuits module. A short search provides the subnetwork (see 01)."""),
+Compare the full model, its weight-mask bigram subnetwork and a random same-shape subnetwork
+with the circuits module. The subnetwork is notebook 01's search (loaded when 01 ran first)."""),
     new_code_cell(SETUP),
-    new_code_cell("""from bigram_circuits.models import load_model, model_vocab_size
-from bigram_circuits.data import load_token_dataset
-from bigram_circuits.ngrams import BigramStats
-from bigram_circuits.search import SearchConfig, Target, search
-
-bridge, tokenizer = load_model("default")
-V = model_vocab_size(bridge, tokenizer)
-train = load_token_dataset("default", tokenizer, split="train", show_progress=False)
-evaluation = load_token_dataset("default", tokenizer, split="eval", show_progress=False)
-stats = BigramStats.from_tokens(train, V, show_progress=False)
-config = SearchConfig(lam=10.0, max_steps=30, batch_size=8, stability_check=False, eval_batches=2)
-bigram = search(bridge, train.windows(128, 512), Target.bigram(stats), ("neuron", "head"), config,
-                show_progress=False).subnetwork
+    new_code_cell(SEARCH_CELL + """
+bigram = subnetwork
 random = bigram.random_control(seed=0)
 windows = evaluation.windows(128, 24)"""),
     new_markdown_cell("## Logit lens (final norm + unembedding at every layer)"),
@@ -123,7 +125,9 @@ table = patch(bridge, clean, corrupted, "resid_pre", logit_difference(answer, wr
 patching_heatmap(table)"""),
     new_markdown_cell("""## Sufficiency: add induction heads to the bigram subnetwork
 Loss on the second half of repeated random token sequences: bigram subnetwork only, bigram +
-the strongest induction heads, and the full model."""),
+the strongest induction heads (their Q/K/V/O weights switched on), and the full model. The
+default model has no real induction heads (best score about .02), so expect little; notebook 04
+builds up circuits on SmolLM2-135M's results."""),
     new_code_cell("""from bigram_circuits.circuits import find_induction_heads, sufficiency, RepeatedSequenceLoss
 heads, scores = find_induction_heads(bridge, V, top_k=2)
 scores.head()"""),
@@ -133,64 +137,157 @@ scores.head()"""),
 FIGURES = [
     new_markdown_cell("""# 03 — Paper figures from results
 
-Every figure function takes a DataFrame of results and returns a plotly figure, so a figure
-can be drawn from any run. Here: a small lambda sweep on the default model (Fig 1 and Table 1),
-the ablation table (Fig 5 right) and the layer distribution. `bigram-circuits figures` runs the
-whole set with full settings."""),
+Every figure function takes a DataFrame of results and returns a plotly figure, so a figure can
+be drawn from any run. This notebook redraws the paper's figures from the committed results of
+`make figures` (weight masks on the default model; `figures/data/*.csv` are the figures' input
+tables), then runs one small live sweep to show where those tables come from."""),
     new_code_cell(SETUP),
+    new_code_cell("""from pathlib import Path
+from bigram_circuits import figures as F
+
+root = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").exists())
+data = root / "figures" / "data"
+read = lambda name, **kw: pd.read_csv(data / f"{name}.csv", **kw)
+sweep_rows = read("bigram_sweep")
+F.fig1_r_vs_params(sweep_rows)"""),
+    new_code_cell("""F.table1_chosen(sweep_rows)"""),
+    new_markdown_cell("Headline numbers of the chosen lambda over three search seeds (mean ± sd in the last row):"),
+    new_code_cell("""F.table_headline(read("headline_seeds"))"""),
+    new_code_cell("""F.fig2_training_dynamics(read("checkpoint_r"), read("checkpoint_layer_share"))"""),
+    new_code_cell("""F.fig_layer_distribution(read("layer_distribution"), "Where the chosen bigram subnetwork sits")"""),
+    new_code_cell("""F.fig3_rotation(read("lens"))"""),
+    new_code_cell("""F.fig4_similarity({name: read(f"similarity_{name}", index_col=0) for name in ("full", "bigram", "random")})"""),
+    new_code_cell("""ablation = read("ablation").rename(columns={"lm_loss_nats": "loss", "lm_loss_nats_std": "loss_std"})
+ablation = ablation[ablation["condition"].isin(["full model", "random ablated", "bigram ablated", "optimal ablated"])]
+F.fig5_optimal(read("optimal_sweep"), ablation)"""),
+    new_code_cell("""F.table2_bigram_r(read("bigram_r_rows"))"""),
+    new_code_cell("""F.table3_overlap(read("overlap"))"""),
+    new_code_cell("""F.table4_generations(read("generations"))"""),
+    new_markdown_cell("""## Where the tables come from: a small live sweep
+A two-lambda weight-mask sweep (short settings; `make figures` runs five lambdas, the optimal
+subnetworks, the training checkpoints and the baselines)."""),
     new_code_cell("""from bigram_circuits.models import load_model, model_vocab_size
 from bigram_circuits.data import load_token_dataset
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.search import SearchConfig, Target, sweep
+import tempfile
 
 bridge, tokenizer = load_model("default")
 V = model_vocab_size(bridge, tokenizer)
 train = load_token_dataset("default", tokenizer, split="train", show_progress=False)
 evaluation = load_token_dataset("default", tokenizer, split="eval", show_progress=False)
 stats = BigramStats.from_tokens(train, V, show_progress=False)
-config = SearchConfig(max_steps=25, batch_size=8, stability_check=False, eval_batches=2)
-import tempfile
-run_dir = tempfile.mkdtemp()
-table = sweep(bridge, train.windows(128, 384), Target.bigram(stats), [0.0, 10.0, 100.0], ("neuron", "head"),
-              config, run_dir, eval_windows=evaluation.windows(128, 16), show_progress=False)
-table[["lambda", "n_params", "percent_params", "bigram_r", "chosen"]]"""),
-    new_code_cell("""from bigram_circuits.figures import fig1_r_vs_params, table1_chosen
-sweep_rows = table.assign(model="default", active_params=table["n_params"], r=table["bigram_r"])
-fig1_r_vs_params(sweep_rows)"""),
-    new_code_cell("""table1_chosen(sweep_rows)"""),
-    new_code_cell("""from bigram_circuits.subnetwork import Subnetwork
-from bigram_circuits.evaluate import ablation_table
-chosen = Subnetwork.load(table.loc[table["chosen"], "path"].iloc[0])
-ablation = ablation_table(bridge, stats, evaluation.windows(128, 16), chosen, seeds=(0, 1), show_progress=False)
-ablation[["condition", "active_params", "lm_loss_nats", "loss_increase", "r_dropped"]]"""),
-    new_code_cell("""from bigram_circuits.figures import fig_layer_distribution
-print("loss increase ratio (bigram ablated / random ablated):", round(ablation.attrs["loss_increase_ratio"], 2))
-fig_layer_distribution(chosen.layer_distribution())"""),
-    new_markdown_cell("""Table 2: the chosen subnetwork against baselines. "random init + trained embeddings" is
-a bigram search in the step-0 checkpoint after copying in the trained embedding, unembedding and
-final norm; "embeddings + linear map" learns one `d_model x d_model` map between the trained
-embeddings (tiny settings here)."""),
-    new_code_cell("""import pandas as pd
-from bigram_circuits.baselines import LinearMapConfig, fit_linear_map, transplant_embeddings
-from bigram_circuits.figures import table2_bigram_r
-from bigram_circuits.search import bigram_correlation, search
+config = SearchConfig(max_steps=60, batch_size=8, seq_len=64, temperature_growth=1.08, stability_check=False,
+                      eval_batches=2)
+table = sweep(bridge, train.windows(64, 512), Target.bigram(stats), [0.0, 10.0], "weight", config,
+              tempfile.mkdtemp(), eval_windows=evaluation.windows(64, 32), show_progress=False)
+live = F.from_search_sweep(table, "default (live, 60 steps)")
+F.fig1_r_vs_params(pd.concat([sweep_rows, live], ignore_index=True))"""),
+]
 
-eval_windows = evaluation.windows(128, 16)
-init, _ = load_model("default", checkpoint=0)
-transplant_embeddings(init, bridge)
-init_result = search(init, train.windows(128, 384), Target.bigram(stats), ("neuron", "head"),
-                     SearchConfig(lam=10.0, max_steps=25, batch_size=8, stability_check=False, eval_batches=2),
-                     show_progress=False)
-linear = fit_linear_map(bridge, stats, train.windows(128, 384), LinearMapConfig(steps=60), show_progress=False)
-rows = pd.DataFrame([
-    {"condition": "full model", "r": bigram_correlation(bridge, stats, eval_windows)},
-    {"condition": "bigram subnetwork", "r": bigram_correlation(bridge, stats, eval_windows, chosen)},
-    {"condition": "random init + trained embeddings", "r": bigram_correlation(init, stats, eval_windows, init_result.subnetwork)},
-    {"condition": "empty subnetwork + embeddings",
-     "r": bigram_correlation(bridge, stats, eval_windows, Subnetwork.empty(bridge, ("neuron", "head")))},
-    {"condition": "embeddings + linear map", "r": linear.evaluate(bridge, stats, eval_windows)["r_dropped"]},
-])
-table2_bigram_r(rows)"""),
+
+BUILD_UP = [
+    new_markdown_cell("""# 04 — Circuits built on the bigram base
+
+The bigram subnetwork is a minimal circuit: it predicts the next token from the current one.
+Here we *build up* from it: find candidate circuits (attention heads) with three methods, switch
+them on in the bigram subnetwork, and measure how much of the full model's behaviour they bring
+back, against random heads of the same count and layers. Behaviours: in-context repetition
+(loss on the second copy of repeated random tokens) and copying a name from earlier in the
+prompt. Everything runs on the bundled default model with small settings; it has no induction
+heads (best induction score about .02), so expect small effects here. The SmolLM2-135M numbers
+at the end come from the committed results file of `benchmarks/buildup_smollm2.py`."""),
+    new_code_cell(SETUP),
+    new_code_cell("""from bigram_circuits.models import load_model, model_vocab_size
+from bigram_circuits.data import load_token_dataset
+from bigram_circuits.ngrams import BigramStats
+from bigram_circuits.search import SearchConfig, Target, search
+
+bridge, tokenizer = load_model("default")
+V = model_vocab_size(bridge, tokenizer)
+train = load_token_dataset("default", tokenizer, split="train", show_progress=False)
+stats = BigramStats.from_tokens(train, V, show_progress=False)
+config = SearchConfig(lam=10.0, max_steps=30, batch_size=8, stability_check=False, eval_batches=2)
+bigram = search(bridge, train.windows(128, 256), Target.bigram(stats), ("weight",), config,
+                show_progress=False).subnetwork     # a weight-mask bigram subnetwork (short search)
+bigram.summary()"""),
+    new_markdown_cell("""## Two behaviours, each with clean and corrupted prompts
+`RepetitionTask`: clean = random tokens repeated twice, corrupted = the same second half after a
+different first half (nothing to copy). `NameCopyingTask`: "When A and B went to the store, B
+gave a drink to" -> " A"; corrupted = the first two names replaced by two others."""),
+    new_code_cell("""from bigram_circuits.circuits.buildup import RepetitionTask, NameCopyingTask
+repetition = RepetitionTask(V, seq_len=16, n_sequences=8, batch_size=8)
+names = NameCopyingTask(tokenizer, n_prompts=12)
+print(names.texts[0], "| names usable as one token:", names.names)
+{"repetition (full model)": repetition(bridge), "names (full model)": names(bridge)}"""),
+    new_markdown_cell("""## Candidates from three methods
+Head scores (attention patterns on repeated random tokens), TransformerLens 4.3's own
+attribution patching (`transformer_lens.tools.analysis.attribution_patch`, node level) and
+activation patching. Each returns a `Candidate` that carries the score of every head, so
+`candidate.top_k(k)` cuts it."""),
+    new_code_cell("""from bigram_circuits.circuits.candidates import (head_score_candidates, attribution_scores, patching_scores,
+    candidate_from_scores, candidate_agreement, method_head_table, transformer_lens_version)
+head_candidates, scores = head_score_candidates(bridge, V, n_induction=3, n_previous=2, seq_len=16, n_sequences=8)
+attribution = attribution_scores(bridge, repetition, n_examples=4)
+patching = patching_scores(bridge, repetition, n_examples=4)
+candidates = {
+    "induction heads": head_candidates["induction heads"],
+    "induction + previous-token": head_candidates["induction + previous-token"],
+    "attribution top 3": candidate_from_scores(attribution, "attribution top 3", 3, method="attribution patching"),
+    "patching top 3": candidate_from_scores(patching, "patching top 3", 3, method="activation patching"),
+}
+print("transformer-lens", transformer_lens_version())
+scores.head()"""),
+    new_code_cell("""candidate_agreement(candidates)[["a", "b", "shared", "jaccard", "shared_heads", "spearman"]].round(3)"""),
+    new_code_cell("""method_head_table(candidates).round(3).head(8)"""),
+    new_markdown_cell("""## Build-up: base, base + candidate, base + random heads, full model
+Recovered fraction = (m - m_base) / (m_full - m_base): 0 is the bigram subnetwork alone, 1 the full
+model."""),
+    new_code_cell("""from bigram_circuits.circuits.buildup import build_up, summarize_build_up, build_up_report
+table = build_up(bridge, bigram, candidates, repetition, seeds=(0, 1, 2), progress=False)
+report = build_up_report(summarize_build_up(table))
+report[["candidate", "heads", "base_value", "with_candidate", "full_value", "recovered",
+        "random_recovered", "random_recovered_std", "full_minus_recovered"]].round(3)"""),
+    new_markdown_cell("Name copying, with candidates found by patching on the name prompts:"),
+    new_code_cell("""name_candidates = {
+    "induction + previous-token": head_candidates["induction + previous-token"],
+    "attribution top 3": candidate_from_scores(attribution_scores(bridge, names, n_examples=4), "attribution top 3", 3),
+    "patching top 3": candidate_from_scores(patching_scores(bridge, names, n_examples=4), "patching top 3", 3),
+}
+name_table = build_up(bridge, bigram, name_candidates, names, seeds=(0, 1, 2), progress=False)
+build_up_report(summarize_build_up(name_table))[["candidate", "base_value", "with_candidate", "full_value",
+                                                 "recovered", "random_recovered"]].round(3)"""),
+    new_code_cell("""from bigram_circuits.figures import fig_build_up
+fig_build_up(summarize_build_up(pd.concat([table, name_table], ignore_index=True)))"""),
+    new_markdown_cell("""## Does the bigram subnetwork already hold these circuits?
+Weight-level overlap (a head = its W_Q/W_K/W_V rows and W_O columns) with the exact per-matrix
+null, and where the candidates sit per layer."""),
+    new_code_cell("""from bigram_circuits.circuits.buildup import circuit_overlap, circuit_placement
+circuit_overlap(bigram, candidates, bridge, n_random=1000)[
+    ["candidate", "circuit_weights", "circuit_in_base", "expected_circuit_in_base", "random_heads_in_base", "p_value_text"]].round(3)"""),
+    new_code_cell("""placement = circuit_placement(bigram, candidates, bridge)
+placement[placement["heads"] > 0][["candidate", "layer", "head_labels", "circuit_in_base", "base_attn_fraction_kept"]].round(3)"""),
+    new_markdown_cell("""## Your own candidate
+Any set of heads (and neurons) is a `Candidate`; the same calls measure it."""),
+    new_code_cell("""from bigram_circuits.circuits import Candidate
+mine = Candidate("my heads", heads=[(1, 3), (2, 5)])
+summarize_build_up(build_up(bridge, bigram, {"my heads": mine}, repetition, seeds=(0,), necessity=False,
+                            progress=False))[["condition", "candidate", "value", "recovered"]].round(3)"""),
+    new_markdown_cell("""## SmolLM2-135M (from the committed results)
+`python benchmarks/buildup_smollm2.py` runs the same experiments on SmolLM2-135M with its
+weight-mask bigram subnetwork and its optimal subnetwork as bases."""),
+    new_code_cell("""import json
+from pathlib import Path
+root = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "benchmarks").is_dir())
+path = root / "benchmarks" / "results" / "buildup_smollm2.json"
+if path.exists():
+    smol = json.loads(path.read_text())
+    smol_report = pd.DataFrame(smol["tables"]["build_up_report"])
+    display(pd.DataFrame(smol["tables"]["candidates"]))
+    display(smol_report[["task", "base", "candidate", "heads", "base_value", "with_candidate", "full_value",
+                         "recovered", "random_recovered", "random_recovered_std"]].round(3))
+else:
+    print("no SmolLM2 results yet: run python benchmarks/buildup_smollm2.py")"""),
 ]
 
 
@@ -205,3 +302,4 @@ if __name__ == "__main__":
     write("01_quickstart.ipynb", QUICKSTART)
     write("02_circuits.ipynb", CIRCUITS)
     write("03_paper_figures.ipynb", FIGURES)
+    write("04_build_up.ipynb", BUILD_UP)
