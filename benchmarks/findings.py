@@ -35,19 +35,49 @@ MISSING = "not measured"
 
 
 class Source:
-    """The result tables of one figures folder (``data/*.csv``); ``None`` where absent."""
+    """The result tables of one figures folder (``data/*.csv``); ``None`` where absent.
+
+    A folder written before ``data/`` existed (one seed, no lens tables) is read from its
+    display tables instead: Table 1, the ablation table, Table 3, Table 2 and Table 4."""
 
     def __init__(self, folder: Path):
-        self.folder = folder / "data"
+        self.root, self.folder = folder, folder / "data"
 
     def table(self, name: str, **kwargs) -> pd.DataFrame | None:
         path = self.folder / f"{name}.csv"
-        return pd.read_csv(path, **kwargs) if path.is_file() else None
+        if path.is_file():
+            return pd.read_csv(path, **kwargs)
+        return self._from_display_tables(name)
+
+    def _from_display_tables(self, name: str) -> pd.DataFrame | None:
+        def read(file: str) -> pd.DataFrame | None:
+            path = self.root / file
+            return pd.read_csv(path) if path.is_file() else None
+        if name == "bigram_r_rows":
+            return read("table2_bigram_r.csv")
+        if name == "generations":
+            table = read("table4_generations.csv")
+            return None if table is None else table.rename(columns={"text": "generation"})
+        if name != "headline_seeds":
+            return None
+        chosen, ablation, overlap = read("table1_chosen.csv"), read("table_ablation.csv"), read("table3_overlap.csv")
+        if chosen is None or ablation is None:
+            return None
+        by = ablation.set_index("condition")["loss_increase"]
+        row = {"lambda": chosen["lambda"].iloc[0], "active_params": chosen["active_params"].iloc[0],
+               "active_percent": chosen["active_percent"].iloc[0], "r": chosen["r"].iloc[0],
+               "mlp0_share": float("nan"), "ablated_loss_increase": by["bigram ablated"],
+               "random_ablated_loss_increase": by["random ablated"],
+               "ablation_ratio": by["bigram ablated"] / by["random ablated"],
+               "overlap_ratio": overlap["ratio"].iloc[0] if overlap is not None else float("nan"),
+               "overlap_p_value": 0.0 if overlap is not None and str(overlap["p"].iloc[0]).startswith("<")
+               else float("nan")}
+        return pd.DataFrame([row])
 
 
 def mean_sd(values, fmt: str = ".3f", scale: float = 1.0) -> str:
     array = np.asarray(values, dtype=float) * scale
-    if len(array) == 0:
+    if len(array) == 0 or np.isnan(array).all():
         return MISSING
     if len(array) == 1:
         return f"{array[0]:{fmt}}"
@@ -129,7 +159,8 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
         verdict = ("holds" if plurality == (0, "mlp") else "differs") + f": MLP 0 holds {100 * share:.1f}%"
     add("plurality of the subnetwork in the first MLP", "first MLP layer; Pythia 1B 82% MLP / 18% attention",
         [cell(W, lambda s: f"{mean_sd(s['mlp0'], '.1f', 100)}% in MLP 0"),
-         cell(N, lambda s: f"{mean_sd(s['mlp0'], '.1f', 100)}% in MLP 0"), smol_mlp0], verdict)
+         cell(N, lambda s: f"{mean_sd(s['mlp0'], '.1f', 100)}% in MLP 0".replace(f"{MISSING}% in MLP 0", MISSING)),
+         smol_mlp0], verdict)
 
     # 3. ablation
     def ablation(s: dict) -> str:
