@@ -87,6 +87,10 @@ class Candidate:
     heads: tuple[tuple[int, int], ...] = ()
     neurons: tuple[tuple[int, int], ...] = ()
     weights: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False)
+    # Optional importance of each unit, keyed ("head" | "neuron", layer, index); larger = more
+    # important (as the method that found the candidate defines it). Used by ``top_k``.
+    scores: Mapping[tuple[str, int, int], float] = field(default_factory=dict, compare=False)
+    method: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", _pairs(self.heads))
@@ -94,8 +98,51 @@ class Candidate:
         object.__setattr__(
             self, "weights", {k: torch.as_tensor(v).bool() for k, v in dict(self.weights).items()}
         )
+        scores = {}
+        for key, value in dict(self.scores).items():
+            if len(key) != 3 or key[0] not in ("head", "neuron"):
+                raise MaskError(
+                    f"candidate scores are keyed ('head' | 'neuron', layer, index); got {key!r}"
+                )
+            scores[(str(key[0]), int(key[1]), int(key[2]))] = float(value)
+        object.__setattr__(self, "scores", scores)
         if not (self.heads or self.neurons or self.weights):
             raise MaskError("a candidate needs at least one head, neuron or weight entry")
+
+    def ranked(self) -> pd.DataFrame:
+        """The candidate's heads and neurons with their scores, best first (unscored last).
+
+        Columns: kind ("head" | "neuron"), layer, index, score (NaN when unscored), rank.
+        """
+        rows = [("head", layer, head) for layer, head in self.heads]
+        rows += [("neuron", layer, neuron) for layer, neuron in self.neurons]
+        table = pd.DataFrame(rows, columns=["kind", "layer", "index"])
+        table["score"] = [self.scores.get(row, float("nan")) for row in rows]
+        table = table.sort_values(
+            "score", ascending=False, na_position="last", kind="stable", ignore_index=True
+        )
+        table["rank"] = range(1, len(table) + 1)
+        return table
+
+    def top_k(self, k: int, *, absolute: bool = False, name: str | None = None) -> Candidate:
+        """The ``k`` highest-scoring of the candidate's heads and neurons (by ``|score|`` with
+        ``absolute``); unscored units rank last. Weight entries are dropped."""
+        if k < 1:
+            raise MaskError(f"top_k needs k >= 1, got {k}")
+        table = self.ranked()
+        if absolute:
+            table = table.assign(order=table["score"].abs()).sort_values(
+                "order", ascending=False, na_position="last", kind="stable"
+            )
+        kept = table.head(int(k))
+        units = list(zip(kept["kind"], kept["layer"].astype(int), kept["index"].astype(int)))
+        return Candidate(
+            name=name or f"{self.name} (top {k})",
+            heads=[(layer, index) for kind, layer, index in units if kind == "head"],
+            neurons=[(layer, index) for kind, layer, index in units if kind == "neuron"],
+            scores=self.scores,
+            method=self.method,
+        )
 
     @property
     def n_heads(self) -> int:
