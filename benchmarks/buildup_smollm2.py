@@ -66,6 +66,13 @@ def find_subnetwork(path: Path) -> Path:
         raise
 
 
+def candidate_settings(config: BuildUpConfig) -> str:
+    """The settings the candidates' score tables depend on (top-k cuts are made afterwards)."""
+    names = ("tasks", "seq_len", "n_sequences", "low", "n_score_sequences", "n_prompts",
+             "n_attribution", "n_patching", "batch_size", "seed")
+    return json.dumps({name: getattr(config, name) for name in names})
+
+
 def records(frame: pd.DataFrame) -> list[dict]:
     return json.loads(frame.to_json(orient="records"))
 
@@ -161,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-prompts", type=int, default=BuildUpConfig.n_prompts)
     parser.add_argument("--n-attribution", type=int, default=BuildUpConfig.n_attribution)
     parser.add_argument("--n-patching", type=int, default=BuildUpConfig.n_patching)
+    parser.add_argument("--wide-k", type=int, default=20, help="also the top k heads by attribution (0: off; at most a third of the heads)")
     parser.add_argument("--candidates-cache", default=None,
                         help="JSON cache of the candidates (default runs/buildup_candidates_<label>.json)")
     parser.add_argument("--candidates-only", action="store_true", help="find and cache the candidates, then stop")
@@ -172,26 +180,28 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
 
+    cache = Path(args.candidates_cache or REPO / "runs" / f"buildup_candidates_{args.label}.json")
+    t0 = time.time()
+    bridge, tokenizer = load_model(args.model)
+    load_s = time.time() - t0
+    n_heads = int(bridge.cfg.n_layers) * int(bridge.cfg.n_heads)
     config = BuildUpConfig(
         tasks=tuple(t for t in args.tasks.split(",") if t),
         top_k=args.top_k, n_previous=args.n_previous,
         seeds=tuple(int(s) for s in args.seeds.split(",") if s),
         seq_len=args.seq_len, n_sequences=args.n_sequences, n_score_sequences=args.n_sequences,
         n_prompts=args.n_prompts, n_attribution=args.n_attribution, n_patching=args.n_patching,
+        wide_k=min(args.wide_k, n_heads // 3),  # random controls need free heads
     )
-    cache = Path(args.candidates_cache or REPO / "runs" / f"buildup_candidates_{args.label}.json")
-    t0 = time.time()
-    bridge, tokenizer = load_model(args.model)
-    load_s = time.time() - t0
     found = None
     if cache.exists():
         stored = json.loads(cache.read_text())
-        if stored["config"] == config.__repr__() and stored["model_id"] == model_id(bridge):
+        if stored["config"] == candidate_settings(config) and stored["model_id"] == model_id(bridge):
             found = {name: pd.DataFrame(rows) for name, rows in stored["tables"].items()}
             print(f"candidates from {cache}", flush=True)
     if found is None:
         found = find_candidates(bridge, tokenizer, config, progress=True)
-        payload = {"config": config.__repr__(), "model_id": model_id(bridge),
+        payload = {"config": candidate_settings(config), "model_id": model_id(bridge),
                    "tables": {k: records(v) for k, v in found.items()}}
         atomic_write_bytes(cache, json.dumps(payload).encode("utf-8"))
         print(f"candidates cached in {cache}", flush=True)

@@ -284,12 +284,14 @@ def test_build_up_experiment_and_figure(tiny_neox):
                  for k, m in Subnetwork.full(bridge, ("weight",)).masks.items()})
     config = BuildUpConfig(tasks=("repetition",), top_k=2, n_previous=1, seeds=(0, 1), seq_len=5,
                            n_sequences=3, n_score_sequences=2, n_attribution=2, n_patching=2,
-                           n_random_overlap=100)
+                           n_random_overlap=100, wide_k=4)
     tables = build_up_experiment(bridge, tokenizer, {"bigram": base, "optimal": base.random_control(2)},
                                  config, progress=False)
     assert set(tables["build_up"]["base"]) == {"bigram", "optimal"}
     names = set(tables["build_up_report"]["candidate"])
-    assert names == {"induction heads", "induction + previous-token", "attribution top 2", "patching top 2"}
+    assert names == {"induction heads", "induction + previous-token", "attribution top 2", "patching top 2",
+                     "attribution top 4"}
+    assert set(tables["build_up_report"].set_index("candidate").loc["attribution top 4", "heads"]) == {4}
     assert set(tables["overlap"]["base"]) == {"bigram", "optimal"}
     assert tables["candidates"].attrs["transformer_lens"] == transformer_lens_version()
     methods = set(tables["method_scores"]["method"])

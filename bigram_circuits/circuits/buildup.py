@@ -715,6 +715,7 @@ class BuildUpConfig:
     n_prompts: int = 24  # names: prompts
     n_attribution: int = 8  # prompt pairs for attribution patching
     n_patching: int = 8  # prompt pairs for activation patching (one forward per head)
+    wide_k: int = 0  # also the top wide_k heads by attribution patching (0: off)
     batch_size: int = 8
     necessity: bool = True  # full - candidate rows
     n_random_overlap: int = 10_000
@@ -728,6 +729,8 @@ class BuildUpConfig:
                      "n_attribution", "n_patching", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.wide_k < 0:
+            raise ConfigError(f"wide_k must be >= 0, got {self.wide_k}")
         if self.seq_len < 2:
             raise ConfigError("seq_len must be >= 2")
 
@@ -755,6 +758,10 @@ def candidates_from_tables(
             part = rows[rows["method"] == method]
             if not part.empty:
                 found[f"{label} top {k}"] = candidate_from_scores(part, f"{label} top {k}", k, method=method)
+                if label == "attribution" and config.wide_k > k:
+                    wide = config.wide_k
+                    found[f"{label} top {wide}"] = candidate_from_scores(
+                        part, f"{label} top {wide}", wide, method=method)
         out[str(task)] = found
     return out
 
