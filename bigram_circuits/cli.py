@@ -201,7 +201,7 @@ def cmd_build_up(args: argparse.Namespace) -> int:
     tables = build_up_command(model=args.model, base=args.base, out=args.out, optimal=args.optimal,
                               config=config, device=args.device, png=args.png, progress=args.progress)
     print(tables["candidates"].to_string(index=False))
-    columns = ["task", "base", "candidate", "heads", "base_value", "full_value", "with_candidate",
+    columns = ["task", "base", "candidate", "heads", "base_value", "full_value", "gap", "with_candidate",
                "recovered", "random_recovered", "random_recovered_std", "full_minus_recovered"]
     print("\n" + tables["build_up_report"][columns].round(3).to_string(index=False))
     if args.out is not None:
