@@ -742,14 +742,18 @@ def table_headline(rows: pd.DataFrame) -> pd.DataFrame:
     ``mean ± sd`` (sample std) for each of :data:`HEADLINE_COLUMNS` present in ``rows``."""
     _require_columns(rows, ["seed", "active_params", "r"], "table_headline rows")
     columns = [c for c in HEADLINE_COLUMNS if c in rows.columns]
-    shown = rows[["seed", *[c for c in ("lambda", "steps") if c in rows.columns], *columns]].copy()
+    shown = rows[["seed", *[c for c in ("lambda", "steps") if c in rows.columns], *columns]].copy().astype(object)
+
+    def number(value: float, column: str) -> str:
+        return f"{value:,.0f}" if column == "active_params" else f"{value:.4g}"
+
     summary: dict[str, object] = {"seed": "mean ± sd"}
     for column in columns:
         values = rows[column].astype(float)
+        shown[column] = [number(v, column) for v in values]
         spread = values.std(ddof=1) if len(values) > 1 else float("nan")
-        summary[column] = f"{values.mean():.4g} ± {spread:.2g}"
-    table = pd.concat([shown.astype(object), pd.DataFrame([summary])], ignore_index=True)
-    return table
+        summary[column] = f"{number(values.mean(), column)} ± {number(spread, column) if column == 'active_params' else f'{spread:.2g}'}"
+    return pd.concat([shown, pd.DataFrame([summary])], ignore_index=True)
 
 
 def _is_whole(column: pd.Series) -> bool:

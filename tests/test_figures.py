@@ -408,6 +408,7 @@ def test_table_headline_adds_a_mean_sd_row():
     table = F.table_headline(rows)
     assert list(table["seed"]) == [0, 1, 2, "mean ± sd"]
     assert table["active_params"].iloc[-1] == "12 ± 2" and table["r"].iloc[-1] == "0.92 ± 0.02"
+    assert table["active_params"].iloc[0] == "10" and table["r"].iloc[1] == "0.92"
 
 
 def test_figures_default_to_weight_masks():
