@@ -186,7 +186,7 @@ def render_markdown(result: dict, sweep_table: pd.DataFrame, ablation: pd.DataFr
         "## Where each lambda's subnetwork sits", "",
         table_markdown(pd.DataFrame(result["sweep_layers"]).rename(columns={
             "layer0_share": "share in layer 0", "mlp0_share": "share in MLP 0", "mlp_share": "share in MLPs",
-            "mlp0_fraction_kept": "MLP 0 neurons kept", "mlp_mean_fraction_kept": "MLP neurons kept (mean over layers)"}),
+            "mlp0_fraction_kept": "MLP 0 kept (fraction of its units)", "mlp_mean_fraction_kept": "MLPs kept (mean over layers)"}),
             floatfmt=".3g"), "",
         f"## Circuits ({result['analysis_tokens']:,} held-out tokens)", "",
         table_markdown(pd.DataFrame([
