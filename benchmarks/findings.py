@@ -140,7 +140,12 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
     verdict = MISSING
     if W is not None:
         r, pct = float(np.mean(W["r"])), float(np.mean(W["percent"]))
-        verdict = ("holds" if r > 0.95 and pct < 1 else "differs") + f": r {r:.3f} at {pct:.2f}%"
+        if r > 0.95 and pct < 1:
+            verdict = f"holds: r {r:.3f} at {pct:.2f}%"
+        elif r > 0.95:
+            verdict = f"partly: r {r:.3f} holds, but at {pct:.2f}% of the weights (> 1%)"
+        else:
+            verdict = f"differs: r {r:.3f} at {pct:.2f}%"
     add("r > 0.95 with about 1% or less of the non-embedding weights",
         "Pythia 1B r .959 at 0.17%; GPT-2 small .952 at 1.1%; Pythia 160M .953 at 8.5%",
         [cell(W, size_r), cell(N, size_r), smol_size], verdict)
