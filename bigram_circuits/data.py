@@ -120,6 +120,41 @@ def ensure_output_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def run_directory_lock(directory: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on ``directory`` (its ``.lock`` file) for the ``with`` block.
+
+    A second process that tries to write the same run directory gets one ``OutputError`` line
+    instead of interleaving its checkpoints with the first one's. The lock is an advisory
+    ``flock`` released by the OS when the holder exits, so a killed process leaves no stale
+    lock (the empty ``.lock`` file stays; it is hidden and ignored by manifests). Without
+    ``fcntl`` (Windows) the block runs unlocked."""
+    path = ensure_output_dir(directory)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no advisory locks on this platform
+        yield path
+        return
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    held = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"another process is writing {path}; wait for it to finish or use another "
+                              "output directory") from None
+        held = True
+        yield path
+    finally:
+        # A run that wrote nothing (e.g. it failed early) leaves its directory as it found it.
+        if held and [entry.name for entry in path.iterdir()] == [LOCK_FILE]:
+            (path / LOCK_FILE).unlink(missing_ok=True)
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Yield a binary handle whose content replaces ``path`` only when the block succeeds.

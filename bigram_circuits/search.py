@@ -54,7 +54,12 @@ import torch
 from jaxtyping import Integer
 from tqdm.auto import tqdm
 
-from bigram_circuits.data import atomic_write_bytes, ensure_output_dir, iterate_batches
+from bigram_circuits.data import (
+    atomic_write_bytes,
+    ensure_output_dir,
+    iterate_batches,
+    run_directory_lock,
+)
 from bigram_circuits.distributed import current as current_group
 from bigram_circuits.distributed import launched_by_torchrun
 from bigram_circuits.errors import SearchError, TokenError
@@ -390,8 +395,32 @@ def search(
     surprisal correlation. With ``out_dir`` the run checkpoints there and saves the subnetwork
     (``masks.safetensors``, ``subnetwork.json``) and ``history.csv``; with ``resume=True`` a
     finished run there is loaded and an interrupted one continues. ``callback(step, row)`` runs
-    after every step.
+    after every step. While it runs, ``out_dir`` is locked (:func:`~bigram_circuits.data.run_directory_lock`):
+    a second process searching into the same directory fails at once with one ``OutputError`` line.
     """
+    arguments = (bridge, windows, target, granularities, config, out_dir)
+    options = {"eval_windows": eval_windows, "resume": resume, "show_progress": show_progress,
+               "callback": callback, "metadata": metadata}
+    if out_dir is None or not current_group().is_writer:  # data-parallel: rank 0 owns the directory
+        return _search(*arguments, **options)
+    with run_directory_lock(out_dir):
+        return _search(*arguments, **options)
+
+
+def _search(
+    bridge,
+    windows: np.ndarray,
+    target: Target,
+    granularities: str | Sequence[str],
+    config: SearchConfig | None,
+    out_dir: str | os.PathLike | None,
+    *,
+    eval_windows: np.ndarray | None,
+    resume: bool,
+    show_progress: bool,
+    callback: Callable[[int, dict], None] | None,
+    metadata: dict | None,
+) -> SearchResult:
     from bigram_circuits.models import check_tokens_fit
     from bigram_circuits.models import model_id as model_fingerprint
 
@@ -727,46 +756,48 @@ def find_command(
     parse_granularities(granularities)
     resolve_device(device)  # an absent device is one line now, before any output is written
     out_path = ensure_output_dir(out_dir)
-    bridge, tokenizer = load_model(model, device=current_group().device_for(device))
-    vocab = model_vocab_size(bridge, tokenizer)
-    train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
-    evaluation = load_token_dataset(corpus, tokenizer, split="eval", show_progress=show_progress)
-    stats_path = out_path / "bigram_stats.npz"
-    if stats_path.exists():
-        stats = BigramStats.load(stats_path, tokenizer=tokenizer)
-    else:
-        stats = BigramStats.from_tokens(train, vocab, seq_len=config.seq_len, show_progress=show_progress)
-        if current_group().is_writer:
-            stats.save(stats_path, tokenizer=tokenizer)
-    train_windows = train.windows(config.seq_len, max_train_windows)
-    eval_windows = evaluation.windows(config.seq_len, max_eval_windows)
-    the_target = Target.from_name(target, stats=stats, vocab_size=vocab)
-    meta = {"corpus": corpus, "n_train_windows": len(train_windows), "n_eval_windows": len(eval_windows),
-            "model": str(model)}
-    tables = []
-    for seed in seeds:
-        # One seed keeps the single-run layout; several get a folder each.
-        seed_path = out_path if len(seeds) == 1 else ensure_output_dir(out_path / f"seed_{seed}")
-        table = sweep(bridge, train_windows, the_target, [float(x) for x in lambdas], granularities,
-                      dataclasses.replace(config, seed=seed), seed_path, eval_windows=eval_windows,
-                      resume=resume, show_progress=show_progress, metadata=meta)
-        tables.append(table.assign(seed=seed))
-    table = pd.concat(tables, ignore_index=True) if len(seeds) > 1 else tables[0]
-    if not current_group().is_writer:  # data-parallel: rank 0 writes the summaries
+    # One writer per run directory: a second `find` on it fails with one line (rank 0 holds it).
+    with run_directory_lock(out_path) if current_group().is_writer else contextlib.nullcontext(out_path):
+        bridge, tokenizer = load_model(model, device=current_group().device_for(device))
+        vocab = model_vocab_size(bridge, tokenizer)
+        train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
+        evaluation = load_token_dataset(corpus, tokenizer, split="eval", show_progress=show_progress)
+        stats_path = out_path / "bigram_stats.npz"
+        if stats_path.exists():
+            stats = BigramStats.load(stats_path, tokenizer=tokenizer)
+        else:
+            stats = BigramStats.from_tokens(train, vocab, seq_len=config.seq_len, show_progress=show_progress)
+            if current_group().is_writer:
+                stats.save(stats_path, tokenizer=tokenizer)
+        train_windows = train.windows(config.seq_len, max_train_windows)
+        eval_windows = evaluation.windows(config.seq_len, max_eval_windows)
+        the_target = Target.from_name(target, stats=stats, vocab_size=vocab)
+        meta = {"corpus": corpus, "n_train_windows": len(train_windows), "n_eval_windows": len(eval_windows),
+                "model": str(model)}
+        tables = []
+        for seed in seeds:
+            # One seed keeps the single-run layout; several get a folder each.
+            seed_path = out_path if len(seeds) == 1 else ensure_output_dir(out_path / f"seed_{seed}")
+            table = sweep(bridge, train_windows, the_target, [float(x) for x in lambdas], granularities,
+                          dataclasses.replace(config, seed=seed), seed_path, eval_windows=eval_windows,
+                          resume=resume, show_progress=show_progress, metadata=meta)
+            tables.append(table.assign(seed=seed))
+        table = pd.concat(tables, ignore_index=True) if len(seeds) > 1 else tables[0]
+        if not current_group().is_writer:  # data-parallel: rank 0 writes the summaries
+            return table
+        summary = {"model": str(model), "granularities": list(parse_granularities(granularities)),
+                   "target": target, "corpus": corpus, "seeds": seeds}
+        if len(seeds) > 1:
+            by_seed = seeds_summary(table)
+            atomic_write_bytes(out_path / "seeds.csv", by_seed.to_csv(index=False).encode("utf-8"))
+            summary["seeds_summary"] = by_seed.to_dict("records")
+        if table["chosen"].any():
+            summary["chosen"] = table[table["chosen"]].iloc[0].to_dict()
+        atomic_write_bytes(out_path / "find.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
+        write_manifest(out_path, "find", {**summary, "lambdas": [float(x) for x in lambdas], "config": config.to_dict(),
+                                          "max_train_windows": max_train_windows, "max_eval_windows": max_eval_windows,
+                                          "device": device, "paper_schedule": paper})
         return table
-    summary = {"model": str(model), "granularities": list(parse_granularities(granularities)),
-               "target": target, "corpus": corpus, "seeds": seeds}
-    if len(seeds) > 1:
-        by_seed = seeds_summary(table)
-        atomic_write_bytes(out_path / "seeds.csv", by_seed.to_csv(index=False).encode("utf-8"))
-        summary["seeds_summary"] = by_seed.to_dict("records")
-    if table["chosen"].any():
-        summary["chosen"] = table[table["chosen"]].iloc[0].to_dict()
-    atomic_write_bytes(out_path / "find.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
-    write_manifest(out_path, "find", {**summary, "lambdas": [float(x) for x in lambdas], "config": config.to_dict(),
-                                      "max_train_windows": max_train_windows, "max_eval_windows": max_eval_windows,
-                                      "device": device, "paper_schedule": paper})
-    return table
 
 
 def seeds_summary(table: pd.DataFrame) -> pd.DataFrame:
