@@ -56,7 +56,14 @@ VOCAB = 50_304
 
 
 def build_bridge(size: str, device: str, workdir: Path):
-    """A random Pythia-shaped GPT-NeoX bridge (weights seeded) with a stand-in tokenizer."""
+    """A random Pythia-``size``-shaped GPT-NeoX bridge (vocab :data:`VOCAB`)."""
+    return random_pythia_bridge({"vocab_size": VOCAB, **SIZES[size]}, device, workdir)
+
+
+def random_pythia_bridge(shape: dict, device, workdir: Path):
+    """A random GPT-NeoX bridge of ``shape`` (GPTNeoXConfig fields: hidden_size, layers, heads,
+    intermediate_size, vocab_size), weights seeded, with a stand-in tokenizer; files in ``workdir``.
+    Also used by ``benchmarks/gpu_check.py``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
@@ -71,8 +78,7 @@ def build_bridge(size: str, device: str, workdir: Path):
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                             unk_token="<|endoftext|>").save_pretrained(str(workdir))
     torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=VOCAB, max_position_embeddings=2048, rotary_pct=0.25,
-                           tie_word_embeddings=False, **SIZES[size])
+    config = GPTNeoXConfig(max_position_embeddings=2048, rotary_pct=0.25, tie_word_embeddings=False, **shape)
     GPTNeoXForCausalLM(config).save_pretrained(str(workdir))
     bridge, _ = load_model(workdir, device=device)
     return bridge

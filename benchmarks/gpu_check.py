@@ -59,26 +59,14 @@ def _sync(device: torch.device) -> None:
 
 
 def build_random_model(size: str, device: torch.device, workdir: Path):
-    """A randomly initialised (seeded) Pythia-shaped GPT-NeoX bridge with a stand-in tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+    """A randomly initialised (seeded) Pythia-shaped GPT-NeoX bridge with a stand-in tokenizer
+    (``bench_masks.random_pythia_bridge``, the same model the mask benchmark times)."""
+    import importlib.util
 
-    from bigram_circuits.models import load_model
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["a small stand-in tokenizer for a benchmark"] * 20, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                            unk_token="<|endoftext|>").save_pretrained(str(workdir))
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(max_position_embeddings=2048, rotary_pct=0.25, tie_word_embeddings=False,
-                           **SHAPES[size])
-    GPTNeoXForCausalLM(config).save_pretrained(str(workdir))
-    bridge, _ = load_model(workdir, device=device)
-    return bridge
+    spec = importlib.util.spec_from_file_location("bench_masks", Path(__file__).with_name("bench_masks.py"))
+    bench_masks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_masks)
+    return bench_masks.random_pythia_bridge(SHAPES[size], device, workdir)
 
 
 def synthetic_windows(n_windows: int, seq_len: int, vocab: int, seed: int = 0) -> np.ndarray:
