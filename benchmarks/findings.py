@@ -35,44 +35,14 @@ MISSING = "not measured"
 
 
 class Source:
-    """The result tables of one figures folder (``data/*.csv``); ``None`` where absent.
-
-    A folder written before ``data/`` existed (one seed, no lens tables) is read from its
-    display tables instead: Table 1, the ablation table, Table 3, Table 2 and Table 4."""
+    """The result tables of one figures folder (``data/*.csv``); ``None`` where absent."""
 
     def __init__(self, folder: Path):
-        self.root, self.folder = folder, folder / "data"
+        self.folder = folder / "data"
 
     def table(self, name: str, **kwargs) -> pd.DataFrame | None:
         path = self.folder / f"{name}.csv"
-        if path.is_file():
-            return pd.read_csv(path, **kwargs)
-        return self._from_display_tables(name)
-
-    def _from_display_tables(self, name: str) -> pd.DataFrame | None:
-        def read(file: str) -> pd.DataFrame | None:
-            path = self.root / file
-            return pd.read_csv(path) if path.is_file() else None
-        if name == "bigram_r_rows":
-            return read("table2_bigram_r.csv")
-        if name == "generations":
-            table = read("table4_generations.csv")
-            return None if table is None else table.rename(columns={"text": "generation"})
-        if name != "headline_seeds":
-            return None
-        chosen, ablation, overlap = read("table1_chosen.csv"), read("table_ablation.csv"), read("table3_overlap.csv")
-        if chosen is None or ablation is None:
-            return None
-        by = ablation.set_index("condition")["loss_increase"]
-        row = {"lambda": chosen["lambda"].iloc[0], "active_params": chosen["active_params"].iloc[0],
-               "active_percent": chosen["active_percent"].iloc[0], "r": chosen["r"].iloc[0],
-               "mlp0_share": float("nan"), "ablated_loss_increase": by["bigram ablated"],
-               "random_ablated_loss_increase": by["random ablated"],
-               "ablation_ratio": by["bigram ablated"] / by["random ablated"],
-               "overlap_ratio": overlap["ratio"].iloc[0] if overlap is not None else float("nan"),
-               "overlap_p_value": 0.0 if overlap is not None and str(overlap["p"].iloc[0]).startswith("<")
-               else float("nan")}
-        return pd.DataFrame([row])
+        return pd.read_csv(path, **kwargs) if path.is_file() else None
 
 
 def mean_sd(values, fmt: str = ".3f", scale: float = 1.0) -> str:
@@ -164,7 +134,7 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
         verdict = ("holds" if plurality == (0, "mlp") else "differs") + f": MLP 0 holds {100 * share:.1f}%"
     add("plurality of the subnetwork in the first MLP", "first MLP layer; Pythia 1B 82% MLP / 18% attention",
         [cell(W, lambda s: f"{mean_sd(s['mlp0'], '.1f', 100)}% in MLP 0"),
-         cell(N, lambda s: f"{mean_sd(s['mlp0'], '.1f', 100)}% in MLP 0".replace(f"{MISSING}% in MLP 0", MISSING)),
+         cell(N, lambda s: f"{mean_sd(s['mlp0'], '.1f', 100)}% in MLP 0"),
          smol_mlp0], verdict)
 
     # 3. ablation
