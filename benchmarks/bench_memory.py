@@ -85,7 +85,7 @@ def child_count(tokens_path: str) -> dict:
 def child_search(out_dir: str) -> dict:
     import torch
 
-    from bigram_circuits.search import find_command
+    from bigram_circuits.app.find import find_command
 
     torch.manual_seed(0)
     after_imports = _rss_mb()
@@ -136,7 +136,7 @@ def main() -> None:
         results[kind]["within_bound"] = results[kind]["peak_mb"] <= BOUNDS_MB[kind]
         print(f"{kind}: peak {results[kind]['peak_mb']:.0f} MiB (after imports {results[kind]['after_imports_mb']:.0f}"
               f" MiB; bound {BOUNDS_MB[kind]} MiB) in {results[kind]['seconds']:.1f} s")
-    from bigram_circuits.data import atomic_write_bytes
+    from bigram_circuits.io import atomic_write_bytes
 
     out = Path(args.out)
     atomic_write_bytes(out, (json.dumps(results, indent=2) + "\n").encode("utf-8"))

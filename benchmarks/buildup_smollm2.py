@@ -48,9 +48,10 @@ from bigram_circuits.circuits.candidates import (
     transformer_lens_version,
 )
 from bigram_circuits.circuits.runs import subnetwork_dir_of
-from bigram_circuits.data import atomic_write_bytes
+from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.errors import MaskError
-from bigram_circuits.figures import fig_build_up, save_figure, to_markdown
+from bigram_circuits.plots import fig_build_up, save_figure
+from bigram_circuits.tables import to_markdown
 from bigram_circuits.models import load_model, model_id
 from bigram_circuits.subnetwork import Subnetwork
 

@@ -46,7 +46,8 @@ from bigram_circuits.circuits.ablation import (
 from bigram_circuits.circuits.lens import LinearLensConfig, lens_report, logit_lens_report
 from bigram_circuits.circuits.runs import subnetwork_dir_of
 from bigram_circuits.circuits.similarity import similarity_report
-from bigram_circuits.data import atomic_write_bytes, load_token_dataset
+from bigram_circuits.data import load_token_dataset
+from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.errors import MaskError
 from bigram_circuits.models import load_model, model_id, model_vocab_size
 from bigram_circuits.ngrams import BigramStats

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bigram_circuits.data import atomic_write_bytes, cache_dir, iterate_batches, load_token_dataset
+from bigram_circuits.data import cache_dir, iterate_batches, load_token_dataset
+from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.models import (
     load_model,
     model_id,

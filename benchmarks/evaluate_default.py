@@ -35,9 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bigram_circuits.circuits.runs import subnetwork_dir_of
-from bigram_circuits.data import atomic_write_bytes, load_token_dataset
+from bigram_circuits.data import load_token_dataset
+from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.errors import MaskError
-from bigram_circuits.evaluate import evaluate_run, table_markdown
+from bigram_circuits.app.evaluate import evaluate_run
+from bigram_circuits.tables import to_markdown
 from bigram_circuits.models import load_model, model_vocab_size
 from bigram_circuits.search import SearchConfig, Target, search
 from bigram_circuits.subnetwork import Subnetwork
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"- held-out text: {summary['n_eval_tokens']:,} next tokens ({summary['n_eval_windows']} windows)",
               "", "## Must-show numbers next to the paper", "", must_show_table(tables, summary), ""]
     for name, table in tables.items():
-        lines += [f"## {name}", "", table_markdown(table), ""]
+        lines += [f"## {name}", "", to_markdown(table), ""]
     atomic_write_bytes(args.out.with_suffix(".md"), "\n".join(lines).encode("utf-8"))
     print("\n".join(lines))
     return 0

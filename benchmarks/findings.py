@@ -28,8 +28,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bigram_circuits.data import atomic_write_bytes
-from bigram_circuits.evaluate import table_markdown
+from bigram_circuits.io import atomic_write_bytes
+from bigram_circuits.tables import to_markdown
 
 MISSING = "not measured"
 
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if smol is not None and smol.get("granularities") != ["weight"]:
         smol = None  # the SmolLM2 column is for weight masks only
     table = findings(Source(args.weight), Source(args.neuron_head), smol)
-    markdown = table_markdown(table)
+    markdown = to_markdown(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out.with_suffix(".md"), (markdown + "\n").encode("utf-8"))
     atomic_write_bytes(args.out.with_suffix(".json"), table.to_json(orient="records", indent=2).encode("utf-8"))

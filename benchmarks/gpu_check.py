@@ -152,7 +152,7 @@ def stage_sweep(device: torch.device, model: str, corpus: str, lambdas: list[flo
                 time_budget_s: float, max_train_windows: int, max_eval_windows: int, out_dir: Path,
                 **config_options) -> dict:
     """``find`` with weight masks over ``lambdas`` on ``model`` (the paper's granularity)."""
-    from bigram_circuits.search import find_command
+    from bigram_circuits.app.find import find_command
 
     started = time.perf_counter()
     table = find_command(model=model, granularities="weight", lambdas=lambdas, out_dir=out_dir, corpus=corpus,

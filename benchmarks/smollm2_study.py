@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO))
 from bigram_circuits.circuits.lens import lens_report
 from bigram_circuits.circuits.overlap import overlap_table
 from bigram_circuits.circuits.similarity import similarity_report
-from bigram_circuits.data import atomic_write_bytes, load_token_dataset
+from bigram_circuits.data import load_token_dataset
+from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.evaluate import (
     ablation_table,
     evaluate_metrics,
@@ -47,17 +48,10 @@ from bigram_circuits.evaluate import (
     generation_conditions,
     metrics_from_surprisals,
     pearson_r,
-    table_markdown,
     token_surprisals,
 )
-from bigram_circuits.figures import (
-    fig1_r_vs_params,
-    fig3_rotation,
-    fig4_similarity,
-    fig_layer_distribution,
-    from_search_sweep,
-    save_figure,
-)
+from bigram_circuits.plots import fig1_r_vs_params, fig3_rotation, fig4_similarity, fig_layer_distribution, save_figure
+from bigram_circuits.tables import from_search_sweep, to_markdown
 from bigram_circuits.masks import parse_granularities
 from bigram_circuits.models import load_model, model_id, model_vocab_size
 from bigram_circuits.ngrams import BigramStats
@@ -162,8 +156,8 @@ def render_markdown(result: dict, sweep_table: pd.DataFrame, ablation: pd.DataFr
         f"{result['torch_threads']} CPU threads; "
         f"{result['n_train_windows']} train / {result['n_eval_windows']} eval windows of {result['seq_len']} tokens."),
         "",
-        "## Bigram r: paper vs this run", "", table_markdown(comparison, floatfmt=".3f"), "", PAPER_NOTE, "",
-        "## Sweep", "", table_markdown(sweep_table.drop(columns=["path"], errors="ignore")), "",
+        "## Bigram r: paper vs this run", "", to_markdown(comparison, floatfmt=".3f"), "", PAPER_NOTE, "",
+        "## Sweep", "", to_markdown(sweep_table.drop(columns=["path"], errors="ignore")), "",
         f"Converged: {result['converged']} (stop reasons: {', '.join(map(str, sweep_table['stop_reason']))}).", "",
         "## Chosen subnetwork", "",
         (f"lambda {chosen['lambda']:g}: {chosen['n_params']:,} weights = {chosen['percent_params']:.3f}% of the "
@@ -173,23 +167,23 @@ def render_markdown(result: dict, sweep_table: pd.DataFrame, ablation: pd.DataFr
         f"({100 * chosen['layers']['plurality_layer_share']:.1f}% of kept weights); MLP share "
         f"{100 * chosen['layers']['mlp_share']:.1f}%, attention {100 * chosen['layers']['attn_share']:.1f}%; "
         f"MLP layer 0 holds {100 * chosen['layers']['mlp_layer0_share']:.1f}%."), "",
-        "## Ablation", "", table_markdown(ablation[["condition", "active_params", "lm_loss_nats", "loss_increase",
+        "## Ablation", "", to_markdown(ablation[["condition", "active_params", "lm_loss_nats", "loss_increase",
                                                     "r_dropped", "n_tokens"]]), "",
         f"Loss increase ratio (bigram ablated / random ablated): {result['loss_increase_ratio']:.3g}", "",
         "## Generations (temperature 1, same seed per condition)", "",
-        table_markdown(pd.DataFrame(result["generations"])[["prompt", "condition", "generation"]]), "",
+        to_markdown(pd.DataFrame(result["generations"])[["prompt", "condition", "generation"]]), "",
         *(["## Overlap with the optimal subnetwork", "",
            (f"Bigram and optimal subnetworks at lambda {result['optimal']['lambda']:g} (optimal: "
            f"{result['optimal']['n_params']:,} weights, r with the full model's surprisal "
            f"{result['optimal']['r_model']:.3f}, bigram r {result['optimal']['r_bigram']:.3f})."), "",
-           table_markdown(pd.DataFrame(result["overlap"]), floatfmt=".4g"), ""] if result.get("optimal") else []),
+           to_markdown(pd.DataFrame(result["overlap"]), floatfmt=".4g"), ""] if result.get("optimal") else []),
         "## Where each lambda's subnetwork sits", "",
-        table_markdown(pd.DataFrame(result["sweep_layers"]).rename(columns={
+        to_markdown(pd.DataFrame(result["sweep_layers"]).rename(columns={
             "layer0_share": "share in layer 0", "mlp0_share": "share in MLP 0", "mlp_share": "share in MLPs",
             "mlp0_fraction_kept": "MLP 0 kept (fraction of its units)", "mlp_mean_fraction_kept": "MLPs kept (mean over layers)"}),
             floatfmt=".3g"), "",
         f"## Circuits ({result['analysis_tokens']:,} held-out tokens)", "",
-        table_markdown(pd.DataFrame([
+        to_markdown(pd.DataFrame([
             {"run": run, "to input, layer 1 (deg)": c["rotation_to_input_deg"][1],
              "to input, layer 2 (deg)": c["rotation_to_input_deg"][2],
              "to output, layer 1 (deg)": c["rotation_to_output_layer1_deg"],

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
 
-from bigram_circuits.errors import BigramCircuitsError, ConfigError
+from bigram_circuits.errors import BaselineError, ConfigError
 from bigram_circuits.evaluate import (
     TokenSurprisals,
     metrics_from_surprisals,
@@ -39,10 +39,6 @@ __all__ = [
     "fit_linear_map",
     "transplant_embeddings",
 ]
-
-
-class BaselineError(BigramCircuitsError, ValueError):
-    """A baseline cannot be built from the models or data given."""
 
 
 def _embedding_parameters(bridge, include_final_norm: bool) -> dict[str, torch.nn.Parameter]:

@@ -12,7 +12,6 @@ import collections.abc
 import dataclasses
 import inspect
 import sys
-import time
 import types
 import typing
 from collections.abc import Sequence
@@ -31,105 +30,11 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """Settings of ``bigram-circuits demo``: the paper's headline on the bundled model in a few
-    minutes on 2 CPU cores (weight masks at lambda 10, 16 x 64-token batches, T x1.03 per step)."""
-
-    model: str = "default"
-    corpus: str = "default"
-    out: str = "runs/demo"
-    granularity: str = "weight"
-    lam: float = 10.0
-    steps: int = 400
-    batch_size: int = 16
-    seq_len: int = 64
-    temperature_growth: float = 1.03
-    eval_windows: int = 64
-    no_search: bool = False
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Load the default model, report size, eval loss and generations; then find a bigram
-    subnetwork and compare removing it with removing a random same-shape one."""
-    import torch
+    from bigram_circuits.app.demo import DemoConfig, run_demo
 
-    from bigram_circuits.data import load_token_dataset
-    from bigram_circuits.evaluate import generate
-    from bigram_circuits.models import load_model
-    from bigram_circuits.subnetwork import Subnetwork
-
-    demo = DemoConfig(**_given(args, [f.name for f in dataclasses.fields(DemoConfig)]))
-    started = time.time()
-    bridge, tokenizer = load_model(demo.model)
-    # Attention + MLP weight matrices (the paper's mask unit); the bridge also holds split
-    # copies of fused QKV weights, so counting bridge.parameters() would double count.
-    n_weights = Subnetwork.full(bridge, ("weight",)).n_params_total()
-    print(f"model {demo.model!r}: {bridge.cfg.n_layers} layers, d_model {bridge.cfg.d_model}, "
-          f"{n_weights:,} attention+MLP weights, vocab {len(tokenizer)}")
-    windows = load_token_dataset(demo.corpus, tokenizer, split="eval").windows(128, max_windows=demo.eval_windows)
-    with torch.no_grad():
-        total, count = 0.0, 0
-        for start in range(0, len(windows), 8):
-            batch = torch.as_tensor(windows[start : start + 8].astype("int64"))
-            logits = bridge(batch)[..., : len(tokenizer)]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
-            total += loss.item()
-            count += batch[:, 1:].numel()
-    print(f"eval loss on {count:,} tokens of {demo.corpus!r}: {total / count:.3f} nats "
-          f"(perplexity {torch.tensor(total / count).exp().item():.1f})")
-    for prompt in ("The President of the United States", "The city is located in"):
-        text = generate(bridge, tokenizer, prompt, temperature=0, max_new_tokens=20)
-        print(f"  {prompt + text!r}")
-    if not demo.no_search:
-        _demo_search(demo, bridge, tokenizer)
-    print(f"demo finished in {time.time() - started:.0f} s")
+    run_demo(DemoConfig(**_given(args, [f.name for f in dataclasses.fields(DemoConfig)])))
     return 0
-
-
-def _demo_search(demo: DemoConfig, bridge, tokenizer) -> None:
-    """A bigram-subnetwork search on the loaded model (weight masks by default), then the
-    paper's ablation: remove it vs remove a random subnetwork of the same shape. Every number
-    comes from the saved binary mask; rerunning the demo reuses ``demo.out``."""
-    from bigram_circuits.data import load_token_dataset
-    from bigram_circuits.evaluate import ablation_table, generate
-    from bigram_circuits.models import model_vocab_size
-    from bigram_circuits.ngrams import BigramStats
-    from bigram_circuits.search import SearchConfig, Target, search
-
-    vocab = model_vocab_size(bridge, tokenizer)
-    train = load_token_dataset(demo.corpus, tokenizer, split="train")
-    evaluation = load_token_dataset(demo.corpus, tokenizer, split="eval")
-    stats = BigramStats.from_tokens(train, vocab)
-    config = SearchConfig(lam=demo.lam, max_steps=demo.steps, batch_size=demo.batch_size, seq_len=demo.seq_len,
-                          temperature_growth=demo.temperature_growth, checkpoint_every=25)
-    print(f"searching a bigram subnetwork ({demo.granularity} masks, lambda {demo.lam:g}, "
-          f"at most {demo.steps} steps of {demo.batch_size} x {demo.seq_len} tokens) -> {demo.out}")
-    result = search(bridge, train.windows(demo.seq_len, 2048), Target.bigram(stats), demo.granularity,
-                    config, demo.out, eval_windows=evaluation.windows(128, demo.eval_windows))
-    m = result.metrics
-    print(f"bigram subnetwork: {m['n_params']:,} weights ({m['percent_params']:.2f}% of attention+MLP "
-          f"weights), bigram r {m['bigram_r']:.3f} on held-out text (binary mask), "
-          f"{m['steps']} steps, stopped by {m['stop_reason']}")
-    layers = result.subnetwork.layer_distribution()
-    top = layers.sort_values("kept_params", ascending=False).head(3)
-    print("where it sits: " + ", ".join(f"{r.block} {r.layer}: {100 * r.share_of_subnetwork:.0f}%"
-                                       for r in top.itertuples()))
-    table = ablation_table(bridge, stats, evaluation.windows(128, demo.eval_windows), result.subnetwork,
-                           seeds=(0,), show_progress=False)
-    shown = table[["condition", "active_params", "lm_loss_nats", "loss_increase", "r_dropped"]].rename(columns={
-        "active_params": "weights", "lm_loss_nats": "LM loss (nats)", "loss_increase": "vs full",
-        "r_dropped": "bigram r"})
-    print(shown.to_string(index=False, formatters={"weights": "{:,.0f}".format, "LM loss (nats)": "{:.3f}".format,
-                                                   "vs full": "{:+.3f}".format, "bigram r": "{:.3f}".format}))
-    print(f"removing the bigram subnetwork costs {table.attrs['loss_increase_ratio']:.1f}x the loss of "
-          "removing a random subnetwork of the same shape")
-    prompt = "The President of the United States"
-    for condition in ("bigram only", "bigram ablated"):
-        mode = "keep" if condition == "bigram only" else "ablate"
-        text = generate(bridge, tokenizer, prompt, (result.subnetwork, mode), temperature=0, max_new_tokens=12)
-        print(f"  {condition}: {prompt + text!r}")
 
 
 def cmd_train_default(args: argparse.Namespace) -> int:
@@ -145,7 +50,7 @@ def cmd_train_default(args: argparse.Namespace) -> int:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    from bigram_circuits.search import find_command
+    from bigram_circuits.app.find import find_command
 
     table = find_command(**_given(args, _FIND_OPTIONS), **_given(args, _SEARCH_OPTIONS))
     print(table.to_string(index=False))
@@ -153,7 +58,7 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from bigram_circuits.evaluate import evaluate_run
+    from bigram_circuits.app.evaluate import evaluate_run
 
     tables = evaluate_run(args.run, **_given(args, _EVALUATE_OPTIONS))
     for name, table in tables.items():
@@ -162,7 +67,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_lens(args: argparse.Namespace) -> int:
-    from bigram_circuits.circuits.lens import lens_command
+    from bigram_circuits.app.lens import lens_command
 
     table = lens_command(args.run, **_given(args, _LENS_OPTIONS))
     print(table.to_string(index=False))
@@ -170,7 +75,7 @@ def cmd_lens(args: argparse.Namespace) -> int:
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
-    from bigram_circuits.circuits.patching import patch_command
+    from bigram_circuits.app.patch import patch_command
 
     table = patch_command(
         model=args.model, clean=args.clean, corrupted=args.corrupted, component=args.component,
@@ -181,7 +86,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from bigram_circuits.figures import FiguresConfig, figures_command
+    from bigram_circuits.app.figures import FiguresConfig, figures_command
 
     config = FiguresConfig(**_given(args, _FIGURES_CONFIG_OPTIONS))
     written = figures_command(config=config, **_given(args, _FIGURES_OPTIONS))
@@ -194,7 +99,8 @@ def cmd_build_up(args: argparse.Namespace) -> int:
     """``build-up``: candidates from three methods added to the bigram base (and an optimal base)."""
     from dataclasses import fields
 
-    from bigram_circuits.circuits.buildup import BuildUpConfig, build_up_command
+    from bigram_circuits.app.buildup import build_up_command
+    from bigram_circuits.circuits.buildup import BuildUpConfig
 
     names = {f.name for f in fields(BuildUpConfig)}
     config = BuildUpConfig(**{k: v for k, v in vars(args).items() if k in names})
@@ -355,6 +261,8 @@ _FIGURES_CONFIG_OPTIONS: list[str] = []
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bigram_circuits.app.demo import DemoConfig
+
     parser = _OneLineParser(prog="bigram-circuits", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -372,10 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--install", action="store_true", help="copy the result into the package")
     train.set_defaults(func=cmd_train_default)
 
-    from bigram_circuits.circuits.lens import lens_command
-    from bigram_circuits.evaluate import evaluate_run
-    from bigram_circuits.figures import FiguresConfig, figures_command
-    from bigram_circuits.search import SearchConfig, find_command
+    from bigram_circuits.app.evaluate import evaluate_run
+    from bigram_circuits.app.figures import FiguresConfig, figures_command
+    from bigram_circuits.app.find import find_command
+    from bigram_circuits.app.lens import lens_command
+    from bigram_circuits.search import SearchConfig
 
     find = sub.add_parser("find", help="search bigram (or optimal) subnetworks over a lambda sweep",
                           description="Search subnetworks over a lambda sweep (weight masks by default).")

@@ -49,3 +49,11 @@ class ManifestError(BigramCircuitsError, ValueError):
 
 class DeviceError(BigramCircuitsError, ValueError):
     """A torch device (or device map) names a device that is unknown or not present here."""
+
+
+class FigureDataError(BigramCircuitsError, ValueError):
+    """A results table lacks the columns (or shape) a figure or table needs."""
+
+
+class BaselineError(BigramCircuitsError, ValueError):
+    """A baseline cannot be built from the models or data given."""

@@ -15,7 +15,6 @@ Logits are truncated to the tokenizer's vocabulary V when the unembedding is pad
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -29,9 +28,8 @@ import torch
 from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
 
-from bigram_circuits.circuits.overlap import layer_distribution, overlap_table
-from bigram_circuits.circuits.runs import RunSpec, load_run, run_context, subnetwork_dir_of
-from bigram_circuits.data import atomic_write_bytes, load_token_dataset
+from bigram_circuits.circuits.runs import RunSpec, run_context, subnetwork_dir_of
+from bigram_circuits.data import load_token_dataset
 from bigram_circuits.errors import ConfigError, MaskError, StatsError, TokenError
 from bigram_circuits.models import check_tokens_fit
 from bigram_circuits.ngrams import BigramStats
@@ -42,17 +40,16 @@ __all__ = [
     "TokenSurprisals",
     "ablation_table",
     "evaluate_metrics",
-    "evaluate_run",
     "generate",
     "generate_table",
     "generation_conditions",
     "loss_increase_ratio",
+    "mean_next_token_loss",
     "metrics_from_surprisals",
+    "next_tokens",
     "pearson_r",
     "surprisals_from_logits",
-    "table_markdown",
     "token_surprisals",
-    "write_tables",
 ]
 
 METRIC_COLUMNS = ["r_dropped", "r_clipped", "soft_xent", "lm_loss_nats", "lm_loss_bits", "perplexity"]
@@ -166,6 +163,68 @@ def token_surprisals(
     with run_context(bridge, subnetwork, mode):
         return surprisals_from_logits(bridge, stats, array, _device(bridge), batch_size,
                                       desc=f"evaluate {label}", show_progress=show_progress)
+
+
+@torch.no_grad()
+def mean_next_token_loss(
+    logits_fn: Callable[[Integer[torch.Tensor, "batch pos"]], Float[torch.Tensor, "batch pos vocab"]],
+    windows: Integer[np.ndarray, "n seq"],
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    vocab_size: int | None = None,
+) -> float:
+    """Mean next-token cross-entropy (nats) of ``logits_fn`` on ``windows``: the one eval-loss
+    loop (the demo, training and the evaluation tables use it). ``vocab_size`` drops padded
+    logit columns."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = torch.as_tensor(np.asarray(windows[start : start + batch_size], dtype=np.int64), device=device)
+        logits = logits_fn(batch)[:, :-1]
+        if vocab_size is not None:
+            logits = logits[..., :vocab_size]
+        logits = logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        count += batch[:, 1:].numel()
+    return total / count
+
+
+def next_tokens(
+    logits_fn: Callable[[Integer[torch.Tensor, "1 pos"]], Float[torch.Tensor, "1 pos vocab"]],
+    ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    vocab_size: int | None = None,
+    eos: int | None = None,
+    context: int | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> list[int]:
+    """The one decoding loop: ``max_new_tokens`` tokens after ``ids`` (greedy at
+    ``temperature=0``, else sampled from a generator seeded with ``seed``), stopping at ``eos``;
+    the model sees at most the last ``context`` tokens."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    tokens = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            window = tokens if not context else tokens[:, -int(context):]
+            logits = logits_fn(window)[0, -1]
+            logits = (logits[:vocab_size] if vocab_size is not None else logits).float().cpu()
+            if temperature == 0:
+                next_id = int(torch.argmax(logits))
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                next_id = int(torch.multinomial(probs, 1, generator=generator))
+            if eos is not None and next_id == eos:
+                break
+            new.append(next_id)
+            tokens = torch.cat([tokens, torch.tensor([[next_id]], device=device)], dim=1)
+    return new
 
 
 def pearson_r(x: Float[np.ndarray, " n"], y: Float[np.ndarray, " n"]) -> float:
@@ -344,24 +403,10 @@ def generate(
         if eos is None:
             raise TokenError("empty prompt and the tokenizer has no eos_token_id to start from; pass a prompt")
         ids = [int(eos)]
-    device = _device(bridge)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    tokens = torch.tensor([ids], dtype=torch.long, device=device)
     max_len = getattr(getattr(bridge, "cfg", None), "n_ctx", None)
-    new: list[int] = []
     with RunSpec.coerce(condition).context(bridge):
-        for _ in range(max_new_tokens):
-            context = tokens if not max_len else tokens[:, -int(max_len):]
-            logits = bridge(context)[0, -1, :vocab_size].float().cpu()
-            if temperature == 0:
-                next_id = int(torch.argmax(logits))
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                next_id = int(torch.multinomial(probs, 1, generator=generator))
-            if eos is not None and next_id == eos:
-                break
-            new.append(next_id)
-            tokens = torch.cat([tokens, torch.tensor([[next_id]], device=device)], dim=1)
+        new = next_tokens(bridge, ids, max_new_tokens, temperature=temperature, vocab_size=vocab_size, eos=eos,
+                          context=max_len, device=_device(bridge), seed=seed)
     return tokenizer.decode(new)
 
 
@@ -380,35 +425,6 @@ def generate_table(
         text = generate(bridge, tokenizer, prompt, condition, temperature, max_new_tokens, seed)
         rows.append({"condition": name, "prompt": prompt, "temperature": temperature, "generation": text})
     return pd.DataFrame(rows)
-
-
-def table_markdown(table: pd.DataFrame, floatfmt: str = ".4g") -> str:
-    """A pipe-table Markdown rendering of ``table`` (no index); whole-number columns such as
-    parameter counts are written in full, other numbers with ``floatfmt``."""
-    formats = []
-    for column in table.columns:
-        values = table[column]
-        whole = (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-                 and bool(np.all(np.isfinite(values) & (values == np.round(values)) | ~np.isfinite(values))))
-        formats.append(",.0f" if whole and values.abs().max() >= 1000 else floatfmt)
-    return table.to_markdown(index=False, floatfmt=tuple(formats))
-
-
-def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike) -> list[Path]:
-    """Write each table as ``NAME.csv`` and ``NAME.md`` in ``out_dir`` (atomically); return the paths."""
-    out = Path(out_dir)
-    written: list[Path] = []
-    for name, table in tables.items():
-        csv_path = out / f"{name}.csv"
-        buffer = io.StringIO()
-        table.to_csv(buffer, index=False)
-        atomic_write_bytes(csv_path, buffer.getvalue().encode("utf-8"))
-        md_path = out / f"{name}.md"
-        summary = "".join(f"- {key}: {value}\n" for key, value in table.attrs.items())
-        text = f"## {name}\n\n{table_markdown(table)}\n" + (f"\n{summary}" if summary else "")
-        atomic_write_bytes(md_path, text.encode("utf-8"))
-        written += [csv_path, md_path]
-    return written
 
 
 DEFAULT_PROMPT = "The President of the United States"
@@ -486,71 +502,3 @@ def sweep_metrics_table(bridge, stats, windows, run_dir: str | os.PathLike, batc
     return table
 
 
-def evaluate_run(
-    run_dir: str | os.PathLike,
-    *,
-    optimal: str | os.PathLike | None = None,
-    n_eval_windows: int | None = 256,
-    seeds: Sequence[int] = (0, 1, 2),
-    n_random: int = 10_000,
-    prompt: str = DEFAULT_PROMPT,
-    temperature: float = 0.8,
-    max_new_tokens: int = 30,
-    batch_size: int = 16,
-    device: str = "cpu",
-    out_dir: str | os.PathLike | None = None,
-    show_progress: bool = True,
-) -> dict[str, pd.DataFrame]:
-    """Evaluate a saved ``bigram-circuits find`` run and write its tables next to it.
-
-    Loads the run's chosen bigram subnetwork (or the subnetwork saved in ``run_dir`` itself),
-    the model and corpus it was found on, the run's bigram stats and ``n_eval_windows``
-    held-out windows. ``optimal`` is a run (or subnetwork directory) of the same model and
-    granularity searched with the full-model target; without it, ``run_dir/optimal`` is used
-    if it exists. Returns and writes (``out_dir``, default ``run_dir/evaluation``, as
-    ``NAME.csv`` + ``NAME.md`` and ``summary.json``) the tables: ``metrics`` (full model and
-    every lambda), ``ablation``, ``generations``, ``layer_distribution`` and, with an optimal
-    subnetwork, ``overlap``.
-    """
-
-    run_path = Path(run_dir)
-    if not run_path.is_dir():
-        raise MaskError(f"run directory {run_path} does not exist; run `bigram-circuits find` first")
-    loaded = load_run(run_path, device=device)
-    bridge, tokenizer, bigram = loaded.bridge, loaded.tokenizer, loaded.subnetwork
-    optimal_path = Path(optimal) if optimal is not None else run_path / "optimal"
-    optimal_sub, optimal_dir = None, None
-    if optimal is not None or optimal_path.is_dir():
-        if not optimal_path.is_dir():
-            raise MaskError(f"optimal run {optimal_path} does not exist; run `bigram-circuits find --target full_model`")
-        bigram_lambda = bigram.metadata.get("config", {}).get("lam")
-        optimal_dir = optimal_subnetwork_dir(optimal_path, prefer_lambda=bigram_lambda)
-        optimal_sub = Subnetwork.load(optimal_dir)
-    stats = run_bigram_stats(run_path, tokenizer, loaded.corpus, loaded.seq_len, show_progress)
-    windows = loaded.eval_windows(None if n_eval_windows is None else n_eval_windows * loaded.seq_len)
-
-    tables: dict[str, pd.DataFrame] = {}
-    tables["metrics"] = sweep_metrics_table(bridge, stats, windows, run_path, batch_size, show_progress)
-    tables["ablation"] = ablation_table(bridge, stats, windows, bigram, optimal_sub, seeds, batch_size, show_progress)
-    tables["generations"] = generate_table(bridge, tokenizer, prompt, generation_conditions(bigram, seeds[0]),
-                                           temperature, max_new_tokens, seed=0)
-    tables["layer_distribution"] = layer_distribution(bigram)
-    if optimal_sub is not None:
-        tables["overlap"] = overlap_table({"bigram vs optimal": (bigram, optimal_sub)}, n_random=n_random)
-
-    summary = {
-        "run": str(run_path), "bigram_subnetwork": str(loaded.subnetwork_dir), "model": loaded.model_name,
-        "n_eval_windows": len(windows), "n_eval_tokens": int(tables["ablation"]["n_tokens"].iloc[0]),
-        "loss_increase_ratio": tables["ablation"].attrs["loss_increase_ratio"],
-        "random_ablated_loss_increase_by_seed": tables["ablation"].attrs["random_ablated_loss_increase_by_seed"],
-        **{f"layer_{k}": v for k, v in tables["layer_distribution"].attrs.items()},
-    }
-    if optimal_sub is not None:
-        row = tables["overlap"].iloc[0]
-        summary.update({"optimal_subnetwork": str(optimal_dir), "overlap_fraction": float(row["fraction_overlap"]), "overlap_expected": float(row["expected"]),
-                        "overlap_ratio": float(row["ratio"]), "overlap_p_value": float(row["p_value"]),
-                        "overlap_frac_bigram_in_optimal": float(row["frac_a_in_b"])})
-    target_dir = Path(out_dir) if out_dir is not None else run_path / EVALUATION_DIR
-    write_tables(tables, target_dir)
-    atomic_write_bytes(target_dir / "summary.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
-    return tables

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bigram_circuits.data import atomic_write_bytes, sha256_file
 from bigram_circuits.errors import ManifestError
+from bigram_circuits.io import atomic_write_bytes, sha256_file
 
 __all__ = ["MANIFEST_FILE", "environment_versions", "read_manifest", "verify_manifest", "write_manifest"]
 

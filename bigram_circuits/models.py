@@ -44,8 +44,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from bigram_circuits.data import atomic_directory, atomic_write_bytes, cache_dir, sha256_file
+from bigram_circuits.data import cache_dir
 from bigram_circuits.errors import DeviceError, ModelLoadError
+from bigram_circuits.io import atomic_directory, atomic_write_bytes, sha256_file
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge

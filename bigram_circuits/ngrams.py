@@ -53,8 +53,8 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Integer
 
-from bigram_circuits.data import atomic_write
 from bigram_circuits.errors import StatsError, TokenError
+from bigram_circuits.io import atomic_write
 
 __all__ = ["STATS_FORMAT_VERSION", "BigramStats", "CountTable", "TargetRows"]
 

@@ -31,8 +31,8 @@ import pandas as pd
 import torch
 from jaxtyping import Bool
 
-from bigram_circuits.data import atomic_write_bytes, ensure_output_dir
 from bigram_circuits.errors import MaskError, UnsafeFileError
+from bigram_circuits.io import atomic_write_bytes, ensure_output_dir
 from bigram_circuits.masks import (
     MaskComponent,
     ModelGeometry,

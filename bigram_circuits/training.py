@@ -24,14 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigram_circuits.data import (
-    atomic_directory,
-    atomic_save_into,
-    atomic_write_bytes,
-    load_documents,
-    split_documents,
-    tokenize_documents,
-)
+from bigram_circuits.data import load_documents, split_documents, tokenize_documents
+from bigram_circuits.evaluate import mean_next_token_loss, next_tokens
+from bigram_circuits.io import atomic_directory, atomic_save_into, atomic_write_bytes
 
 __all__ = [
     "TrainConfig",
@@ -145,21 +140,12 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-@torch.no_grad()
 def _eval_loss(model, windows: np.ndarray, batch_size: int = 32) -> float:
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = torch.as_tensor(np.asarray(windows[start : start + batch_size], dtype=np.int64))
-        batch = batch.to(next(model.parameters()).device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += loss.item()
-        count += batch[:, 1:].numel()
+    loss = mean_next_token_loss(lambda batch: model(input_ids=batch).logits, windows,
+                                device=next(model.parameters()).device, batch_size=batch_size)
     model.train()
-    return total / count
+    return loss
 
 
 def _unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
@@ -175,16 +161,13 @@ def _save_weights(model, path: Path, dtype: torch.dtype) -> None:
     atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
 
 
-@torch.no_grad()
 def _greedy(model, tokenizer, prompt: str, n_tokens: int = 30) -> str:
     model.eval()
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    ids = ids.to(next(model.parameters()).device)
-    for _ in range(n_tokens):
-        next_id = model(input_ids=ids).logits[0, -1].argmax()
-        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    new = next_tokens(lambda tokens: model(input_ids=tokens).logits, ids, n_tokens,
+                      device=next(model.parameters()).device)
     model.train()
-    return tokenizer.decode(ids[0])
+    return tokenizer.decode(ids + new)
 
 
 SAMPLE_PROMPTS = (

@@ -107,7 +107,7 @@ the last layer; rotation = median |angle| of the map's eigenvalues."""),
 lens = lens_report(bridge, tokenizer, windows, {"full": None, "bigram": bigram, "random": random},
                    n_tokens=2048, progress=False)
 lens.head(12)"""),
-    new_code_cell("""from bigram_circuits.figures import fig3_rotation
+    new_code_cell("""from bigram_circuits.plots import fig3_rotation
 fig3_rotation(lens)"""),
     new_markdown_cell("## Layer covariance similarity"),
     new_code_cell("""from bigram_circuits.circuits import layer_covariance_similarity
@@ -115,7 +115,8 @@ layer_covariance_similarity(bridge, windows[:8], n_tokens=1024, progress=False).
     new_markdown_cell("""## Activation patching
 Patch the residual stream of a clean prompt into a corrupted one, layer by layer, and measure
 the logit difference between the clean and the corrupted answer."""),
-    new_code_cell("""from bigram_circuits.circuits import patch, logit_difference, patching_heatmap
+    new_code_cell("""from bigram_circuits.circuits import patch, logit_difference
+from bigram_circuits.plots import patching_heatmap
 clean = tokenizer("The President of the United States", return_tensors="pt")["input_ids"]
 corrupted = tokenizer("The President of the French Republic", return_tensors="pt")["input_ids"]
 n = min(clean.shape[1], corrupted.shape[1])
@@ -143,26 +144,26 @@ be drawn from any run. This notebook redraws the paper's figures from the commit
 tables), then runs one small live sweep to show where those tables come from."""),
     new_code_cell(SETUP),
     new_code_cell("""from pathlib import Path
-from bigram_circuits import figures as F
+from bigram_circuits import plots as P, tables as T
 
 root = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").exists())
 data = root / "figures" / "data"
 read = lambda name, **kw: pd.read_csv(data / f"{name}.csv", **kw)
 sweep_rows = read("bigram_sweep")
-F.fig1_r_vs_params(sweep_rows)"""),
-    new_code_cell("""F.table1_chosen(sweep_rows)"""),
+P.fig1_r_vs_params(sweep_rows)"""),
+    new_code_cell("""T.table1_chosen(sweep_rows)"""),
     new_markdown_cell("Headline numbers of the chosen lambda over three search seeds (mean ± sd in the last row):"),
-    new_code_cell("""F.table_headline(read("headline_seeds"))"""),
-    new_code_cell("""F.fig2_training_dynamics(read("checkpoint_r"), read("checkpoint_layer_share"))"""),
-    new_code_cell("""F.fig_layer_distribution(read("layer_distribution"), "Where the chosen bigram subnetwork sits")"""),
-    new_code_cell("""F.fig3_rotation(read("lens"))"""),
-    new_code_cell("""F.fig4_similarity({name: read(f"similarity_{name}", index_col=0) for name in ("full", "bigram", "random")})"""),
+    new_code_cell("""T.table_headline(read("headline_seeds"))"""),
+    new_code_cell("""P.fig2_training_dynamics(read("checkpoint_r"), read("checkpoint_layer_share"))"""),
+    new_code_cell("""P.fig_layer_distribution(read("layer_distribution"), "Where the chosen bigram subnetwork sits")"""),
+    new_code_cell("""P.fig3_rotation(read("lens"))"""),
+    new_code_cell("""P.fig4_similarity({name: read(f"similarity_{name}", index_col=0) for name in ("full", "bigram", "random")})"""),
     new_code_cell("""ablation = read("ablation").rename(columns={"lm_loss_nats": "loss", "lm_loss_nats_std": "loss_std"})
 ablation = ablation[ablation["condition"].isin(["full model", "random ablated", "bigram ablated", "optimal ablated"])]
-F.fig5_optimal(read("optimal_sweep"), ablation)"""),
-    new_code_cell("""F.table2_bigram_r(read("bigram_r_rows"))"""),
-    new_code_cell("""F.table3_overlap(read("overlap"))"""),
-    new_code_cell("""F.table4_generations(read("generations"))"""),
+P.fig5_optimal(read("optimal_sweep"), ablation)"""),
+    new_code_cell("""T.table2_bigram_r(read("bigram_r_rows"))"""),
+    new_code_cell("""T.table3_overlap(read("overlap"))"""),
+    new_code_cell("""T.table4_generations(read("generations"))"""),
     new_markdown_cell("""## Where the tables come from: a small live sweep
 A two-lambda weight-mask sweep (short settings; `make figures` runs five lambdas, the optimal
 subnetworks, the training checkpoints and the baselines)."""),
@@ -181,8 +182,8 @@ config = SearchConfig(max_steps=60, batch_size=8, seq_len=64, temperature_growth
                       eval_batches=2)
 table = sweep(bridge, train.windows(64, 512), Target.bigram(stats), [0.0, 10.0], "weight", config,
               tempfile.mkdtemp(), eval_windows=evaluation.windows(64, 32), show_progress=False)
-live = F.from_search_sweep(table, "default (live, 60 steps)")
-F.fig1_r_vs_params(pd.concat([sweep_rows, live], ignore_index=True))"""),
+live = T.from_search_sweep(table, "default (live, 60 steps)")
+P.fig1_r_vs_params(pd.concat([sweep_rows, live], ignore_index=True))"""),
 ]
 
 
@@ -257,7 +258,7 @@ report[["candidate", "heads", "base_value", "with_candidate", "full_value", "rec
 name_table = build_up(bridge, bigram, name_candidates, names, seeds=(0, 1, 2), progress=False)
 build_up_report(summarize_build_up(name_table))[["candidate", "base_value", "with_candidate", "full_value",
                                                  "recovered", "random_recovered"]].round(3)"""),
-    new_code_cell("""from bigram_circuits.figures import fig_build_up
+    new_code_cell("""from bigram_circuits.plots import fig_build_up
 fig_build_up(summarize_build_up(pd.concat([table, name_table], ignore_index=True)))"""),
     new_markdown_cell("""## Does the bigram subnetwork already hold these circuits?
 Weight-level overlap (a head = its W_Q/W_K/W_V rows and W_O columns) with the exact per-matrix

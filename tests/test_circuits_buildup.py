@@ -276,7 +276,8 @@ def test_candidate_weights_and_overlap(tiny_llama):
 
 
 def test_build_up_experiment_and_figure(tiny_neox):
-    from bigram_circuits.figures import FigureDataError, fig_build_up
+    from bigram_circuits.errors import FigureDataError
+    from bigram_circuits.plots import fig_build_up
 
     bridge, tokenizer = tiny_neox
     base = Subnetwork.from_masks(

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from bigram_circuits.circuits.lens import lens_command
-from bigram_circuits.circuits.patching import patch_command
+from bigram_circuits.app.lens import lens_command
+from bigram_circuits.app.patch import patch_command
 from bigram_circuits.circuits.runs import load_run, subnetwork_dir_of
 from bigram_circuits.errors import MaskError, TokenError
 

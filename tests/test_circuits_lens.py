@@ -201,7 +201,7 @@ def test_lens_report_side_by_side(tiny_neox):
     assert list(table["run"].unique()) == ["full", "bigram", "random"]
     by_run = table.set_index(["run", "layer", "target"])["rotation_deg"]
     assert by_run[("bigram", 1, "input")] != pytest.approx(by_run[("full", 1, "input")])
-    from bigram_circuits.figures import fig3_rotation
+    from bigram_circuits.plots import fig3_rotation
 
     assert len(fig3_rotation(table).data) == 6  # the lens table is the figure's input
     with pytest.raises(TokenError, match="hold only"):

@@ -14,10 +14,10 @@ from bigram_circuits.circuits.patching import (
     logit_difference,
     next_token_loss,
     patch,
-    patching_heatmap,
     run_with_patches,
 )
 from bigram_circuits.errors import TokenError
+from bigram_circuits.plots import patching_heatmap
 
 
 def _tokens(seed: int, shape=(2, 8), vocab: int = 300) -> torch.Tensor:

@@ -12,10 +12,10 @@ from bigram_circuits.circuits.similarity import (
     covariance_similarity,
     deflated_covariance,
     layer_covariance_similarity,
-    similarity_heatmap,
     similarity_report,
 )
 from bigram_circuits.errors import TokenError
+from bigram_circuits.plots import similarity_heatmap
 
 
 def test_similarity_of_a_layer_with_itself_is_one():

@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from bigram_circuits import data
+from bigram_circuits import io as bc_io
 from bigram_circuits.errors import CorpusError
 from bigram_circuits.training import train_tokenizer
 
@@ -95,7 +96,7 @@ def test_iterate_batches_is_seeded_and_resumable():
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
     target = tmp_path / "written" / "out.bin"
-    data.atomic_write_bytes(target, b"hello")
+    bc_io.atomic_write_bytes(target, b"hello")
     assert target.read_bytes() == b"hello"
     assert [p.name for p in target.parent.iterdir()] == ["out.bin"]
 

@@ -18,16 +18,16 @@ from bigram_circuits.evaluate import (
     TokenSurprisals,
     ablation_table,
     evaluate_metrics,
-    evaluate_run,
     generate,
     generate_table,
     generation_conditions,
     loss_increase_ratio,
     metrics_from_surprisals,
     pearson_r,
-    write_tables,
 )
+from bigram_circuits.app.evaluate import evaluate_run
 from bigram_circuits.ngrams import BigramStats
+from bigram_circuits.tables import write_tables
 from bigram_circuits.subnetwork import Subnetwork
 
 

@@ -1,4 +1,4 @@
-"""Figures and tables of bigram_circuits.figures, on small synthetic result tables."""
+"""Figures (bigram_circuits.plots), tables (bigram_circuits.tables) and the paper pipeline (bigram_circuits.app.figures), on small synthetic result tables."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from bigram_circuits import figures as F
-from bigram_circuits.figures import FigureDataError
+from bigram_circuits import tables as T
+from bigram_circuits.app import figures as A
+from bigram_circuits.errors import FigureDataError
+from bigram_circuits.plots import figures as P
 
 
 def _sweep() -> pd.DataFrame:
@@ -65,7 +67,7 @@ def _opt_and_ablation() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def test_fig1_one_line_and_one_reference_per_model_on_log_axis():
-    fig = F.fig1_r_vs_params(_sweep())
+    fig = P.fig1_r_vs_params(_sweep())
     assert isinstance(fig, go.Figure)
     assert len(fig.data) == 4  # 2 models x (sweep line + full-model reference)
     assert fig.layout.xaxis.type == "log"
@@ -77,17 +79,17 @@ def test_fig1_one_line_and_one_reference_per_model_on_log_axis():
 
 def test_fig1_reference_from_argument_and_none_without_it():
     sweep = _sweep().drop(columns="full_model_r")
-    assert len(F.fig1_r_vs_params(sweep).data) == 2
-    fig = F.fig1_r_vs_params(sweep, full_model_r={"tiny": 0.5})
+    assert len(P.fig1_r_vs_params(sweep).data) == 2
+    fig = P.fig1_r_vs_params(sweep, full_model_r={"tiny": 0.5})
     assert len(fig.data) == 3
 
 
 def test_table_fig1_best_r_per_model_and_paper_reference():
-    table = F.table_fig1(_sweep())
+    table = T.table_fig1(_sweep())
     assert list(table["model"]) == ["tiny", "small"]
     assert table["best_subnetwork_r"].tolist() == [0.96, 0.96]
     assert table["full_model_r"].tolist() == [0.70, 0.65]
-    paper = F.PAPER_FIG1.set_index("model")
+    paper = T.PAPER_FIG1.set_index("model")
     assert paper.loc["Pythia 1B", "best_subnetwork_r"] == 0.987
     assert paper.loc["GPT-2 large", "full_model_r"] == 0.583
     assert len(paper) == 7
@@ -95,7 +97,7 @@ def test_table_fig1_best_r_per_model_and_paper_reference():
 
 def test_fig2_lines_and_two_heatmaps_with_shared_scale():
     ckpt, share = _ckpt_and_share()
-    fig = F.fig2_training_dynamics(ckpt, share)
+    fig = P.fig2_training_dynamics(ckpt, share)
     kinds = [type(t).__name__ for t in fig.data]
     assert kinds.count("Scatter") == 4  # three target sizes + full model
     assert kinds.count("Heatmap") == 2
@@ -111,7 +113,7 @@ def test_fig2_rejects_unknown_component():
     ckpt, share = _ckpt_and_share()
     share.loc[0, "component"] = "embed"
     with pytest.raises(FigureDataError, match="embed"):
-        F.fig2_training_dynamics(ckpt, share)
+        P.fig2_training_dynamics(ckpt, share)
 
 
 def test_fig_layer_distribution_from_a_real_subnetwork(tiny_neox):
@@ -121,22 +123,22 @@ def test_fig_layer_distribution_from_a_real_subnetwork(tiny_neox):
     sub = Subnetwork.empty(bridge, ("neuron", "head")).random_control(0)
     full = Subnetwork.empty(bridge, ("neuron", "head")).complement()
     distribution = full.layer_distribution()
-    fig = F.fig_layer_distribution(distribution)
+    fig = P.fig_layer_distribution(distribution)
     bars = [t for t in fig.data if isinstance(t, go.Bar)]
     assert [b.name for b in bars] == ["MLP", "attention"]
     total = sum(float(np.sum(b.y)) for b in bars)
     assert total == pytest.approx(1.0)  # shares of one subnetwork add up to 1
     assert len([t for t in fig.data if isinstance(t, go.Scatter)]) == 2  # fraction kept per block
-    only_share = F.fig_layer_distribution(sub.layer_distribution().drop(columns=["fraction_kept"]))
+    only_share = P.fig_layer_distribution(sub.layer_distribution().drop(columns=["fraction_kept"]))
     assert all(isinstance(t, go.Bar) for t in only_share.data)
     with pytest.raises(FigureDataError, match="share_of_subnetwork"):
-        F.fig_layer_distribution(distribution.drop(columns=["share_of_subnetwork"]))
+        P.fig_layer_distribution(distribution.drop(columns=["share_of_subnetwork"]))
     with pytest.raises(FigureDataError, match="embed"):
-        F.fig_layer_distribution(distribution.assign(block="embed"))
+        P.fig_layer_distribution(distribution.assign(block="embed"))
 
 
 def test_fig3_two_panels_one_line_per_run_in_paper_order():
-    fig = F.fig3_rotation(_lens())
+    fig = P.fig3_rotation(_lens())
     assert len(fig.data) == 6
     assert [t.name for t in fig.data[:3]] == ["full", "bigram", "random"]
     assert {t.xaxis for t in fig.data} == {"x", "x2"}
@@ -145,7 +147,7 @@ def test_fig3_two_panels_one_line_per_run_in_paper_order():
 
 
 def test_fig4_one_heatmap_per_run_on_one_scale():
-    fig = F.fig4_similarity(_matrices())
+    fig = P.fig4_similarity(_matrices())
     assert len(fig.data) == 3 and all(isinstance(t, go.Heatmap) for t in fig.data)
     assert fig.layout.coloraxis.cmax == pytest.approx(1.0)
     assert fig.layout.coloraxis.cmin == pytest.approx(0.9 * 0.7)
@@ -156,12 +158,12 @@ def test_fig4_rejects_non_square_matrix():
     matrices = _matrices()
     matrices["bigram"] = matrices["bigram"].iloc[:, :2]
     with pytest.raises(FigureDataError, match="square"):
-        F.fig4_similarity(matrices)
+        P.fig4_similarity(matrices)
 
 
 def test_fig5_two_lines_and_one_bar_per_condition():
     opt, ablation = _opt_and_ablation()
-    fig = F.fig5_optimal(opt, ablation)
+    fig = P.fig5_optimal(opt, ablation)
     scatters = [t for t in fig.data if isinstance(t, go.Scatter)]
     bars = [t for t in fig.data if isinstance(t, go.Bar)]
     assert len(scatters) == 2 and len(bars) == 4
@@ -173,20 +175,20 @@ def test_fig5_two_lines_and_one_bar_per_condition():
 @pytest.mark.parametrize(
     ("call", "missing"),
     [
-        (lambda: F.fig1_r_vs_params(_sweep().drop(columns=["r", "lambda"])), "'lambda', 'r'"),
-        (lambda: F.table_fig1(_sweep().drop(columns=["model"])), "'model'"),
-        (lambda: F.fig2_training_dynamics(_ckpt_and_share()[0].drop(columns="r_estimated"),
+        (lambda: P.fig1_r_vs_params(_sweep().drop(columns=["r", "lambda"])), "'lambda', 'r'"),
+        (lambda: T.table_fig1(_sweep().drop(columns=["model"])), "'model'"),
+        (lambda: P.fig2_training_dynamics(_ckpt_and_share()[0].drop(columns="r_estimated"),
                                           _ckpt_and_share()[1]), "'r_estimated'"),
-        (lambda: F.fig2_training_dynamics(_ckpt_and_share()[0],
+        (lambda: P.fig2_training_dynamics(_ckpt_and_share()[0],
                                           _ckpt_and_share()[1].drop(columns="share")), "'share'"),
-        (lambda: F.fig3_rotation(_lens().drop(columns="target")), "'target'"),
-        (lambda: F.fig5_optimal(_opt_and_ablation()[0].drop(columns="r_bigram"),
+        (lambda: P.fig3_rotation(_lens().drop(columns="target")), "'target'"),
+        (lambda: P.fig5_optimal(_opt_and_ablation()[0].drop(columns="r_bigram"),
                                 _opt_and_ablation()[1]), "'r_bigram'"),
-        (lambda: F.fig5_optimal(_opt_and_ablation()[0], _opt_and_ablation()[1].drop(columns="loss")), "'loss'"),
-        (lambda: F.table1_chosen(_sweep().drop(columns="active_params")), "'active_params'"),
-        (lambda: F.table2_bigram_r(pd.DataFrame({"condition": ["x"]})), "'r'"),
-        (lambda: F.table3_overlap(pd.DataFrame({"pair": ["x"]})), "'fraction_overlap'"),
-        (lambda: F.table4_generations(pd.DataFrame({"condition": ["x"]})), "'text'"),
+        (lambda: P.fig5_optimal(_opt_and_ablation()[0], _opt_and_ablation()[1].drop(columns="loss")), "'loss'"),
+        (lambda: T.table1_chosen(_sweep().drop(columns="active_params")), "'active_params'"),
+        (lambda: T.table2_bigram_r(pd.DataFrame({"condition": ["x"]})), "'r'"),
+        (lambda: T.table3_overlap(pd.DataFrame({"pair": ["x"]})), "'fraction_overlap'"),
+        (lambda: T.table4_generations(pd.DataFrame({"condition": ["x"]})), "'text'"),
     ],
 )
 def test_missing_columns_raise_one_line_value_error_naming_them(call, missing):
@@ -199,7 +201,7 @@ def test_missing_columns_raise_one_line_value_error_naming_them(call, missing):
 
 def test_empty_table_is_refused():
     with pytest.raises(FigureDataError, match="no rows"):
-        F.fig3_rotation(_lens().iloc[:0])
+        P.fig3_rotation(_lens().iloc[:0])
 
 
 # ----------------------------------------------------------------------------- tables
@@ -207,20 +209,20 @@ def test_empty_table_is_refused():
 
 def test_interpolate_r_in_log_params_and_clamps_outside():
     sweep = pd.DataFrame({"active_params": [1e4, 1e6, 0], "r": [0.6, 0.9, 0.0]})
-    table = F.interpolate_r(sweep, [1e5, 1e7, 1e3])
+    table = T.interpolate_r(sweep, [1e5, 1e7, 1e3])
     assert table["r_estimated"].tolist() == pytest.approx([0.75, 0.9, 0.6])
     assert table["extrapolated"].tolist() == [False, True, True]
-    empty = F.interpolate_r(pd.DataFrame({"active_params": [0, 0], "r": [0.1, 0.2]}), [1e5])
+    empty = T.interpolate_r(pd.DataFrame({"active_params": [0, 0], "r": [0.1, 0.2]}), [1e5])
     assert empty["r_estimated"].isna().all()
 
 
 def test_table1_picks_sparsest_within_tolerance_of_lambda_zero():
-    table = F.table1_chosen(_sweep())
+    table = T.table1_chosen(_sweep())
     tiny = table.set_index("model").loc["tiny"]
     assert tiny["lambda"] == 10 and tiny["active_params"] == 200_000 and tiny["r"] == 0.93
     assert tiny["mask_size"] == 3_000_000
     assert tiny["active_percent"] == pytest.approx(6.67)
-    strict = F.table1_chosen(_sweep(), tolerance=0.015)
+    strict = T.table1_chosen(_sweep(), tolerance=0.015)
     assert strict.set_index("model").loc["tiny", "lambda"] == 1
 
 
@@ -231,24 +233,24 @@ def test_table1_agrees_with_search_choose_subnetwork():
         part = sweep[(sweep["model"] == "tiny") & sweep["lambda"].isin(lambdas)]
         native = part.rename(columns={"active_params": "n_params", "r": "bigram_r"})
         expected = search.choose_subnetwork(native.reset_index(drop=True))
-        assert F.table1_chosen(part).loc[0, "lambda"] == expected["lambda"]
+        assert T.table1_chosen(part).loc[0, "lambda"] == expected["lambda"]
 
 
 def test_from_search_sweep_renames_columns_for_fig1():
     native = pd.DataFrame({"lambda": [0.0, 10.0], "n_params": [1000, 10], "bigram_r": [0.9, 0.8],
                            "chosen": [False, True]})
-    rows = F.from_search_sweep(native, "default", mask_size=5000)
+    rows = T.from_search_sweep(native, "default", mask_size=5000)
     assert rows.columns.tolist() == ["model", "lambda", "active_params", "r", "mask_size"]
-    assert len(F.fig1_r_vs_params(rows).data) == 1
+    assert len(P.fig1_r_vs_params(rows).data) == 1
 
 
 def test_table2_orders_conditions_like_the_paper():
     rows = pd.DataFrame({"condition": ["embeddings + linear map", "bigram subnetwork", "full model"],
                          "r": [0.81234, 0.95, 0.7]})
-    table = F.table2_bigram_r(rows)
+    table = T.table2_bigram_r(rows)
     assert table["condition"].tolist() == ["full model", "bigram subnetwork", "embeddings + linear map"]
     assert table["r"].tolist() == [0.7, 0.95, 0.812]
-    by_model = F.table2_bigram_r(rows.assign(model="tiny"))
+    by_model = T.table2_bigram_r(rows.assign(model="tiny"))
     assert by_model.columns.tolist() == ["condition", "tiny"]
 
 
@@ -256,7 +258,7 @@ def test_table3_formats_overlap_rows():
     rows = pd.DataFrame([{"pair": "bigram vs optimal", "fraction_overlap": 0.0123, "expected": 0.00123,
                           "ratio": 10.0, "p_value": 0.0, "frac_a_in_b": 0.5, "expected_frac_a_in_b": 0.05,
                           "n_random": 10_000}])
-    table = F.table3_overlap(rows)
+    table = T.table3_overlap(rows)
     assert table.loc[0, "p"] == "< 1e-04"
     assert table.loc[0, "% of A in B"] == 50.0 and table.loc[0, "expected % of A in B"] == 5.0
 
@@ -267,73 +269,73 @@ def test_table3_accepts_overlap_module_output():
 
     a = {"blocks.0.mlp.hook_post": torch.tensor([True, True, False, False] * 8)}
     b = {"blocks.0.mlp.hook_post": torch.tensor([True, False, True, False] * 8)}
-    table = F.table3_overlap(overlap.overlap_table({"a vs b": (a, b)}, n_random=200))
+    table = T.table3_overlap(overlap.overlap_table({"a vs b": (a, b)}, n_random=200))
     assert table.loc[0, "overlap"] == pytest.approx(0.25)
 
 
 def test_table4_orders_and_flattens_generations():
     rows = pd.DataFrame({"prompt": ["The", "The", "A"], "condition": ["bigram ablated", "full model", "full model"],
                          "text": ["the the the", "The cat\nsat", "A dog"]})
-    table = F.table4_generations(rows)
+    table = T.table4_generations(rows)
     assert table["condition"].tolist() == ["full model", "bigram ablated", "full model"]
     assert table.loc[0, "text"] == "The cat sat"
     # evaluate.generate_table names the column "generation"
-    renamed = F.table4_generations(rows.rename(columns={"text": "generation"}))
+    renamed = T.table4_generations(rows.rename(columns={"text": "generation"}))
     assert renamed.equals(table)
 
 
 def test_to_markdown_escapes_pipes_and_groups_thousands():
-    text = F.to_markdown(pd.DataFrame({"name": ["a|b"], "params": [1234567], "r": [0.98765]}))
+    text = T.to_markdown(pd.DataFrame({"name": ["a|b"], "params": [1234567], "r": [0.98765]}))
     assert "a\\|b" in text and "1,234,567" in text and "0.988" in text
     assert text.splitlines()[1].startswith("|:")
 
 
 def test_human_count_matches_paper_style():
-    assert [F.human_count(x) for x in (7.24e6, 905_000, 1.38e9, 999_950, 512)] == ["7.24M", "905k", "1.38B", "1M", "512"]
+    assert [P.human_count(x) for x in (7.24e6, 905_000, 1.38e9, 999_950, 512)] == ["7.24M", "905k", "1.38B", "1M", "512"]
 
 
 # ----------------------------------------------------------------------------- saving
 
 
 def test_save_figure_writes_html_atomically(tmp_path):
-    fig = F.fig3_rotation(_lens())
-    written = F.save_figure(fig, tmp_path / "sub" / "fig3", png=False)
+    fig = P.fig3_rotation(_lens())
+    written = P.save_figure(fig, tmp_path / "sub" / "fig3", png=False)
     assert written == [tmp_path / "sub" / "fig3.html"]
     assert "plotly" in written[0].read_text()[:5000].lower()
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["fig3.html"]  # no temp files left
 
 
 def test_save_figure_directory_mode_shares_one_plotly_bundle(tmp_path):
-    fig = F.fig3_rotation(_lens())
-    F.save_figure(fig, tmp_path / "a", png=False, include_plotlyjs="directory")
-    F.save_figure(fig, tmp_path / "b", png=False, include_plotlyjs="directory")
+    fig = P.fig3_rotation(_lens())
+    P.save_figure(fig, tmp_path / "a", png=False, include_plotlyjs="directory")
+    P.save_figure(fig, tmp_path / "b", png=False, include_plotlyjs="directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "b.html", "plotly.min.js"]
     assert (tmp_path / "a.html").stat().st_size < 100_000
 
 
 def test_save_figure_without_browser_warns_once_and_keeps_html(tmp_path, monkeypatch):
-    monkeypatch.setattr(F, "_png_failure", None)
+    monkeypatch.setattr(P, "_png_failure", None)
 
     def no_browser(*args, **kwargs):
         raise RuntimeError("Kaleido v1 and later requires Chrome to be installed.")
 
     monkeypatch.setattr(go.Figure, "to_image", no_browser)
-    fig = F.fig3_rotation(_lens())
+    fig = P.fig3_rotation(_lens())
     with pytest.warns(RuntimeWarning, match="PNG export needs Chromium"):
-        written = F.save_figure(fig, tmp_path / "fig")
+        written = P.save_figure(fig, tmp_path / "fig")
     assert written == [tmp_path / "fig.html"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second figure skips PNG silently
-        assert F.save_figure(fig, tmp_path / "fig2") == [tmp_path / "fig2.html"]
+        assert P.save_figure(fig, tmp_path / "fig2") == [tmp_path / "fig2.html"]
 
 
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="PNG export needs /usr/bin/chromium")
 def test_save_figure_writes_png_with_chromium(tmp_path, monkeypatch):
-    monkeypatch.setattr(F, "_png_failure", None)
+    monkeypatch.setattr(P, "_png_failure", None)
     # Unset BROWSER_PATH for this test only (setenv records the original state to restore).
     monkeypatch.setenv("BROWSER_PATH", "unset-below")
     monkeypatch.delenv("BROWSER_PATH")
-    written = F.save_figure(F.fig4_similarity(_matrices()), tmp_path / "fig4", scale=1)
+    written = P.save_figure(P.fig4_similarity(_matrices()), tmp_path / "fig4", scale=1)
     assert os.environ["BROWSER_PATH"] == "/usr/bin/chromium"
     assert [p.name for p in written] == ["fig4.html", "fig4.png"]
     assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -342,8 +344,8 @@ def test_save_figure_writes_png_with_chromium(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- figures_command
 
 
-def _tiny_figures_config(corpus: Path) -> F.FiguresConfig:
-    return F.FiguresConfig(
+def _tiny_figures_config(corpus: Path) -> A.FiguresConfig:
+    return A.FiguresConfig(
         corpus=str(corpus), seq_len=16, batch_size=4, max_steps=3, bigram_lambdas=(0.0, 10.0),
         optimal_lambdas=(10.0,), checkpoint_lambdas=(1.0, 10.0), max_checkpoints=2, train_windows=64,
         eval_windows=8, analysis_seq_len=32, analysis_tokens=256, ablation_windows=4, random_seeds=(0, 1),
@@ -372,7 +374,7 @@ def test_figures_command_writes_everything_then_redraws_from_cache(tmp_path, tin
     model_dir, corpus = tiny_figures_model
     config = _tiny_figures_config(corpus)
     out, cache = tmp_path / "figures", tmp_path / "figures_cache"
-    written = F.figures_command(str(model_dir), out, cache, config=config, png=False, show_progress=False)
+    written = A.figures_command(str(model_dir), out, cache, config=config, png=False, show_progress=False)
     names = {p.name for p in written}
     for figure in ("fig1_r_vs_params", "fig2_training_dynamics", "fig3_rotation", "fig4_similarity", "fig5_optimal"):
         assert f"{figure}.html" in names
@@ -399,23 +401,23 @@ def test_figures_command_writes_everything_then_redraws_from_cache(tmp_path, tin
         raise AssertionError("the model was loaded although every result is cached")
 
     monkeypatch.setattr(models, "load_model", no_loading)
-    again = F.figures_command(str(model_dir), out, cache, config=config, png=False, show_progress=False)
+    again = A.figures_command(str(model_dir), out, cache, config=config, png=False, show_progress=False)
     assert {p.name for p in again} == names
 
 
 def test_table_headline_adds_a_mean_sd_row():
     rows = pd.DataFrame({"seed": [0, 1, 2], "active_params": [10, 12, 14], "r": [0.9, 0.92, 0.94]})
-    table = F.table_headline(rows)
+    table = T.table_headline(rows)
     assert list(table["seed"]) == [0, 1, 2, "mean ± sd"]
     assert table["active_params"].iloc[-1] == "12 ± 2" and table["r"].iloc[-1] == "0.92 ± 0.02"
     assert table["active_params"].iloc[0] == "10" and table["r"].iloc[1] == "0.92"
 
 
 def test_figures_default_to_weight_masks():
-    assert F.FiguresConfig().granularities == ("weight",)
-    assert F.FiguresConfig().search_config().lr is None  # per granularity: weight logits 0.01
+    assert A.FiguresConfig().granularities == ("weight",)
+    assert A.FiguresConfig().search_config().lr is None  # per granularity: weight logits 0.01
 
 
 def test_figures_config_key_changes_with_settings():
-    assert F.FiguresConfig().key() == F.FiguresConfig().key()
-    assert F.FiguresConfig().key() != F.FiguresConfig(max_steps=5).key()
+    assert A.FiguresConfig().key() == A.FiguresConfig().key()
+    assert A.FiguresConfig().key() != A.FiguresConfig(max_steps=5).key()

@@ -21,13 +21,8 @@ import pytest
 import torch
 
 from bigram_circuits import cli
-from bigram_circuits.data import (
-    TokenDataset,
-    atomic_write_bytes,
-    load_documents,
-    split_documents,
-    tokenize_documents,
-)
+from bigram_circuits.data import TokenDataset, load_documents, split_documents, tokenize_documents
+from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.errors import (
     BigramCircuitsError,
     ConfigError,
@@ -45,7 +40,8 @@ from bigram_circuits.manifest import MANIFEST_FILE, read_manifest, verify_manife
 from bigram_circuits.masks import attach_masks, mask_components, parse_granularities
 from bigram_circuits.models import load_model, model_id
 from bigram_circuits.ngrams import BigramStats
-from bigram_circuits.search import SearchConfig, Target, find_command, search, sweep
+from bigram_circuits.app.find import find_command
+from bigram_circuits.search import SearchConfig, Target, search, sweep
 from bigram_circuits.subnetwork import Subnetwork
 
 SEQ = 24
@@ -495,7 +491,7 @@ def test_cli_bad_input_is_one_error_line(name, argv, match, capsys, tmp_path, mo
 
 
 def test_cli_prints_os_errors_as_one_line(capsys, monkeypatch):
-    from bigram_circuits.circuits import lens
+    from bigram_circuits.app import lens
 
     def unreadable(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", "/some/run/subnetwork.json")
@@ -541,7 +537,7 @@ def test_package_writes_only_through_the_atomic_helper():
     direct = re.compile(r"open\([^)]*['\"][wax]b?['\"]|\.write_text\(|\.write_bytes\(|to_csv\((?!index|buffer\b)[^)]"
                         r"|torch\.save\((?!state, buffer)|save_file\(|np\.save(z|z_compressed)?\((?!buffer|handle)"
                         r"|write_html\(|\.save_pretrained\((?!staging|str\(staging|\))")
-    helper = ("data.py", 'with os.fdopen(fd, "wb") as handle:')  # inside data.atomic_write itself
+    helper = ("io.py", 'with os.fdopen(fd, "wb") as handle:')  # inside io.atomic_write itself
     offenders = []
     for path in root.rglob("*.py"):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from bigram_circuits import cli
-from bigram_circuits.data import run_directory_lock, tokenize_documents
+from bigram_circuits.data import tokenize_documents
+from bigram_circuits.io import run_directory_lock
 from bigram_circuits.errors import OutputError
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.search import SearchConfig, Target, search

@@ -45,11 +45,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -86,7 +84,6 @@ __all__ = [
     "NameCopyingTask",
     "RepetitionTask",
     "build_up",
-    "build_up_command",
     "build_up_experiment",
     "build_up_report",
     "candidate_weight_masks",
@@ -96,7 +93,6 @@ __all__ = [
     "find_candidates",
     "make_task",
     "recovered_fraction",
-    "save_build_up",
     "summarize_build_up",
 ]
 
@@ -956,49 +952,4 @@ def build_up_experiment(
                                  for k, v in asdict(config).items()}]),
     }
 
-
-def save_build_up(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike) -> list[Path]:
-    """Write every table as CSV + Markdown under ``out_dir`` (atomic writes); return the paths."""
-    from bigram_circuits.data import ensure_output_dir
-    from bigram_circuits.evaluate import write_tables
-
-    ensure_output_dir(out_dir)
-    return write_tables(tables, out_dir)
-
-
-def build_up_command(
-    model: str = "default",
-    base: str | os.PathLike = "",
-    out: str | os.PathLike | None = None,
-    *,
-    optimal: str | os.PathLike | None = None,
-    config: BuildUpConfig = BuildUpConfig(),
-    device: str = "cpu",
-    png: bool = True,
-    progress: bool = True,
-) -> dict[str, pd.DataFrame]:
-    """``bigram-circuits build-up``: the build-up experiment on a run's chosen subnetwork
-    (``base``, a ``find`` run or subnetwork directory) and optionally an optimal subnetwork;
-    writes the tables and ``build_up.html``/``.png`` under ``out`` when given."""
-    from bigram_circuits.circuits.runs import subnetwork_dir_of
-    from bigram_circuits.models import load_model
-    from bigram_circuits.subnetwork import Subnetwork
-
-    if not base:
-        raise ConfigError("pass --base RUN_DIR: a `bigram-circuits find` run or subnetwork directory")
-    if out is not None:
-        from bigram_circuits.data import ensure_output_dir
-
-        ensure_output_dir(out)
-    bases = {"bigram": Subnetwork.load(subnetwork_dir_of(base))}
-    if optimal is not None:
-        bases["optimal"] = Subnetwork.load(subnetwork_dir_of(optimal))
-    bridge, tokenizer = load_model(model, device=device)
-    tables = build_up_experiment(bridge, tokenizer, bases, config, progress=progress)
-    if out is not None:
-        from bigram_circuits.figures import fig_build_up, save_figure
-
-        save_build_up(tables, out)
-        save_figure(fig_build_up(tables["build_up_summary"]), Path(out) / "build_up", png=png)
-    return tables
 

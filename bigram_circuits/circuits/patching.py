@@ -25,10 +25,8 @@ component      hook                             unit axis
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +48,6 @@ __all__ = [
     "logit_difference",
     "next_token_loss",
     "patch",
-    "patching_heatmap",
     "run_with_patches",
 ]
 
@@ -384,128 +381,3 @@ def kl_to_reference(
 # --------------------------------------------------------------------------- plots
 
 
-def patching_heatmap(table: pd.DataFrame, value: str = "metric", title: str | None = None):
-    """Plotly heatmap of a :func:`patch` table: layers (and heads) by positions / units."""
-    import plotly.graph_objects as go
-
-    if value not in table.columns:
-        raise TokenError(
-            f"column {value!r} is not in the patching table; use 'metric' or 'recovered'"
-        )
-    frame = table.copy()
-    unit = "head" if "head" in frame.columns else "neuron" if "neuron" in frame.columns else None
-    if "pos" in frame.columns:
-        frame["row"] = (
-            "L"
-            + frame["layer"].astype(str)
-            + (("H" + frame["head"].astype(str)) if unit == "head" else "")
-            if unit != "neuron"
-            else "L" + frame["layer"].astype(str) + "N" + frame["neuron"].astype(str)
-        )
-        frame["col"] = frame["pos"]
-        x_title = "position"
-    elif unit is not None:
-        frame["row"] = "L" + frame["layer"].astype(str)
-        frame["col"] = frame[unit]
-        x_title = unit
-    else:
-        frame["row"] = "L" + frame["layer"].astype(str)
-        frame["col"] = "all positions"
-        x_title = ""
-    grid = frame.pivot_table(index="row", columns="col", values=value, sort=False)
-    component = str(table["component"].iloc[0]) if len(table) else ""
-    figure = go.Figure(
-        go.Heatmap(
-            z=grid.to_numpy(),
-            x=[str(c) for c in grid.columns],
-            y=list(grid.index),
-            colorscale="RdBu",
-            zmid=0.0,
-            colorbar={"title": value},
-        )
-    )
-    figure.update_yaxes(autorange="reversed", title_text="layer")
-    figure.update_xaxes(title_text=x_title)
-    figure.update_layout(
-        title=title
-        or f"Activation patching: {component} "
-        f"({table.attrs.get('clean_run', 'clean')} -> {table.attrs.get('corrupted_run', 'corrupted')})"
-    )
-    return figure
-
-
-def patch_command(
-    model: str = "default",
-    clean: str = "",
-    corrupted: str = "",
-    component: str = "resid_pre",
-    run: str | os.PathLike | None = None,
-    out: str | os.PathLike | None = None,
-    *,
-    device: str = "cpu",
-) -> pd.DataFrame:
-    """``bigram-circuits patch``: patch ``component`` from the clean prompt into the corrupted one.
-
-    With ``run``, both prompts run under that run's bigram subnetwork (and its model; ``model``
-    is then ignored). Whole-vector components are patched one position at a time, heads and
-    neurons at all positions at once. Metric: the logit difference, at the last position,
-    between the clean run's top token and the corrupted run's top token (the KL divergence to
-    the clean output when both agree). ``out`` receives the heatmap (HTML).
-    """
-    from bigram_circuits.models import load_model, model_vocab_size
-
-    subnetwork = None
-    if run is not None:
-        from bigram_circuits.circuits.runs import load_run
-
-        loaded = load_run(run, device=device)
-        bridge, tokenizer, subnetwork = loaded.bridge, loaded.tokenizer, loaded.subnetwork
-    else:
-        bridge, tokenizer = load_model(model, device=device)
-    vocab = model_vocab_size(bridge, tokenizer)
-
-    def encode(text: str) -> torch.Tensor:
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        if ids.numel() == 0:
-            raise TokenError("a prompt is empty; pass --clean and --corrupted text")
-        return ids
-
-    clean_tokens, corrupted_tokens = encode(clean), encode(corrupted)
-    if clean_tokens.shape != corrupted_tokens.shape:
-        raise TokenError(
-            f"the clean prompt has {clean_tokens.shape[1]} tokens and the corrupted one {corrupted_tokens.shape[1]}; "
-            "use prompts of the same length in tokens"
-        )
-    spec = RunSpec(subnetwork, "keep", "bigram" if subnetwork is not None else "full")
-    clean_logits, _ = cache_run(bridge, clean_tokens, spec, names=[])
-    corrupted_logits, _ = cache_run(bridge, corrupted_tokens, spec, names=[])
-    clean_top = int(clean_logits[0, -1, :vocab].argmax())
-    corrupted_top = int(corrupted_logits[0, -1, :vocab].argmax())
-    if clean_top != corrupted_top:
-        metric = logit_difference(clean_top, corrupted_top)
-        metric_name = f"logit[{tokenizer.decode([clean_top])!r}] - logit[{tokenizer.decode([corrupted_top])!r}]"
-    else:
-        metric = kl_to_reference(clean_logits, vocab, position=-1)
-        metric_name = "KL(clean || patched) at the last position"
-    positions = "all" if COMPONENTS.get(component, COMPONENTS["head"]).unit is not None else "each"
-    table = patch(
-        bridge,
-        clean_tokens,
-        corrupted_tokens,
-        component,
-        metric,
-        positions,
-        clean_run=spec,
-        corrupted_run=spec,
-    )
-    table.attrs["metric_name"] = metric_name
-    if out is not None:
-        from bigram_circuits.figures import save_figure
-
-        target = Path(out)
-        save_figure(
-            patching_heatmap(table, title=f"Activation patching: {component} ({metric_name})"),
-            target.with_suffix("") if target.suffix == ".html" else target,
-            png=False,
-        )
-    return table

@@ -34,7 +34,6 @@ __all__ = [
     "covariance_similarity",
     "deflated_covariance",
     "layer_covariance_similarity",
-    "similarity_heatmap",
     "similarity_report",
 ]
 
@@ -153,14 +152,3 @@ def similarity_report(
     }
 
 
-def similarity_heatmap(
-    matrices: pd.DataFrame | Mapping[str, pd.DataFrame], title: str = "Layer covariance similarity"
-):
-    """Plotly heatmap(s) of similarity matrices (one panel per run; paper Fig. 4), drawn by
-    :func:`bigram_circuits.figures.fig4_similarity`."""
-    from bigram_circuits.figures import fig4_similarity
-
-    panels = {"similarity": matrices} if isinstance(matrices, pd.DataFrame) else dict(matrices)
-    figure = fig4_similarity(panels)
-    figure.update_layout(title=title)
-    return figure

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -236,39 +234,3 @@ def full_logits(mask_set: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, param in mask_set.named_parameters():
         out[name] = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
     return out
-
-
-def _option(argv: list[str], name: str) -> str | None:
-    """The value of ``--name VALUE`` / ``--name=VALUE`` in ``argv`` (the last one), else None."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``torchrun ... -m bigram_circuits.distributed <command> [options]``: the ``bigram-circuits``
-    command line run data-parallel. Rank 0 prints and writes; other ranks print only errors."""
-    from bigram_circuits.cli import main as cli_main
-    from bigram_circuits.errors import BigramCircuitsError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        with data_parallel(device=_option(argv, "--device")) as group:
-            if not group.is_writer:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    return cli_main(argv)
-            return cli_main(argv)
-    except BigramCircuitsError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    # ``-m`` runs this file as ``__main__``: use the package module, whose group the search sees.
-    from bigram_circuits.distributed import main as _package_main
-
-    sys.exit(_package_main())

@@ -1,0 +1,584 @@
+"""The paper pipeline: compute every result behind the paper's figures and tables for one
+model, cache each on disk, draw the figures (:mod:`bigram_circuits.plots`) and write the tables
+(:mod:`bigram_circuits.tables`). ``bigram-circuits figures`` runs :func:`figures_command`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from tqdm.auto import tqdm
+
+from bigram_circuits.io import atomic_write_bytes, ensure_output_dir
+from bigram_circuits.masks import DEFAULT_GRANULARITIES
+from bigram_circuits.plots import (
+    fig1_r_vs_params,
+    fig2_training_dynamics,
+    fig3_rotation,
+    fig4_similarity,
+    fig5_optimal,
+    fig_layer_distribution,
+    human_count,
+    save_figure,
+)
+from bigram_circuits.tables import (
+    PAPER_FIG1,
+    from_search_sweep,
+    interpolate_r,
+    table1_chosen,
+    table2_bigram_r,
+    table3_overlap,
+    table4_generations,
+    table_fig1,
+    table_headline,
+    to_markdown,
+)
+
+__all__ = ["FiguresConfig", "figures_command"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FiguresConfig:
+    """Settings of :func:`figures_command`, sized for the default model on 2 CPU cores.
+
+    The paper's searches are weight masks over 10k steps of 32 x 128 tokens with the
+    temperature growing 0.1% per step. Here masks are also single weights (``granularities``;
+    ``("neuron", "head")`` draws the coarser masks), but batches are 8 x 64 tokens (a bigram
+    target needs no long context) and the temperature grows 4% per step, so a mask is decided
+    in about 150-250 steps (at most ``max_steps``). The chosen lambda's bigram subnetwork is
+    searched again with every seed of ``headline_seeds``, and the headline numbers (size, r,
+    ablation ratio, overlap with the optimal subnetwork) are reported as mean and sample std
+    over those seeds. Fig 2 uses at most ``max_checkpoints`` training checkpoints (evenly
+    spaced, first and last included) plus the final model, and estimates r at
+    ``target_fractions`` of the maskable parameters. Table 2's "embeddings + linear map"
+    baseline trains its map for ``linear_map_steps`` steps.
+    """
+
+    corpus: str = "default"
+    granularities: tuple[str, ...] = DEFAULT_GRANULARITIES
+    seq_len: int = 64
+    batch_size: int = 8
+    max_steps: int = 300
+    temperature_growth: float = 1.04
+    lr: float | None = None
+    headline_seeds: tuple[int, ...] = (0, 1, 2)
+    bigram_lambdas: tuple[float, ...] = (0.0, 1.0, 10.0, 100.0)
+    optimal_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0)
+    checkpoint_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0)
+    max_checkpoints: int = 3
+    target_fractions: tuple[float, ...] = (0.02, 0.05, 0.2)
+    train_windows: int = 2048
+    eval_windows: int = 256
+    analysis_seq_len: int = 128
+    analysis_tokens: int = 32768
+    ablation_windows: int = 64
+    random_seeds: tuple[int, ...] = (0, 1, 2)
+    overlap_samples: int = 10_000
+    prompts: tuple[str, ...] = ("The President of the United States", "The city is located in")
+    generation_tokens: int = 20
+    generation_temperature: float = 1.0
+    linear_map_steps: int = 300
+    seed: int = 0
+
+    def search_config(self):
+        """The :class:`~bigram_circuits.search.SearchConfig` of every search (lambda set per run)."""
+        from bigram_circuits.search import SearchConfig
+
+        return SearchConfig(max_steps=self.max_steps, batch_size=self.batch_size, seq_len=self.seq_len,
+                            temperature_growth=self.temperature_growth, lr=self.lr, seed=self.seed,
+                            checkpoint_every=25, eval_batches=2)
+
+    def key(self) -> str:
+        """A short hash of every setting (results of other settings live in other cache folders)."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+
+
+def _model_fingerprint(model: str) -> str:
+    """A short hash of the model's files (weights and checkpoints), or of its name for hub models."""
+    from bigram_circuits.models import resolve_source
+
+    source = resolve_source(model)
+    digest = hashlib.sha256(f"{source.kind}|{source.label}".encode())
+    location = Path(source.location)
+    files = [location] if location.is_file() else sorted(
+        p for p in location.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin", ".gguf"))
+    for path in files:
+        # Name, size and modification time: a retrained model gets a new cache without hashing GBs.
+        stat = path.stat()
+        digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:10]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text.strip("/\\").split("/")[-1])[:40] or "model"
+
+
+def _evenly_spaced(values: Sequence[int], count: int) -> list[int]:
+    if len(values) <= count:
+        return list(values)
+    picks = np.unique(np.linspace(0, len(values) - 1, count).round().astype(int))
+    return [values[i] for i in picks]
+
+
+class _FigureRun:
+    """Results of one model under one FiguresConfig, computed on first use and cached on disk.
+
+    Every result is a CSV/JSON file under ``root``; searches keep their own resumable folders
+    there. The model, data and bigram statistics are loaded only when something is missing,
+    so a fully cached run only redraws.
+    """
+
+    def __init__(self, model: str, config: FiguresConfig, root: Path, device: str, show_progress: bool):
+        self.model, self.config, self.root = model, config, root
+        self.device, self.show_progress = device, show_progress
+        self._loaded: dict | None = None
+        root.mkdir(parents=True, exist_ok=True)
+        settings = {"model": model, "config": asdict(config)}
+        atomic_write_bytes(root / "settings.json", json.dumps(settings, indent=2).encode("utf-8"))
+
+    # -- cache helpers
+
+    def _frame(self, name: str, compute) -> pd.DataFrame:
+        path = self.root / f"{name}.csv"
+        if path.exists():
+            return pd.read_csv(path)
+        table = compute()
+        atomic_write_bytes(path, table.to_csv(index=False).encode("utf-8"))
+        return table
+
+    def _json(self, name: str, compute) -> dict:
+        path = self.root / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        value = compute()
+        atomic_write_bytes(path, json.dumps(value, indent=2).encode("utf-8"))
+        return value
+
+    # -- model and data (loaded lazily, once)
+
+    @property
+    def loaded(self) -> dict:
+        if self._loaded is None:
+            from bigram_circuits.data import load_token_dataset
+            from bigram_circuits.models import load_model, model_vocab_size
+            from bigram_circuits.ngrams import BigramStats
+
+            cfg = self.config
+            bridge, tokenizer = load_model(self.model, device=self.device)
+            vocab = model_vocab_size(bridge, tokenizer)
+            train = load_token_dataset(cfg.corpus, tokenizer, split="train", show_progress=self.show_progress)
+            held_out = load_token_dataset(cfg.corpus, tokenizer, split="eval", show_progress=self.show_progress)
+            stats = BigramStats.from_tokens(train, vocab, seq_len=cfg.analysis_seq_len, show_progress=False)
+            n_analysis = math.ceil(cfg.analysis_tokens / cfg.analysis_seq_len)
+            self._loaded = {
+                "bridge": bridge, "tokenizer": tokenizer, "vocab": vocab, "stats": stats,
+                "train": train.windows(cfg.seq_len, cfg.train_windows),
+                "eval": held_out.windows(cfg.seq_len, cfg.eval_windows),
+                "analysis": held_out.windows(cfg.analysis_seq_len, n_analysis),
+                "ablation": held_out.windows(cfg.analysis_seq_len, cfg.ablation_windows),
+            }
+        return self._loaded
+
+    def _sweep(self, bridge, target_name: str, lambdas, folder: str, seed: int | None = None) -> pd.DataFrame:
+        from bigram_circuits.search import Target, sweep
+
+        data = self.loaded
+        target = Target.bigram(data["stats"]) if target_name == "bigram" else Target.full_model(data["vocab"])
+        config = self.config.search_config()
+        if seed is not None:
+            config = replace(config, seed=seed)
+        table = sweep(bridge, data["train"], target, [float(x) for x in lambdas], self.config.granularities,
+                      config, self.root / folder, eval_windows=data["eval"],
+                      show_progress=self.show_progress, metadata={"figures": folder})
+        table["path"] = [str(Path(p).relative_to(self.root)) for p in table["path"]]
+        return table
+
+    def subnetwork(self, relative_path: str):
+        from bigram_circuits.subnetwork import Subnetwork
+
+        return Subnetwork.load(self.root / relative_path)
+
+    # -- Fig 1, Table 1
+
+    def bigram_sweep(self) -> pd.DataFrame:
+        """The lambda sweep of bigram subnetworks of the final model, with full-model r and |M|."""
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.search import bigram_correlation
+            from bigram_circuits.subnetwork import Subnetwork
+
+            data = self.loaded
+            table = self._sweep(data["bridge"], "bigram", self.config.bigram_lambdas, "final/bigram")
+            mask_size = Subnetwork.full(data["bridge"], self.config.granularities).n_params_total()
+            rows = from_search_sweep(table, self.model, mask_size=mask_size)
+            rows["full_model_r"] = bigram_correlation(data["bridge"], data["stats"], data["eval"])
+            rows["chosen"] = table["chosen"].to_numpy()
+            rows["path"] = table["path"].to_numpy()
+            return rows
+        return self._frame("bigram_sweep", compute)
+
+    def chosen_bigram(self):
+        table = self.bigram_sweep()
+        chosen = table[table["chosen"]] if table["chosen"].any() else table.loc[[table["r"].idxmax()]]
+        return self.subnetwork(chosen["path"].iloc[0])
+
+    # -- Fig 5 left, and the optimal subnetwork paired with the chosen bigram one
+
+    def optimal_sweep(self) -> pd.DataFrame:
+        """Optimal subnetworks (target: the full model's distribution): r with model and bigrams."""
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.evaluate import (
+                metrics_from_surprisals,
+                pearson_r,
+                token_surprisals,
+            )
+
+            data = self.loaded
+            table = self._sweep(data["bridge"], "full_model", self.config.optimal_lambdas, "final/optimal")
+            full = token_surprisals(data["bridge"], data["stats"], data["eval"], show_progress=False)
+            rows = []
+            for _, run in table.iterrows():
+                sub = token_surprisals(data["bridge"], data["stats"], data["eval"], self.subnetwork(run["path"]),
+                                       show_progress=False)
+                rows.append({"model": self.model, "lambda": run["lambda"], "active_params": run["n_params"],
+                             "r_model": pearson_r(sub.model, full.model),
+                             "r_bigram": metrics_from_surprisals(sub)["r_dropped"], "path": run["path"]})
+            return pd.DataFrame(rows)
+        return self._frame("optimal_sweep", compute)
+
+    def paired_optimal(self):
+        """The optimal subnetwork closest in size (log scale) to the chosen bigram subnetwork."""
+        table = self.optimal_sweep()
+        size = max(self.chosen_bigram().n_params(), 1)
+        distance = (np.log(table["active_params"].clip(lower=1)) - math.log(size)).abs()
+        return self.subnetwork(table.loc[distance.idxmin(), "path"])
+
+    # -- headline numbers over seeds
+
+    def headline(self) -> pd.DataFrame:
+        """The chosen lambda's bigram subnetwork searched once per ``headline_seeds`` seed: its
+        size, r, where it sits, the ablation ratio against a random same-shape subnetwork (drawn
+        with the same seed) and its overlap with the paired optimal subnetwork."""
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.circuits.overlap import overlap
+            from bigram_circuits.evaluate import ablation_table
+
+            data = self.loaded
+            sweep_rows = self.bigram_sweep()
+            chosen = sweep_rows[sweep_rows["chosen"]] if sweep_rows["chosen"].any() \
+                else sweep_rows.loc[[sweep_rows["r"].idxmax()]]
+            lam, chosen_path = float(chosen["lambda"].iloc[0]), str(chosen["path"].iloc[0])
+            optimal = self.paired_optimal()
+            rows = []
+            for seed in self.config.headline_seeds:
+                path = chosen_path if seed == self.config.seed else str(
+                    self._sweep(data["bridge"], "bigram", [lam], f"final/bigram_seed_{seed}", seed=seed)["path"].iloc[0])
+                sub = self.subnetwork(path)
+                metrics = sub.metadata.get("metrics", {})
+                ablation = ablation_table(data["bridge"], data["stats"], data["ablation"], sub, seeds=(seed,),
+                                          show_progress=False).set_index("condition")
+                shares = sub.layer_distribution()
+                kept = max(float(shares["kept_params"].sum()), 1.0)
+                result = overlap(sub, optimal, n_random=self.config.overlap_samples, seed=self.config.seed)
+                rows.append({
+                    "seed": seed, "lambda": lam, "active_params": int(sub.n_params()),
+                    "active_percent": 100.0 * sub.n_params() / max(sub.n_params_total(), 1),
+                    "r": float(metrics.get("bigram_r", float("nan"))), "steps": int(metrics.get("steps", 0)),
+                    "converged": bool(metrics.get("converged", False)),
+                    "mlp0_share": float(shares.query("layer == 0 and block == 'mlp'")["kept_params"].sum() / kept),
+                    "ablated_loss_increase": float(ablation.loc["bigram ablated", "loss_increase"]),
+                    "random_ablated_loss_increase": float(ablation.loc["random ablated", "loss_increase"]),
+                    "ablation_ratio": float(ablation.attrs["loss_increase_ratio"]),
+                    "bigram_only_loss": float(ablation.loc["bigram only", "lm_loss_nats"]),
+                    "random_only_loss": float(ablation.loc["random only", "lm_loss_nats"]),
+                    "overlap_ratio": result.ratio, "overlap_p_value": result.p_value,
+                    "overlap_frac_in_optimal": result.frac_a_in_b, "path": path,
+                })
+            return pd.DataFrame(rows)
+        return self._frame("headline_seeds", compute)
+
+    # -- Fig 2
+
+    def checkpoint_results(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Estimated r at fixed sizes and layer shares of the chosen subnetwork, per checkpoint."""
+        from bigram_circuits.models import available_checkpoints
+
+        steps = _evenly_spaced(available_checkpoints(self.model), self.config.max_checkpoints)
+        if not steps:
+            return pd.DataFrame(), pd.DataFrame()
+
+        def compute_step(step: int | None) -> pd.DataFrame:
+            from bigram_circuits.models import load_model
+            from bigram_circuits.search import bigram_correlation, choose_subnetwork
+
+            data = self.loaded
+            if step is None:  # the final model: reuse the Fig 1 sweep
+                rows = self.bigram_sweep()
+                full_r = float(rows["full_model_r"].iloc[0])
+                chosen_path = rows.loc[rows["chosen"], "path"].iloc[0] if rows["chosen"].any() \
+                    else rows.loc[rows["r"].idxmax(), "path"]
+            else:
+                bridge, _ = load_model(self.model, device=self.device, checkpoint=step)
+                table = self._sweep(bridge, "bigram", self.config.checkpoint_lambdas, f"step_{step}/bigram")
+                rows = from_search_sweep(table, self.model)
+                full_r = bigram_correlation(bridge, data["stats"], data["eval"])
+                chosen_path = table.loc[choose_subnetwork(table).name, "path"]
+                del bridge
+            chosen = self.subnetwork(chosen_path)
+            targets = [f * chosen.n_params_total() for f in self.config.target_fractions]
+            estimate = interpolate_r(rows, targets)
+            estimate["full_model_r"] = full_r
+            shares = chosen.layer_distribution().rename(columns={"block": "component", "share_of_subnetwork": "share"})
+            shares = shares[["layer", "component", "share"]].assign(kind="share")
+            return pd.concat([estimate.assign(kind="r"), shares], ignore_index=True)
+
+        final_step = self._final_step()
+        parts = []
+        for step in steps + ([None] if final_step is not None else []):
+            label = final_step if step is None else step
+            part = self._frame(f"checkpoint_{label}", lambda s=step: compute_step(s))
+            parts.append(part.assign(step=label))
+        combined = pd.concat(parts, ignore_index=True)
+        ckpt = combined[combined["kind"] == "r"][["step", "target_params", "r_estimated", "full_model_r",
+                                                  "extrapolated"]]
+        share = combined[combined["kind"] == "share"][["step", "component", "layer", "share"]]
+        return ckpt.reset_index(drop=True), share.astype({"layer": int}).reset_index(drop=True)
+
+    def _final_step(self) -> int | None:
+        """The final model's training step, from the model folder's metrics.json when it has one."""
+        from bigram_circuits.models import resolve_source
+
+        metrics = Path(resolve_source(self.model).location) / "metrics.json"
+        if not metrics.is_file():
+            return None
+        try:
+            return int(json.loads(metrics.read_text())["config"]["max_steps"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    # -- Fig 3, Fig 4
+
+    def _runs(self) -> dict:
+        bigram = self.chosen_bigram()
+        return {"full": None, "bigram": bigram, "random": bigram.random_control(self.config.seed)}
+
+    def lens(self) -> pd.DataFrame:
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.circuits.lens import lens_report
+
+            data = self.loaded
+            return lens_report(data["bridge"], data["tokenizer"], data["analysis"], self._runs(),
+                               n_tokens=self.config.analysis_tokens, progress=self.show_progress)
+        return self._frame("lens", compute)
+
+    def similarity(self) -> dict[str, pd.DataFrame]:
+        names = ("full", "bigram", "random")
+        paths = {name: self.root / f"similarity_{name}.csv" for name in names}
+        if not all(p.exists() for p in paths.values()):
+            from bigram_circuits.circuits.similarity import similarity_report
+
+            data = self.loaded
+            matrices = similarity_report(data["bridge"], data["analysis"], self._runs(),
+                                         n_tokens=self.config.analysis_tokens, progress=self.show_progress)
+            for name, matrix in matrices.items():
+                atomic_write_bytes(paths[name], matrix.to_csv().encode("utf-8"))
+        return {name: pd.read_csv(path, index_col=0) for name, path in paths.items()}
+
+    # -- Fig 5 right, Tables 2-4
+
+    def ablation(self) -> pd.DataFrame:
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.evaluate import ablation_table
+
+            data = self.loaded
+            return ablation_table(data["bridge"], data["stats"], data["ablation"], self.chosen_bigram(),
+                                  optimal=self.paired_optimal(), seeds=self.config.random_seeds,
+                                  show_progress=self.show_progress)
+        return self._frame("ablation", compute)
+
+    def overlap(self) -> pd.DataFrame:
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.circuits.overlap import overlap_table
+
+            return overlap_table({"bigram vs optimal": (self.chosen_bigram(), self.paired_optimal())},
+                                 n_random=self.config.overlap_samples, seed=self.config.seed)
+        return self._frame("overlap", compute)
+
+    def generations(self) -> pd.DataFrame:
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.evaluate import generate_table, generation_conditions
+
+            data = self.loaded
+            conditions = generation_conditions(self.chosen_bigram(), random_seed=self.config.seed)
+            return pd.concat([
+                generate_table(data["bridge"], data["tokenizer"], prompt, conditions,
+                               temperature=self.config.generation_temperature,
+                               max_new_tokens=self.config.generation_tokens, seed=self.config.seed)
+                for prompt in self.config.prompts
+            ], ignore_index=True)
+        return self._frame("generations", compute)
+
+    def bigram_r_rows(self) -> pd.DataFrame:
+        """Table 2 rows: full model, bigram subnetwork, empty subnetwork (embeddings, layernorms
+        and biases only), "embeddings + linear map" and, with a step-0 checkpoint, the subnetworks
+        found at random initialisation with its own and with the trained embeddings."""
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.baselines import (
+                LinearMapConfig,
+                fit_linear_map,
+                transplant_embeddings,
+            )
+            from bigram_circuits.models import available_checkpoints, load_model
+            from bigram_circuits.search import SWEEP_FILE, bigram_correlation, choose_subnetwork
+            from bigram_circuits.subnetwork import Subnetwork
+
+            data = self.loaded
+            sweep_rows = self.bigram_sweep()
+            chosen = table1_chosen(sweep_rows).iloc[0]
+            empty = Subnetwork.empty(data["bridge"], self.config.granularities)
+            rows = [
+                {"condition": "full model", "r": float(sweep_rows["full_model_r"].iloc[0])},
+                {"condition": "bigram subnetwork", "r": float(chosen["r"])},
+            ]
+            if 0 in available_checkpoints(self.model):
+                self.checkpoint_results()  # makes sure the step-0 sweep exists
+                init_sweep = self.root / "step_0" / "bigram" / SWEEP_FILE
+                rows.append({"condition": "subnetwork at random init",
+                             "r": float(choose_subnetwork(pd.read_csv(init_sweep))["bigram_r"])})
+                init_bridge, _ = load_model(self.model, device=self.device, checkpoint=0)
+                transplant_embeddings(init_bridge, data["bridge"])
+                table = self._sweep(init_bridge, "bigram", self.config.checkpoint_lambdas,
+                                    "step_0_trained_embeddings/bigram")
+                rows.append({"condition": "random init + trained embeddings",
+                             "r": float(choose_subnetwork(table)["bigram_r"])})
+                del init_bridge
+            rows.append({"condition": "empty subnetwork + embeddings",
+                         "r": bigram_correlation(data["bridge"], data["stats"], data["eval"], empty)})
+            linear_map = fit_linear_map(
+                data["bridge"], data["stats"], data["train"],
+                LinearMapConfig(steps=self.config.linear_map_steps, batch_size=self.config.batch_size,
+                                seed=self.config.seed),
+                show_progress=self.show_progress)
+            rows.append({"condition": "embeddings + linear map",
+                         "r": linear_map.evaluate(data["bridge"], data["stats"], data["eval"])["r_dropped"]})
+            return pd.DataFrame(rows)
+        # "table2_bigram_r": a cache written before the linear-map and transplant rows existed
+        # ("table2_rows") is not reused.
+        return self._frame("table2_bigram_r", compute)
+
+
+def figures_command(
+    model: str = "default",
+    out_dir: str | os.PathLike = "figures",
+    cache_dir: str | os.PathLike = "runs/figures_cache",
+    *,
+    config: FiguresConfig | None = None,
+    device: str = "cpu",
+    png: bool = True,
+    show_progress: bool = True,
+) -> list[Path]:
+    """``bigram-circuits figures``: compute every result of the paper's figures and tables for
+    ``model`` and write them to ``out_dir``; returns the paths written.
+
+    Intermediate results (searches, evaluations, lens, similarity, ablations, generations) are
+    cached under ``cache_dir/<model>-<hash of model files and settings>/``, so an interrupted
+    run resumes where it stopped and a finished one only redraws. Writes ``fig1..fig5`` as
+    HTML (+ PNG when Chromium is available; one shared ``plotly.min.js``), every table as CSV,
+    ``tables.md`` with all tables in Markdown, and the figures' input DataFrames under
+    ``out_dir/data/`` (so they can be redrawn without the cache). ``png=False`` skips the PNG
+    export.
+    """
+
+    config = config or FiguresConfig()
+    # Unwritable destinations fail now, not after the searches.
+    out = ensure_output_dir(out_dir)
+    ensure_output_dir(cache_dir)
+    root = Path(cache_dir) / f"{_slug(str(model))}-{_model_fingerprint(str(model))}-{config.key()}"
+    run = _FigureRun(str(model), config, root, device, show_progress)
+
+    stages = [
+        ("bigram sweep", run.bigram_sweep), ("optimal sweep", run.optimal_sweep),
+        ("checkpoints", run.checkpoint_results), ("linear lens", run.lens), ("similarity", run.similarity),
+        ("ablation", run.ablation), ("overlap", run.overlap), ("generations", run.generations),
+        ("bigram r table", run.bigram_r_rows), ("headline over seeds", run.headline),
+    ]
+    results = {}
+    with tqdm(total=len(stages), desc="figures", unit="stage", disable=not show_progress) as bar:
+        for name, compute in stages:
+            bar.set_postfix_str(name)
+            results[name] = compute()
+            bar.update(1)
+
+    written: list[Path] = []
+
+    def save(fig: go.Figure, name: str) -> None:
+        written.extend(save_figure(fig, out / name, png=png, include_plotlyjs="directory"))
+
+    sweep_rows = results["bigram sweep"]
+    save(fig1_r_vs_params(sweep_rows), "fig1_r_vs_params")
+    ckpt, share = results["checkpoints"]
+    if len(ckpt):
+        save(fig2_training_dynamics(ckpt, share), "fig2_training_dynamics")
+    else:
+        _log.warning("Fig 2 skipped: %s has no training checkpoints (checkpoints/step_N.safetensors)", model)
+    save(fig3_rotation(results["linear lens"]), "fig3_rotation")
+    save(fig4_similarity(results["similarity"]), "fig4_similarity")
+    ablation = results["ablation"].rename(columns={"lm_loss_nats": "loss", "lm_loss_nats_std": "loss_std"})
+    ablation = ablation[ablation["condition"].isin(["full model", "random ablated", "bigram ablated",
+                                                    "optimal ablated"])]
+    save(fig5_optimal(results["optimal sweep"], ablation), "fig5_optimal")
+    chosen = table1_chosen(sweep_rows).iloc[0]
+    distribution = run.chosen_bigram().layer_distribution()
+    save(fig_layer_distribution(distribution, f"Where the chosen bigram subnetwork sits (lambda {chosen['lambda']:g}, "
+                                              f"{human_count(chosen['active_params'])} weights, r {chosen['r']:.3f})"),
+         "fig_layer_distribution")
+
+    tables = {
+        "Figure 1: best bigram subnetwork r vs full model r": ("table_fig1", table_fig1(sweep_rows)),
+        "Figure 1 (paper): Pythia and GPT-2": ("table_fig1_paper", PAPER_FIG1),
+        "Table 1: chosen bigram subnetwork": ("table1_chosen", table1_chosen(sweep_rows)),
+        "Table 2: bigram r of the full model, the subnetwork and baselines":
+            ("table2_bigram_r", table2_bigram_r(results["bigram r table"])),
+        "Table 3: overlap of the bigram and optimal subnetworks": ("table3_overlap", table3_overlap(results["overlap"])),
+        "Table 4: sample generations": ("table4_generations", table4_generations(results["generations"])),
+        "Headline over seeds: the chosen lambda searched with each seed (mean ± sd last)":
+            ("table_headline_seeds", table_headline(results["headline over seeds"])),
+        "Ablation: held-out LM loss (nats) with subnetworks kept or removed":
+            ("table_ablation", results["ablation"][["condition", "lm_loss_nats", "lm_loss_nats_std",
+                                                   "loss_increase", "r_dropped", "active_params"]]),
+    }
+    # The inputs of every figure, so a notebook (or anyone) can redraw them without the cache.
+    inputs = {
+        "bigram_sweep": sweep_rows, "optimal_sweep": results["optimal sweep"], "checkpoint_r": ckpt,
+        "checkpoint_layer_share": share, "lens": results["linear lens"], "ablation": results["ablation"],
+        "overlap": results["overlap"], "generations": results["generations"],
+        "bigram_r_rows": results["bigram r table"], "headline_seeds": results["headline over seeds"],
+        "layer_distribution": distribution,
+        **{f"similarity_{name}": matrix for name, matrix in results["similarity"].items()},
+    }
+    data_dir = ensure_output_dir(out / "data")
+    for name, table in inputs.items():
+        path = data_dir / f"{name}.csv"
+        atomic_write_bytes(path, table.to_csv(index=name.startswith("similarity_")).encode("utf-8"))
+        written.append(path)
+    markdown = [f"# Tables for model {model!r}\n"]
+    for title, (name, table) in tables.items():
+        csv_path = out / f"{name}.csv"
+        atomic_write_bytes(csv_path, table.to_csv(index=False).encode("utf-8"))
+        written.append(csv_path)
+        markdown.append(f"## {title}\n\n{to_markdown(table)}\n")
+    md_path = out / "tables.md"
+    atomic_write_bytes(md_path, "\n".join(markdown).encode("utf-8"))
+    written.append(md_path)
+    return written
