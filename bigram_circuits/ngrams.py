@@ -1103,11 +1103,13 @@ class BigramStats:
                 and (table.nnz == 0 or table.counts.min() > 0)
             )
             if not ok:
-                raise ValueError(f"inconsistent {name} table")
+                raise StatsError(f"the stats file's {name} table is inconsistent; delete the file and count again")
             tables[name] = table
         unigram = data["unigram_counts"].astype(np.int64)
         if unigram.shape != (V,):
-            raise ValueError("unigram counts do not match vocab_size")
+            raise StatsError(
+                f"the stats file's unigram counts have shape {unigram.shape}, not ({V},); delete it and count again"
+            )
         fingerprint = str(data["tokenizer_fingerprint"]) or None
         return cls(V, order, cls._check_add_k(float(data["add_k"])), unigram, tables["bigram"],
                    tables.get("trigram"), int(data["n_sequences"]), fingerprint)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from bigram_circuits.data import load_documents, split_documents, tokenize_documents
+from bigram_circuits.errors import ModelLoadError
 from bigram_circuits.evaluate import mean_next_token_loss, next_tokens
 from bigram_circuits.io import atomic_directory, atomic_save_into, atomic_write_bytes
 
@@ -325,7 +326,7 @@ def _recreate_step0(run: Path, target: Path) -> None:
     cfg = TrainConfig(**{**metrics["config"], "checkpoint_steps": tuple(metrics["config"]["checkpoint_steps"])})
     model = init_model(cfg, GPTNeoXConfig.from_pretrained(run))
     if state_sha256(model) != metrics["step0_sha256"]:
-        raise RuntimeError("re-created step-0 weights differ from the training run's; copy step_0 from the run")
+        raise ModelLoadError("re-created step-0 weights differ from the training run's; copy step_0 from the run")
     _save_weights(model, target, torch.float16)
 
 

@@ -390,6 +390,16 @@ def test_save_load_roundtrip_and_checks(tmp_path, corpus):
         BigramStats.load(pickled)
     with pytest.raises(StatsError, match="vocab_size"):
         stats.save(tmp_path / "x.npz", tokenizer=FakeTokenizer(V + 2))
+    # Well-formed arrays that contradict each other: one line saying to count again, not a bare ValueError.
+    with np.load(path) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    for name, bad, message in (("bigram_counts", np.zeros_like(arrays["bigram_counts"]), "bigram table is inconsistent"),
+                               ("unigram_counts", arrays["unigram_counts"][:-1], "unigram counts have shape")):
+        edited = tmp_path / f"edited_{name}.npz"
+        np.savez(edited, **{**arrays, name: bad})
+        with pytest.raises(StatsError, match=message) as err:
+            BigramStats.load(edited)
+        assert "count again" in str(err.value) and "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -12,7 +12,7 @@ from bigram_circuits.circuits.overlap import (
     null_overlap_samples,
     overlap,
 )
-from bigram_circuits.errors import MaskError
+from bigram_circuits.errors import ConfigError, MaskError
 
 
 def _random_mask(shape, n_kept, generator):
@@ -107,6 +107,8 @@ def test_fixed_blocks_do_not_need_sampling():
         np.array([10, 8]), np.array([10, 3]), np.array([4, 0]), n_random=50
     )
     assert np.all(counts == 4)
+    with pytest.raises(ConfigError, match="n_random"):
+        null_overlap_samples(np.array([10]), np.array([1]), np.array([1]), n_random=0)
 
 
 def test_mismatched_subnetworks_are_refused():

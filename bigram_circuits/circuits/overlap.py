@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from jaxtyping import Integer
 
-from bigram_circuits.errors import MaskError
+from bigram_circuits.errors import ConfigError, MaskError
 
 __all__ = [
     "BlockCounts",
@@ -150,7 +150,7 @@ def null_overlap_samples(
     kept_a = np.asarray(kept_a, dtype=np.int64)
     kept_b = np.asarray(kept_b, dtype=np.int64)
     if n_random < 1:
-        raise ValueError(f"n_random must be positive, got {n_random}")
+        raise ConfigError(f"n_random must be positive, got {n_random}; pass n_random >= 1")
     if np.any(kept_a > size) or np.any(kept_b > size) or np.any(kept_a < 0) or np.any(kept_b < 0):
         raise MaskError("kept counts must lie between 0 and the block size")
     if np.any(size >= _MAX_BLOCK_ENTRIES):
