@@ -16,7 +16,7 @@ from bigram_circuits.circuits.patching import (
     patch,
     run_with_patches,
 )
-from bigram_circuits.errors import TokenError
+from bigram_circuits.errors import ConfigError, TokenError
 from bigram_circuits.plots import patching_heatmap
 
 
@@ -151,10 +151,19 @@ def test_bad_inputs(tiny_neox):
     bridge, _ = tiny_neox
     with pytest.raises(TokenError, match="same length"):
         patch(bridge, _tokens(0, (2, 8)), _tokens(0, (2, 6)), "resid_pre", _metric)
-    with pytest.raises(TokenError, match="unknown component"):
+    with pytest.raises(ConfigError, match="unknown component"):
         patch(bridge, _tokens(0), None, "resid_mid", _metric)
-    with pytest.raises(TokenError, match="scalar"):
+    with pytest.raises(ConfigError, match="scalar"):
         patch(bridge, _tokens(0), None, "resid_pre", lambda logits: logits[:, -1, 0])
+    # Bad option values are ConfigErrors (still ValueErrors); TokenError is for the token ids themselves.
+    with pytest.raises(ConfigError, match="layers must be in"):
+        patch(bridge, _tokens(0), None, "resid_pre", _metric, layers=[bridge.cfg.n_layers])
+    with pytest.raises(ConfigError, match="outside the"):
+        patch(bridge, _tokens(0), None, "resid_pre", _metric, [99])
+    with pytest.raises(ConfigError, match="'all', 'each'"):
+        patch(bridge, _tokens(0), None, "resid_pre", _metric, "every")
+    with pytest.raises(ValueError):
+        patch(bridge, _tokens(0), None, "resid_mid", _metric)
 
 
 def test_heatmap(tiny_neox):

@@ -87,7 +87,7 @@ COMPONENTS: dict[str, Component] = {
 
 def _component(name: str) -> Component:
     if name not in COMPONENTS:
-        raise TokenError(f"unknown component {name!r}; choose one of {sorted(COMPONENTS)}")
+        raise ConfigError(f"unknown component {name!r}; choose one of {sorted(COMPONENTS)}")
     return COMPONENTS[name]
 
 
@@ -177,13 +177,13 @@ def _positions(positions: str | Sequence[int], n_positions: int) -> list[int] | 
             return None
         if positions == "each":
             return list(range(n_positions))
-        raise TokenError(
+        raise ConfigError(
             f"positions must be 'all', 'each' or a list of positions, got {positions!r}"
         )
     chosen = [p % n_positions if -n_positions <= p < n_positions else p for p in positions]
     bad = [p for p in chosen if not 0 <= p < n_positions]
     if bad or not chosen:
-        raise TokenError(f"positions {list(positions)} are outside the {n_positions}-token prompt")
+        raise ConfigError(f"positions {list(positions)} are outside the {n_positions}-token prompt; pass ones in it")
     return chosen
 
 
@@ -204,7 +204,7 @@ def _index_frame(
         n_units = component.n_units(cfg)
         chosen = list(range(n_units)) if units is None else [int(u) for u in units]
         if not chosen or any(not 0 <= u < n_units for u in chosen):
-            raise TokenError(f"{component.unit} indices must be in [0, {n_units}); got {units}")
+            raise ConfigError(f"{component.unit} indices must be in [0, {n_units}); got {units}")
         axes.append("head_index" if component.unit == "head" else "neuron")
         ranges.append(chosen)
     grid = np.array(np.meshgrid(*ranges, indexing="ij")).reshape(len(axes), -1).T
@@ -214,7 +214,7 @@ def _index_frame(
 def _scalar(value: Any) -> float:
     tensor = torch.as_tensor(value)
     if tensor.numel() != 1:
-        raise TokenError(
+        raise ConfigError(
             f"a patching metric must return a scalar, got shape {tuple(tensor.shape)}; average it"
         )
     return float(tensor.item())
@@ -262,7 +262,7 @@ def patch(
     n_layers = int(bridge.cfg.n_layers)
     layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
     if not layers or any(not 0 <= layer < n_layers for layer in layers):
-        raise TokenError(f"layers must be in [0, {n_layers}); got {layers}")
+        raise ConfigError(f"layers must be in [0, {n_layers}); got {layers}")
     clean_spec, corrupted_spec = RunSpec.coerce(clean_run), RunSpec.coerce(corrupted_run)
     index_df, axes = _index_frame(
         spec, bridge.cfg, layers, _positions(positions, clean.shape[1]), units
@@ -370,8 +370,9 @@ def kl_to_reference(
             patched = patched[:, position : position + 1 if position != -1 else None]
         logp = torch.log_softmax(patched, -1)
         if logp.shape != reference.shape:
-            raise TokenError(
-                f"reference logits {tuple(reference.shape)} do not match the run's {tuple(logp.shape)}"
+            raise ConfigError(
+                f"reference logits {tuple(reference.shape)} do not match the run's {tuple(logp.shape)}; "
+                "compute them on the same prompts"
             )
         return (reference.exp() * (reference - logp)).sum(-1).mean()
 
