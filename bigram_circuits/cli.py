@@ -1,8 +1,13 @@
-"""Command line: ``bigram-circuits demo | train-default | find | evaluate | lens | patch | figures``.
+"""Command line: ``bigram-circuits demo | train-default | find | evaluate | lens | patch |
+figures | build-up``.
 
-Each sub-command is a thin layer over the Python API; errors from the package, OS errors
-(missing files, disk full, permission denied) and bad arguments are printed as one line
-(``error: ...``) with exit status 2, never as a traceback.
+Each sub-command calls one function of the application layer (:mod:`bigram_circuits.app`).
+Its options are generated from that function's keyword arguments and its config dataclass
+(``SearchConfig``, ``FiguresConfig``, ``DemoConfig``, ``BuildUpConfig``, ``TrainConfig``), so
+``--help`` shows the Python API's defaults and no default is written twice; an option the user
+does not give is not passed at all. Errors from the package, OS errors (missing files, disk
+full, permission denied) and bad arguments are printed as one line (``error: ...``) with exit
+status 2, never as a traceback; Ctrl-C prints what the interrupted command kept.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import dataclasses
+import functools
 import inspect
 import sys
 import types
@@ -30,18 +36,20 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+Names = tuple[str, ...]
+
+
+def cmd_demo(args: argparse.Namespace, demo: Names) -> int:
     from bigram_circuits.app.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(**_given(args, [f.name for f in dataclasses.fields(DemoConfig)])))
+    run_demo(DemoConfig(**_given(args, demo)))
     return 0
 
 
-def cmd_train_default(args: argparse.Namespace) -> int:
+def cmd_train_default(args: argparse.Namespace, train: Names) -> int:
     from bigram_circuits.training import TrainConfig, install_default_model, train_default_model
 
-    config = TrainConfig(max_steps=args.steps, seed=args.seed)
-    metrics = train_default_model(args.out, config)
+    metrics = train_default_model(args.out, TrainConfig(**_given(args, train)))
     print(f"eval loss {metrics['final_eval_loss_nats']:.3f} nats vs unigram entropy "
           f"{metrics['eval_unigram_entropy_nats']:.3f}; model card: {args.out}/MODEL_CARD.md")
     if args.install:
@@ -49,70 +57,76 @@ def cmd_train_default(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_find(args: argparse.Namespace) -> int:
+def cmd_find(args: argparse.Namespace, find: Names, search: Names) -> int:
     from bigram_circuits.app.find import find_command
 
-    table = find_command(**_given(args, _FIND_OPTIONS), **_given(args, _SEARCH_OPTIONS))
+    table = find_command(**_given(args, find), **_given(args, search))
     print(table.to_string(index=False))
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_evaluate(args: argparse.Namespace, evaluate: Names) -> int:
     from bigram_circuits.app.evaluate import evaluate_run
 
-    tables = evaluate_run(args.run, **_given(args, _EVALUATE_OPTIONS))
+    tables = evaluate_run(args.run, **_given(args, evaluate))
     for name, table in tables.items():
         print(f"\n## {name}\n{table.to_string()}")
     return 0
 
 
-def cmd_lens(args: argparse.Namespace) -> int:
+def cmd_lens(args: argparse.Namespace, lens: Names) -> int:
     from bigram_circuits.app.lens import lens_command
 
-    table = lens_command(args.run, **_given(args, _LENS_OPTIONS))
+    table = lens_command(args.run, **_given(args, lens))
     print(table.to_string(index=False))
     return 0
 
 
-def cmd_patch(args: argparse.Namespace) -> int:
+def cmd_patch(args: argparse.Namespace, patch: Names) -> int:
     from bigram_circuits.app.patch import patch_command
 
-    table = patch_command(
-        model=args.model, clean=args.clean, corrupted=args.corrupted, component=args.component,
-        run=args.run, out=args.out,
-    )
+    table = patch_command(**_given(args, patch))
     print(table.to_string(index=False))
     return 0
 
 
-def cmd_figures(args: argparse.Namespace) -> int:
+def cmd_figures(args: argparse.Namespace, figures: Names, config: Names) -> int:
     from bigram_circuits.app.figures import FiguresConfig, figures_command
 
-    config = FiguresConfig(**_given(args, _FIGURES_CONFIG_OPTIONS))
-    written = figures_command(config=config, **_given(args, _FIGURES_OPTIONS))
+    written = figures_command(config=FiguresConfig(**_given(args, config)), **_given(args, figures))
     for path in written:
         print(path)
     return 0
 
 
-def cmd_build_up(args: argparse.Namespace) -> int:
+def cmd_build_up(args: argparse.Namespace, build_up: Names, config: Names) -> int:
     """``build-up``: candidates from three methods added to the bigram base (and an optimal base)."""
-    from dataclasses import fields
-
     from bigram_circuits.app.buildup import build_up_command
     from bigram_circuits.circuits.buildup import BuildUpConfig
 
-    names = {f.name for f in fields(BuildUpConfig)}
-    config = BuildUpConfig(**{k: v for k, v in vars(args).items() if k in names})
-    tables = build_up_command(model=args.model, base=args.base, out=args.out, optimal=args.optimal,
-                              config=config, device=args.device, png=args.png, progress=args.progress)
+    tables = build_up_command(config=BuildUpConfig(**_given(args, config)), **_given(args, build_up))
     print(tables["candidates"].to_string(index=False))
     columns = ["task", "base", "candidate", "heads", "base_value", "full_value", "gap", "with_candidate",
                "recovered", "random_recovered", "random_recovered_std", "full_minus_recovered"]
     print("\n" + tables["build_up_report"][columns].round(3).to_string(index=False))
-    if args.out is not None:
+    if getattr(args, "out", None) is not None:
         print(f"tables and figure written to {args.out}")
     return 0
+
+
+# What Ctrl-C leaves behind, per command (every file is written whole, so nothing is half-written).
+_RESUMES = "interrupted: completed steps are checkpointed; rerun the same command to resume"
+_NOTHING_KEPT = "interrupted: files already written are whole, the rest was not written; rerun the command"
+INTERRUPTED = {
+    "demo": _RESUMES,
+    "find": _RESUMES,
+    "figures": "interrupted: finished stages are cached; rerun the same command to resume",
+    "train-default": "interrupted: checkpoints written so far are kept; training restarts from step 0 when rerun",
+    "evaluate": _NOTHING_KEPT,
+    "lens": _NOTHING_KEPT,
+    "patch": _NOTHING_KEPT,
+    "build-up": _NOTHING_KEPT,
+}
 
 
 # ----------------------------------------------------------------------------- options from signatures
@@ -207,25 +221,56 @@ def _parser_for(hint) -> tuple[object, str]:
     return _scalar_parser(kind, False), kind.__name__.upper()
 
 
+def _literal_choices(hint) -> tuple[str, ...] | None:
+    """The values of a ``Literal[...]`` option (``str | None`` and others have none)."""
+    if typing.get_origin(hint) is typing.Literal:
+        return tuple(str(v) for v in typing.get_args(hint))
+    return None
+
+
 def _show(value: object) -> str:
     if isinstance(value, (tuple, list)):
         return ",".join(_show(v) for v in value)
     return "None" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
+@functools.cache
+def _field_comments(config: type) -> dict[str, str]:
+    """``name: type = default  # comment`` lines of a dataclass: the comment is the option's help."""
+    try:
+        lines = inspect.getsource(config).splitlines()
+    except (OSError, TypeError):
+        return {}
+    found = {}
+    for line in lines:
+        head, _, comment = line.partition("  # ")
+        name = head.strip().split(":")[0]
+        if comment and name.isidentifier() and ":" in head:
+            found[name] = comment.strip()
+    return found
+
+
 def _options_of(source, names: Sequence[str]) -> list[tuple[str, object, object]]:
     """``(name, type hint, default)`` of dataclass fields or keyword parameters of a function."""
     hints = typing.get_type_hints(source)
     if dataclasses.is_dataclass(source):
-        defaults = {f.name: f.default for f in dataclasses.fields(source)}
+        defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING  # type: ignore[misc]
+                    and f.default_factory is not dataclasses.MISSING else f.default for f in dataclasses.fields(source)}
     else:
         defaults = {n: p.default for n, p in inspect.signature(source).parameters.items()}
     # A name the source does not declare is left out (e.g. a wrapper taking **kwargs).
     return [(name, hints[name], defaults[name]) for name in names if name in hints and name in defaults]
 
 
+def _help_of(source, name: str, helps: dict[str, str] | None) -> str:
+    """An option's help: given here, else the dataclass field's comment, else the shared text."""
+    comments = _field_comments(source) if dataclasses.is_dataclass(source) else {}
+    return (helps or {}).get(name) or comments.get(name) or _HELP.get(name, name.replace("_", " "))
+
+
 def _add_options(parser: argparse.ArgumentParser, options, title: str | None = None,
-                 required: Sequence[str] = (), helps: dict[str, str] | None = None) -> list[str]:
+                 required: Sequence[str] = (), helps: dict[str, str] | None = None,
+                 choices: dict[str, Sequence[str]] | None = None) -> list[str]:
     """Add one ``--flag`` per option (defaults suppressed, so unset options are not passed);
     returns the option names, for :func:`_given`. ``required`` names options the CLI needs
     although the function has a default (e.g. ``find --out``)."""
@@ -243,8 +288,9 @@ def _add_options(parser: argparse.ArgumentParser, options, title: str | None = N
         kind, metavar = _parser_for(hint)
         needed = default is inspect.Parameter.empty or name in required
         help_text = text if needed or "default" in text else f"{text} (default {_show(default)})"
-        group.add_argument(flag, dest=name, type=kind, metavar=metavar, required=needed,
-                           default=argparse.SUPPRESS, help=help_text)
+        allowed = (choices or {}).get(name) or _literal_choices(hint)
+        group.add_argument(flag, dest=name, type=kind, metavar="{" + ",".join(allowed) + "}" if allowed else metavar,
+                           required=needed, choices=allowed, default=argparse.SUPPRESS, help=help_text)
     return [name for name, _, _ in options]
 
 
@@ -252,116 +298,101 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict:
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
-_FIND_OPTIONS: list[str] = []
-_SEARCH_OPTIONS: list[str] = []
-_EVALUATE_OPTIONS: list[str] = []
-_LENS_OPTIONS: list[str] = []
-_FIGURES_OPTIONS: list[str] = []
-_FIGURES_CONFIG_OPTIONS: list[str] = []
+def _fields(config: type, exclude: Sequence[str] = ()) -> list[str]:
+    return [f.name for f in dataclasses.fields(config) if f.name not in exclude]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``bigram-circuits`` parser; each sub-command's ``func`` takes the parsed namespace."""
+    from bigram_circuits.app.buildup import build_up_command
     from bigram_circuits.app.demo import DemoConfig
-
-    parser = _OneLineParser(prog="bigram-circuits", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="load the default model, evaluate it and find a bigram subnetwork")
-    _add_options(demo, _options_of(DemoConfig, [f.name for f in dataclasses.fields(DemoConfig)]), helps={
-        "lam": "sparsity weight of the demo search", "steps": "search steps of the demo (at most)",
-        "eval_windows": "held-out windows of 128 tokens", "no_search": "only load and evaluate the model",
-        "out": "output directory (a finished search there is reused)", "granularity": _HELP["granularities"]})
-    demo.set_defaults(func=cmd_demo)
-
-    train = sub.add_parser("train-default", help="train the bundled default model from scratch")
-    train.add_argument("--out", default="runs/default_model")
-    train.add_argument("--steps", type=int, default=3500)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--install", action="store_true", help="copy the result into the package")
-    train.set_defaults(func=cmd_train_default)
-
     from bigram_circuits.app.evaluate import evaluate_run
     from bigram_circuits.app.figures import FiguresConfig, figures_command
     from bigram_circuits.app.find import find_command
     from bigram_circuits.app.lens import lens_command
+    from bigram_circuits.app.patch import patch_command
+    from bigram_circuits.circuits.buildup import BuildUpConfig
+    from bigram_circuits.circuits.patching import COMPONENTS
     from bigram_circuits.search import SearchConfig
+    from bigram_circuits.training import TrainConfig
 
-    find = sub.add_parser("find", help="search bigram (or optimal) subnetworks over a lambda sweep",
-                          description="Search subnetworks over a lambda sweep (weight masks by default).")
-    _FIND_OPTIONS[:] = _add_options(find, _options_of(find_command, [
-        "out_dir", "model", "corpus", "granularities", "lambdas", "target", "seeds", "paper", "device",
-        "max_train_windows", "max_eval_windows", "resume", "show_progress"]), required=("out_dir",))
+    parser = _OneLineParser(prog="bigram-circuits", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler, help: str, description: str | None = None, *, run_argument: bool = False,
+                **groups) -> argparse.ArgumentParser:
+        """A sub-command whose handler gets, per keyword of ``groups``, the option names added
+        (``run_argument``: a positional RUN directory first)."""
+        sub_parser = sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".")
+        if run_argument:
+            sub_parser.add_argument("run", help="a `bigram-circuits find` run directory (or one lambda_* folder)")
+        names = {group: tuple(add(sub_parser)) for group, add in groups.items()}
+        sub_parser.set_defaults(func=functools.partial(handler, **names))
+        return sub_parser
+
+    def options(source, names: Sequence[str], title: str | None = None, helps: dict[str, str] | None = None,
+                **kwargs):
+        helps = {name: _help_of(source, name, helps) for name in names}
+        return lambda sub_parser: _add_options(sub_parser, _options_of(source, names), title, helps=helps, **kwargs)
+
+    command("demo", cmd_demo, "load the default model, evaluate it and find a bigram subnetwork",
+            demo=options(DemoConfig, _fields(DemoConfig), helps={
+                "lam": "sparsity weight of the demo search", "steps": "search steps of the demo (at most)",
+                "eval_windows": "held-out windows of 128 tokens", "no_search": "only load and evaluate the model",
+                "out": "output directory (a finished search there is reused)",
+                "granularity": _HELP["granularities"]}))
+
+    train = command("train-default", cmd_train_default, "train the bundled default model from scratch",
+                    train=options(TrainConfig, _fields(TrainConfig), "training settings (TrainConfig)", helps={
+                        "lr": "peak learning rate (cosine decay to min_lr)", "max_steps": "training steps",
+                        "weight_decay": "AdamW weight decay", "seq_len": "tokens per training window",
+                        "checkpoint_steps": "steps whose weights are kept (Fig 2)", "seed": "training seed"}))
+    train.add_argument("--out", default="runs/default_model", help="output directory (default runs/default_model)")
+    train.add_argument("--install", action="store_true", help="copy the result into the package")
+    train.add_argument("--steps", dest="max_steps", type=int, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)  # the spelling of earlier releases
+
+    find = command(
+        "find", cmd_find, "search bigram (or optimal) subnetworks over a lambda sweep",
+        "Search subnetworks over a lambda sweep (weight masks by default).",
+        find=options(find_command, ["out_dir", "model", "corpus", "granularities", "lambdas", "target", "seeds",
+                                    "paper", "device", "max_train_windows", "max_eval_windows", "resume",
+                                    "show_progress"], required=("out_dir",)),
+        search=options(SearchConfig, _fields(SearchConfig, ("lam", "seed")), "search settings (SearchConfig)"))
     find.add_argument("--seed", dest="seeds", type=lambda text: (int(text),), default=argparse.SUPPRESS,
                       help=argparse.SUPPRESS)  # the single-seed spelling of earlier releases
-    search_fields = [f.name for f in dataclasses.fields(SearchConfig) if f.name not in ("lam", "seed")]
-    _SEARCH_OPTIONS[:] = _add_options(find, _options_of(SearchConfig, search_fields), "search settings (SearchConfig)")
-    find.set_defaults(func=cmd_find)
 
-    evaluate = sub.add_parser("evaluate", help="metrics, ablation, overlap and layer tables of a run")
-    evaluate.add_argument("run")
-    _EVALUATE_OPTIONS[:] = _add_options(evaluate, _options_of(evaluate_run, [
-        "optimal", "n_eval_windows", "seeds", "n_random", "temperature", "max_new_tokens", "batch_size",
-        "device", "out_dir", "show_progress"]))
-    evaluate.set_defaults(func=cmd_evaluate)
-
-    lens = sub.add_parser("lens", help="logit lens, linear lens and rotation of a run's subnetwork")
-    lens.add_argument("run")
-    _LENS_OPTIONS[:] = _add_options(lens, _options_of(lens_command, ["n_tokens", "out", "device", "progress"]))
-    lens.set_defaults(func=cmd_lens)
-
-    patch = sub.add_parser("patch", help="activation patching between a clean and a corrupted prompt")
-    patch.add_argument("--model", default="default")
-    patch.add_argument("--clean", required=True)
-    patch.add_argument("--corrupted", required=True)
-    patch.add_argument("--component", default="resid_pre",
-                       choices=["resid_pre", "attn_out", "mlp_out", "head", "neuron"])
-    patch.add_argument("--run", default=None, help="a run directory: patch with its subnetwork")
-    patch.add_argument("--out", default=None, help="write the heatmap HTML here")
-    patch.set_defaults(func=cmd_patch)
-
-    figures = sub.add_parser("figures", help="regenerate every paper figure and table",
-                             description="Regenerate every paper figure and table (weight masks by default; "
-                             "--granularity neuron,head draws the coarser masks, e.g. into figures/neuron_head).")
-    _FIGURES_OPTIONS[:] = _add_options(figures, _options_of(figures_command, [
-        "model", "out_dir", "cache_dir", "device", "png", "show_progress"]))
-    config_fields = [f.name for f in dataclasses.fields(FiguresConfig) if f.name not in ("prompts",)]
-    _FIGURES_CONFIG_OPTIONS[:] = _add_options(figures, _options_of(FiguresConfig, config_fields),
-                                              "figure settings (FiguresConfig)")
-    figures.set_defaults(func=cmd_figures)
-
-    from dataclasses import fields as config_fields_of
-
-    from bigram_circuits.circuits.buildup import BuildUpConfig
-
-    build_up = sub.add_parser(
-        "build-up", help="add candidate circuits (heads) to the bigram subnetwork and measure behaviours",
-        description="Candidates from head scores, attribution patching and activation patching; "
-        "base / base + candidate / base + random heads / full / full - candidate on in-context "
-        "repetition and name copying; overlap of the base with each circuit.")
-    build_up.add_argument("--model", default="default", help="the model the base was found on")
-    build_up.add_argument("--base", required=True, help="a `find` run (its chosen lambda) or a subnetwork directory")
-    build_up.add_argument("--optimal", default=None, help="an optimal-subnetwork run to compare as a second base")
-    build_up.add_argument("--out", default=None, help="write tables (CSV + Markdown) and the figure here")
-    build_up.add_argument("--device", default="cpu")
-    build_up.add_argument("--no-png", dest="png", action="store_false", help="HTML figure only")
-    build_up.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    settings = build_up.add_argument_group("build-up settings (BuildUpConfig)")
-    for field in config_fields_of(BuildUpConfig):
-        flag = field.name.replace("_", "-")
-        if isinstance(field.default, bool):
-            settings.add_argument(f"--no-{flag}" if field.default else f"--{flag}", dest=field.name,
-                                  action="store_false" if field.default else "store_true",
-                                  default=argparse.SUPPRESS, help=f"{'turn off: ' if field.default else ''}{field.name}")
-        elif isinstance(field.default, tuple):
-            kind = type(field.default[0])
-            settings.add_argument(
-                f"--{flag}", dest=field.name, default=argparse.SUPPRESS, metavar=f"{kind.__name__.upper()},...",
-                type=lambda text, kind=kind: tuple(kind(x) for x in text.split(",") if x.strip()),
-                help=f"comma-separated (default {','.join(str(v) for v in field.default)})")
-        else:
-            settings.add_argument(f"--{flag}", dest=field.name, type=type(field.default), default=argparse.SUPPRESS,
-                                  help=f"default {field.default}")
-    build_up.set_defaults(func=cmd_build_up)
+    command("evaluate", cmd_evaluate, "metrics, ablation, overlap and layer tables of a run",
+            run_argument=True, evaluate=options(evaluate_run, [
+                           "optimal", "n_eval_windows", "seeds", "n_random", "temperature", "max_new_tokens",
+                           "batch_size", "device", "out_dir", "show_progress"]))
+    command("lens", cmd_lens, "logit lens, linear lens and rotation of a run's subnetwork",
+                   run_argument=True, lens=options(lens_command, ["n_tokens", "out", "device", "progress"]))
+    command("patch", cmd_patch, "activation patching between a clean and a corrupted prompt",
+            patch=options(patch_command, ["model", "clean", "corrupted", "component", "run", "out", "device"],
+                          required=("clean", "corrupted"), choices={"component": tuple(COMPONENTS)}, helps={
+                              "clean": "the clean prompt", "corrupted": "the corrupted prompt",
+                              "run": "a run directory: patch with its subnetwork (and its model)",
+                              "out": "write the heatmap HTML here"}))
+    command("figures", cmd_figures, "regenerate every paper figure and table",
+            "Regenerate every paper figure and table (weight masks by default; --granularity neuron,head draws "
+            "the coarser masks, e.g. into figures/neuron_head).",
+            figures=options(figures_command, ["model", "out_dir", "cache_dir", "device", "png", "show_progress"]),
+            config=options(FiguresConfig, _fields(FiguresConfig, ("prompts",)), "figure settings (FiguresConfig)"))
+    command("build-up", cmd_build_up,
+            "add candidate circuits (heads) to the bigram subnetwork and measure behaviours",
+            "Candidates from head scores, attribution patching and activation patching; base / base + candidate "
+            "/ base + random heads / full / full - candidate on in-context repetition and name copying; overlap "
+            "of the base with each circuit.",
+            build_up=options(build_up_command, ["model", "base", "optimal", "out", "device", "png", "progress"],
+                             required=("base",), helps={
+                                 "model": "the model the base was found on",
+                                 "base": "a `find` run (its chosen lambda) or a subnetwork directory",
+                                 "optimal": "an optimal-subnetwork run to compare as a second base",
+                                 "out": "write tables (CSV + Markdown) and the figure here"}),
+            config=options(BuildUpConfig, _fields(BuildUpConfig), "build-up settings (BuildUpConfig)", helps={
+                "seeds": "seeds of the random-head controls", "seq_len": "tokens per task sequence",
+                "top_k": "heads per candidate circuit", "seed": "seed of the task sequences"}))
     return parser
 
 
@@ -378,8 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {_one_line(exc.strerror or exc)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: completed steps are checkpointed; rerun the same command to resume",
-              file=sys.stderr)
+        print(INTERRUPTED.get(args.command, _NOTHING_KEPT), file=sys.stderr)
         return 130
 
 

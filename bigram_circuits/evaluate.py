@@ -15,7 +15,6 @@ Logits are truncated to the tokenizer's vocabulary V when the unembedding is pad
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -28,11 +27,10 @@ import torch
 from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
 
-from bigram_circuits.circuits.runs import RunSpec, run_context, subnetwork_dir_of
-from bigram_circuits.data import load_token_dataset
-from bigram_circuits.errors import ConfigError, MaskError, StatsError, TokenError
+from bigram_circuits.circuits.runs import RunSpec, run_context
+from bigram_circuits.errors import ConfigError, StatsError, TokenError
 from bigram_circuits.models import check_tokens_fit
-from bigram_circuits.ngrams import BigramStats
+from bigram_circuits.rundir import RunDir
 from bigram_circuits.subnetwork import Subnetwork
 
 __all__ = [
@@ -428,63 +426,17 @@ def generate_table(
 
 
 DEFAULT_PROMPT = "The President of the United States"
-EVALUATION_DIR = "evaluation"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MaskError(f"cannot read {path} ({type(exc).__name__}); run `bigram-circuits find` again") from exc
-
-
-def _sweep_rows(run_dir: Path) -> pd.DataFrame | None:
-    sweep_file = run_dir / "sweep.csv"
-    if not sweep_file.exists():
-        return None
-    table = pd.read_csv(sweep_file)
-    if "lambda" not in table or table.empty:
-        raise MaskError(f"{sweep_file} has no lambda rows; run `bigram-circuits find` again")
-    table["dir"] = [str(run_dir / f"lambda_{lam:g}") for lam in table["lambda"]]
-    return table
-
-
-def optimal_subnetwork_dir(run_dir: str | os.PathLike, prefer_lambda: float | None = None) -> Path:
-    """The subnetwork directory of an optimal (full-model target) run: as
-    :func:`~bigram_circuits.circuits.runs.subnetwork_dir_of`, and since such a sweep chooses no
-    lambda (it has no bigram r), else its ``lambda_{prefer_lambda}`` subnetwork."""
-    run_path = Path(run_dir)
-    try:
-        return subnetwork_dir_of(run_path)
-    except MaskError:
-        candidate = run_path / f"lambda_{float(prefer_lambda):g}" if prefer_lambda is not None else None
-        if candidate is not None and (candidate / "subnetwork.json").exists():
-            return candidate
-        raise
-
-
-def run_bigram_stats(run_dir: str | os.PathLike, tokenizer, corpus: str = "default", seq_len: int = 128,
-                     show_progress: bool = True) -> BigramStats:
-    """A run's bigram stats (``run_dir/bigram_stats.npz``), counted on the corpus's train split
-    and saved there when the run has none."""
-    stats_path = Path(run_dir) / "bigram_stats.npz"
-    if stats_path.exists():
-        return BigramStats.load(stats_path, tokenizer=tokenizer)
-    train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
-    stats = BigramStats.from_tokens(train, len(tokenizer), seq_len=seq_len, show_progress=show_progress)
-    stats.save(stats_path, tokenizer=tokenizer)
-    return stats
 
 
 def sweep_metrics_table(bridge, stats, windows, run_dir: str | os.PathLike, batch_size: int = 16,
                         show_progress: bool = True) -> pd.DataFrame:
     """Metrics of the full model and of every subnetwork of a run's lambda sweep (kept alone)."""
 
-    run_path = Path(run_dir)
-    sweep_table = _sweep_rows(run_path)
+    run = RunDir(run_dir)
+    sweep_table = run.sweep_table()
     entries: list[tuple[float, bool, Path]] = []
     if sweep_table is None:
-        entries.append((float("nan"), True, subnetwork_dir_of(run_path)))
+        entries.append((float("nan"), True, run.subnetwork_dir()))
     else:
         chosen = sweep_table["chosen"].astype(bool) if "chosen" in sweep_table else [False] * len(sweep_table)
         entries += [(float(lam), bool(c), Path(d)) for lam, c, d in zip(sweep_table["lambda"], chosen, sweep_table["dir"])]

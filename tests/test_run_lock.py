@@ -39,7 +39,7 @@ def test_cli_find_on_a_directory_another_process_writes_is_one_error_line(tmp_pa
     run = tmp_path / "run"
     ready = tmp_path / "ready"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, pathlib; from bigram_circuits.data import run_directory_lock, tokenize_documents\n"
+        "import sys, time, pathlib; from bigram_circuits.io import run_directory_lock\n"
         f"with run_directory_lock({str(run)!r}):\n"
         f"    pathlib.Path({str(ready)!r}).write_text('1'); time.sleep(60)")],
         env={**os.environ, "OMP_NUM_THREADS": "1"})

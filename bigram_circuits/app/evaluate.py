@@ -15,15 +15,13 @@ from bigram_circuits.circuits.runs import load_run
 from bigram_circuits.errors import MaskError
 from bigram_circuits.evaluate import (
     DEFAULT_PROMPT,
-    EVALUATION_DIR,
     ablation_table,
     generate_table,
     generation_conditions,
-    optimal_subnetwork_dir,
-    run_bigram_stats,
     sweep_metrics_table,
 )
 from bigram_circuits.io import atomic_write_bytes
+from bigram_circuits.rundir import RunDir
 from bigram_circuits.subnetwork import Subnetwork
 from bigram_circuits.tables import write_tables
 
@@ -68,9 +66,9 @@ def evaluate_run(
         if not optimal_path.is_dir():
             raise MaskError(f"optimal run {optimal_path} does not exist; run `bigram-circuits find --target full_model`")
         bigram_lambda = bigram.metadata.get("config", {}).get("lam")
-        optimal_dir = optimal_subnetwork_dir(optimal_path, prefer_lambda=bigram_lambda)
+        optimal_dir = RunDir(optimal_path).optimal_subnetwork_dir(prefer_lambda=bigram_lambda)
         optimal_sub = Subnetwork.load(optimal_dir)
-    stats = run_bigram_stats(run_path, tokenizer, loaded.corpus, loaded.seq_len, show_progress)
+    stats = RunDir(run_path).bigram_stats(tokenizer, loaded.corpus, loaded.seq_len, show_progress=show_progress)
     windows = loaded.eval_windows(None if n_eval_windows is None else n_eval_windows * loaded.seq_len)
 
     tables: dict[str, pd.DataFrame] = {}
@@ -94,7 +92,7 @@ def evaluate_run(
         summary.update({"optimal_subnetwork": str(optimal_dir), "overlap_fraction": float(row["fraction_overlap"]), "overlap_expected": float(row["expected"]),
                         "overlap_ratio": float(row["ratio"]), "overlap_p_value": float(row["p_value"]),
                         "overlap_frac_bigram_in_optimal": float(row["frac_a_in_b"])})
-    target_dir = Path(out_dir) if out_dir is not None else run_path / EVALUATION_DIR
+    target_dir = Path(out_dir) if out_dir is not None else RunDir(run_path).evaluation_dir
     write_tables(tables, target_dir)
     atomic_write_bytes(target_dir / "summary.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
     return tables

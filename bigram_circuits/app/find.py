@@ -16,6 +16,7 @@ from bigram_circuits.errors import SearchError
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir, run_directory_lock
 from bigram_circuits.manifest import write_manifest
 from bigram_circuits.masks import DEFAULT_GRANULARITIES, parse_granularities
+from bigram_circuits.rundir import RunDir
 from bigram_circuits.search import SearchConfig, Target, sweep
 
 __all__ = ["find_command", "seeds_summary"]
@@ -50,7 +51,6 @@ def find_command(
     """
     from bigram_circuits.data import load_token_dataset
     from bigram_circuits.models import load_model, model_vocab_size, resolve_device
-    from bigram_circuits.ngrams import BigramStats
 
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     unknown = sorted(set(config_options) - known)
@@ -74,19 +74,15 @@ def find_command(
     parse_granularities(granularities)
     resolve_device(device)  # an absent device is one line now, before any output is written
     out_path = ensure_output_dir(out_dir)
+    run = RunDir(out_path)
     # One writer per run directory: a second `find` on it fails with one line (rank 0 holds it).
     with run_directory_lock(out_path) if current_group().is_writer else contextlib.nullcontext(out_path):
         bridge, tokenizer = load_model(model, device=current_group().device_for(device))
         vocab = model_vocab_size(bridge, tokenizer)
         train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
         evaluation = load_token_dataset(corpus, tokenizer, split="eval", show_progress=show_progress)
-        stats_path = out_path / "bigram_stats.npz"
-        if stats_path.exists():
-            stats = BigramStats.load(stats_path, tokenizer=tokenizer)
-        else:
-            stats = BigramStats.from_tokens(train, vocab, seq_len=config.seq_len, show_progress=show_progress)
-            if current_group().is_writer:
-                stats.save(stats_path, tokenizer=tokenizer)
+        stats = run.bigram_stats(tokenizer, corpus, config.seq_len, vocab, save=current_group().is_writer,
+                                 show_progress=show_progress)
         train_windows = train.windows(config.seq_len, max_train_windows)
         eval_windows = evaluation.windows(config.seq_len, max_eval_windows)
         the_target = Target.from_name(target, stats=stats, vocab_size=vocab)
@@ -95,7 +91,7 @@ def find_command(
         tables = []
         for seed in seeds:
             # One seed keeps the single-run layout; several get a folder each.
-            seed_path = out_path if len(seeds) == 1 else ensure_output_dir(out_path / f"seed_{seed}")
+            seed_path = out_path if len(seeds) == 1 else ensure_output_dir(run.seed_run(seed).path)
             table = sweep(bridge, train_windows, the_target, [float(x) for x in lambdas], granularities,
                           dataclasses.replace(config, seed=seed), seed_path, eval_windows=eval_windows,
                           resume=resume, show_progress=show_progress, metadata=meta)
@@ -107,11 +103,11 @@ def find_command(
                    "target": target, "corpus": corpus, "seeds": seeds}
         if len(seeds) > 1:
             by_seed = seeds_summary(table)
-            atomic_write_bytes(out_path / "seeds.csv", by_seed.to_csv(index=False).encode("utf-8"))
+            atomic_write_bytes(out_path / RunDir.SEEDS, by_seed.to_csv(index=False).encode("utf-8"))
             summary["seeds_summary"] = by_seed.to_dict("records")
         if table["chosen"].any():
             summary["chosen"] = table[table["chosen"]].iloc[0].to_dict()
-        atomic_write_bytes(out_path / "find.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
+        atomic_write_bytes(out_path / RunDir.FIND, json.dumps(summary, indent=2, default=str).encode("utf-8"))
         write_manifest(out_path, "find", {**summary, "lambdas": [float(x) for x in lambdas], "config": config.to_dict(),
                                           "max_train_windows": max_train_windows, "max_eval_windows": max_eval_windows,
                                           "device": device, "paper_schedule": paper})

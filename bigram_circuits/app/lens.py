@@ -27,25 +27,25 @@ def lens_command(
     ``logit_lens.csv``, ``similarity_{run}.csv`` and the figures ``rotation.html`` /
     ``similarity.html`` to ``out`` (default ``RUN/circuits``); returns the linear-lens table.
     """
+    from bigram_circuits.models import model_vocab_size
     from bigram_circuits.circuits.runs import load_run
     from bigram_circuits.circuits.similarity import similarity_report
     from bigram_circuits.io import atomic_write_bytes, ensure_output_dir
-    from bigram_circuits.ngrams import BigramStats
     from bigram_circuits.plots import fig3_rotation, fig4_similarity, save_figure
+    from bigram_circuits.rundir import RunDir
 
     loaded = load_run(run, device=device)
     # An unwritable destination fails now, not after the lens work.
-    out_dir = ensure_output_dir(Path(out) if out is not None else Path(run) / "circuits")
+    out_dir = ensure_output_dir(Path(out) if out is not None else RunDir(run).circuits_dir)
     windows = loaded.eval_windows(n_tokens)
     runs = {
         "full": None,
         "bigram": loaded.subnetwork,
         "random": loaded.subnetwork.random_control(0),
     }
-    stats_path = Path(run) / "bigram_stats.npz"
-    stats = (
-        BigramStats.load(stats_path, tokenizer=loaded.tokenizer) if stats_path.exists() else None
-    )
+    # The run's statistics, or counted now (and saved) when it has none: the logit lens' bigram r needs them.
+    stats = RunDir(run).bigram_stats(loaded.tokenizer, loaded.corpus, loaded.seq_len,
+                                     vocab_size=model_vocab_size(loaded.bridge, loaded.tokenizer), show_progress=progress)
     table = lens_report(loaded.bridge, loaded.tokenizer, windows, runs, n_tokens, progress=progress)
     logit_table = logit_lens_report(
         loaded.bridge,
