@@ -37,7 +37,7 @@ from bigram_circuits.circuits.candidates import (
     transformer_lens_version,
 )
 from bigram_circuits.circuits.patching import patch
-from bigram_circuits.errors import ConfigError, MaskError, TokenError
+from bigram_circuits.errors import ConfigError, MaskError
 from bigram_circuits.subnetwork import Subnetwork
 
 VOCAB = 300
@@ -133,7 +133,7 @@ def test_name_copying_task(tiny_neox):
     values = task(bridge)
     assert values["logit_diff"] == pytest.approx(float(expected.mean()), rel=1e-5)
     assert values["accuracy"] == pytest.approx(float((expected > 0).double().mean()))
-    with pytest.raises(TokenError, match="single-token names"):
+    with pytest.raises(ConfigError, match="single-token names"):
         NameCopyingTask(tokenizer, names=names[:3])
 
 

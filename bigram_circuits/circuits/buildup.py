@@ -75,7 +75,7 @@ from bigram_circuits.circuits.candidates import (
 )
 from bigram_circuits.circuits.overlap import overlap
 from bigram_circuits.circuits.runs import RunSpec
-from bigram_circuits.errors import ConfigError, MaskError, TokenError
+from bigram_circuits.errors import ConfigError, MaskError
 
 __all__ = [
     "CONDITIONS",
@@ -300,7 +300,7 @@ class NameCopyingTask(_Task):
             if len(encoded) == 1 and encoded[0] < self.vocab_size:
                 ids[name] = int(encoded[0])
         if len(ids) < 4:
-            raise TokenError(
+            raise ConfigError(
                 f"the tokenizer has only {len(ids)} single-token names ({', '.join(ids)}); "
                 "the name task needs 4: pass names="
             )
@@ -313,7 +313,7 @@ class NameCopyingTask(_Task):
             for t in templates
         ]
         if not lengths:
-            raise TokenError("no name-copying template given; pass templates=")
+            raise ConfigError("no name-copying template given; pass templates=")
         common = int(pd.Series(lengths).mode().iloc[0])
         templates = [t for t, n in zip(templates, lengths) if n == common]
         prompts: list[tuple[list[int], list[int], int, int, str]] = []
@@ -330,7 +330,7 @@ class NameCopyingTask(_Task):
                 continue
             prompts.append((clean_ids, corrupted_ids, ids[a], ids[b], clean_text))
         if not prompts:
-            raise TokenError("no name prompt tokenized to the templates' length; pass other templates=")
+            raise ConfigError("no name prompt tokenized to the templates' length; pass other templates=")
         self.texts = [p[4] for p in prompts]
         self.clean = torch.tensor([p[0] for p in prompts], dtype=torch.int64)
         self.corrupted = torch.tensor([p[1] for p in prompts], dtype=torch.int64)

@@ -190,7 +190,7 @@ def _pair(task: PairTask, n_examples: int | None) -> tuple[torch.Tensor, torch.T
         )
     n = clean.shape[0] if n_examples is None else min(int(n_examples), clean.shape[0])
     if n < 1:
-        raise TokenError(f"task {task.name!r} has no prompt pairs; pass n_examples >= 1")
+        raise ConfigError(f"task {task.name!r} has no prompt pairs; pass n_examples >= 1")
     return clean[:n], corrupted[:n], slice(0, n)
 
 
@@ -295,7 +295,7 @@ def attribution_scores(
                     mlps[node.layer] += value
     gap = clean_metric - corrupted_metric
     if gap == 0:
-        raise TokenError(
+        raise ConfigError(
             f"task {task.name!r}: clean and corrupted prompts give the same metric; choose prompts it separates"
         )
     n = clean.shape[0]
