@@ -14,7 +14,7 @@ from bigram_circuits.circuits.similarity import (
     layer_covariance_similarity,
     similarity_report,
 )
-from bigram_circuits.errors import TokenError
+from bigram_circuits.errors import ConfigError, TokenError
 from bigram_circuits.plots import similarity_heatmap
 
 
@@ -67,9 +67,9 @@ def test_the_top_singular_direction_is_removed():
 
 
 def test_bad_activations():
-    with pytest.raises(TokenError):
+    with pytest.raises(ConfigError, match="n >= 2"):
         deflated_covariance(torch.randn(1, 4))
-    with pytest.raises(TokenError):
+    with pytest.raises(ConfigError, match="at least one activation set"):
         covariance_similarity([])
 
 
@@ -98,3 +98,7 @@ def test_layer_similarity_of_a_model(tiny_neox):
     assert not np.allclose(matrices["random"].to_numpy(), table.to_numpy())
     figure = similarity_heatmap(matrices)
     assert len(figure.data) == 2
+    with pytest.raises(TokenError, match="outside the model's vocabulary"):
+        layer_covariance_similarity(bridge, windows + 10_000, n_tokens=256, progress=False)
+    with pytest.raises(ConfigError, match="at least one run"):
+        similarity_report(bridge, windows, {}, n_tokens=256, progress=False)

@@ -27,7 +27,7 @@ from bigram_circuits.circuits.runs import (
     run_context,
     select_windows,
 )
-from bigram_circuits.errors import TokenError
+from bigram_circuits.errors import ConfigError, TokenError
 from bigram_circuits.models import input_device
 
 __all__ = [
@@ -51,7 +51,7 @@ def deflated_covariance(activations: Float[torch.Tensor, "n d"]) -> Float[np.nda
     """Covariance of centred activations after projecting out their top singular direction."""
     a = torch.as_tensor(activations).double()
     if a.ndim != 2 or a.shape[0] < 2:
-        raise TokenError(f"covariance needs activations [n >= 2, d], got shape {tuple(a.shape)}")
+        raise ConfigError(f"covariance needs activations [n >= 2, d], got shape {tuple(a.shape)}; pass more rows")
     a = a - a.mean(dim=0)
     return _deflate(a.T @ a / a.shape[0])
 
@@ -60,7 +60,7 @@ def _similarity_frame(covariances: Sequence[np.ndarray], labels: list) -> pd.Dat
     flat = np.stack([c.reshape(-1) for c in covariances])
     norms = np.linalg.norm(flat, axis=1)
     if np.any(norms == 0):
-        raise TokenError(
+        raise ConfigError(
             "an activation set has zero covariance after deflation (constant or rank-1); use more tokens"
         )
     unit = flat / norms[:, None]
@@ -84,7 +84,7 @@ def covariance_similarity(
     else:
         labels, values = list(range(len(activations))), list(activations)
     if not values:
-        raise TokenError("covariance_similarity needs at least one activation set")
+        raise ConfigError("covariance_similarity needs at least one activation set; pass a list or mapping of [n, d]")
     return _similarity_frame([deflated_covariance(v) for v in values], labels)
 
 
@@ -124,7 +124,7 @@ def layer_covariance_similarity(
                 moments[layer] += rows.T @ rows
             n += tokens[start : start + batch_size].numel()
     if n < 2:
-        raise TokenError("covariance similarity needs at least two tokens")
+        raise ConfigError("covariance similarity needs at least two tokens; pass more windows or a larger n_tokens")
     covariances = []
     for layer in range(len(names)):
         mean = sums[layer] / n
@@ -143,7 +143,7 @@ def similarity_report(
 ) -> dict[str, pd.DataFrame]:
     """:func:`layer_covariance_similarity` for several runs: label -> (layers x layers) DataFrame."""
     if not subnetworks:
-        raise TokenError("similarity_report needs at least one run, e.g. {'full': None}")
+        raise ConfigError("similarity_report needs at least one run; pass e.g. {'full': None}")
     return {
         label: layer_covariance_similarity(
             bridge, windows, subnetwork, mode, n_tokens=n_tokens, progress=progress
