@@ -30,7 +30,7 @@ from bigram_circuits.evaluate import (
     metrics_from_surprisals,
     surprisals_from_logits,
 )
-from bigram_circuits.models import input_device
+from bigram_circuits.models import frozen_parameters, input_device
 
 __all__ = [
     "BaselineError",
@@ -157,11 +157,8 @@ def fit_linear_map(
     optimizer = torch.optim.AdamW([weight, bias], lr=config.lr, weight_decay=config.weight_decay)
     baseline = LinearMapBaseline(weight=weight, bias=bias, config=config)
     rng = np.random.default_rng(config.seed)
-    frozen = [p for p in bridge.parameters() if p.requires_grad]
-    for param in frozen:  # no gradients for the model itself; restored below
-        param.requires_grad_(False)
     vocab = int(stats.vocab_size)
-    try:
+    with frozen_parameters(bridge):  # no gradients for the model itself while fitting
         for _ in tqdm(range(config.steps), desc="fit linear map", unit="step", disable=not show_progress):
             batch_np = windows[rng.integers(0, len(windows), size=config.batch_size)].astype(np.int64)
             logits = baseline.logits(bridge, torch.as_tensor(batch_np, device=device))[..., :vocab]
@@ -172,9 +169,6 @@ def fit_linear_map(
             loss.backward()
             optimizer.step()
             baseline.losses.append(float(loss.detach()))
-    finally:
-        for param in frozen:
-            param.requires_grad_(True)
-    weight.requires_grad_(False)
+    weight.requires_grad_(False)  # the fitted map stays fixed from here on
     bias.requires_grad_(False)
     return baseline

@@ -29,6 +29,7 @@ seconds instead of the ~20 s of dequantisation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -37,6 +38,7 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +61,7 @@ __all__ = [
     "available_devices",
     "check_tokens_fit",
     "default_model_dir",
+    "frozen_parameters",
     "input_device",
     "load_model",
     "model_id",
@@ -222,6 +225,20 @@ def input_device(bridge: TransformerBridge) -> torch.device:
         if param.device.type != "meta":
             return param.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def frozen_parameters(module: torch.nn.Module) -> Iterator[list[torch.nn.Parameter]]:
+    """Within the block no parameter of ``module`` requires grad; on exit (also on an exception)
+    the parameters that did get ``requires_grad`` back. Yields those parameters."""
+    frozen = [param for param in module.parameters() if param.requires_grad]
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        yield frozen
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ from bigram_circuits.data import iterate_batches
 from bigram_circuits.distributed import current as current_group
 from bigram_circuits.distributed import launched_by_torchrun
 from bigram_circuits.errors import SearchError, TokenError
+from bigram_circuits.evaluate import pearson_r
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir, run_directory_lock
 from bigram_circuits.manifest import write_manifest
 from bigram_circuits.masks import (
@@ -316,9 +317,7 @@ def bigram_correlation(
             bigram_parts.append(np.asarray(stats.surprisal(batch_np[:, :-1], batch_np[:, 1:]), dtype=np.float64).ravel())
     model, bigram = np.concatenate(model_parts), np.concatenate(bigram_parts)
     finite = np.isfinite(bigram)
-    if finite.sum() < 2:
-        return float("nan")
-    return float(np.corrcoef(model[finite], bigram[finite])[0, 1])
+    return pearson_r(model[finite], bigram[finite])
 
 
 @torch.no_grad()
@@ -337,7 +336,111 @@ def _target_loss(bridge, target: Target, windows: np.ndarray, subnetwork: Subnet
     return total / max(count, 1)
 
 
-# --------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class SearchClock:
+    """Wall and process-CPU seconds of a search, counting those of the runs it resumes."""
+
+    wall_before: float = 0.0
+    cpu_before: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    cpu_started: float = field(default_factory=time.process_time)
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
+
+    def cpu(self) -> float:  # process CPU s: robust on shared CPUs
+        return self.cpu_before + time.process_time() - self.cpu_started
+
+
+@dataclass
+class SearchState:
+    """Everything an interrupted search needs to continue exactly, as saved in ``checkpoint.pt``.
+
+    ``mask_set`` holds the mask logits, the temperature and the hard-concrete noise generator;
+    ``optimizer`` is the AdamW over the logits; ``attempt`` counts stability retries and ``step``
+    optimizer steps within it; ``history`` has one row per step; ``previous_attempts`` summarises
+    the attempts retried so far. ``run`` is the run's identity (``config``, ``granularities``,
+    ``target``, ``model_id``), checked on resume. The data order is a function of seed, attempt
+    and step, so it is not stored.
+    """
+
+    mask_set: MaskSet
+    optimizer: torch.optim.Optimizer
+    run: dict
+    attempt: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    previous_attempts: list[dict] = field(default_factory=list)
+    clock: SearchClock = field(default_factory=SearchClock)
+
+    @classmethod
+    def fresh(cls, bridge, config: SearchConfig, run: dict, attempt: int = 0,
+              previous_attempts: list[dict] | None = None, clock: SearchClock | None = None) -> SearchState:
+        """Step 0 of ``attempt``: mask logits at ``config.init``, ``T = temperature_init``, noise
+        seeded with ``seed * 1000 + attempt``, a new AdamW (one parameter group per granularity)."""
+        grans = run["granularities"]
+        mask_set = MaskSet.for_model(bridge, grans, config.parameterization, config.init, config.penalty_weighting)
+        mask_set.temperature = float(config.temperature_init)
+        mask_set.seed(config.seed * 1000 + attempt)
+        mask_set.train()
+        lrs = config.learning_rates(grans)
+        groups = [{"params": [mask_set.logit(k) for k, c in mask_set.components.items() if c.granularity == g],
+                   "lr": lrs[g], "name": g} for g in grans]
+        optimizer = torch.optim.AdamW(groups, lr=max(lrs.values()), weight_decay=config.weight_decay)
+        return cls(mask_set, optimizer, run, attempt, 0, [],
+                   previous_attempts if previous_attempts is not None else [], clock or SearchClock())
+
+    def next_attempt(self, bridge, config: SearchConfig, summary: dict) -> SearchState:
+        """A fresh mask for the next attempt (a new data shuffle), with this one's ``summary``
+        appended to ``previous_attempts``; the clock runs on."""
+        self.previous_attempts.append(summary)
+        return SearchState.fresh(bridge, config, self.run, self.attempt + 1, self.previous_attempts, self.clock)
+
+    def generator_state(self) -> torch.Tensor | None:
+        """The noise generator's state (``None`` without hard-concrete noise)."""
+        return self.mask_set.generator.get_state() if self.mask_set.generator is not None else None
+
+    def state_dict(self) -> dict:
+        """The checkpoint: the keys of ``checkpoint.pt`` (timings include the resumed runs')."""
+        return {
+            "attempt": self.attempt, "step": self.step, "history": self.history, "attempts": self.previous_attempts,
+            "mask_state": self.mask_set.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator_state(), **self.run,
+            "elapsed_s": self.clock.wall(), "cpu_s": self.clock.cpu(),
+        }
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """Continue from ``checkpoint`` (a :meth:`state_dict` of the same attempt)."""
+        self.mask_set.load_state_dict(checkpoint["mask_state"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.mask_set.generator is not None and checkpoint.get("generator") is not None:
+            self.mask_set.generator.set_state(checkpoint["generator"])
+        self.step, self.history = int(checkpoint["step"]), list(checkpoint["history"])
+
+    def save(self, path: Path) -> None:
+        """Write :meth:`state_dict` atomically to ``path`` (rank 0 only: every rank holds the same state)."""
+        _save_checkpoint(path, self.state_dict())
+
+    @classmethod
+    def load(cls, path: Path, bridge, config: SearchConfig, granularities: Sequence[str], target: Target,
+             model_id: str) -> SearchState:
+        """The state saved in ``path``, continued on ``bridge``; ``SearchError`` if the file is
+        unreadable or belongs to a run with other settings (see :func:`_load_checkpoint`)."""
+        checkpoint = _load_checkpoint(path, config, granularities, target, model_id)
+        clock = SearchClock(float(checkpoint.get("elapsed_s", 0.0)), float(checkpoint.get("cpu_s", 0.0)))
+        state = cls.fresh(bridge, config, _run_identity(config, granularities, target, model_id),
+                          int(checkpoint["attempt"]), list(checkpoint.get("attempts", [])), clock)
+        state.load_state_dict(checkpoint)
+        return state
+
+
+def _run_identity(config: SearchConfig, granularities: Sequence[str], target: Target, model_id: str) -> dict:
+    """What a checkpoint records about its run, so that a resume can refuse another run's state."""
+    return {"config": config.to_dict(), "granularities": list(granularities), "target": target.name,
+            "model_id": model_id}
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -349,6 +452,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _load_checkpoint(path: Path, config: SearchConfig, granularities, target: Target, model_id: str) -> dict:
+    """The checkpoint dict in ``path`` if it was written by a run with these settings, else SearchError."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -362,6 +466,61 @@ def _load_checkpoint(path: Path, config: SearchConfig, granularities, target: Ta
         raise SearchError(f"checkpoint in {path.parent} belongs to another run ({what}); "
                           "use another out_dir or resume=False")
     return state
+
+
+# --------------------------------------------------------------------------- one step
+
+
+class NonFiniteLoss(SearchError):
+    """The batch loss of a step was not finite; raised before the backward pass, so the mask
+    logits, optimizer, temperature and step are those of the last good step."""
+
+    def __init__(self, value: float, step: int, lam: float) -> None:
+        super().__init__(f"loss became {value} at step {step} (lambda {lam:g})")
+        self.value, self.step = value, step
+
+
+@dataclass(frozen=True)
+class StepLosses:
+    """One step's losses: ``loss`` and ``target_loss`` averaged over data-parallel ranks (the
+    whole batch), ``penalty`` the soft-mask penalty (the same on every rank)."""
+
+    loss: float
+    target_loss: float
+    penalty: float
+
+
+def search_step(state: SearchState, bridge, tokens: Integer[torch.Tensor, "batch seq"], target: Target,
+                config: SearchConfig) -> StepLosses:
+    """One optimizer step of the mask logits on ``tokens`` (this rank's shard of the batch).
+
+    Forward with the soft masks attached (and, for targets that need it, the unmasked model
+    without grad first), ``target loss + lam * penalty``, backward, gradients averaged over
+    data-parallel ranks (:func:`bigram_circuits.distributed.current`), AdamW step, then
+    ``T *= temperature_growth`` and ``state.step += 1``. Raises :class:`NonFiniteLoss` before
+    the backward pass if the batch loss is not finite. No I/O.
+    """
+    group, mask_set = current_group(), state.mask_set
+    reference = None
+    if target.needs_reference:
+        with torch.no_grad():
+            reference = bridge(tokens)
+    with mask_set.attach(bridge):
+        logits = bridge(tokens)
+    target_loss = target(logits, tokens, reference)
+    penalty = mask_set.penalty(reuse_forward_masks=True).to(target_loss.device)
+    loss = target_loss + config.lam * penalty
+    # Loss of the whole batch (the mean over ranks' equal shards) for logs and checks.
+    logged = group.average(torch.stack([loss.detach(), target_loss.detach().to(loss.dtype)]))
+    if not torch.isfinite(logged[0]):
+        raise NonFiniteLoss(logged[0].item(), state.step + 1, config.lam)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    group.after_backward(mask_set)  # average the mask-logit gradients over ranks
+    state.optimizer.step()
+    mask_set.temperature *= config.temperature_growth
+    state.step += 1
+    return StepLosses(logged[0].item(), logged[1].item(), penalty.item())
 
 
 # --------------------------------------------------------------------------- the search
@@ -392,33 +551,72 @@ def search(
     after every step. While it runs, ``out_dir`` is locked (:func:`~bigram_circuits.io.run_directory_lock`):
     a second process searching into the same directory fails at once with one ``OutputError`` line.
     """
-    arguments = (bridge, windows, target, granularities, config, out_dir)
-    options = {"eval_windows": eval_windows, "resume": resume, "show_progress": show_progress,
-               "callback": callback, "metadata": metadata}
-    if out_dir is None or not current_group().is_writer:  # data-parallel: rank 0 owns the directory
-        return _search(*arguments, **options)
-    with run_directory_lock(out_dir):
-        return _search(*arguments, **options)
+    from bigram_circuits.models import frozen_parameters
+
+    group = current_group()  # data-parallel ranks (bigram_circuits.distributed); rank 0 writes
+    with run_directory_lock(out_dir) if out_dir is not None and group.is_writer else contextlib.nullcontext():
+        config = config or SearchConfig()
+        grans, windows, out_path, fingerprint = _validated(bridge, windows, eval_windows, granularities, config,
+                                                           out_dir)
+        show_progress = show_progress and group.is_writer
+        if resume and _finished_in(out_path):
+            return _load_finished(out_path, config, grans, target, fingerprint)
+        checkpoint = _checkpoint_path(out_path, resume)
+        with frozen_parameters(bridge), _evaluation_mode(bridge):  # no dropout: the mask is the only change
+            if checkpoint is not None:
+                state = SearchState.load(checkpoint, bridge, config, grans, target, fingerprint)
+            else:
+                state = SearchState.fresh(bridge, config, _run_identity(config, grans, target, fingerprint))
+            device = _device(bridge)
+            while True:  # attempts
+                stop_reason = "max_steps"
+                batches = _batches(windows, config, state.attempt, state.step)
+                bar = tqdm(total=config.max_steps, initial=state.step, desc=f"search lam={config.lam:g}",
+                           unit="step", disable=not show_progress, leave=False)
+                consistent = True  # whether the in-memory state is a whole number of steps
+                try:
+                    while state.step < config.max_steps:
+                        if config.time_budget_s is not None and group.any(state.clock.wall() > config.time_budget_s):
+                            stop_reason = "time_budget"
+                            break
+                        tokens = torch.as_tensor(group.shard(next(batches)), device=device)
+                        generator_before = state.generator_state()  # the noise before this step samples
+                        consistent = False
+                        try:
+                            losses = search_step(state, bridge, tokens, target, config)
+                        except NonFiniteLoss as error:
+                            raise _non_finite_error(error, state, generator_before, out_path) from None
+                        consistent = True
+                        row = _record(state, losses, config, bar)
+                        if out_path is not None and state.step % config.checkpoint_every == 0:
+                            state.save(out_path / CHECKPOINT_FILE)
+                        if callback is not None:
+                            callback(state.step, row)
+                        if _stopping_rule(state.step, row, config):
+                            stop_reason = "converged"
+                            break
+                except KeyboardInterrupt:
+                    if out_path is not None and consistent:
+                        state.save(out_path / CHECKPOINT_FILE)
+                    raise
+                finally:
+                    bar.close()
+                stable, stability = stability_check([r["loss"] for r in state.history])
+                if stable or not config.stability_check or state.attempt + 1 >= config.max_attempts \
+                        or stop_reason == "time_budget":
+                    break
+                state = state.next_attempt(bridge, config, {"attempt": state.attempt, "steps": state.step,
+                                                            "stop_reason": stop_reason, "stable": stable,
+                                                            "stability": stability})
+        return _finish(bridge, state, target, windows, eval_windows, config, out_path, metadata,
+                       {"stop_reason": stop_reason, "stable": stable, "stability": stability})
 
 
-def _search(
-    bridge,
-    windows: np.ndarray,
-    target: Target,
-    granularities: str | Sequence[str],
-    config: SearchConfig | None,
-    out_dir: str | os.PathLike | None,
-    *,
-    eval_windows: np.ndarray | None,
-    resume: bool,
-    show_progress: bool,
-    callback: Callable[[int, dict], None] | None,
-    metadata: dict | None,
-) -> SearchResult:
+def _validated(bridge, windows, eval_windows, granularities, config: SearchConfig, out_dir):
+    """Check the inputs before any work: ``(granularities, windows cut to seq_len, out_path, model_id)``."""
     from bigram_circuits.models import check_tokens_fit
     from bigram_circuits.models import model_id as model_fingerprint
 
-    config = config or SearchConfig()
     grans = parse_granularities(granularities)
     windows = _check_windows(windows, config.seq_len)
     check_tokens_fit(bridge, windows)
@@ -428,168 +626,98 @@ def _search(
         raise SearchError("masks are applied to the model; run the search outside `subnetwork.applied(...)`")
     out_path = ensure_output_dir(out_dir) if out_dir is not None else None
     fingerprint = model_fingerprint(bridge)
-    group = current_group()  # data-parallel ranks (bigram_circuits.distributed); rank 0 writes
-    if launched_by_torchrun() and not group.active:
+    if launched_by_torchrun() and not current_group().active:
         raise SearchError("started by torchrun but not data-parallel: run `torchrun ... -m "
                           "bigram_circuits.distributed find ...` or search inside data_parallel()")
-    show_progress = show_progress and group.is_writer
+    return grans, windows, out_path, fingerprint
 
-    if out_path is not None and resume and (out_path / "subnetwork.json").exists() and (out_path / HISTORY_FILE).exists():
-        finished = _load_finished(out_path, config, grans, target, fingerprint)
-        if finished is not None:
-            return finished
 
-    checkpoint = None
-    if out_path is not None and group.is_writer:  # a killed process leaves its temp file
+def _finished_in(out_path: Path | None) -> bool:
+    return out_path is not None and (out_path / "subnetwork.json").exists() and (out_path / HISTORY_FILE).exists()
+
+
+def _checkpoint_path(out_path: Path | None, resume: bool) -> Path | None:
+    """The checkpoint to resume from, if any; first removes the temp files a killed process left."""
+    if out_path is None:
+        return None
+    if current_group().is_writer:
         for stale in out_path.glob(f".{CHECKPOINT_FILE}.*.tmp"):
             stale.unlink(missing_ok=True)
-    if out_path is not None and resume and (out_path / CHECKPOINT_FILE).exists():
-        checkpoint = _load_checkpoint(out_path / CHECKPOINT_FILE, config, grans, target, fingerprint)
+    path = out_path / CHECKPOINT_FILE
+    return path if resume and path.exists() else None
 
-    device = _device(bridge)
-    lrs = config.learning_rates(grans)
+
+@contextlib.contextmanager
+def _evaluation_mode(bridge) -> Iterator[None]:
+    """``bridge.eval()`` within the block, its previous mode afterwards."""
     was_training = bridge.training
-    frozen = [p for p in bridge.parameters() if p.requires_grad]
-    started, cpu_started = time.perf_counter(), time.process_time()
-    elapsed_before = float(checkpoint.get("elapsed_s", 0.0)) if checkpoint else 0.0
-    cpu_before = float(checkpoint.get("cpu_s", 0.0)) if checkpoint else 0.0
-    bridge.eval()  # no dropout: the mask is the only source of change
-    for p in frozen:
-        p.requires_grad_(False)
+    bridge.eval()
     try:
-        attempt = int(checkpoint["attempt"]) if checkpoint else 0
-        previous_attempts: list[dict] = list(checkpoint.get("attempts", [])) if checkpoint else []
-        while True:
-            mask_set = MaskSet.for_model(bridge, grans, config.parameterization, config.init, config.penalty_weighting)
-            mask_set.temperature = float(config.temperature_init)
-            mask_set.seed(config.seed * 1000 + attempt)
-            mask_set.train()
-            groups = [{"params": [mask_set.logit(k) for k, c in mask_set.components.items() if c.granularity == g],
-                       "lr": lrs[g], "name": g} for g in grans]
-            optimizer = torch.optim.AdamW(groups, lr=max(lrs.values()), weight_decay=config.weight_decay)
-            step, history = 0, []
-            if checkpoint is not None and int(checkpoint["attempt"]) == attempt:
-                mask_set.load_state_dict(checkpoint["mask_state"])
-                optimizer.load_state_dict(checkpoint["optimizer"])
-                if mask_set.generator is not None and checkpoint.get("generator") is not None:
-                    mask_set.generator.set_state(checkpoint["generator"])
-                step, history = int(checkpoint["step"]), list(checkpoint["history"])
-                checkpoint = None
-
-            def snapshot(step: int, history: list, attempt=attempt, mask_set=mask_set, optimizer=optimizer) -> dict:
-                return {
-                    "attempt": attempt, "step": step, "history": history, "attempts": previous_attempts,
-                    "mask_state": mask_set.state_dict(), "optimizer": optimizer.state_dict(),
-                    "generator": mask_set.generator.get_state() if mask_set.generator is not None else None,
-                    "config": config.to_dict(), "granularities": list(grans), "target": target.name,
-                    "model_id": fingerprint, "elapsed_s": elapsed_before + time.perf_counter() - started,
-                    "cpu_s": cpu_before + time.process_time() - cpu_started,
-                }
-
-            stop_reason = "max_steps"
-            batches = _batches(windows, config, attempt, step)
-            bar = tqdm(total=config.max_steps, initial=step, desc=f"search lam={config.lam:g}",
-                       unit="step", disable=not show_progress, leave=False)
-            consistent = True  # whether the in-memory state is a whole number of steps
-            try:
-                while step < config.max_steps:
-                    if config.time_budget_s is not None and group.any(
-                            elapsed_before + time.perf_counter() - started > config.time_budget_s):
-                        stop_reason = "time_budget"
-                        break
-                    tokens = torch.as_tensor(group.shard(next(batches)), device=device)
-                    # The noise state before this step's sampling: part of a snapshot of the last good step.
-                    generator_before = mask_set.generator.get_state() if mask_set.generator is not None else None
-                    consistent = False
-                    reference = None
-                    if target.needs_reference:
-                        with torch.no_grad():
-                            reference = bridge(tokens)
-                    with mask_set.attach(bridge):
-                        logits = bridge(tokens)
-                    target_loss = target(logits, tokens, reference)
-                    penalty = mask_set.penalty(reuse_forward_masks=True).to(target_loss.device)
-                    loss = target_loss + config.lam * penalty
-                    # Loss of the whole batch (the mean over ranks' equal shards) for logs and checks.
-                    logged = group.average(torch.stack([loss.detach(), target_loss.detach().to(loss.dtype)]))
-                    if not torch.isfinite(logged[0]):
-                        where = ""
-                        if out_path is not None:
-                            if all(bool(torch.isfinite(p).all()) for p in mask_set.parameters()):
-                                good = {**snapshot(step, history), "generator": generator_before}
-                                _save_checkpoint(out_path / CHECKPOINT_FILE, good)
-                                where = f"; the last good state (step {step}) is checkpointed in {out_path}"
-                            else:
-                                where = f"; the last periodic checkpoint in {out_path} is kept"
-                        raise SearchError(f"loss became {logged[0].item()} at step {step + 1} (lambda {config.lam:g}); "
-                                          f"lower the learning rate or check the target{where}")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    group.after_backward(mask_set)  # average the mask-logit gradients over ranks
-                    optimizer.step()
-                    mask_set.temperature *= config.temperature_growth
-                    step += 1
-                    consistent = True
-
-                    undecided, on, _ = mask_set.decision_counts(config.undecided_low, config.undecided_high)
-                    row = {"step": step, "loss": logged[0].item(), "target_loss": logged[1].item(),
-                           "soft_density": penalty.item(), "temperature": float(mask_set.temperature),
-                           "undecided": undecided, "on": on}
-                    history.append(row)
-                    if step % config.log_every == 0:
-                        bar.set_postfix(loss=f"{row['loss']:.3f}", density=f"{row['soft_density']:.3f}",
-                                        T=f"{row['temperature']:.2f}", refresh=False)
-                    bar.update(1)
-                    if out_path is not None and step % config.checkpoint_every == 0:
-                        _save_checkpoint(out_path / CHECKPOINT_FILE, snapshot(step, history))
-                    if callback is not None:
-                        callback(step, row)
-                    if step >= config.min_steps and (undecided == 0 or undecided < config.stop_undecided_fraction * on):
-                        stop_reason = "converged"
-                        break
-            except KeyboardInterrupt:
-                if out_path is not None and consistent:
-                    _save_checkpoint(out_path / CHECKPOINT_FILE, snapshot(step, history))
-                raise
-            finally:
-                bar.close()
-
-            stable, stability_reason = stability_check([r["loss"] for r in history])
-            attempt_info = {"attempt": attempt, "steps": step, "stop_reason": stop_reason,
-                            "stable": stable, "stability": stability_reason}
-            if stable or not config.stability_check or attempt + 1 >= config.max_attempts \
-                    or stop_reason == "time_budget":
-                break
-            previous_attempts.append(attempt_info)
-            attempt += 1  # a fresh mask on a new data shuffle
+        yield
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
         bridge.train(was_training)
 
-    wall_time = elapsed_before + time.perf_counter() - started
-    cpu_time = cpu_before + time.process_time() - cpu_started  # process CPU s: robust on shared CPUs
+
+def _non_finite_error(error: NonFiniteLoss, state: SearchState, generator_before, out_path: Path | None) -> SearchError:
+    """The error for a non-finite loss; first checkpoints the last good step when its logits are finite."""
+    where = ""
+    if out_path is not None:
+        if all(bool(torch.isfinite(p).all()) for p in state.mask_set.parameters()):
+            _save_checkpoint(out_path / CHECKPOINT_FILE, {**state.state_dict(), "generator": generator_before})
+            where = f"; the last good state (step {state.step}) is checkpointed in {out_path}"
+        else:
+            where = f"; the last periodic checkpoint in {out_path} is kept"
+    return SearchError(f"{error}; lower the learning rate or check the target{where}")
+
+
+def _record(state: SearchState, losses: StepLosses, config: SearchConfig, bar) -> dict:
+    """Append the step's history row (losses, soft density, T, decision counts) and show it."""
+    undecided, on, _ = state.mask_set.decision_counts(config.undecided_low, config.undecided_high)
+    row = {"step": state.step, "loss": losses.loss, "target_loss": losses.target_loss,
+           "soft_density": losses.penalty, "temperature": float(state.mask_set.temperature),
+           "undecided": undecided, "on": on}
+    state.history.append(row)
+    if state.step % config.log_every == 0:
+        bar.set_postfix(loss=f"{row['loss']:.3f}", density=f"{row['soft_density']:.3f}",
+                        T=f"{row['temperature']:.2f}", refresh=False)
+    bar.update(1)
+    return row
+
+
+def _stopping_rule(step: int, row: dict, config: SearchConfig) -> bool:
+    """Converged: past ``min_steps``, and no entry is undecided or fewer than
+    ``stop_undecided_fraction`` of the entries that are on."""
+    undecided, on = row["undecided"], row["on"]
+    return step >= config.min_steps and (undecided == 0 or undecided < config.stop_undecided_fraction * on)
+
+
+def _finish(bridge, state: SearchState, target: Target, windows: np.ndarray, eval_windows, config: SearchConfig,
+            out_path: Path | None, metadata: dict | None, outcome: dict) -> SearchResult:
+    """The binary subnetwork, its metrics and the saved result (rank 0 writes; the checkpoint goes)."""
+    group, grans = current_group(), state.run["granularities"]
+    wall_time, cpu_time = state.clock.wall(), state.clock.cpu()
+    mask_set = state.mask_set
     mask_set.eval()
     binary = mask_set.binary(top_k=config.keep_top_k)
     meta = {
         **(metadata or {}), "model_name": getattr(bridge.cfg, "model_name", None), "target": target.name,
-        "granularities": list(grans), "config": config.to_dict(), "learning_rates": lrs,
+        "granularities": list(grans), "config": config.to_dict(), "learning_rates": config.learning_rates(grans),
     }
     subnetwork = Subnetwork.from_masks(bridge, binary, meta)
     metrics = _binary_metrics(bridge, subnetwork, target, windows, eval_windows, config)
     metrics.update({
-        "steps": step, "attempts": attempt + 1, "stop_reason": stop_reason, "converged": stop_reason == "converged",
-        "stable": stable, "stability": stability_reason, "wall_time_s": wall_time,
-        "cpu_time_s": cpu_time,
-        "final_temperature": float(mask_set.temperature), "previous_attempts": previous_attempts,
+        "steps": state.step, "attempts": state.attempt + 1, "stop_reason": outcome["stop_reason"],
+        "converged": outcome["stop_reason"] == "converged", "stable": outcome["stable"],
+        "stability": outcome["stability"], "wall_time_s": wall_time, "cpu_time_s": cpu_time,
+        "final_temperature": float(mask_set.temperature), "previous_attempts": state.previous_attempts,
     })
     subnetwork.metadata["metrics"] = metrics
-    history_df = pd.DataFrame(history)
+    history_df = pd.DataFrame(state.history)
     if out_path is not None and group.is_writer:
         subnetwork.save(out_path)
         atomic_write_bytes(out_path / HISTORY_FILE, history_df.to_csv(index=False).encode("utf-8"))
         (out_path / CHECKPOINT_FILE).unlink(missing_ok=True)
-        write_manifest(out_path, "search", {**meta, "model_id": fingerprint})
+        write_manifest(out_path, "search", {**meta, "model_id": state.run["model_id"]})
     group.barrier()  # other ranks go on only once the result is on disk
     return SearchResult(subnetwork, history_df, metrics, config, out_path, mask_set)
 
