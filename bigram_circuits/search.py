@@ -33,6 +33,12 @@ Checkpoints (mask logits, optimizer state, step, temperature, attempt, noise gen
 history; data order is a function of seed, attempt and step) are written atomically to
 ``out_dir/checkpoint.pt`` every ``checkpoint_every`` steps and on Ctrl-C; ``resume=True``
 continues from there and gives the same result as an uninterrupted run.
+
+The code has three parts: :class:`SearchState`, everything a run needs to continue (its
+``state_dict`` is the checkpoint, ``save``/``load`` write and read ``checkpoint.pt``);
+:func:`search_step`, one optimizer step without I/O; and :func:`search`, the driver: it checks
+the inputs, locks ``out_dir``, resumes, loops over steps (progress bar, NaN handling,
+checkpoints, stopping rule), retries unstable attempts and saves the binary result.
 """
 
 from __future__ import annotations
@@ -57,9 +63,9 @@ from bigram_circuits.data import iterate_batches
 from bigram_circuits.distributed import current as current_group
 from bigram_circuits.distributed import launched_by_torchrun
 from bigram_circuits.errors import SearchError, TokenError
-from bigram_circuits.evaluate import pearson_r
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir, run_directory_lock
 from bigram_circuits.manifest import write_manifest
+from bigram_circuits.models import frozen_parameters
 from bigram_circuits.masks import (
     DEFAULT_GRANULARITIES,
     MaskSet,
@@ -71,12 +77,17 @@ from bigram_circuits.tables import sparsest_within
 
 __all__ = [
     "DEFAULT_LR",
+    "NonFiniteLoss",
+    "SearchClock",
     "SearchConfig",
     "SearchResult",
+    "SearchState",
+    "StepLosses",
     "Target",
     "bigram_correlation",
     "choose_subnetwork",
     "search",
+    "search_step",
     "stability_check",
     "sweep",
 ]
@@ -303,6 +314,8 @@ def bigram_correlation(
     """Pearson r between the model's surprisal of each actual next token (with ``subnetwork``
     kept, binary) and its bigram surprisal, over ``windows``; infinite bigram surprisals are
     dropped. (:mod:`bigram_circuits.evaluate` has the full metric suite.)"""
+    from bigram_circuits.evaluate import pearson_r  # the project's one Pearson r
+
     array = _check_windows(windows, windows.shape[1])
     vocab = int(stats.vocab_size)
     device = _device(bridge)
@@ -381,6 +394,7 @@ class SearchState:
               previous_attempts: list[dict] | None = None, clock: SearchClock | None = None) -> SearchState:
         """Step 0 of ``attempt``: mask logits at ``config.init``, ``T = temperature_init``, noise
         seeded with ``seed * 1000 + attempt``, a new AdamW (one parameter group per granularity)."""
+        clock = clock or SearchClock()
         grans = run["granularities"]
         mask_set = MaskSet.for_model(bridge, grans, config.parameterization, config.init, config.penalty_weighting)
         mask_set.temperature = float(config.temperature_init)
@@ -390,8 +404,8 @@ class SearchState:
         groups = [{"params": [mask_set.logit(k) for k, c in mask_set.components.items() if c.granularity == g],
                    "lr": lrs[g], "name": g} for g in grans]
         optimizer = torch.optim.AdamW(groups, lr=max(lrs.values()), weight_decay=config.weight_decay)
-        return cls(mask_set, optimizer, run, attempt, 0, [],
-                   previous_attempts if previous_attempts is not None else [], clock or SearchClock())
+        return cls(mask_set, optimizer, run, attempt, 0, [], previous_attempts if previous_attempts is not None else [],
+                   clock)
 
     def next_attempt(self, bridge, config: SearchConfig, summary: dict) -> SearchState:
         """A fresh mask for the next attempt (a new data shuffle), with this one's ``summary``
@@ -551,8 +565,6 @@ def search(
     after every step. While it runs, ``out_dir`` is locked (:func:`~bigram_circuits.io.run_directory_lock`):
     a second process searching into the same directory fails at once with one ``OutputError`` line.
     """
-    from bigram_circuits.models import frozen_parameters
-
     group = current_group()  # data-parallel ranks (bigram_circuits.distributed); rank 0 writes
     with run_directory_lock(out_dir) if out_dir is not None and group.is_writer else contextlib.nullcontext():
         config = config or SearchConfig()

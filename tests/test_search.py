@@ -12,16 +12,25 @@ import torch
 from bigram_circuits.data import tokenize_documents
 from bigram_circuits.errors import SearchError
 from bigram_circuits.ngrams import BigramStats
+from bigram_circuits.models import frozen_parameters, model_id
 from bigram_circuits.search import (
+    CHECKPOINT_FILE,
+    NonFiniteLoss,
     SearchConfig,
+    SearchState,
     Target,
     bigram_correlation,
     choose_subnetwork,
     search,
+    search_step,
     stability_check,
     sweep,
 )
 from bigram_circuits.subnetwork import Subnetwork
+
+# The keys of checkpoint.pt; old run directories resume only while they stay the same.
+CHECKPOINT_KEYS = {"attempt", "step", "history", "attempts", "mask_state", "optimizer", "generator", "config",
+                   "granularities", "target", "model_id", "elapsed_s", "cpu_s"}
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +187,84 @@ def test_bad_config_is_refused():
         SearchConfig(lam=-1.0)
     with pytest.raises(SearchError):
         SearchConfig(undecided_low=0.9, undecided_high=0.1)
+
+
+# --------------------------------------------------------------------------- state and step
+
+
+def _fresh_state(bridge, stats, config: SearchConfig, grans=("neuron", "head")) -> SearchState:
+    run = {"config": config.to_dict(), "granularities": list(grans), "target": "bigram", "model_id": model_id(bridge)}
+    return SearchState.fresh(bridge, config, run)
+
+
+def _logits(state: SearchState) -> dict[str, torch.Tensor]:
+    return {key: state.mask_set.logit(key).detach().clone() for key in state.mask_set.keys}
+
+
+def test_search_step_changes_the_logits_and_returns_a_finite_loss(tiny_neox, corpus):
+    bridge, _ = tiny_neox
+    train, _, stats = corpus
+    config = _quick()
+    with frozen_parameters(bridge):
+        state = _fresh_state(bridge, stats, config)
+        before = _logits(state)
+        losses = search_step(state, bridge, torch.as_tensor(train[:8], dtype=torch.long), Target.bigram(stats), config)
+    assert math.isfinite(losses.loss) and math.isfinite(losses.target_loss)
+    assert losses.loss == pytest.approx(losses.target_loss + config.lam * losses.penalty, rel=1e-5)
+    assert state.step == 1 and state.mask_set.temperature == pytest.approx(config.temperature_growth)
+    assert any(not torch.equal(before[key], logit) for key, logit in _logits(state).items())
+    assert not any(p.grad is not None for p in bridge.parameters())
+    assert state.history == []  # the step records nothing; the driver keeps the history
+
+
+def test_search_step_refuses_a_non_finite_loss_before_stepping(tiny_neox, corpus):
+    bridge, _ = tiny_neox
+    train, _, stats = corpus
+    config = _quick()
+    with frozen_parameters(bridge):
+        state = _fresh_state(bridge, stats, config, grans=("head",))
+        before = _logits(state)
+        with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 1 \(lambda 1\)"):
+            search_step(state, bridge, torch.as_tensor(train[:8], dtype=torch.long),
+                        Target.custom(lambda logits, tokens: logits.float().mean() * math.nan), config)
+    assert state.step == 0 and state.mask_set.temperature == config.temperature_init
+    assert all(torch.equal(before[key], logit) for key, logit in _logits(state).items())
+
+
+def test_state_save_load_round_trip_continues_identically(tiny_neox, corpus, tmp_path):
+    bridge, _ = tiny_neox
+    train, _, stats = corpus
+    config = _quick(parameterization="hard_concrete", seed=4)  # noise: the generator state must survive too
+    target = Target.bigram(stats)
+    batches = [torch.as_tensor(train[i * 8 : (i + 1) * 8], dtype=torch.long) for i in range(5)]
+    with frozen_parameters(bridge):
+        state = _fresh_state(bridge, stats, config)
+        for batch in batches[:3]:
+            state.history.append({"step": state.step + 1, "loss": search_step(state, bridge, batch, target, config).loss})
+        state.save(tmp_path / CHECKPOINT_FILE)
+        saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+        assert set(saved) == CHECKPOINT_KEYS and saved["step"] == 3 and saved["target"] == "bigram"
+        loaded = SearchState.load(tmp_path / CHECKPOINT_FILE, bridge, config, ("neuron", "head"), target,
+                                  model_id(bridge))
+        assert loaded.step == state.step and loaded.history == state.history and loaded.attempt == 0
+        assert loaded.mask_set.temperature == state.mask_set.temperature
+        assert torch.equal(loaded.generator_state(), state.generator_state())
+        assert all(torch.equal(_logits(state)[key], logit) for key, logit in _logits(loaded).items())
+        assert loaded.clock.wall() >= saved["elapsed_s"]
+        # Continued on the same batches, the loaded state and the original stay equal bit for bit.
+        for batch in batches[3:]:
+            assert search_step(state, bridge, batch, target, config) == search_step(loaded, bridge, batch, target,
+                                                                                    config)
+        assert all(torch.equal(_logits(state)[key], logit) for key, logit in _logits(loaded).items())
+        with pytest.raises(SearchError, match="belongs to another run"):
+            SearchState.load(tmp_path / CHECKPOINT_FILE, bridge, _quick(lam=2.0), ("neuron", "head"), target,
+                             model_id(bridge))
+
+
+def test_frozen_parameters_restores_the_previous_flags():
+    module = torch.nn.Linear(2, 2)
+    module.bias.requires_grad_(False)
+    with pytest.raises(RuntimeError), frozen_parameters(module) as frozen:
+        assert frozen == [module.weight] and not any(p.requires_grad for p in module.parameters())
+        raise RuntimeError
+    assert module.weight.requires_grad and not module.bias.requires_grad
