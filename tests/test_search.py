@@ -192,7 +192,7 @@ def test_bad_config_is_refused():
 # --------------------------------------------------------------------------- state and step
 
 
-def _fresh_state(bridge, stats, config: SearchConfig, grans=("neuron", "head")) -> SearchState:
+def _fresh_state(bridge, config: SearchConfig, grans=("neuron", "head")) -> SearchState:
     run = {"config": config.to_dict(), "granularities": list(grans), "target": "bigram", "model_id": model_id(bridge)}
     return SearchState.fresh(bridge, config, run)
 
@@ -206,7 +206,7 @@ def test_search_step_changes_the_logits_and_returns_a_finite_loss(tiny_neox, cor
     train, _, stats = corpus
     config = _quick()
     with frozen_parameters(bridge):
-        state = _fresh_state(bridge, stats, config)
+        state = _fresh_state(bridge, config)
         before = _logits(state)
         losses = search_step(state, bridge, torch.as_tensor(train[:8], dtype=torch.long), Target.bigram(stats), config)
     assert math.isfinite(losses.loss) and math.isfinite(losses.target_loss)
@@ -222,7 +222,7 @@ def test_search_step_refuses_a_non_finite_loss_before_stepping(tiny_neox, corpus
     train, _, stats = corpus
     config = _quick()
     with frozen_parameters(bridge):
-        state = _fresh_state(bridge, stats, config, grans=("head",))
+        state = _fresh_state(bridge, config, grans=("head",))
         before = _logits(state)
         with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 1 \(lambda 1\)"):
             search_step(state, bridge, torch.as_tensor(train[:8], dtype=torch.long),
@@ -238,9 +238,10 @@ def test_state_save_load_round_trip_continues_identically(tiny_neox, corpus, tmp
     target = Target.bigram(stats)
     batches = [torch.as_tensor(train[i * 8 : (i + 1) * 8], dtype=torch.long) for i in range(5)]
     with frozen_parameters(bridge):
-        state = _fresh_state(bridge, stats, config)
+        state = _fresh_state(bridge, config)
         for batch in batches[:3]:
-            state.history.append({"step": state.step + 1, "loss": search_step(state, bridge, batch, target, config).loss})
+            losses = search_step(state, bridge, batch, target, config)
+            state.history.append({"step": state.step, "loss": losses.loss})
         state.save(tmp_path / CHECKPOINT_FILE)
         saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
         assert set(saved) == CHECKPOINT_KEYS and saved["step"] == 3 and saved["target"] == "bigram"
