@@ -32,9 +32,12 @@ columns of O.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -46,19 +49,35 @@ from torch.nn.utils import parametrize
 from bigram_circuits.errors import MaskError
 
 __all__ = [
+    "ATTN_MATRICES",
     "DEFAULT_GRANULARITIES",
     "GRANULARITIES",
+    "MLP_MATRICES",
     "PARAMETERIZATIONS",
+    "RUN_MODES",
+    "Block",
     "ContinuousSparsification",
+    "ForwardMasks",
+    "Granularity",
     "HardConcrete",
     "MaskComponent",
+    "MaskKey",
+    "MaskKind",
+    "MaskParameterization",
     "MaskSet",
+    "Matrix",
     "ModelGeometry",
+    "ParameterizationName",
+    "PenaltyWeighting",
+    "RunMode",
+    "UnitGranularity",
+    "apply_binary_masks",
     "attach_masks",
     "author_dict_to_weight_masks",
     "author_parameter_names",
     "component_device",
     "expand_to_weight_masks",
+    "make_parameterization",
     "mask_components",
     "masks_attached",
     "model_geometry",
@@ -67,10 +86,158 @@ __all__ = [
     "weight_tensor",
 ]
 
-GRANULARITIES: tuple[str, ...] = ("neuron", "head", "weight")
+# --------------------------------------------------------------------------- vocabulary
+
+Granularity = Literal["neuron", "head", "weight"]
+UnitGranularity = Literal["neuron", "head"]
+ParameterizationName = Literal["continuous", "hard_concrete"]
+PenaltyWeighting = Literal["params", "entries"]
+RunMode = Literal["keep", "ablate"]  # keep only the masked-in entries, or remove them (keep the complement)
+Block = Literal["attn", "mlp"]
+Matrix = Literal["q", "k", "v", "o", "in", "gate", "out"]
+MaskKind = Literal["head", "neuron", "q", "k", "v", "o", "in", "gate", "out"]
+
+GRANULARITIES: tuple[Granularity, ...] = ("neuron", "head", "weight")
 # The paper's unit: what searches, sweeps, ``find`` and ``figures`` use unless told otherwise.
-DEFAULT_GRANULARITIES: tuple[str, ...] = ("weight",)
-PARAMETERIZATIONS: tuple[str, ...] = ("continuous", "hard_concrete")
+DEFAULT_GRANULARITIES: tuple[Granularity, ...] = ("weight",)
+PARAMETERIZATIONS: tuple[ParameterizationName, ...] = ("continuous", "hard_concrete")
+RUN_MODES: tuple[RunMode, ...] = ("keep", "ablate")
+ATTN_MATRICES: tuple[Matrix, ...] = ("q", "k", "v", "o")
+MLP_MATRICES: tuple[Matrix, ...] = ("in", "gate", "out")
+
+# Unit granularity -> (block, hook point under the block) it is applied at.
+_UNIT_HOOKS: dict[str, tuple[Block, str]] = {"head": ("attn", "hook_z"), "neuron": ("mlp", "hook_post")}
+_KEY_PATTERN = re.compile(
+    r"blocks\.(0|[1-9][0-9]*)\.(attn|mlp)\.(?:(hook_z|hook_post)|(q|k|v|o|in|gate|out)\.weight)"
+)
+_UNKNOWN_KEY = "unknown mask key {!r}; keys look like blocks.0.mlp.hook_post or blocks.0.attn.q.weight"
+
+
+def _block_of(kind: str) -> Block | None:
+    if kind in _UNIT_HOOKS:
+        return _UNIT_HOOKS[kind][0]
+    if kind in ATTN_MATRICES:
+        return "attn"
+    if kind in MLP_MATRICES:
+        return "mlp"
+    return None
+
+
+@dataclass(frozen=True, order=True)
+class MaskKey:
+    """One mask key: the heads (``kind="head"``) or neurons (``"neuron"``) of a layer, or one of
+    its weight matrices (``kind`` a matrix name). The only place mask-key strings are built and
+    parsed; ``str(key)`` is the string used in mask dicts and saved files:
+
+    - heads: ``blocks.{L}.attn.hook_z`` (:attr:`hook_name`, the HookPoint it gates),
+    - neurons: ``blocks.{L}.mlp.hook_post``,
+    - weights: ``blocks.{L}.attn.{q,k,v,o}.weight`` / ``blocks.{L}.mlp.{in,gate,out}.weight``
+      (:attr:`parameter_name`).
+
+    ``MaskKey.parse(str(key)) == key`` for every key.
+    """
+
+    layer: int
+    block: Block
+    kind: MaskKind
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise MaskError(f"a mask key's layer must be an int >= 0, got {self.layer!r}")
+        expected = _block_of(self.kind)
+        if expected is None or expected != self.block:
+            raise MaskError(
+                f"no mask key for kind {self.kind!r} in block {self.block!r}; kinds: head (attn), neuron (mlp), "
+                f"{', '.join(ATTN_MATRICES)} (attn), {', '.join(MLP_MATRICES)} (mlp)"
+            )
+
+    @classmethod
+    def head(cls, layer: int) -> MaskKey:
+        """The key of ``layer``'s attention heads (values [n_heads])."""
+        return cls(int(layer), "attn", "head")
+
+    @classmethod
+    def neuron(cls, layer: int) -> MaskKey:
+        """The key of ``layer``'s MLP neurons (values [d_mlp])."""
+        return cls(int(layer), "mlp", "neuron")
+
+    @classmethod
+    def unit(cls, granularity: UnitGranularity, layer: int) -> MaskKey:
+        """The head or neuron key of ``layer``."""
+        if granularity not in _UNIT_HOOKS:
+            raise MaskError(f"unit granularity must be 'neuron' or 'head', got {granularity!r}")
+        return cls(int(layer), _UNIT_HOOKS[granularity][0], granularity)
+
+    @classmethod
+    def weight(cls, layer: int, kind: Matrix) -> MaskKey:
+        """The key of one weight matrix of ``layer`` (``kind`` in q, k, v, o, in, gate, out)."""
+        block = "attn" if kind in ATTN_MATRICES else "mlp"
+        return cls(int(layer), block, kind)
+
+    @classmethod
+    def parse(cls, text: str | MaskKey) -> MaskKey:
+        """The key a mask-key string names; ``MaskError`` for anything else."""
+        if isinstance(text, MaskKey):
+            return text
+        found = cls.try_parse(text)
+        if found is None:
+            raise MaskError(_UNKNOWN_KEY.format(text))
+        return found
+
+    @classmethod
+    def try_parse(cls, text: object) -> MaskKey | None:
+        """:meth:`parse`, or ``None`` when ``text`` is no mask key."""
+        if isinstance(text, MaskKey):
+            return text
+        match = _KEY_PATTERN.fullmatch(text) if isinstance(text, str) else None
+        if match is None:
+            return None
+        layer, block, hook, matrix = match.groups()
+        if hook is not None:
+            kind = next(g for g, (b, h) in _UNIT_HOOKS.items() if h == hook)
+            return cls(int(layer), block, kind) if _UNIT_HOOKS[kind][0] == block else None
+        return cls(int(layer), block, matrix) if _block_of(matrix) == block else None
+
+    @classmethod
+    def is_unit_key(cls, text: object) -> bool:
+        """Whether ``text`` is a head or neuron mask key."""
+        found = cls.try_parse(text)
+        return found is not None and found.is_unit
+
+    @staticmethod
+    def hook_template(granularity: UnitGranularity) -> str:
+        """The HookPoint name of a unit granularity with a ``{layer}`` field (for str.format)."""
+        if granularity not in _UNIT_HOOKS:
+            raise MaskError(f"unit granularity must be 'neuron' or 'head', got {granularity!r}")
+        block, hook = _UNIT_HOOKS[granularity]
+        return "blocks.{layer}." + f"{block}.{hook}"
+
+    @property
+    def granularity(self) -> Granularity:
+        return self.kind if self.kind in _UNIT_HOOKS else "weight"  # type: ignore[return-value]
+
+    @property
+    def is_unit(self) -> bool:
+        """Whether the key masks heads or neurons (an activation), not a weight matrix."""
+        return self.kind in _UNIT_HOOKS
+
+    @property
+    def hook_name(self) -> str:
+        """The HookPoint a head/neuron key gates (``MaskError`` for a weight key)."""
+        if not self.is_unit:
+            raise MaskError(f"weight mask key {self.parameter_name!r} gates a matrix, not a hook point")
+        return self.hook_template(self.kind).format(layer=self.layer)  # type: ignore[arg-type]
+
+    @property
+    def parameter_name(self) -> str:
+        """The name of a weight key (``MaskError`` for a head/neuron key)."""
+        if self.is_unit:
+            raise MaskError(f"mask key {self.hook_name!r} gates activations, not a weight matrix")
+        return f"blocks.{self.layer}.{self.block}.{self.kind}.weight"
+
+    def __str__(self) -> str:
+        return self.hook_name if self.is_unit else self.parameter_name
+
 
 _ATTACHED_FLAG = "_bigram_circuits_masks_attached"
 
@@ -105,15 +272,27 @@ class MaskComponent:
 
     ``kind`` is ``neuron``, ``head`` or a matrix name (``q``, ``k``, ``v``, ``o``, ``in``,
     ``gate``, ``out``); ``block`` is ``attn`` or ``mlp`` (used for per-layer shares).
+    ``key`` is ``str(mask_key)`` (a string, as in mask dicts and saved files).
     """
 
     key: str
-    granularity: str
+    granularity: Granularity
     layer: int
-    block: str
-    kind: str
+    block: Block
+    kind: MaskKind
     shape: tuple[int, ...]
     params_per_entry: float
+
+    @classmethod
+    def of(cls, key: MaskKey, shape: Sequence[int], params_per_entry: float) -> MaskComponent:
+        """The component of ``key`` (its string, granularity, layer, block and kind)."""
+        return cls(key=str(key), granularity=key.granularity, layer=key.layer, block=key.block, kind=key.kind,
+                   shape=tuple(int(s) for s in shape), params_per_entry=float(params_per_entry))
+
+    @property
+    def mask_key(self) -> MaskKey:
+        """The typed key of this component (from its layer, block and kind)."""
+        return MaskKey(self.layer, self.block, self.kind)
 
     @property
     def n_entries(self) -> int:
@@ -225,23 +404,15 @@ def mask_components(bridge, granularities: str | Sequence[str] = ("neuron", "hea
     components: list[MaskComponent] = []
     for layer in range(geo.n_layers):
         if "head" in grans:
-            components.append(MaskComponent(
-                key=f"blocks.{layer}.attn.hook_z", granularity="head", layer=layer, block="attn",
-                kind="head", shape=(geo.n_heads,), params_per_entry=head_params,
-            ))
+            components.append(MaskComponent.of(MaskKey.head(layer), (geo.n_heads,), head_params))
         if "neuron" in grans:
-            components.append(MaskComponent(
-                key=f"blocks.{layer}.mlp.hook_post", granularity="neuron", layer=layer, block="mlp",
-                kind="neuron", shape=(geo.d_mlp,), params_per_entry=float(geo.d_model * (n_in_matrices + 1)),
-            ))
+            components.append(MaskComponent.of(
+                MaskKey.neuron(layer), (geo.d_mlp,), float(geo.d_model * (n_in_matrices + 1))))
         if "weight" in grans:
-            for kind, (block_name, module) in _linear_bridges(bridge, layer).items():
+            for kind, (_, module) in _linear_bridges(bridge, layer).items():
                 weight = module.original_component.weight
                 shape = tuple(weight.shape[::-1]) if _weight_layout(module) else tuple(weight.shape)
-                components.append(MaskComponent(
-                    key=f"blocks.{layer}.{block_name}.{kind}.weight", granularity="weight", layer=layer,
-                    block=block_name, kind=kind, shape=tuple(int(s) for s in shape), params_per_entry=1.0,
-                ))
+                components.append(MaskComponent.of(MaskKey.weight(layer, kind), shape, 1.0))
     return components
 
 
@@ -350,58 +521,155 @@ def masks_attached(bridge) -> bool:
     return bool(getattr(bridge, _ATTACHED_FLAG, False))
 
 
+# Hook levels of our attachments: negative, so they never collide with the levels TransformerLens'
+# own ``hooks()`` / ``run_with_cache`` contexts use (1, 2, ...).
+_HOOK_LEVELS = itertools.count(1)
+
+
+@contextlib.contextmanager
+def _exclusive(bridge) -> Iterator[None]:
+    """Mark ``bridge`` as masked inside the block; refuse a second attachment."""
+    if getattr(bridge, _ATTACHED_FLAG, False):
+        raise MaskError("masks are already applied to this model; exit the other `with` block first")
+    object.__setattr__(bridge, _ATTACHED_FLAG, True)
+    try:
+        yield
+    finally:
+        object.__setattr__(bridge, _ATTACHED_FLAG, False)
+
+
+@contextlib.contextmanager
+def _activation_hook(hook_point, hook_fn: Callable, level: int) -> Iterator[None]:
+    """``hook_fn`` as a forward hook on ``hook_point`` inside the block: added first (so caches
+    and user hooks see its output) and permanent (so ``reset_hooks()`` leaves it alone); removed
+    on exit by its level, through ``HookPoint.remove_hooks`` (public TransformerLens API; no
+    reliance on what ``add_hook`` returns)."""
+    hook_point.add_hook(hook_fn, dir="fwd", is_permanent=True, level=level, prepend=True)
+    try:
+        yield
+    finally:
+        hook_point.remove_hooks("fwd", including_permanent=True, level=level)
+
+
+@contextlib.contextmanager
+def _weight_parametrization(module: nn.Module, parametrization: nn.Module) -> Iterator[None]:
+    """``module.weight`` computed by ``parametrization`` inside the block (the original weight
+    is restored unchanged on exit)."""
+    parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
+    try:
+        yield
+    finally:
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+
+def _unit_hook(granularity: str, mask_of: Callable[[], torch.Tensor]) -> Callable:
+    """A hook multiplying a neuron activation [b, p, d_mlp] or head output [b, p, h, d_head] by a mask."""
+    if granularity == "neuron":
+        def hook_fn(act, hook):
+            return act * mask_of().to(act.device, act.dtype)
+    else:
+        def hook_fn(act, hook):
+            return act * mask_of().to(act.device, act.dtype)[:, None]
+    return hook_fn
+
+
 @contextlib.contextmanager
 def attach_masks(
     bridge, components: Sequence[MaskComponent], mask_for: Callable[[str], torch.Tensor]
 ) -> Iterator[None]:
     """Multiply every component's activation or weight by ``mask_for(key)`` inside the block.
 
+    The one way masks are applied (mask sets, subnetworks, candidates all come here).
     ``mask_for`` is called at every forward pass (so a learnable soft mask stays differentiable).
     Neuron and head masks are forward hooks on the HookPoints (added first, so caches and user
     hooks see masked activations; permanent, so ``reset_hooks()`` leaves them alone); weight
-    masks are ``torch.nn.utils.parametrize`` parametrizations, removed on exit. Only one mask
-    attachment per bridge at a time: a second raises ``MaskError``.
+    masks are ``torch.nn.utils.parametrize`` parametrizations. Everything is removed on exit,
+    also when the block raises. Only one mask attachment per bridge at a time: a second (nested)
+    one raises ``MaskError``.
     """
-    if getattr(bridge, _ATTACHED_FLAG, False):
-        raise MaskError("masks are already applied to this model; exit the other `with` block first")
-    hook_handles: list[tuple[object, object]] = []
-    parametrized: list[nn.Module] = []
-    object.__setattr__(bridge, _ATTACHED_FLAG, True)
-    try:
+    level = -next(_HOOK_LEVELS)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_exclusive(bridge))
         for component in components:
             key = component.key
+            mask_of = lambda key=key: mask_for(key)  # bound per component
             if component.granularity == "weight":
                 module, transposed = _weight_module(bridge, component)
-                parametrize.register_parametrization(
-                    module, "weight",
-                    _WeightMaskParametrization(lambda key=key: mask_for(key), transposed, module),
-                    unsafe=True,
-                )
-                parametrized.append(module)
+                stack.enter_context(
+                    _weight_parametrization(module, _WeightMaskParametrization(mask_of, transposed, module)))
                 continue
-            if key not in bridge.hook_dict:
-                raise MaskError(f"hook {key!r} does not exist on this model; check the granularity")
-            hook_point = bridge.hook_dict[key]
-            if component.granularity == "neuron":
-                def hook_fn(act, hook, key=key):
-                    return act * mask_for(key).to(act.device, act.dtype)
-            else:
-                def hook_fn(act, hook, key=key):
-                    return act * mask_for(key).to(act.device, act.dtype)[:, None]
-            handle = hook_point.add_hook(hook_fn, is_permanent=True, prepend=True)
-            hook_handles.append((hook_point, handle))
+            hook_name = component.mask_key.hook_name
+            if hook_name not in bridge.hook_dict:
+                raise MaskError(f"hook {hook_name!r} does not exist on this model; check the granularity")
+            stack.enter_context(
+                _activation_hook(bridge.hook_dict[hook_name], _unit_hook(component.granularity, mask_of), level))
         yield
-    finally:
-        for hook_point, handle in hook_handles:
-            handle.hook.remove()
-            if handle in hook_point.fwd_hooks:
-                hook_point.fwd_hooks.remove(handle)
-        for module in parametrized:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-        object.__setattr__(bridge, _ATTACHED_FLAG, False)
+
+
+@contextlib.contextmanager
+def apply_binary_masks(
+    bridge,
+    masks: Mapping[str, torch.Tensor],
+    mode: RunMode = "keep",
+    components: Sequence[MaskComponent] | None = None,
+) -> Iterator:
+    """Run ``bridge`` with fixed boolean masks (True = kept) inside the block; yields the bridge.
+
+    ``mode="keep"`` keeps the True entries, ``"ablate"`` the False ones. ``masks`` may cover any
+    subset of the bridge's mask keys (``components`` says what they are; by default the
+    bridge's own components of those keys). Each mask goes to the device of the tensor it gates
+    in the model's dtype. Built on :func:`attach_masks`, so the same exclusivity applies.
+    """
+    if mode not in RUN_MODES:
+        raise MaskError(f"mode must be 'keep' or 'ablate', got {mode!r}")
+    if components is None:
+        keys = {str(MaskKey.parse(key)) for key in masks}
+        grans = parse_granularities(sorted({MaskKey.parse(key).granularity for key in masks})) if masks else ()
+        components = [c for c in mask_components(bridge, grans) if c.key in keys] if grans else []
+        missing = sorted(keys - {c.key for c in components})
+        if missing:
+            raise MaskError(f"hook {missing[0]!r} does not exist on this model; check the granularity")
+    by_key = {c.key: c for c in components}
+    dtype = next(bridge.parameters()).dtype
+    # Each mask goes to the device of the tensor it gates (layers may live on several devices).
+    floats = {}
+    for key, mask in masks.items():
+        mask = torch.as_tensor(mask).bool()
+        floats[key] = (mask if mode == "keep" else ~mask).to(
+            device=component_device(bridge, by_key[key]), dtype=dtype)
+    with attach_masks(bridge, list(components), floats.__getitem__):
+        yield bridge
 
 
 # --------------------------------------------------------------------------- parameterisations
+
+
+@runtime_checkable
+class MaskParameterization(Protocol):
+    """How mask logits become masks: the strategy a :class:`MaskSet` takes.
+
+    ``name`` is what configs and saved runs call it; ``sample_is_probability`` says that
+    :meth:`sample` equals :meth:`probability` (so the penalty may be summed from the forward
+    pass's masks, sharing their graph); ``stochastic`` that :meth:`sample` draws noise from the
+    mask set's generator while training. The final (binary) mask is always ``logit > 0``.
+    """
+
+    name: str
+    sample_is_probability: bool
+    stochastic: bool
+
+    def sample(self, logits: Float[torch.Tensor, "*shape"], temperature: float, training: bool,
+               generator: torch.Generator | None) -> Float[torch.Tensor, "*shape"]:
+        """The mask the forward pass multiplies by (differentiable w.r.t. ``logits``)."""
+        ...
+
+    def probability(self, logits: Float[torch.Tensor, "*shape"], temperature: float) -> Float[torch.Tensor, "*shape"]:
+        """The soft mask / P(entry on): the sparsity penalty, densities and the stopping rule."""
+        ...
+
+    def logit_at(self, p: float, temperature: float) -> float:
+        """The logit at which :meth:`probability` equals ``p``."""
+        ...
 
 
 class ContinuousSparsification:
@@ -409,6 +677,7 @@ class ContinuousSparsification:
 
     name = "continuous"
     sample_is_probability = True  # the forward mask is the penalty's soft mask
+    stochastic = False
 
     def logit_at(self, p: float, temperature: float) -> float:
         """The logit at which the soft mask equals ``p``."""
@@ -431,6 +700,7 @@ class HardConcrete:
 
     name = "hard_concrete"
     sample_is_probability = False
+    stochastic = True
 
     def __init__(self, beta: float = 2.0 / 3.0, gamma: float = -0.1, zeta: float = 1.1):
         self.beta, self.gamma, self.zeta = beta, gamma, zeta
@@ -457,12 +727,50 @@ class HardConcrete:
         return math.log(p / (1.0 - p)) + self._l0_shift
 
 
-def _make_parameterization(name: str):
+def make_parameterization(name: ParameterizationName | MaskParameterization) -> MaskParameterization:
+    """The parameterization called ``name`` (an instance is returned as it is)."""
+    if not isinstance(name, str):
+        if isinstance(name, MaskParameterization):
+            return name
+        raise MaskError(f"{type(name).__name__} is not a mask parameterization (needs name, sample, "
+                        "probability, logit_at, sample_is_probability, stochastic)")
     if name == "continuous":
         return ContinuousSparsification()
     if name == "hard_concrete":
         return HardConcrete()
     raise MaskError(f"unknown parameterization {name!r}; use 'continuous' or 'hard_concrete'")
+
+
+_make_parameterization = make_parameterization  # the old private name
+
+
+class ForwardMasks(Mapping[str, torch.Tensor]):
+    """The masks the forward passes inside one :meth:`MaskSet.attach` block used, by key.
+
+    Each key's mask is computed the first time the forward pass needs it (so hard concrete
+    noise is drawn in the forward pass's order) and reused for the rest of the block. Yielded by
+    ``attach``; pass it to :meth:`MaskSet.penalty` to sum the penalty from these very tensors.
+    """
+
+    def __init__(self, compute: Callable[[str], torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None):
+        self._compute = compute
+        self._masks: dict[str, torch.Tensor] = dict(masks or {})
+
+    def mask(self, key: str) -> torch.Tensor:
+        """``key``'s mask for this block (computed now on first use)."""
+        found = self._masks.get(key)
+        if found is None:
+            found = self._masks[key] = self._compute(key)
+        return found
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._masks[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
 
 
 def _safe(key: str) -> str:
@@ -472,8 +780,10 @@ def _safe(key: str) -> str:
 class MaskSet(nn.Module):
     """Learnable mask logits keyed by component name, with soft/binary views and densities.
 
-    Build with :meth:`for_model`; use ``with mask_set.attach(bridge):`` to run the bridge with
-    the current soft masks (differentiable w.r.t. the logits). ``temperature`` (a float, saved in
+    Build with :meth:`for_model`; use ``with mask_set.attach(bridge) as used:`` to run the bridge
+    with the current soft masks (differentiable w.r.t. the logits; ``used`` holds the masks that
+    forward used, see :class:`ForwardMasks`). The mask strategy is a
+    :class:`MaskParameterization` (a name or an instance). ``temperature`` (a float, saved in
     the state dict) is what the search multiplies after every step; ``penalty()`` is ``sum(soft mask x size) / total size``
     (``penalty_weighting="params"``: entries weighted by the weights they gate, identical to the
     paper's ``sum(soft mask) / |M|`` for weight masks) or the plain mean over entries
@@ -483,10 +793,10 @@ class MaskSet(nn.Module):
     def __init__(
         self,
         components: Sequence[MaskComponent],
-        parameterization: str = "continuous",
+        parameterization: ParameterizationName | MaskParameterization = "continuous",
         init: float = 0.0,
         always_off: Mapping[str, torch.Tensor] | None = None,
-        penalty_weighting: str = "params",
+        penalty_weighting: PenaltyWeighting = "params",
         device: torch.device | str = "cpu",
         devices: Mapping[str, torch.device | str] | None = None,
     ):
@@ -496,7 +806,7 @@ class MaskSet(nn.Module):
         if penalty_weighting not in {"params", "entries"}:
             raise MaskError(f"penalty_weighting must be 'params' or 'entries', got {penalty_weighting!r}")
         self.components: dict[str, MaskComponent] = {c.key: c for c in components}
-        self.parameterization = _make_parameterization(parameterization)
+        self.parameterization: MaskParameterization = make_parameterization(parameterization)
         self.penalty_weighting = penalty_weighting
         # Each key's logits live where its gated tensor lives (``devices``, e.g. one device per
         # layer under a device_map); keys not in ``devices`` go to ``device``.
@@ -517,10 +827,8 @@ class MaskSet(nn.Module):
         weights = {c.key: (c.params_per_entry if penalty_weighting == "params" else 1.0) for c in components}
         self._penalty_weight = weights
         self._penalty_total = sum(c.n_entries * weights[c.key] for c in components)
-        self._forward_masks: dict[str, torch.Tensor] = {}
-        self._caching = False
         self.generator: torch.Generator | None = None
-        if self.parameterization.name == "hard_concrete":
+        if self.parameterization.stochastic:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(0)
 
@@ -537,9 +845,9 @@ class MaskSet(nn.Module):
         cls,
         bridge,
         granularities: str | Sequence[str] = ("neuron", "head"),
-        parameterization: str = "continuous",
+        parameterization: ParameterizationName | MaskParameterization = "continuous",
         init: float = 0.0,
-        penalty_weighting: str = "params",
+        penalty_weighting: PenaltyWeighting = "params",
     ) -> MaskSet:
         """Mask logits for every component of ``bridge`` at the given granularities."""
         components = mask_components(bridge, granularities)
@@ -575,19 +883,12 @@ class MaskSet(nn.Module):
         return None if name is None else ~getattr(self, name)
 
     def soft_mask(self, key: str) -> torch.Tensor:
-        """The mask the forward pass uses now (sampled gates while training for hard concrete).
-
-        Inside :meth:`attach` it is computed once per key and kept until the next ``attach``,
-        so ``penalty(reuse_forward_masks=True)`` can reuse it instead of recomputing."""
-        cached = self._forward_masks.get(key)
-        if cached is not None:
-            return cached
+        """A fresh forward mask of ``key`` (sampled gates while training for hard concrete: each
+        call draws new noise). Inside :meth:`attach` the forward pass computes it once per key
+        (see :class:`ForwardMasks`)."""
         mask = self.parameterization.sample(self.logit(key), self.temperature, self.training, self.generator)
         allowed = self._allowed(key)
-        mask = mask if allowed is None else mask * allowed
-        if self._caching:
-            self._forward_masks[key] = mask
-        return mask
+        return mask if allowed is None else mask * allowed
 
     def probability(self, key: str) -> torch.Tensor:
         """Soft mask (continuous) or P(gate on) (hard concrete), zero where always off."""
@@ -629,21 +930,28 @@ class MaskSet(nn.Module):
 
     # ---- objective pieces
 
-    def penalty(self, reuse_forward_masks: bool = False) -> Float[torch.Tensor, ""]:
+    def penalty(
+        self, forward_masks: Mapping[str, torch.Tensor] | None = None, reuse_forward_masks: bool = False
+    ) -> Float[torch.Tensor, ""]:
         """Weighted mean of the soft mask (the sparsity term, multiplied by lambda in the loss).
 
-        ``reuse_forward_masks=True`` (continuous sparsification) sums the masks the last
-        ``attach`` forward used, sharing their graph: one sigmoid per step instead of two. Use it
-        only before that forward's ``backward()``."""
-        reuse = (reuse_forward_masks and self.parameterization.sample_is_probability
-                 and len(self._forward_masks) == len(self.components))
+        A function of the logits, the temperature and ``forward_masks`` only. ``forward_masks``
+        (what ``attach`` yielded: the masks of the forward pass this penalty goes with): when
+        the parameterization's forward mask is its probability (continuous sparsification) and
+        it holds every key, the penalty is summed from those very tensors, sharing their graph
+        (one sigmoid per step instead of two; the same value, and the same gradients as one
+        graph). Otherwise the probabilities are computed here.
+
+        ``reuse_forward_masks`` is accepted and ignored (it used to reuse masks the mask set
+        cached from the last forward pass; pass ``forward_masks`` instead)."""
+        del reuse_forward_masks  # kept for callers of the old signature; see the docstring
+        reuse = (forward_masks is not None and self.parameterization.sample_is_probability
+                 and all(key in forward_masks for key in self.components))
         total = None
         for key in self.components:
-            p = self._forward_masks[key] if reuse else self.probability(key)
+            p = forward_masks[key] if reuse else self.probability(key)
             term = (p.sum() * self._penalty_weight[key]).to(self.device)  # masks may span devices
             total = term if total is None else total + term
-        if reuse:
-            self._forward_masks = {}  # hand the graph over to the loss; don't keep it alive
         return total / self._penalty_total
 
     def decision_counts(self, low: float = 0.1, high: float = 0.9) -> tuple[int, int, int]:
@@ -697,17 +1005,15 @@ class MaskSet(nn.Module):
         return {key: self.soft_mask(key) for key in self.components}
 
     @contextlib.contextmanager
-    def attach(self, bridge) -> Iterator[MaskSet]:
-        """Run ``bridge`` with the current soft masks inside the block."""
-        self._forward_masks = {}
-        self._caching = True
-        try:
-            if getattr(self, "gather_masks_in_forward", False):  # sharded logits: gather them now
-                self._forward_masks = dict(self())
-            with attach_masks(bridge, list(self.components.values()), self.soft_mask):
-                yield self
-        finally:
-            self._caching = False
+    def attach(self, bridge) -> Iterator[ForwardMasks]:
+        """Run ``bridge`` with the current soft masks inside the block; yields the
+        :class:`ForwardMasks` of the block (each key's mask computed once, on first use by the
+        forward pass, and shared by every forward pass in the block)."""
+        # Sharded logits (distributed.shard_mask_set): gather them now, around one self() call.
+        initial = dict(self()) if getattr(self, "gather_masks_in_forward", False) else None
+        used = ForwardMasks(self.soft_mask, initial)
+        with attach_masks(bridge, list(self.components.values()), used.mask):
+            yield used
 
 
 # --------------------------------------------------------------------------- weight-level views
@@ -732,35 +1038,33 @@ def expand_to_weight_masks(
     shapes = {"q": (d_q, g.d_model), "k": (d_kv, g.d_model), "v": (d_kv, g.d_model),
               "o": (g.d_model, d_q), "in": (g.d_mlp, g.d_model), "gate": (g.d_mlp, g.d_model),
               "out": (g.d_model, g.d_mlp)}
-    kinds = ("q", "k", "v", "o", "in", "gate", "out") if g.gated_mlp else ("q", "k", "v", "o", "in", "out")
+    kinds = ATTN_MATRICES + MLP_MATRICES if g.gated_mlp else ATTN_MATRICES + ("in", "out")
     layer_set = set(range(g.n_layers) if layers is None else layers)
     out: dict[str, torch.Tensor] = {}
     for layer in sorted(layer_set):
         for kind in kinds:
-            block = "attn" if kind in ("q", "k", "v", "o") else "mlp"
-            out[f"blocks.{layer}.{block}.{kind}.weight"] = torch.ones(shapes[kind], dtype=torch.bool)
+            out[str(MaskKey.weight(layer, kind))] = torch.ones(shapes[kind], dtype=torch.bool)
     for key, mask in masks.items():
         c = components[key]
         if c.layer not in layer_set:
             continue
         mask = mask.to(torch.bool).cpu()
+        matrix = lambda kind, layer=c.layer: str(MaskKey.weight(layer, kind))
         if c.granularity == "weight":
             out[key] &= mask
         elif c.granularity == "neuron":
-            base = f"blocks.{c.layer}.mlp"
-            out[f"{base}.in.weight"] &= mask[:, None]
+            out[matrix("in")] &= mask[:, None]
             if g.gated_mlp:
-                out[f"{base}.gate.weight"] &= mask[:, None]
-            out[f"{base}.out.weight"] &= mask[None, :]
+                out[matrix("gate")] &= mask[:, None]
+            out[matrix("out")] &= mask[None, :]
         else:
-            base = f"blocks.{c.layer}.attn"
             rows_q = mask.repeat_interleave(g.d_head)
             kv_heads = mask.view(g.n_kv_heads, g.n_heads // g.n_kv_heads).any(dim=1)
             rows_kv = kv_heads.repeat_interleave(g.d_head)
-            out[f"{base}.q.weight"] &= rows_q[:, None]
-            out[f"{base}.k.weight"] &= rows_kv[:, None]
-            out[f"{base}.v.weight"] &= rows_kv[:, None]
-            out[f"{base}.o.weight"] &= rows_q[None, :]
+            out[matrix("q")] &= rows_q[:, None]
+            out[matrix("k")] &= rows_kv[:, None]
+            out[matrix("v")] &= rows_kv[:, None]
+            out[matrix("o")] &= rows_q[None, :]
     return out
 
 
@@ -804,8 +1108,7 @@ def author_parameter_names(geometry: ModelGeometry) -> dict[str, str]:
                 "GPT-NeoX, GPT-2 and LLaMA-style models"
             )
         for kind, name in table.items():
-            block = "attn" if kind in ("q", "k", "v", "o") else "mlp"
-            names[f"blocks.{layer}.{block}.{kind}.weight"] = name
+            names[str(MaskKey.weight(layer, kind))] = name
     return names
 
 
@@ -816,13 +1119,14 @@ def weight_masks_to_author_dict(
     g = geometry
     out: dict[str, np.ndarray] = {}
     for key, name in author_parameter_names(g).items():
-        layer, kind = key.split(".")[1], key.split(".")[3]
+        mask_key = MaskKey.parse(key)
+        kind = mask_key.kind
         mask = weight_masks[key].to(torch.bool).cpu().numpy()
         fused = g.architecture in (_NEOX, _GPT2) and kind in ("q", "k", "v")
         if fused and kind != "q":
             continue  # written together with q
         if fused:
-            qkv = [weight_masks[f"blocks.{layer}.attn.{x}.weight"].to(torch.bool).cpu().numpy() for x in "qkv"]
+            qkv = [weight_masks[str(MaskKey.weight(mask_key.layer, x))].to(torch.bool).cpu().numpy() for x in "qkv"]
             if g.architecture == _NEOX:
                 per_head = np.stack([m.reshape(g.n_heads, g.d_head, g.d_model) for m in qkv], axis=1)
                 out[name] = per_head.reshape(3 * g.n_heads * g.d_head, g.d_model)
@@ -855,7 +1159,7 @@ def author_dict_to_weight_masks(
     d_q, d_kv = g.n_heads * g.d_head, g.n_kv_heads * g.d_head
     out: dict[str, torch.Tensor] = {}
     for key, name in names.items():
-        kind = key.split(".")[3]
+        kind = MaskKey.parse(key).kind
         if g.architecture == _NEOX and kind in ("q", "k", "v"):
             fused = fetch(name, (3 * d_q, g.d_model)).reshape(g.n_heads, 3, g.d_head, g.d_model)
             arr = fused[:, "qkv".index(kind)].reshape(d_q, g.d_model)

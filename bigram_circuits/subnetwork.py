@@ -35,11 +35,12 @@ from bigram_circuits.errors import MaskError, UnsafeFileError
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir
 from bigram_circuits.masks import (
     MaskComponent,
+    MaskKey,
     ModelGeometry,
-    attach_masks,
+    RunMode,
+    apply_binary_masks,
     author_dict_to_weight_masks,
     author_parameter_names,
-    component_device,
     expand_to_weight_masks,
     mask_components,
     masks_attached,
@@ -155,9 +156,9 @@ class Subnetwork:
         for layer in range(self.geometry.n_layers):
             weights = expand_to_weight_masks(self.geometry, self.components, self.masks, layers=[layer])
             for key, mask in weights.items():
-                kind = key.split(".")[3]
-                rows.append({"layer": layer, "block": "attn" if kind in ("q", "k", "v", "o") else "mlp",
-                             "matrix": kind, "kept_params": int(mask.sum()), "total_params": mask.numel()})
+                mask_key = MaskKey.parse(key)
+                rows.append({"layer": layer, "block": mask_key.block, "matrix": mask_key.kind,
+                             "kept_params": int(mask.sum()), "total_params": mask.numel()})
         return pd.DataFrame(rows)
 
     def n_params(self) -> int:
@@ -187,7 +188,12 @@ class Subnetwork:
     # ---- derived subnetworks
 
     def _with_masks(self, masks: dict[str, torch.Tensor], note: Mapping) -> Subnetwork:
-        return Subnetwork(masks, dict(self.components), self.geometry, self.model_id, {**self.metadata, **note})
+        return self.with_masks(masks, {**self.metadata, **note})
+
+    def with_masks(self, masks: Mapping[str, Bool[torch.Tensor, ...]], metadata: Mapping) -> Subnetwork:
+        """A subnetwork of the same model and components with other ``masks`` (every key) and
+        ``metadata`` (replacing this one's)."""
+        return Subnetwork(dict(masks), dict(self.components), self.geometry, self.model_id, dict(metadata))
 
     def complement(self) -> Subnetwork:
         """Every entry this subnetwork drops (what ``applied(mode="ablate")`` keeps)."""
@@ -225,20 +231,14 @@ class Subnetwork:
             )
 
     @contextlib.contextmanager
-    def applied(self, bridge, mode: str = "keep") -> Iterator:
+    def applied(self, bridge, mode: RunMode = "keep") -> Iterator:
         """Run ``bridge`` with only this subnetwork (``mode="keep"``) or without it
-        (``mode="ablate"``, keeping the complement) inside the block; yields the bridge."""
+        (``mode="ablate"``, keeping the complement) inside the block; yields the bridge.
+        (:func:`bigram_circuits.masks.apply_binary_masks`: one application per bridge at a time.)"""
         if mode not in ("keep", "ablate"):
             raise MaskError(f"mode must be 'keep' or 'ablate', got {mode!r}")
         self.check_model(bridge)
-        dtype = next(bridge.parameters()).dtype
-        # Each mask goes to the device of the tensor it gates (layers may live on several devices).
-        floats = {
-            key: (mask if mode == "keep" else ~mask).to(
-                device=component_device(bridge, self.components[key]), dtype=dtype)
-            for key, mask in self.masks.items()
-        }
-        with attach_masks(bridge, list(self.components.values()), floats.__getitem__):
+        with apply_binary_masks(bridge, self.masks, mode, list(self.components.values())):
             yield bridge
 
     # ---- files
@@ -319,13 +319,14 @@ class Subnetwork:
 
 
 def _granularity_of(key: str) -> str:
-    if key.endswith(".mlp.hook_post"):
-        return "neuron"
-    if key.endswith(".attn.hook_z"):
-        return "head"
-    if key.endswith(".weight"):
-        return "weight"
-    raise MaskError(f"unknown mask key {key!r}; keys look like blocks.0.mlp.hook_post or blocks.0.attn.q.weight")
+    found = MaskKey.try_parse(key)
+    if found is not None:
+        return found.granularity
+    # Not a mask key, but shaped like one of a granularity: reported as not matching the components.
+    for granularity, suffix in (("neuron", ".mlp.hook_post"), ("head", ".attn.hook_z"), ("weight", ".weight")):
+        if key.endswith(suffix):
+            return granularity
+    return MaskKey.parse(key).granularity  # raises MaskError("unknown mask key ...")
 
 
 # Globals a pickle of plain numpy arrays needs; everything else is refused.

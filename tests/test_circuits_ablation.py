@@ -75,6 +75,49 @@ def test_add_candidate_ors_into_the_base_masks(tiny_neox):
         add_candidate(base, Candidate(weights={"blocks.0.mlp.in.weight": torch.ones(2, 2)}), bridge)
 
 
+def test_add_candidate_needs_the_masked_subnetwork_interface(tiny_neox):
+    """``add_candidate`` asks its base only for ``masks``, ``metadata`` and ``with_masks``."""
+    from bigram_circuits.circuits.runs import MaskedSubnetwork
+    from bigram_circuits.subnetwork import Subnetwork
+
+    bridge, _ = tiny_neox
+    assert isinstance(random_units(bridge), MaskedSubnetwork)
+    assert isinstance(Subnetwork.empty(bridge), MaskedSubnetwork)
+
+    class MasksOnly:
+        def __init__(self):
+            self.masks = {"blocks.0.attn.hook_z": torch.zeros(4, dtype=torch.bool)}
+
+    with pytest.raises(MaskError, match="cannot copy itself"):
+        add_candidate(MasksOnly(), Candidate(heads=[(0, 1)]), bridge)
+    with pytest.raises(MaskError, match="has no masks"):
+        add_candidate(object(), Candidate(heads=[(0, 1)]), bridge)
+    with pytest.raises(MaskError, match="no mask"):
+        add_candidate(random_units(bridge), Candidate(weights={"not a key": torch.ones(2)}), bridge)
+
+
+def test_candidate_ablation_equals_zeroing_by_hand(tiny_gpt2):
+    bridge, _ = tiny_gpt2
+    candidate = Candidate(heads=[(0, 1), (1, 3)], neurons=[(1, 7)])
+    tokens = repeated_random_tokens(VOCAB, 6, 2, seed=1)
+
+    def zero(index):
+        def hook(act, hook):
+            act = act.clone()
+            act[:, :, index] = 0.0
+            return act
+
+        return hook
+
+    by_hand = [("blocks.0.attn.hook_z", zero([1])), ("blocks.1.attn.hook_z", zero([3])),
+               ("blocks.1.mlp.hook_post", zero([7]))]
+    with torch.no_grad():
+        expected = bridge.run_with_hooks(tokens, fwd_hooks=by_hand)
+        with candidate.applied(bridge, "ablate"):
+            got = bridge(tokens)
+    torch.testing.assert_close(got, expected)
+
+
 def test_add_candidate_to_a_weight_subnetwork(tiny_neox):
     """Heads / neurons added to a weight-granularity subnetwork switch on the weights they use."""
     from bigram_circuits.subnetwork import Subnetwork

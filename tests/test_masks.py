@@ -9,12 +9,19 @@ import torch
 
 from bigram_circuits.errors import MaskError
 from bigram_circuits.masks import (
+    GRANULARITIES,
+    ContinuousSparsification,
+    ForwardMasks,
     HardConcrete,
+    MaskKey,
+    MaskParameterization,
     MaskSet,
+    apply_binary_masks,
     attach_masks,
     author_dict_to_weight_masks,
     expand_to_weight_masks,
     mask_components,
+    masks_attached,
     model_geometry,
     parse_granularities,
     weight_masks_to_author_dict,
@@ -256,10 +263,212 @@ def test_decision_counts_and_penalty_reuse(tiny_neox, parameterization):
     grads = []
     for reuse in (False, True):
         mask_set.zero_grad()
-        with mask_set.attach(bridge):
+        with mask_set.attach(bridge) as used:
             logits = bridge(_tokens(8))
-        (logits.square().mean() + 3.0 * mask_set.penalty(reuse_forward_masks=reuse)).backward()
+        (logits.square().mean() + 3.0 * mask_set.penalty(used if reuse else None)).backward()
         grads.append({k: mask_set.logit(k).grad.clone() for k in mask_set.keys})
     bridge.zero_grad(set_to_none=True)  # the bridge fixture is shared: leave no base-weight grads
     for key in mask_set.keys:
         assert torch.allclose(grads[0][key], grads[1][key], rtol=1e-5, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- mask keys
+
+
+@pytest.fixture(scope="module")
+def default_bridge():
+    from bigram_circuits.models import load_model
+
+    return load_model("default")[0]
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_every_key_of_the_default_model_round_trips(default_bridge, granularity):
+    components = mask_components(default_bridge, granularity)
+    assert components
+    for c in components:
+        key = MaskKey.parse(c.key)
+        assert str(key) == c.key and key == c.mask_key
+        assert (key.layer, key.block, key.kind, key.granularity) == (c.layer, c.block, c.kind, granularity)
+        if granularity == "weight":
+            assert key.parameter_name == c.key and key == MaskKey.weight(c.layer, c.kind)
+        else:
+            assert key.hook_name == c.key and key.hook_name in default_bridge.hook_dict
+            assert key == MaskKey.unit(granularity, c.layer)
+
+
+def test_key_strings_are_the_saved_ones():
+    assert str(MaskKey.head(3)) == "blocks.3.attn.hook_z"
+    assert str(MaskKey.neuron(0)) == "blocks.0.mlp.hook_post"
+    assert str(MaskKey.weight(11, "q")) == "blocks.11.attn.q.weight"
+    assert str(MaskKey.weight(2, "gate")) == "blocks.2.mlp.gate.weight"
+    assert MaskKey.hook_template("head").format(layer=4) == "blocks.4.attn.hook_z"
+    assert MaskKey.is_unit_key("blocks.1.mlp.hook_post") and not MaskKey.is_unit_key("blocks.1.mlp.in.weight")
+    assert sorted([MaskKey.neuron(1), MaskKey.head(0)]) == [MaskKey.head(0), MaskKey.neuron(1)]
+
+
+@pytest.mark.parametrize("text", [
+    "blocks.0.attn.hook_post", "blocks.0.mlp.hook_z", "blocks.0.attn.in.weight", "blocks.0.mlp.q.weight",
+    "blocks.01.attn.hook_z", "blocks.-1.attn.hook_z", "blocks.0.attn.q", "blocks.0.attn.hook_z.weight",
+    "blocks.0.attn.hook_z ", "blocks.x.mlp.hook_post", "0.attn.hook_z", "", "blocks.0.attn.qq.weight",
+])
+def test_malformed_keys_are_refused(text):
+    assert MaskKey.try_parse(text) is None and not MaskKey.is_unit_key(text)
+    with pytest.raises(MaskError, match="unknown mask key"):
+        MaskKey.parse(text)
+
+
+def test_inconsistent_keys_cannot_be_built():
+    with pytest.raises(MaskError):
+        MaskKey(0, "mlp", "head")
+    with pytest.raises(MaskError):
+        MaskKey(-1, "attn", "head")
+    with pytest.raises(MaskError):
+        MaskKey.unit("weight", 0)
+    with pytest.raises(MaskError, match="not a hook point"):
+        _ = MaskKey.weight(0, "q").hook_name
+    with pytest.raises(MaskError, match="not a weight matrix"):
+        _ = MaskKey.head(0).parameter_name
+
+
+# --------------------------------------------------------------------------- one way to apply masks
+
+
+def _no_mask_trace(bridge) -> bool:
+    from torch.nn.utils import parametrize
+
+    hooks = any(hp.fwd_hooks or hp.bwd_hooks for hp in bridge.hook_dict.values())
+    parametrized = any(parametrize.is_parametrized(m) for m in bridge.modules())
+    return not hooks and not parametrized and not masks_attached(bridge)
+
+
+def test_masks_are_gone_after_the_block_even_when_it_raises(model):
+    bridge, _ = model
+    tokens = _tokens(9)
+    comps = mask_components(bridge, ALL)
+    zeros = {c.key: torch.zeros(c.shape, dtype=torch.bool) for c in comps}
+    with torch.no_grad():
+        reference = bridge(tokens)
+        with pytest.raises(RuntimeError, match="inside"), attach_masks(bridge, comps, _constant(zeros)):
+            assert not torch.allclose(bridge(tokens), reference)
+            raise RuntimeError("inside")
+        assert _no_mask_trace(bridge)
+        assert torch.equal(bridge(tokens), reference)
+        mask_set = MaskSet.for_model(bridge, ALL, init=-3.0)
+        with mask_set.attach(bridge):
+            assert not torch.allclose(bridge(tokens), reference)
+        assert _no_mask_trace(bridge)
+        assert torch.equal(bridge(tokens), reference)
+
+
+def test_nested_or_repeated_application_is_refused_and_leaves_the_outer_one(tiny_neox):
+    """Documented: one mask application per bridge at a time, whatever applies it."""
+    from bigram_circuits.circuits.ablation import Candidate
+    from bigram_circuits.subnetwork import Subnetwork
+
+    bridge, _ = tiny_neox
+    tokens = _tokens(10)
+    sub = Subnetwork.empty(bridge, ("neuron", "head"))
+    mask_set = MaskSet.for_model(bridge, ALL)
+    inner = [
+        lambda: mask_set.attach(bridge),
+        lambda: sub.applied(bridge),
+        lambda: Candidate(heads=[(0, 1)]).applied(bridge),
+        lambda: apply_binary_masks(bridge, {"blocks.0.attn.hook_z": torch.ones(4, dtype=torch.bool)}),
+    ]
+    with torch.no_grad():
+        with sub.applied(bridge):
+            masked = bridge(tokens)
+            for make in inner:
+                with pytest.raises(MaskError, match="already applied"), make():
+                    pass
+                assert masks_attached(bridge)
+                assert torch.equal(bridge(tokens), masked)  # the outer masks are untouched
+        assert _no_mask_trace(bridge)
+        with sub.applied(bridge):  # and the bridge can be masked again afterwards
+            assert torch.equal(bridge(tokens), masked)
+
+
+def test_masks_do_not_rely_on_add_hooks_return_value(tiny_gpt2, monkeypatch):
+    """TransformerLens main's ``HookPoint.add_hook`` returns nothing; removal goes by level."""
+    from transformer_lens.hook_points import HookPoint
+
+    bridge, _ = tiny_gpt2
+    original = HookPoint.add_hook
+
+    def add_hook_returning_none(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HookPoint, "add_hook", add_hook_returning_none)
+    tokens = _tokens(11)
+    comps = mask_components(bridge, ("neuron", "head"))
+    with torch.no_grad():
+        reference = bridge(tokens)
+        with attach_masks(bridge, comps, _constant(_random_binary(comps, seed=2))):
+            masked = bridge(tokens)
+        assert _no_mask_trace(bridge)
+        assert torch.equal(bridge(tokens), reference) and not torch.allclose(masked, reference)
+
+
+def test_user_hooks_inside_the_block_see_masked_activations_and_stay_theirs(tiny_neox):
+    bridge, _ = tiny_neox
+    comps = mask_components(bridge, "neuron")
+    zeros = {c.key: torch.zeros(c.shape, dtype=torch.bool) for c in comps}
+    seen = []
+    with torch.no_grad(), attach_masks(bridge, comps, _constant(zeros)):
+        with bridge.hooks(fwd_hooks=[("blocks.0.mlp.hook_post", lambda act, hook: seen.append(act.abs().max()))]):
+            bridge(_tokens(12))
+        _, cache = bridge.run_with_cache(_tokens(12), names_filter=["blocks.1.mlp.hook_post"])
+        assert len(bridge.hook_dict["blocks.0.mlp.hook_post"].fwd_hooks) == 1  # only the mask is left
+    assert float(seen[0]) == 0.0 and float(cache["blocks.1.mlp.hook_post"].abs().max()) == 0.0
+    assert _no_mask_trace(bridge)
+
+
+# --------------------------------------------------------------------------- parameterizations
+
+
+@pytest.mark.parametrize("cls", [ContinuousSparsification, HardConcrete])
+def test_both_parameterizations_satisfy_the_protocol(cls):
+    strategy = cls()
+    assert isinstance(strategy, MaskParameterization)
+    logits = torch.linspace(-3, 3, 7)
+    for p in (0.1, 0.5, 0.9):
+        at = torch.tensor([strategy.logit_at(p, 2.0)])
+        assert torch.allclose(strategy.probability(at, 2.0), torch.tensor([p]))
+    sample = strategy.sample(logits, 2.0, False, None)
+    assert sample.shape == logits.shape and bool(((sample >= 0) & (sample <= 1)).all())
+    assert strategy.sample_is_probability == torch.equal(sample, strategy.probability(logits, 2.0))
+
+
+def test_mask_set_takes_a_strategy_instance(tiny_neox):
+    bridge, _ = tiny_neox
+    by_name = MaskSet.for_model(bridge, "head", "hard_concrete")
+    strategy = HardConcrete()
+    by_instance = MaskSet.for_model(bridge, "head", strategy)
+    assert by_instance.parameterization is strategy and by_instance.generator is not None
+    assert by_name.state_dict().keys() == by_instance.state_dict().keys()
+    with pytest.raises(MaskError, match="not a mask parameterization"):
+        MaskSet.for_model(bridge, "head", object())
+    with pytest.raises(MaskError, match="unknown parameterization"):
+        MaskSet.for_model(bridge, "head", "sigmoid")
+
+
+@pytest.mark.parametrize("parameterization", ["continuous", "hard_concrete"])
+def test_penalty_does_not_depend_on_forward_passes(tiny_neox, parameterization):
+    bridge, _ = tiny_neox
+    mask_set = MaskSet.for_model(bridge, ALL, parameterization=parameterization)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key in mask_set.keys:
+            mask_set.logit(key).copy_(torch.randn(mask_set.logit(key).shape, generator=gen))
+    mask_set.train()
+    before = mask_set.penalty().detach()
+    with torch.no_grad(), mask_set.attach(bridge) as used:
+        bridge(_tokens(13))
+        bridge(_tokens(14))  # every forward pass in the block shares one mask per key
+    assert isinstance(used, ForwardMasks) and set(used) == set(mask_set.keys)
+    assert torch.equal(mask_set.penalty().detach(), before)  # and the old flag changes nothing
+    assert torch.equal(mask_set.penalty(reuse_forward_masks=True).detach(), before)
+    # Summed from the forward's masks: the same value (continuous) or ignored (hard concrete).
+    assert torch.equal(mask_set.penalty(used).detach(), before)
+    assert torch.equal(mask_set.penalty({}).detach(), before)

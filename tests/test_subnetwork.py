@@ -167,3 +167,45 @@ def test_malicious_pickles_are_refused(tmp_path, tiny_neox):
     wrong_shape.write_bytes(pickle.dumps({"gpt_neox.layers.0.attention.dense.weight": np.ones((2, 2), bool)}))
     with pytest.raises(MaskError):
         Subnetwork.from_author_pickle(wrong_shape, tiny_neox[0])
+
+
+def test_saved_keys_are_the_mask_key_strings(tiny_neox, tmp_path):
+    from safetensors.torch import load_file
+
+    from bigram_circuits.masks import MaskKey
+
+    bridge, _ = tiny_neox
+    sub = _random_subnetwork(bridge, ("neuron", "head", "weight"), seed=12)
+    saved = load_file(str(sub.save(tmp_path / "sub") / "masks.safetensors"))
+    expected = {str(MaskKey.head(L)) for L in range(2)} | {str(MaskKey.neuron(L)) for L in range(2)}
+    expected |= {str(MaskKey.weight(L, k)) for L in range(2) for k in ("q", "k", "v", "o", "in", "out")}
+    assert set(saved) == expected
+    assert "blocks.1.attn.hook_z" in saved and "blocks.0.mlp.in.weight" in saved  # the strings old runs hold
+    assert all(str(MaskKey.parse(key)) == key for key in saved)
+
+
+def test_applied_leaves_no_trace_even_when_the_block_raises(tiny_gpt2):
+    from torch.nn.utils import parametrize
+
+    bridge, _ = tiny_gpt2
+    sub = _random_subnetwork(bridge, ("neuron", "head", "weight"), seed=13)
+    tokens = _tokens(3)
+    with torch.no_grad():
+        full = bridge(tokens)
+        for mode in ("keep", "ablate"):
+            with pytest.raises(KeyError), sub.applied(bridge, mode):
+                assert not torch.allclose(bridge(tokens), full)
+                raise KeyError("inside")
+            assert not any(hp.fwd_hooks for hp in bridge.hook_dict.values())
+            assert not any(parametrize.is_parametrized(m) for m in bridge.modules())
+            assert torch.equal(bridge(tokens), full)
+
+
+def test_with_masks_keeps_model_and_components(tiny_neox):
+    bridge, _ = tiny_neox
+    sub = _random_subnetwork(bridge, ("neuron", "head"), seed=14)
+    other = sub.with_masks({k: ~m for k, m in sub.masks.items()}, {"note": 1})
+    assert other.metadata == {"note": 1} and other.components == sub.components and other.model_id == sub.model_id
+    assert all(torch.equal(other.masks[k], ~sub.masks[k]) for k in sub.masks)
+    with pytest.raises(MaskError, match="do not match"):
+        sub.with_masks({}, {})

@@ -22,7 +22,6 @@ while the run's subnetwork is applied.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +31,9 @@ import torch
 from jaxtyping import Bool, Integer
 from tqdm.auto import tqdm
 
-from bigram_circuits.circuits.runs import RunSpec, SubnetworkLike, run_context
+from bigram_circuits.circuits.runs import MaskedSubnetwork, RunSpec, SubnetworkLike, run_context
 from bigram_circuits.errors import MaskError, TokenError
+from bigram_circuits.masks import MaskKey, RunMode, apply_binary_masks
 
 __all__ = [
     "Candidate",
@@ -55,12 +55,12 @@ Behaviour = Callable[[Any], "float | Mapping[str, float]"]
 
 def head_key(layer: int) -> str:
     """Mask key of the attention heads of ``layer`` (values [n_heads])."""
-    return f"blocks.{layer}.attn.hook_z"
+    return str(MaskKey.head(layer))
 
 
 def neuron_key(layer: int) -> str:
     """Mask key of the MLP neurons of ``layer`` (values [d_mlp])."""
-    return f"blocks.{layer}.mlp.hook_post"
+    return str(MaskKey.neuron(layer))
 
 
 def _pairs(entries: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
@@ -236,8 +236,11 @@ class Candidate:
         )
 
     @contextlib.contextmanager
-    def applied(self, bridge: Any, mode: str = "keep") -> Iterator[Any]:
-        """Zero the candidate's heads and neurons (``ablate``) or all other ones (``keep``)."""
+    def applied(self, bridge: Any, mode: RunMode = "keep") -> Iterator[Any]:
+        """Zero the candidate's heads and neurons (``ablate``) or all other ones (``keep``).
+
+        Applied like any mask (:func:`bigram_circuits.masks.apply_binary_masks`), so it cannot be
+        nested in another subnetwork's ``applied`` block (``MaskError``)."""
         if mode not in ("keep", "ablate"):
             raise MaskError(f"mode must be 'keep' or 'ablate', got {mode!r}")
         if self.weights:
@@ -245,33 +248,22 @@ class Candidate:
                 "a candidate with weight entries cannot run on its own; add it to a subnetwork with add_candidate"
             )
         masks = self.masks(bridge)
-        hooks = []
         cfg = bridge.cfg
-        for kind, entries, key_of in (
-            ("head", self.heads, head_key),
-            ("neuron", self.neurons, neuron_key),
+        kept: dict[str, torch.Tensor] = {}  # keep-masks of the layers whose units are not all kept
+        for granularity, entries, size in (
+            ("head", self.heads, int(cfg.n_heads)),
+            ("neuron", self.neurons, int(cfg.d_mlp)),
         ):
             if not entries:
                 continue
-            size = int(cfg.n_heads) if kind == "head" else int(cfg.d_mlp)
             for layer in range(int(cfg.n_layers)):
-                chosen = masks.get(key_of(layer), torch.zeros(size, dtype=torch.bool))
+                key = str(MaskKey.unit(granularity, layer))
+                chosen = masks.get(key, torch.zeros(size, dtype=torch.bool))
                 keep = chosen if mode == "keep" else ~chosen
-                if bool(keep.all()):
-                    continue
-                hooks.append((key_of(layer), _gate_hook(keep.float(), kind)))
-        with bridge.hooks(fwd_hooks=hooks):
+                if not bool(keep.all()):
+                    kept[key] = keep
+        with apply_binary_masks(bridge, kept, "keep"):
             yield bridge
-
-
-def _gate_hook(gate: torch.Tensor, kind: str):
-    """Multiply a head output [b, p, h, d_head] or neuron activation [b, p, d_mlp] by a 0/1 gate."""
-
-    def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-        scale = gate.to(activation.device, activation.dtype)
-        return activation * (scale[:, None] if kind == "head" else scale)
-
-    return hook
 
 
 def _unit_as_weight_masks(
@@ -280,20 +272,18 @@ def _unit_as_weight_masks(
     """The weight entries a head/neuron mask switches on, in the canonical ``[out, in]``
     layout of :mod:`bigram_circuits.masks`: a head's Q/K/V rows and O columns, a neuron's
     MLP input row(s) and output column. Only keys present in ``masks`` are returned."""
-    layer = int(key.split(".")[1])
+    unit = MaskKey.parse(key)
     out: dict[str, torch.Tensor] = {}
-    if key == head_key(layer):
+    if unit.kind == "head":
         d_head, n_heads = int(cfg.d_head), int(cfg.n_heads)
         n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
         rows_q = units.repeat_interleave(d_head)
         rows_kv = units.view(n_kv, n_heads // n_kv).any(dim=1).repeat_interleave(d_head)
         lines = {"q": (rows_q, 0), "k": (rows_kv, 0), "v": (rows_kv, 0), "o": (rows_q, 1)}
-        prefix = f"blocks.{layer}.attn"
     else:
         lines = {"in": (units, 0), "gate": (units, 0), "out": (units, 1)}
-        prefix = f"blocks.{layer}.mlp"
     for kind, (selected, axis) in lines.items():
-        weight_key = f"{prefix}.{kind}.weight"
+        weight_key = str(MaskKey.weight(unit.layer, kind))
         if weight_key not in masks:
             continue
         shape = tuple(masks[weight_key].shape)
@@ -310,12 +300,12 @@ def _unit_as_weight_masks(
     return out
 
 
-def add_candidate(base: Any, candidate: Candidate, bridge: Any) -> Any:
-    """A new subnetwork of ``base``'s class: its masks OR the candidate's, key by key.
+def add_candidate(base: MaskedSubnetwork, candidate: Candidate, bridge: Any) -> MaskedSubnetwork:
+    """A new subnetwork like ``base``: its masks OR the candidate's, key by key.
 
-    ``base`` needs ``masks`` (dict key -> bool tensor) and ``metadata`` (a dataclass such as
-    :class:`~bigram_circuits.subnetwork.Subnetwork` is copied with ``dataclasses.replace``;
-    otherwise ``type(base)(masks=, granularities=, model_id=, metadata=)`` is called).
+    ``base`` is a :class:`~bigram_circuits.circuits.runs.MaskedSubnetwork` (``masks``,
+    ``metadata`` and ``with_masks(masks, metadata)``, e.g. a
+    :class:`~bigram_circuits.subnetwork.Subnetwork`); the result is ``base.with_masks(...)``.
     Heads and neurons join the base's head/neuron masks; where the base gates that layer by
     weights instead, the weights the head/neuron uses are switched on (Q/K/V rows and O
     columns; MLP input rows and output column). A head/neuron the base does not gate at all
@@ -325,14 +315,19 @@ def add_candidate(base: Any, candidate: Candidate, bridge: Any) -> Any:
         raise MaskError(
             "the base subnetwork has no masks; pass a Subnetwork (or anything with .masks)"
         )
+    if not isinstance(base, MaskedSubnetwork):
+        raise MaskError(
+            f"the base {type(base).__name__} cannot copy itself with new masks; pass a Subnetwork "
+            "(or anything with .masks, .metadata, .with_masks(masks, metadata) and .applied)"
+        )
     masks = {key: torch.as_tensor(value).bool().clone() for key, value in base.masks.items()}
     additions: list[tuple[str, torch.Tensor]] = []
     for key, extra in candidate.masks(bridge).items():
         if key in masks:
             additions.append((key, extra))
             continue
-        layer = int(key.split(".")[1])
-        if key not in (head_key(layer), neuron_key(layer)):
+        unit = MaskKey.try_parse(key)
+        if unit is None or not unit.is_unit:
             raise MaskError(
                 f"the base subnetwork has no mask {key}; use keys of its masks for weight entries"
             )
@@ -348,15 +343,11 @@ def add_candidate(base: Any, candidate: Candidate, bridge: Any) -> Any:
         added[key] = added.get(key, 0) + int((extra & ~masks[key]).sum())
         masks[key] = masks[key] | extra
     metadata = {
-        **dict(getattr(base, "metadata", {}) or {}),
+        **dict(base.metadata or {}),
         "added_candidate": candidate.name,
         "added_entries": added,
     }
-    if dataclasses.is_dataclass(base):
-        return dataclasses.replace(base, masks=masks, metadata=metadata)
-    return type(base)(
-        masks=masks, granularities=base.granularities, model_id=base.model_id, metadata=metadata
-    )
+    return base.with_masks(masks, metadata)
 
 
 # --------------------------------------------------------------------------- behaviours

@@ -76,6 +76,7 @@ from bigram_circuits.circuits.candidates import (
 from bigram_circuits.circuits.overlap import overlap
 from bigram_circuits.circuits.runs import RunSpec
 from bigram_circuits.errors import ConfigError, MaskError
+from bigram_circuits.masks import MaskKey
 
 __all__ = [
     "CONDITIONS",
@@ -572,7 +573,7 @@ def candidate_weight_masks(
     W_K/W_V rows; a neuron's MLP input row(s) and output column; plus ``candidate.weights``."""
     out = {key: torch.zeros(tuple(mask.shape), dtype=torch.bool) for key, mask in reference.items()}
     for key, units in candidate.masks(bridge).items():
-        if key in out and not key.endswith(("attn.hook_z", "mlp.hook_post")):
+        if key in out and not MaskKey.is_unit_key(key):
             out[key] |= units.cpu()
             continue
         for weight_key, grid in _unit_as_weight_masks(key, units.cpu(), reference, bridge.cfg).items():
@@ -584,7 +585,7 @@ def _base_weight_masks(base: Any) -> dict[str, torch.Tensor]:
     if hasattr(base, "to_weight_masks"):
         return base.to_weight_masks()
     masks = dict(base.masks)
-    if any(key.endswith(("attn.hook_z", "mlp.hook_post")) for key in masks):
+    if any(MaskKey.is_unit_key(key) for key in masks):
         raise MaskError("the base holds head/neuron masks; pass a Subnetwork (it expands to weights)")
     return masks
 
@@ -668,7 +669,7 @@ def circuit_placement(
         circuit = candidate_weight_masks(candidate, bridge, reference)
         for layer in range(n_layers):
             heads = [h for h in candidate.heads if h[0] == layer]
-            keys = [k for k in reference if k.startswith(f"blocks.{layer}.")]
+            keys = [k for k in reference if getattr(MaskKey.try_parse(k), "layer", None) == layer]
             n_circuit = sum(int(circuit[k].sum()) for k in keys)
             kept = sum(int((circuit[k] & reference[k]).sum()) for k in keys)
 

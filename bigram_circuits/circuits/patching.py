@@ -37,6 +37,7 @@ from transformer_lens.patching import generic_activation_patch
 
 from bigram_circuits.circuits.runs import RunSpec, SubnetworkLike, as_token_tensor
 from bigram_circuits.errors import ConfigError, StatsError, TokenError
+from bigram_circuits.masks import MaskKey
 
 __all__ = [
     "COMPONENTS",
@@ -80,8 +81,8 @@ COMPONENTS: dict[str, Component] = {
     "resid_pre": Component("resid_pre", "resid_pre", "blocks.{layer}.hook_resid_pre", None),
     "attn_out": Component("attn_out", "attn_out", "blocks.{layer}.hook_attn_out", None),
     "mlp_out": Component("mlp_out", "mlp_out", "blocks.{layer}.hook_mlp_out", None),
-    "head": Component("head", "z", "blocks.{layer}.attn.hook_z", "head"),
-    "neuron": Component("neuron", "post", "blocks.{layer}.mlp.hook_post", "neuron"),
+    "head": Component("head", "z", MaskKey.hook_template("head"), "head"),
+    "neuron": Component("neuron", "post", MaskKey.hook_template("neuron"), "neuron"),
 }
 
 

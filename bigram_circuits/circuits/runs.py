@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,12 @@ from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
 
 from bigram_circuits.errors import MaskError, TokenError
+from bigram_circuits.masks import RUN_MODES, RunMode
 
 __all__ = [
+    "RUN_MODES",
+    "MaskedSubnetwork",
+    "RunMode",
     "RunSpec",
     "SubnetworkLike",
     "TokenActivations",
@@ -36,15 +40,28 @@ __all__ = [
     "select_windows",
 ]
 
-RUN_MODES = ("keep", "ablate")
-
 
 @runtime_checkable
 class SubnetworkLike(Protocol):
-    """Anything that can be applied to a bridge for the duration of a ``with`` block."""
+    """Anything that can be applied to a bridge for the duration of a ``with`` block
+    (:class:`~bigram_circuits.subnetwork.Subnetwork`, :class:`~bigram_circuits.circuits.ablation.Candidate`)."""
 
-    def applied(self, bridge: Any, mode: str = "keep") -> ContextManager[Any]:
+    def applied(self, bridge: Any, mode: RunMode = "keep") -> ContextManager[Any]:
         """Keep only the subnetwork (``"keep"``) or remove it (``"ablate"``) inside the block."""
+        ...
+
+
+@runtime_checkable
+class MaskedSubnetwork(SubnetworkLike, Protocol):
+    """A subnetwork given by boolean masks keyed by mask key (see :class:`bigram_circuits.masks.MaskKey`)
+    that can make a copy of itself with other masks: what
+    :func:`~bigram_circuits.circuits.ablation.add_candidate` combines with a candidate."""
+
+    masks: Mapping[str, torch.Tensor]
+    metadata: Mapping[str, Any]
+
+    def with_masks(self, masks: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> MaskedSubnetwork:
+        """The same kind of subnetwork, of the same model, with ``masks`` (every key) and ``metadata``."""
         ...
 
 
@@ -53,13 +70,13 @@ class RunSpec:
     """How to run the bridge: full model (``subnetwork=None``) or a subnetwork kept/ablated."""
 
     subnetwork: SubnetworkLike | None = None
-    mode: str = "keep"
+    mode: RunMode = "keep"
     label: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in RUN_MODES:
             raise MaskError(f"run mode must be one of {RUN_MODES}, got {self.mode!r}")
-        if self.subnetwork is not None and not hasattr(self.subnetwork, "applied"):
+        if self.subnetwork is not None and not isinstance(self.subnetwork, SubnetworkLike):
             raise MaskError(
                 f"a run's subnetwork needs an applied(bridge, mode) method; got {type(self.subnetwork).__name__}"
             )
@@ -92,7 +109,7 @@ class RunSpec:
 
 
 def run_context(
-    bridge: Any, subnetwork: SubnetworkLike | None = None, mode: str = "keep"
+    bridge: Any, subnetwork: SubnetworkLike | None = None, mode: RunMode = "keep"
 ) -> ContextManager[Any]:
     """``subnetwork.applied(bridge, mode=mode)``, or a no-op context for the full model."""
     if mode not in RUN_MODES:
@@ -182,7 +199,7 @@ def collect_activations(
     windows: Any,
     hook_names: Sequence[str],
     subnetwork: SubnetworkLike | None = None,
-    mode: str = "keep",
+    mode: RunMode = "keep",
     *,
     n_tokens: int | None = None,
     batch_size: int = 16,
