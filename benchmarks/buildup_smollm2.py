@@ -47,23 +47,23 @@ from bigram_circuits.circuits.candidates import (
     ATTRIBUTION_SOURCE,
     transformer_lens_version,
 )
-from bigram_circuits.circuits.runs import subnetwork_dir_of
 from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.errors import MaskError
 from bigram_circuits.plots import fig_build_up, save_figure
 from bigram_circuits.tables import to_markdown
 from bigram_circuits.models import load_model, model_id
+from bigram_circuits.rundir import RunDir
 from bigram_circuits.subnetwork import Subnetwork
 
 
 def find_subnetwork(path: Path) -> Path:
     """The subnetwork directory of a run: itself, its chosen lambda, or its only ``lambda_*``."""
     try:
-        return subnetwork_dir_of(path)
+        return RunDir(path).subnetwork_dir()
     except MaskError:
-        found = sorted(path.glob("lambda_*/subnetwork.json"))
+        found = [d for d in sorted(path.glob("lambda_*")) if RunDir(d).holds_subnetwork()]
         if len(found) == 1:
-            return found[0].parent
+            return found[0]
         raise
 
 

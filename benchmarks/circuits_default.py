@@ -44,22 +44,23 @@ from bigram_circuits.circuits.ablation import (
     sufficiency,
 )
 from bigram_circuits.circuits.lens import LinearLensConfig, lens_report, logit_lens_report
-from bigram_circuits.circuits.runs import subnetwork_dir_of
 from bigram_circuits.circuits.similarity import similarity_report
 from bigram_circuits.data import load_token_dataset
 from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.errors import MaskError
 from bigram_circuits.models import load_model, model_id, model_vocab_size
 from bigram_circuits.ngrams import BigramStats
+from bigram_circuits.rundir import RunDir
 from bigram_circuits.subnetwork import Subnetwork
 
 
 def newest_run(runs_dir: Path, fingerprint: str) -> Path | None:
     """The most recently written run under ``runs_dir`` whose subnetwork fits this model."""
     candidates = []
-    for marker in list(runs_dir.glob("*/sweep.csv")) + list(runs_dir.glob("**/subnetwork.json")):
+    markers = [RunDir(d).sweep_file for d in runs_dir.glob("*") if RunDir(d).sweep_file.exists()]
+    for marker in markers + list(runs_dir.glob(f"**/{RunDir.SUBNETWORK}")):
         try:
-            fits = Subnetwork.load(subnetwork_dir_of(marker.parent)).model_id == fingerprint
+            fits = Subnetwork.load(RunDir(marker.parent).subnetwork_dir()).model_id == fingerprint
         except (MaskError, OSError, KeyError, ValueError):  # an unfinished or foreign run
             fits = False
         if fits:
@@ -126,7 +127,7 @@ def main() -> int:
     vocab = model_vocab_size(bridge, tokenizer)
     fingerprint = model_id(bridge)
     run = Path(args.run) if args.run else newest_run(Path(args.runs_dir), fingerprint)
-    bigram = Subnetwork.load(subnetwork_dir_of(run)) if run is not None else None
+    bigram = Subnetwork.load(RunDir(run).subnetwork_dir()) if run is not None else None
     runs: dict[str, Subnetwork | None] = {"full": None}
     if bigram is not None:
         runs["bigram"] = bigram
@@ -138,10 +139,9 @@ def main() -> int:
     evaluation = load_token_dataset(args.corpus, tokenizer, split="eval")
     windows = evaluation.windows(128)
     train = load_token_dataset(args.corpus, tokenizer, split="train")
-    stats_path = run / "bigram_stats.npz" if run is not None else None
     t0 = time.time()
-    if stats_path is not None and stats_path.exists():
-        stats = BigramStats.load(stats_path, tokenizer=tokenizer)
+    if run is not None:  # the run's bigram_stats.npz (tokenizer checked), else counted here and not saved
+        stats = RunDir(run).bigram_stats(tokenizer, args.corpus, 128, vocab, save=False)
     else:
         stats = BigramStats.from_tokens(train, vocab)
     timings["bigram_stats_s"] = time.time() - t0

@@ -34,13 +34,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bigram_circuits.circuits.runs import subnetwork_dir_of
 from bigram_circuits.data import load_token_dataset
 from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.errors import MaskError
 from bigram_circuits.app.evaluate import evaluate_run
 from bigram_circuits.tables import to_markdown
 from bigram_circuits.models import load_model, model_vocab_size
+from bigram_circuits.rundir import RunDir
 from bigram_circuits.search import SearchConfig, Target, search
 from bigram_circuits.subnetwork import Subnetwork
 
@@ -57,9 +57,9 @@ PAPER = {
 def newest_bigram_run(runs_dir: Path) -> Path | None:
     """The most recently written run under ``runs_dir`` whose chosen subnetwork has the bigram target."""
     found = []
-    for sweep_file in runs_dir.glob("*/sweep.csv"):
+    for sweep_file in (RunDir(d).sweep_file for d in runs_dir.glob("*") if RunDir(d).sweep_file.exists()):
         try:
-            sub = Subnetwork.load(subnetwork_dir_of(sweep_file.parent))
+            sub = Subnetwork.load(RunDir(sweep_file.parent).subnetwork_dir())
         except MaskError as exc:  # unfinished run: no chosen subnetwork yet
             print(f"skipping {sweep_file.parent}: {exc}", file=sys.stderr)
             continue
@@ -70,7 +70,7 @@ def newest_bigram_run(runs_dir: Path) -> Path | None:
 
 def search_optimal(run: Path, args: argparse.Namespace) -> Path:
     """A short full-model-target search at the bigram subnetwork's lambda and granularity."""
-    bigram = Subnetwork.load(subnetwork_dir_of(run))
+    bigram = Subnetwork.load(RunDir(run).subnetwork_dir())
     meta = bigram.metadata
     model_name = meta.get("model") or "default"
     corpus = meta.get("corpus", "default")
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                           n_random=args.n_random, prompt=args.prompt, temperature=args.temperature,
                           device=args.device)
     eval_seconds = time.time() - started
-    summary = json.loads((run / "evaluation" / "summary.json").read_text())
+    summary = json.loads((RunDir(run).evaluation_dir / "summary.json").read_text())
 
-    bigram = Subnetwork.load(subnetwork_dir_of(run))
+    bigram = Subnetwork.load(RunDir(run).subnetwork_dir())
     optimal_dir = summary.get("optimal_subnetwork")
     result = {
         "run": str(run),
