@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from circuit_doubles import random_units
 
 from bigram_circuits.circuits.lens import (
+    Lens,
+    LensReadout,
+    LinearLens,
     LinearLensConfig,
+    LogitLens,
     fit_ridge,
     lens_report,
     linear_lens,
@@ -16,10 +22,11 @@ from bigram_circuits.circuits.lens import (
     logit_lens_logits,
     logit_lens_report,
     logit_lens_top_tokens,
+    read_hidden_states,
     recall_at_k,
     rotation_degrees,
 )
-from bigram_circuits.errors import TokenError
+from bigram_circuits.errors import ConfigError, TokenError
 
 
 def _windows(n: int, seq: int, seed: int = 0, vocab: int = 300) -> np.ndarray:
@@ -134,7 +141,7 @@ def test_rotation_of_known_maps():
     assert rotation_degrees(rotation) == pytest.approx(30.0)
     assert rotation_degrees(2.0 * rotation) == pytest.approx(30.0)  # scale does not matter
     assert rotation_degrees(-np.eye(4)) == pytest.approx(180.0)
-    with pytest.raises(TokenError):
+    with pytest.raises(ConfigError, match="square"):
         rotation_degrees(np.ones((2, 3)))
 
 
@@ -206,3 +213,77 @@ def test_lens_report_side_by_side(tiny_neox):
     assert len(fig3_rotation(table).data) == 6  # the lens table is the figure's input
     with pytest.raises(TokenError, match="hold only"):
         lens_report(bridge, tokenizer, _windows(2, 32), runs, n_tokens=4096, progress=False)
+
+
+class _RecordingRun:
+    """A subnetwork stand-in that records whether it is applied."""
+
+    def __init__(self):
+        self.active = False
+
+    @contextlib.contextmanager
+    def applied(self, bridge, mode="keep"):
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+
+def test_one_loop_reads_every_layer_through_a_lens(tiny_neox):
+    bridge, tokenizer = tiny_neox
+    tokens = torch.as_tensor(_windows(5, 10, seed=7))
+    lens = LogitLens(bridge, len(tokenizer))
+    assert isinstance(lens, Lens)
+    reference = logit_lens_logits(bridge, tokens, vocab_size=len(tokenizer))
+    batches = list(read_hidden_states(bridge, tokens, lens, batch_size=2, progress=False))
+    assert [batch.shape[0] for batch, _ in batches] == [2, 2, 1]
+    for index, (batch, readout) in enumerate(batches):
+        assert len(readout) == bridge.cfg.n_layers + 1
+        rows = slice(2 * index, 2 * index + batch.shape[0])
+        for layer, logits in enumerate(readout):
+            torch.testing.assert_close(logits, reference[layer, rows], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(readout[-1], readout[len(readout) - 1])
+    # Without a lens the readout is the hidden states; a fitted linear lens reads them too.
+    (_, states), = read_hidden_states(bridge, tokens, batch_size=8, progress=False)
+    flat = [state.reshape(-1, state.shape[-1]) for state in states]
+    target = flat[-1].double().numpy()
+    linear = LinearLens.fit(flat, target, alpha=1.0)
+    assert isinstance(linear, Lens) and len(linear.maps) == len(flat)
+    predicted = LensReadout(linear, flat)[0]
+    np.testing.assert_allclose(predicted.numpy(), linear.maps[0].predict(flat[0].double().numpy()), rtol=1e-6)
+
+
+def test_closing_the_loop_early_leaves_the_run(tiny_neox):
+    bridge, _ = tiny_neox
+    run = _RecordingRun()
+    batches = read_hidden_states(bridge, _windows(4, 8), None, run, batch_size=1, progress=False)
+    next(batches)
+    assert run.active
+    batches.close()
+    assert not run.active
+    with pytest.raises(TokenError, match="outside the model's vocabulary"):
+        next(read_hidden_states(bridge, _windows(2, 8) + 10_000, progress=False))
+
+
+def test_lens_options_are_config_errors(tiny_neox):
+    bridge, tokenizer = tiny_neox
+    with pytest.raises(ConfigError, match="test_fraction"):
+        LinearLensConfig(test_fraction=1.0)
+    with pytest.raises(ConfigError, match="n_tokens"):
+        LinearLensConfig(n_tokens=0)
+    with pytest.raises(ConfigError, match="alpha"):
+        fit_ridge(np.ones((3, 2)), np.ones((3, 2)), alpha=-1.0)
+    with pytest.raises(ConfigError, match="similarity"):
+        recall_at_k(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), torch.zeros(4, 3), similarity="l2")
+    with pytest.raises(ConfigError, match="at least two windows"):
+        linear_lens(bridge, _windows(1, 32), config=LinearLensConfig(n_tokens=32), progress=False)
+    with pytest.raises(ConfigError, match="at least one run"):
+        lens_report(bridge, tokenizer, _windows(4, 32), {}, n_tokens=64, progress=False)
+    # TransformerLens' own refusals (here: a bridge left in training mode) keep the error contract.
+    bridge.train()
+    try:
+        with pytest.raises(ConfigError, match="eval"):
+            logit_lens_logits(bridge, torch.as_tensor(_windows(1, 4)))
+    finally:
+        bridge.eval()

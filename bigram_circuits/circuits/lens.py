@@ -4,49 +4,64 @@ Hidden states X_0..X_L are the residual stream before the final layer norm: X_0 
 output, X_l the stream entering block l, X_L the stream after the last block
 (:func:`bigram_circuits.circuits.runs.hidden_state_names`).
 
-*Logit lens*: apply the model's final layer norm and unembedding to every X_l. Reported per
-layer: KL divergence from the run's own final output distribution, agreement of the top
-token with the final top token, next-token loss and (given bigram statistics) the Pearson r
-between the lens surprisal and the bigram surprisal of the actual next token.
+Both lenses are :class:`Lens` objects (as in the tuned-lens package): ``lens(hidden, layer)`` maps
+the hidden states of one layer to a target space. :func:`read_hidden_states` is the one loop
+that runs the bridge under a run (batch by batch) and reads every X_l through a lens;
+:class:`LensReadout` applies a lens layer by layer to hidden states already collected.
 
-*Linear lens* (Chang & Bergen 2025, "Mechanistic analyses"): ridge regressions (alpha 1, with
-an unpenalised intercept, closed form in float64) from X_l to X_in (the raw token embeddings
-W_E of the input tokens) and to X_out (= X_L). Maps are fitted on the first windows and
-evaluated on held-out windows (``test_fraction``). Reported per layer and target:
+*Logit lens* (:class:`LogitLens`): the model's final layer norm and unembedding applied to
+every X_l, through TransformerLens' ``logit_readout`` (``transformer_lens.tools.analysis``);
+:func:`logit_lens_logits` is TransformerLens' ``logit_lens`` under a run. Reported per layer
+(:func:`logit_lens`, which TransformerLens lacks): KL divergence from the run's own final output
+distribution, agreement of the top token with the final top token, next-token loss and (given
+bigram statistics) the Pearson r between the lens surprisal and the bigram surprisal of the
+actual next token.
+
+*Linear lens* (:class:`LinearLens`; Chang & Bergen 2025, "Mechanistic analyses"): ridge
+regressions (alpha 1, with an unpenalised intercept, closed form in float64) from X_l to X_in
+(the raw token embeddings W_E of the input tokens) and to X_out (= X_L). Maps are fitted on the
+first windows and evaluated on held-out windows (``test_fraction``). Reported per layer and
+target:
 
 - ``rotation_deg``: median |angle| (degrees) of the complex eigenvalues of the d x d map;
 - ``r2``: held-out coefficient of determination of the map;
 - ``recall@k``: for the *input* target, the fraction of held-out tokens whose input token is
   among the k token embeddings most cosine-similar to the map's prediction; for the *output*
-  target, the fraction whose actual next token is in the top k of the model's final layer
-  norm + unembedding applied to the predicted X_out.
+  target, the fraction whose actual next token is in the top k of the logit lens (final layer
+  norm + unembedding) applied to the predicted X_out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, overload, runtime_checkable
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
+from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
+from transformer_lens.tools.analysis import logit_readout
 
 from bigram_circuits.circuits.runs import (
     SubnetworkLike,
     as_token_tensor,
-    collect_activations,
     hidden_state_names,
     run_context,
     select_windows,
 )
-from bigram_circuits.errors import StatsError, TokenError
+from bigram_circuits.errors import BigramCircuitsError, ConfigError, StatsError, TokenError
 from bigram_circuits.models import input_device
 
 __all__ = [
+    "Lens",
+    "LensReadout",
+    "LinearLens",
     "LinearLensConfig",
+    "LogitLens",
     "RidgeMap",
     "fit_ridge",
     "lens_report",
@@ -55,12 +70,14 @@ __all__ = [
     "logit_lens_logits",
     "logit_lens_report",
     "logit_lens_top_tokens",
+    "read_hidden_states",
     "recall_at_k",
     "rotation_degrees",
     "vocab_size_of",
 ]
 
 PAPER_LENS_TOKENS = 128 * 1024
+LINEAR_LENS_TARGETS = ("input", "output")
 
 
 def vocab_size_of(bridge: Any, tokenizer: Any = None) -> int:
@@ -75,9 +92,132 @@ def vocab_size_of(bridge: Any, tokenizer: Any = None) -> int:
     return model_vocab_size(bridge, tokenizer)
 
 
-def _unembed(bridge: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """Final layer norm + unembedding of hidden states [..., d_model]."""
-    return bridge.unembed(bridge.ln_final(hidden))
+# --------------------------------------------------------------------------- lenses
+
+
+@runtime_checkable
+class Lens(Protocol):
+    """Maps the hidden states X_l of one layer, ``[..., d_model]``, to a target space ``[..., d]``
+    (logits for the logit lens, X_in or X_out for a linear lens)."""
+
+    def __call__(self, hidden: Float[torch.Tensor, "... d_model"], layer: int) -> torch.Tensor:
+        """The lens' reading of ``hidden``, the hidden states of layer ``layer`` (0..L)."""
+        ...
+
+
+def _transformer_lens(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """A TransformerLens analysis call; its ValueErrors (training mode, unsupported readout)
+    become ConfigErrors with TransformerLens' one-line message."""
+    try:
+        return call(*args, **kwargs)
+    except BigramCircuitsError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"the logit lens cannot read this bridge: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """The logit lens: the model's final layer norm and unembedding (TransformerLens'
+    ``logit_readout``, which also applies an adapter's logit transform), the same at every
+    layer; logits are truncated to ``vocab_size`` (V) when given."""
+
+    bridge: Any = field(repr=False)
+    vocab_size: int | None = None
+
+    def __call__(self, hidden: Float[torch.Tensor, "... d_model"], layer: int = -1) -> torch.Tensor:
+        """Logits ``[..., V]`` of ``hidden`` (one unembedding for all its rows)."""
+        rows = max(int(hidden.numel()) // max(int(hidden.shape[-1]), 1), 1)
+        logits = _transformer_lens(logit_readout, self.bridge, hidden, chunk_size=rows).values
+        return logits if self.vocab_size is None else logits[..., : self.vocab_size]
+
+
+@dataclass(frozen=True)
+class LinearLens:
+    """A linear lens to one target: a ridge map per layer from X_l to the target (X_in or X_out)."""
+
+    maps: tuple[RidgeMap, ...]
+
+    @classmethod
+    def fit(
+        cls,
+        hidden: Sequence[Float[torch.Tensor, "n d_model"]],
+        target: Float[np.ndarray, "n d"],
+        alpha: float = 1.0,
+        *,
+        progress: bool = False,
+        description: str = "ridge maps",
+    ) -> LinearLens:
+        """Fit one ridge map per layer from the rows of ``hidden[l]`` to the rows of ``target``."""
+        return cls(
+            tuple(
+                fit_ridge(torch.as_tensor(x).detach().cpu().double().numpy(), target, alpha=alpha)
+                for x in tqdm(hidden, desc=description, disable=not progress)
+            )
+        )
+
+    def __call__(self, hidden: Float[torch.Tensor, "... d_model"], layer: int) -> torch.Tensor:
+        """The map of ``layer`` applied (in float64) to ``hidden``; float32 on the CPU."""
+        rows = torch.as_tensor(hidden).detach().cpu().double()
+        return torch.from_numpy(self.maps[layer].predict(rows.numpy())).float()
+
+
+class LensReadout(Sequence[torch.Tensor]):
+    """The per-layer loop of every lens: item l is ``lens(X_l, l)`` of the hidden states
+    X_0..X_L, computed when read (one layer's output at a time; negative indices count from X_L)."""
+
+    def __init__(self, lens: Lens | None, hidden: Sequence[torch.Tensor]) -> None:
+        self.lens = lens
+        self.hidden = list(hidden)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @overload
+    def __getitem__(self, layer: int) -> torch.Tensor: ...
+
+    @overload
+    def __getitem__(self, layer: slice) -> list[torch.Tensor]: ...
+
+    def __getitem__(self, layer: int | slice) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(layer, slice):
+            return [self[i] for i in range(len(self.hidden))[layer]]
+        index = range(len(self.hidden))[layer]  # IndexError past X_L ends iteration
+        hidden = self.hidden[index]
+        return hidden if self.lens is None else self.lens(hidden, index)
+
+
+@torch.no_grad()
+def read_hidden_states(
+    bridge: Any,
+    tokens: Any,
+    lens: Lens | None = None,
+    subnetwork: SubnetworkLike | None = None,
+    mode: str = "keep",
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    description: str = "lens",
+) -> Iterator[tuple[Integer[torch.Tensor, "batch pos"], LensReadout]]:
+    """Run ``tokens`` [n, seq] through one run of the bridge, ``batch_size`` windows at a time,
+    and read each batch's hidden states X_0..X_L through ``lens`` (the states themselves when
+    ``None``).
+
+    Yields ``(batch, readout)``: the batch on the input device and a :class:`LensReadout` of
+    its hidden states. The run is applied while the generator is open: exhaust it or close it
+    (``contextlib.closing``).
+    """
+    tokens = as_token_tensor(tokens, int(bridge.cfg.d_vocab))
+    names = hidden_state_names(bridge)
+    device = input_device(bridge)
+    with run_context(bridge, subnetwork, mode):
+        for start in tqdm(range(0, tokens.shape[0], batch_size), desc=description, disable=not progress):
+            batch = tokens[start : start + batch_size].to(device)
+            _, cache = bridge.run_with_cache(batch, names_filter=names)
+            yield batch, LensReadout(lens, [cache[name] for name in names])
+
+
+# --------------------------------------------------------------------------- logit lens
 
 
 @torch.no_grad()
@@ -89,17 +229,24 @@ def logit_lens_logits(
     *,
     vocab_size: int | None = None,
 ) -> Float[torch.Tensor, "layer batch pos vocab"]:
-    """Logit-lens logits of X_0..X_L (layer L reproduces the model's logits), truncated to V."""
+    """Logit-lens logits of X_0..X_L (layer L reproduces the model's logits), truncated to V.
+
+    TransformerLens' ``logit_lens`` over every position, run under the subnetwork.
+    """
     tokens = as_token_tensor(tokens, int(bridge.cfg.d_vocab))
-    names = hidden_state_names(bridge)
     with run_context(bridge, subnetwork, mode):
-        _, cache = bridge.run_with_cache(tokens, names_filter=names)
-        stacked = torch.stack([_unembed(bridge, cache[name]) for name in names])
+        result = _transformer_lens(tl_logit_lens, bridge, tokens.to(input_device(bridge)), positions=None,
+                                   chunk_size=1024)
+    stacked = result.values
     return stacked if vocab_size is None else stacked[..., :vocab_size]
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson r over the pairs where the bigram surprisal is finite (inf = unseen bigram)."""
+    """Pearson r over the pairs where the bigram surprisal is finite (inf = unseen bigram).
+
+    Not ``evaluate.pearson_r``: importing ``bigram_circuits.evaluate`` here closes an import cycle
+    (evaluate -> bigram_circuits.circuits.__init__ -> lens -> evaluate).
+    """
     keep = np.isfinite(a) & np.isfinite(b)
     if keep.sum() < 2:
         return float("nan")
@@ -129,12 +276,8 @@ def logit_lens(
     if bigram_stats is not None and not hasattr(bigram_stats, "surprisal"):
         raise StatsError("bigram_stats needs a surprisal(current, next) method; pass a BigramStats")
     tokens = select_windows(windows, n_tokens)
-    vocab = vocab_size or vocab_size_of(bridge)
-    if int(tokens.max()) >= int(bridge.cfg.d_vocab):
-        raise TokenError(f"token id {int(tokens.max())} is outside the model's vocabulary")
-    names = hidden_state_names(bridge)
-    device = input_device(bridge)
-    n_layers = len(names)
+    lens = LogitLens(bridge, vocab_size or vocab_size_of(bridge))
+    n_layers = len(hidden_state_names(bridge))
     kl_sum = np.zeros(n_layers)
     agree_sum = np.zeros(n_layers)
     loss_sum = np.zeros(n_layers)
@@ -142,15 +285,12 @@ def logit_lens(
     n_next = 0
     lens_surprisal: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
     bigram_surprisal: list[np.ndarray] = []
-    with run_context(bridge, subnetwork, mode):
-        for start in tqdm(
-            range(0, tokens.shape[0], batch_size), desc="logit lens", disable=not progress
-        ):
-            batch = tokens[start : start + batch_size].to(device)
-            _, cache = bridge.run_with_cache(batch, names_filter=names)
-            final_logp = torch.log_softmax(
-                _unembed(bridge, cache[names[-1]])[..., :vocab].float(), -1
-            )
+    batches = read_hidden_states(
+        bridge, tokens, lens, subnetwork, mode, batch_size=batch_size, progress=progress, description="logit lens"
+    )
+    with closing(batches):
+        for batch, logits in batches:
+            final_logp = torch.log_softmax(logits[-1].float(), -1)
             final_top = final_logp.argmax(-1)
             targets = batch[:, 1:]
             n_positions += batch.numel()
@@ -162,8 +302,9 @@ def logit_lens(
                         dtype=np.float64,
                     ).reshape(-1)
                 )
-            for layer, name in enumerate(names):
-                logp = torch.log_softmax(_unembed(bridge, cache[name])[..., :vocab].float(), -1)
+            targets = targets.to(final_logp.device)
+            for layer, layer_logits in enumerate(logits):
+                logp = torch.log_softmax(layer_logits.float(), -1)
                 kl_sum[layer] += (
                     (final_logp.exp() * (final_logp - logp)).sum(dtype=torch.float64).item()
                 )
@@ -293,11 +434,11 @@ def fit_ridge(
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise TokenError(
+        raise ConfigError(
             f"ridge needs X [n, d_in] and Y [n, d_out] with the same n; got {x.shape} and {y.shape}"
         )
     if alpha < 0:
-        raise TokenError(f"ridge alpha must be >= 0, got {alpha}")
+        raise ConfigError(f"ridge alpha must be >= 0, got {alpha}")
     x_mean = x.mean(axis=0) if fit_intercept else np.zeros(x.shape[1])
     y_mean = y.mean(axis=0) if fit_intercept else np.zeros(y.shape[1])
     xc = x - x_mean
@@ -310,7 +451,7 @@ def rotation_degrees(matrix: Float[np.ndarray, "d d"]) -> float:
     """Median absolute angle (degrees) of the complex eigenvalues of a square matrix."""
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise TokenError(f"rotation needs a square map, got shape {matrix.shape}")
+        raise ConfigError(f"rotation needs a square map, got shape {matrix.shape}; pass a d x d matrix")
     return float(np.median(np.abs(np.angle(np.linalg.eigvals(matrix), deg=True))))
 
 
@@ -328,7 +469,7 @@ def recall_at_k(
     ``similarity`` is ``"cosine"`` (default; embedding norms vary with frequency) or ``"dot"``.
     """
     if similarity not in ("cosine", "dot"):
-        raise TokenError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
+        raise ConfigError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
     predicted = torch.as_tensor(predicted, dtype=torch.float32)
     candidates = torch.as_tensor(candidates, dtype=torch.float32)
     targets = torch.as_tensor(targets, dtype=torch.int64)
@@ -365,9 +506,9 @@ class LinearLensConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
-            raise TokenError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.n_tokens <= 0:
-            raise TokenError(f"n_tokens must be positive, got {self.n_tokens}")
+            raise ConfigError(f"n_tokens must be positive, got {self.n_tokens}")
 
 
 @torch.no_grad()
@@ -385,79 +526,98 @@ def linear_lens(
     """Fit the paper's linear lens for one run; a tidy DataFrame with one row per (layer, target).
 
     Columns: ``run``, ``layer``, ``target`` (``input``/``output``), ``rotation_deg``, ``r2``,
-    ``recall@k`` for each k, ``n_train``, ``n_test``. Maps are fitted on the first
-    ``1 - test_fraction`` of the windows and scored on the rest.
+    ``recall@k`` for each k, ``n_train``, ``n_test``. Maps (one :class:`LinearLens` per target)
+    are fitted on the first ``1 - test_fraction`` of the windows and scored on the rest.
     """
     tokens = select_windows(windows, config.n_tokens)
     seq_len = tokens.shape[1]
     n_windows = tokens.shape[0]
     n_train_windows = min(max(round(n_windows * (1 - config.test_fraction)), 1), n_windows - 1)
     if n_train_windows < 1:
-        raise TokenError(
+        raise ConfigError(
             "the linear lens needs at least two windows (one to fit, one to test); pass more tokens"
         )
-    names = hidden_state_names(bridge)
-    collected = collect_activations(
+    batches = read_hidden_states(
         bridge,
         tokens,
-        names,
+        None,
         subnetwork,
         mode,
         batch_size=config.batch_size,
         progress=progress,
         description=f"linear lens ({label})",
     )
+    chunks: list[list[torch.Tensor]] = []
+    with closing(batches):
+        for _, states in batches:
+            chunks.append([state.reshape(-1, state.shape[-1]).float().cpu() for state in states])
+    hidden = [torch.cat(layer_chunks) for layer_chunks in zip(*chunks)]  # X_l: [n_tokens, d_model]
     vocab = vocab_size or vocab_size_of(bridge)
     n_train = n_train_windows * seq_len
+    n_tokens = tokens.numel()
+    input_tokens = tokens.reshape(-1)
+    next_tokens = torch.cat([tokens[:, 1:], torch.full((n_windows, 1), -1)], dim=1).reshape(-1)
     embeddings = bridge.W_E.detach().float().cpu()
-    x_in = embeddings[collected.input_tokens].double().numpy()
-    x_out = collected.activations[names[-1]].double().numpy()
-    test_next = collected.next_tokens[n_train:]
+    targets = {
+        "input": embeddings[input_tokens].double().numpy(),
+        "output": hidden[-1].double().numpy(),
+    }
+    lenses = {
+        target: LinearLens.fit(
+            [x[:n_train] for x in hidden],
+            y[:n_train],
+            alpha=config.alpha,
+            progress=progress,
+            description=f"ridge maps to X_{'in' if target == 'input' else 'out'} ({label})",
+        )
+        for target, y in targets.items()
+    }
+    held_out = [x[n_train:] for x in hidden]
+    readouts = {target: LensReadout(lens, held_out) for target, lens in lenses.items()}
+    test_next = next_tokens[n_train:]
     has_next = test_next >= 0
+    logit_lens = LogitLens(bridge, vocab)
     rows = []
-    for layer, name in enumerate(tqdm(names, desc=f"ridge maps ({label})", disable=not progress)):
-        x_layer = collected.activations[name].double().numpy()
-        for target, y in (("input", x_in), ("output", x_out)):
-            ridge = fit_ridge(x_layer[:n_train], y[:n_train], alpha=config.alpha)
-            predicted = torch.from_numpy(ridge.predict(x_layer[n_train:])).float()
+    for layer in range(len(hidden)):
+        for target in LINEAR_LENS_TARGETS:
+            predicted = readouts[target][layer]
             if target == "input":
                 recall = recall_at_k(
                     predicted,
-                    collected.input_tokens[n_train:],
+                    input_tokens[n_train:],
                     embeddings[:vocab],
                     config.ks,
                     similarity=config.similarity,
                 )
             else:
-                recall = _next_token_recall(
-                    bridge, predicted[has_next], test_next[has_next], vocab, config.ks
-                )
+                recall = _next_token_recall(logit_lens, predicted[has_next], test_next[has_next], config.ks)
+            ridge = lenses[target].maps[layer]
             row = {
                 "run": label,
                 "layer": layer,
                 "target": target,
                 "rotation_deg": ridge.rotation_deg(),
-                "r2": ridge.r2(x_layer[n_train:], y[n_train:]),
+                "r2": ridge.r2(held_out[layer].double().numpy(), targets[target][n_train:]),
             }
             row.update({f"recall@{k}": recall[k] for k in config.ks})
-            row.update({"n_train": n_train, "n_test": collected.n_tokens - n_train})
+            row.update({"n_train": n_train, "n_test": n_tokens - n_train})
             rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _next_token_recall(
-    bridge: Any,
+    logit_lens: LogitLens,
     hidden: torch.Tensor,
     targets: torch.Tensor,
-    vocab: int,
     ks: Sequence[int],
     chunk_size: int = 2048,
 ) -> dict[int, float]:
-    """Recall@k of the actual next token in final norm + unembedding of predicted X_out."""
+    """Recall@k of the actual next token in the logit lens (final norm + unembedding) of predicted X_out."""
     hits = {k: 0 for k in ks}
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = _unembed(bridge, hidden[start : start + chunk_size])[..., :vocab].float()
-        for k, count in _count_hits(logits, targets[start : start + chunk_size], ks).items():
+        logits = logit_lens(hidden[start : start + chunk_size]).float()
+        chunk_targets = targets[start : start + chunk_size].to(logits.device)
+        for k, count in _count_hits(logits, chunk_targets, ks).items():
             hits[k] += count
     n = max(int(targets.shape[0]), 1)
     return {k: hits[k] / n for k in ks}
@@ -477,7 +637,7 @@ def lens_report(
     """Linear lens for several runs side by side, e.g. ``{"full": None, "bigram": sub,
     "random": sub.random_control(0)}``; one tidy DataFrame with a ``run`` column."""
     if not subnetworks:
-        raise TokenError("lens_report needs at least one run, e.g. {'full': None}")
+        raise ConfigError("lens_report needs at least one run; pass e.g. {'full': None}")
     config = replace(config or LinearLensConfig(), n_tokens=n_tokens)
     vocab = vocab_size_of(bridge, tokenizer)
     frames = [
