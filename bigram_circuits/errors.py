@@ -12,11 +12,14 @@ class CorpusError(BigramCircuitsError, ValueError):
 
 
 class ModelLoadError(BigramCircuitsError, ValueError):
-    """A model cannot be loaded (unknown name offline, missing or corrupt files, vocab mismatch)."""
+    """A model cannot be loaded or re-created (unknown name offline, missing or corrupt files, vocab mismatch)."""
 
 
 class TokenError(BigramCircuitsError, ValueError):
-    """Token ids are invalid (negative, out of range, wrong dtype, empty)."""
+    """Token ids are invalid (negative, out of range, wrong dtype, empty, or token arrays of mismatched shapes).
+
+    Only for the token ids themselves; a bad option value is a :class:`ConfigError`.
+    """
 
 
 class StatsError(BigramCircuitsError, ValueError):
@@ -36,7 +39,7 @@ class UnsafeFileError(BigramCircuitsError, ValueError):
 
 
 class ConfigError(BigramCircuitsError, ValueError):
-    """An option has an invalid value (out of range, NaN, unknown name)."""
+    """An option or argument has an invalid value (out of range, NaN, unknown name, wrong shape, too few rows)."""
 
 
 class OutputError(BigramCircuitsError, OSError):
