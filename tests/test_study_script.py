@@ -1,7 +1,9 @@
-"""The real-model study script (benchmarks/smollm2_study.py) end to end on a tiny model."""
+"""The real-model study script (benchmarks/smollm2_study.py): its options are the StudyConfig
+fields, and it runs end to end on a tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -16,6 +18,19 @@ def _load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_study_options_are_the_config_fields():
+    from bigram_circuits.app.study import StudyConfig
+
+    study = _load_script()
+    config = study.parse_args(["--lambdas", "0", "10", "--lr", "0.05", "--prompts", "a", "b c", "--max-steps", "7"])
+    assert config.lambdas == (0.0, 10.0) and config.lr == 0.05 and config.prompts == ("a", "b c")
+    assert config.max_steps == 7
+    for field in dataclasses.fields(StudyConfig):  # every other option keeps its default (paths under the repo)
+        if field.name not in {"lambdas", "lr", "prompts", "max_steps"}:
+            expected = study.REPO / field.default if isinstance(field.default, Path) else field.default
+            assert getattr(config, field.name) == expected, field.name
 
 
 @pytest.mark.slow
@@ -39,6 +54,7 @@ def test_study_script_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_neox_dir, 
     assert {"full model", "bigram ablated", "random ablated"} <= {row["condition"] for row in saved["ablation"]}
     markdown = (tmp_path / "results" / "study.md").read_text()
     assert "tiny (this run)" in markdown and "## Circuits" in markdown
+    assert saved["command"] == "python benchmarks/smollm2_study.py " + " ".join(argv)
     assert [row["lambda"] for row in saved["sweep_layers"]] == [0.0, 10.0]
     for name in ("fig1_r_vs_params", "layer_distribution_lambda_0", "layer_distribution_lambda_10",
                  "fig3_rotation", "fig4_similarity"):
