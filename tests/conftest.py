@@ -195,3 +195,19 @@ def tiny_neox_on_device(tiny_neox_dir, device):
     from bigram_circuits.models import load_model
 
     return load_model(tiny_neox_dir, device=device)
+
+
+@pytest.fixture
+def no_runtime_typecheck():
+    """Turn the suite's run-time type checks off for one test: tests of the package's own input
+    validation pass wrongly typed arguments on purpose and expect its one-line errors, which a
+    user without a type checker gets."""
+    import jaxtyping
+
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", before)
+

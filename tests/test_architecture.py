@@ -66,6 +66,13 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 resolved = _resolve(target, modules)
                 if resolved and resolved != module:
                     found.add(resolved)
+    # Importing pkg.sub runs pkg/__init__.py first, unless the importer is inside pkg already.
+    for target in list(found):
+        parent = target.rpartition(".")[0]
+        while parent and parent != PACKAGE:
+            if parent != module and not module.startswith(parent + "."):
+                found.add(parent)
+            parent = parent.rpartition(".")[0]
     return found
 
 
@@ -160,3 +167,38 @@ def test_the_checks_see_function_level_imports_and_cycles(tmp_path):
 @pytest.mark.parametrize("module", ["bigram_circuits.plots", "bigram_circuits.app"])
 def test_the_layers_exist(module):
     assert module in package_modules()
+
+
+def test_the_suite_checks_shapes_and_types_at_run_time(request):
+    """pyproject's addopts import the package through jaxtyping's hook with beartype
+    (tests/typechecks.py), so a wrong shape or type fails in the tests, not silently."""
+    import jaxtyping
+    import numpy as np
+
+    from bigram_circuits.evaluate import pearson_r
+
+    addopts = (ROOT.parent / "pyproject.toml").read_text()
+    assert "--jaxtyping-packages=bigram_circuits,typechecks.checked" in addopts
+    if not request.config.getoption("--jaxtyping-packages", None):
+        pytest.skip("run-time checks are off in this run (addopts overridden)")
+
+    assert pearson_r(np.arange(3.0), np.arange(3.0)) == pytest.approx(1.0)
+    with pytest.raises(jaxtyping.TypeCheckError):
+        pearson_r(np.zeros((2, 2)), np.zeros(2))  # Float[np.ndarray, " n"] is one axis
+    with pytest.raises(jaxtyping.TypeCheckError):
+        pearson_r([1.0, 2.0], np.zeros(2))  # a list is not an ndarray
+
+
+def test_importing_a_submodule_counts_its_package_init(tmp_path):
+    """``from pkg.sub import x`` runs ``pkg/__init__.py`` first: a cycle through it is found."""
+    package = tmp_path / PACKAGE
+    (package / "circuits").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "circuits" / "__init__.py").write_text("from bigram_circuits.circuits.lens import lens\n")
+    (package / "circuits" / "lens.py").write_text("from bigram_circuits.evaluate import pearson_r\n")
+    (package / "circuits" / "runs.py").write_text("")
+    (package / "evaluate.py").write_text("from bigram_circuits.circuits.runs import RunSpec\n")
+    graph = import_graph(package)
+    assert "bigram_circuits.circuits" in graph["bigram_circuits.evaluate"]
+    assert "bigram_circuits.circuits" not in graph["bigram_circuits.circuits.lens"]  # inside its own package
+    assert cycles(graph) == [["bigram_circuits.circuits", "bigram_circuits.circuits.lens", "bigram_circuits.evaluate"]]
