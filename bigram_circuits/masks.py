@@ -11,6 +11,10 @@ Granularities (combine freely, e.g. ``("neuron", "head")``):
   ``blocks.{L}.mlp.{in,gate,out}.weight``. Embeddings, unembedding, layernorms and biases are
   never masked, and weights that are exactly zero are never kept (as in the paper).
 
+Mask keys are built and parsed only by :class:`MaskKey` (``str(MaskKey.head(0)) ==
+"blocks.0.attn.hook_z"``, ``MaskKey.parse("blocks.0.mlp.in.weight")``); mask dicts and saved
+files hold its strings.
+
 Weight masks are stored in one canonical layout, ``[out_features, in_features]`` (the
 ``nn.Linear`` convention), whatever the module's own layout (GPT-2's ``Conv1D`` is transposed).
 
@@ -22,6 +26,14 @@ Parameterisations:
 - ``"hard_concrete"``: hard concrete gates (Louizos et al. 2018), stretch (-0.1, 1.1),
   beta 2/3, sampled while training, deterministic in eval mode, closed-form expected L0.
   The final mask is also ``m > 0`` (the deterministic gate is above 0.5 exactly then).
+
+Both implement :class:`MaskParameterization` (``sample``, ``probability``, ``logit_at``);
+:class:`MaskSet` takes a name or any instance.
+
+Applying masks: :func:`attach_masks` is the one mechanism (forward hooks on the HookPoints for
+neurons and heads, ``torch.nn.utils.parametrize`` for weights, one application per bridge at a
+time); :meth:`MaskSet.attach` (soft masks), :func:`apply_binary_masks` and
+``Subnetwork.applied`` (boolean masks, keep or ablate) and ``Candidate.applied`` are built on it.
 
 A mask entry's size in the paper's unit (weights gated): a weight gates 1 weight; a neuron
 gates its row of every MLP input matrix and its column of the output matrix; a head gates its
@@ -320,8 +332,9 @@ class MaskComponent:
         )
 
 
-def parse_granularities(granularities: str | Sequence[str]) -> tuple[str, ...]:
-    """Normalise ``"neuron,head"`` or ``["head", "neuron"]`` to a canonical ordered tuple."""
+def parse_granularities(granularities: str | Sequence[Granularity]) -> tuple[Granularity, ...]:
+    """Normalise ``"neuron,head"`` or ``["head", "neuron"]`` to a canonical ordered tuple
+    (a string is a comma-separated list of :data:`Granularity` names, any case)."""
     items = granularities.split(",") if isinstance(granularities, str) else list(granularities)
     names = {str(g).strip().lower() for g in items if str(g).strip()}
     unknown = names - set(GRANULARITIES)
@@ -395,7 +408,9 @@ def model_geometry(bridge) -> ModelGeometry:
     )
 
 
-def mask_components(bridge, granularities: str | Sequence[str] = ("neuron", "head")) -> list[MaskComponent]:
+def mask_components(
+    bridge, granularities: str | Sequence[Granularity] = ("neuron", "head")
+) -> list[MaskComponent]:
     """All mask components of a bridge for the given granularities, in a fixed order."""
     grans = parse_granularities(granularities)
     geo = model_geometry(bridge)
@@ -506,12 +521,13 @@ class _WeightMaskParametrization(nn.Module):
         self._transposed = transposed
         # Offloaded modules (accelerate, device_map with "disk"/"cpu" targets) keep the weight on
         # the meta device; their hook cannot load a parametrized weight, so it is read here.
-        self._offloaded = module if module is not None and _offloaded_weight(module) is not None else None
+        # Held in a tuple: not a submodule (the module holds this parametrization: no cycle for .train()).
+        self._offloaded = (module,) if module is not None and _offloaded_weight(module) is not None else ()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if weight.device.type == "meta" and self._offloaded is not None:
-            device = _execution_device(self._offloaded, torch.device("cpu"))
-            weight = _offloaded_weight(self._offloaded).to(device)
+        if weight.device.type == "meta" and self._offloaded:
+            device = _execution_device(self._offloaded[0], torch.device("cpu"))
+            weight = _offloaded_weight(self._offloaded[0]).to(device)
         mask = self._mask_for().to(weight.device)
         return weight * (mask.T if self._transposed else mask)
 
@@ -554,8 +570,10 @@ def _activation_hook(hook_point, hook_fn: Callable, level: int) -> Iterator[None
 @contextlib.contextmanager
 def _weight_parametrization(module: nn.Module, parametrization: nn.Module) -> Iterator[None]:
     """``module.weight`` computed by ``parametrization`` inside the block (the original weight
-    is restored unchanged on exit)."""
+    is restored unchanged on exit). The parametrization takes the module's train/eval mode, so
+    an eval-mode bridge stays in eval mode throughout (TransformerLens' analyses check)."""
     parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
+    module.parametrizations.train(module.training)
     try:
         yield
     finally:
@@ -592,7 +610,10 @@ def attach_masks(
         stack.enter_context(_exclusive(bridge))
         for component in components:
             key = component.key
-            mask_of = lambda key=key: mask_for(key)  # bound per component
+
+            def mask_of(key: str = key) -> torch.Tensor:  # bound per component
+                return mask_for(key)
+
             if component.granularity == "weight":
                 module, transposed = _weight_module(bridge, component)
                 stack.enter_context(
@@ -784,7 +805,8 @@ class MaskSet(nn.Module):
     with the current soft masks (differentiable w.r.t. the logits; ``used`` holds the masks that
     forward used, see :class:`ForwardMasks`). The mask strategy is a
     :class:`MaskParameterization` (a name or an instance). ``temperature`` (a float, saved in
-    the state dict) is what the search multiplies after every step; ``penalty()`` is ``sum(soft mask x size) / total size``
+    the state dict) is what the search multiplies after every step; ``penalty()`` is
+    ``sum(soft mask x size) / total size``
     (``penalty_weighting="params"``: entries weighted by the weights they gate, identical to the
     paper's ``sum(soft mask) / |M|`` for weight masks) or the plain mean over entries
     (``"entries"``).
@@ -844,7 +866,7 @@ class MaskSet(nn.Module):
     def for_model(
         cls,
         bridge,
-        granularities: str | Sequence[str] = ("neuron", "head"),
+        granularities: str | Sequence[Granularity] = ("neuron", "head"),
         parameterization: ParameterizationName | MaskParameterization = "continuous",
         init: float = 0.0,
         penalty_weighting: PenaltyWeighting = "params",
@@ -865,7 +887,7 @@ class MaskSet(nn.Module):
         return list(self.components)
 
     @property
-    def granularities(self) -> tuple[str, ...]:
+    def granularities(self) -> tuple[Granularity, ...]:
         return parse_granularities([c.granularity for c in self.components.values()])
 
     def logit(self, key: str) -> torch.Tensor:
@@ -1038,7 +1060,7 @@ def expand_to_weight_masks(
     shapes = {"q": (d_q, g.d_model), "k": (d_kv, g.d_model), "v": (d_kv, g.d_model),
               "o": (g.d_model, d_q), "in": (g.d_mlp, g.d_model), "gate": (g.d_mlp, g.d_model),
               "out": (g.d_model, g.d_mlp)}
-    kinds = ATTN_MATRICES + MLP_MATRICES if g.gated_mlp else ATTN_MATRICES + ("in", "out")
+    kinds = (*ATTN_MATRICES, *MLP_MATRICES) if g.gated_mlp else (*ATTN_MATRICES, "in", "out")
     layer_set = set(range(g.n_layers) if layers is None else layers)
     out: dict[str, torch.Tensor] = {}
     for layer in sorted(layer_set):
@@ -1049,7 +1071,10 @@ def expand_to_weight_masks(
         if c.layer not in layer_set:
             continue
         mask = mask.to(torch.bool).cpu()
-        matrix = lambda kind, layer=c.layer: str(MaskKey.weight(layer, kind))
+
+        def matrix(kind: Matrix, layer: int = c.layer) -> str:
+            return str(MaskKey.weight(layer, kind))
+
         if c.granularity == "weight":
             out[key] &= mask
         elif c.granularity == "neuron":

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import pickle
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from jaxtyping import Bool
 from bigram_circuits.errors import MaskError, UnsafeFileError
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir
 from bigram_circuits.masks import (
+    Granularity,
     MaskComponent,
     MaskKey,
     ModelGeometry,
@@ -117,14 +118,14 @@ class Subnetwork:
         return cls(dict(masks), components, model_geometry(bridge), model_id(bridge), dict(metadata or {}))
 
     @classmethod
-    def full(cls, bridge, granularities=("neuron", "head")) -> Subnetwork:
+    def full(cls, bridge, granularities: str | Sequence[Granularity] = ("neuron", "head")) -> Subnetwork:
         """Every entry kept (the full model; the paper's lambda = -inf reference)."""
         comps = mask_components(bridge, granularities)
         return cls.from_masks(bridge, {c.key: torch.ones(c.shape, dtype=torch.bool) for c in comps},
                               {"kind": "full"})
 
     @classmethod
-    def empty(cls, bridge, granularities=("neuron", "head")) -> Subnetwork:
+    def empty(cls, bridge, granularities: str | Sequence[Granularity] = ("neuron", "head")) -> Subnetwork:
         """No entry kept (embeddings, layernorms and biases only; lambda = +inf reference)."""
         comps = mask_components(bridge, granularities)
         return cls.from_masks(bridge, {c.key: torch.zeros(c.shape, dtype=torch.bool) for c in comps},
@@ -133,7 +134,7 @@ class Subnetwork:
     # ---- sizes
 
     @property
-    def granularities(self) -> tuple[str, ...]:
+    def granularities(self) -> tuple[Granularity, ...]:
         return parse_granularities([c.granularity for c in self.components.values()])
 
     @property
@@ -377,7 +378,8 @@ def load_author_pickle(path: str | os.PathLike) -> dict:
         raise UnsafeFileError(f"{path} holds a {type(data).__name__}, not a dict of masks")
     for key, value in data.items():
         if not isinstance(key, str) or not isinstance(value, (np.ndarray, str)):
-            raise UnsafeFileError(f"{path} holds {type(value).__name__} under {key!r}; only numpy arrays and strings are accepted")
+            raise UnsafeFileError(
+                f"{path} holds {type(value).__name__} under {key!r}; only numpy arrays and strings are accepted")
         if isinstance(value, np.ndarray) and value.dtype == object:
             raise UnsafeFileError(f"{path} holds an object array under {key!r}; only numeric masks are accepted")
     return data

@@ -472,3 +472,15 @@ def test_penalty_does_not_depend_on_forward_passes(tiny_neox, parameterization):
     # Summed from the forward's masks: the same value (continuous) or ignored (hard concrete).
     assert torch.equal(mask_set.penalty(used).detach(), before)
     assert torch.equal(mask_set.penalty({}).detach(), before)
+
+
+def test_an_eval_mode_bridge_stays_in_eval_mode_under_weight_masks(tiny_neox):
+    """TransformerLens' analyses refuse a bridge with any submodule in training mode."""
+    bridge, _ = tiny_neox
+    bridge.eval()
+    comps = mask_components(bridge, ALL)
+    with attach_masks(bridge, comps, _constant({c.key: torch.ones(c.shape, dtype=torch.bool) for c in comps})):
+        assert not any(m.training for m in bridge.modules())
+        bridge.train()  # and train()/eval() reach the parametrizations without recursing
+        bridge.eval()
+    assert not any(m.training for m in bridge.modules())

@@ -165,7 +165,8 @@ class Candidate:
         for layer, neuron in self.neurons:
             if not (0 <= layer < cfg.n_layers and 0 <= neuron < cfg.d_mlp):
                 raise MaskError(
-                    f"neuron ({layer}, {neuron}) does not exist: the model has {cfg.n_layers} layers x {cfg.d_mlp} neurons"
+                    f"neuron ({layer}, {neuron}) does not exist: the model has {cfg.n_layers} layers x "
+                    f"{cfg.d_mlp} neurons"
                 )
 
     def masks(self, bridge: Any) -> dict[str, Bool[torch.Tensor, ...]]:
