@@ -823,10 +823,10 @@ class BigramStats:
     def _tables(self) -> tuple[CountTable, ...]:
         return (self.bigram,) if self.trigram is None else (self.bigram, self.trigram)
 
-    def sequence_contexts(self, tokens: Any) -> Integer[np.ndarray, "*batch pos ctx"]:
+    def sequence_contexts(self, tokens: Any) -> Integer[np.ndarray, "*batch pos"] | Integer[np.ndarray, "*batch pos 2"]:
         """The context of every position of sequences ``tokens [..., pos]``: the tokens
-        themselves (order 2), or (previous, current) pairs with previous = START at position 0
-        (order 3)."""
+        themselves (order 2, ``[..., pos]``), or (previous, current) pairs with previous = START
+        at position 0 (order 3, ``[..., pos, 2]``)."""
         arr = _as_int_array(tokens, "tokens")
         _check_range(arr, self.vocab_size, "tokens", f"vocab_size {self.vocab_size}")
         arr = arr.astype(np.int64, copy=False)
@@ -839,7 +839,7 @@ class BigramStats:
 
     # ---------------------------------------------------------------- probabilities
 
-    def prob(self, current: Any, next_tokens: Any) -> Float[np.ndarray, "*queries"]:
+    def prob(self, current: Any, next_tokens: Any) -> Float[np.ndarray, "*queries"] | float:
         """``P(next | current)`` with backoff; ``current`` holds token ids (START allowed) for
         order 2, (previous, current) pairs in a trailing axis of size 2 for order 3."""
         cur, prev = self._context_arrays(current, "current")
@@ -863,7 +863,7 @@ class BigramStats:
                 out[sel] = (counts + k) / (table.totals[rows[sel]] + k * V)
         return out.reshape(cur_b.shape)
 
-    def surprisal(self, current: Any, next_tokens: Any) -> Float[np.ndarray, "*queries"]:
+    def surprisal(self, current: Any, next_tokens: Any) -> Float[np.ndarray, "*queries"] | float:
         """``-log P(next | current)`` in nats (``inf`` where the probability is 0)."""
         with np.errstate(divide="ignore"):
             return -np.log(self.prob(current, next_tokens))
@@ -903,7 +903,7 @@ class BigramStats:
                 self._cache[key] = h
         return self._cache[key]
 
-    def entropy(self, current: Any) -> Float[np.ndarray, "*queries"]:
+    def entropy(self, current: Any) -> Float[np.ndarray, "*queries"] | float:
         """Entropy in nats of ``P(. | current)`` for each context (backoff included)."""
         cur, prev = self._context_arrays(current, "current")
         level, rows = self._resolve(cur, prev)

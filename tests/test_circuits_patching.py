@@ -147,6 +147,7 @@ def test_metrics():
     assert float(next_token_loss(tokens)(torch.zeros(2, 3, 5))) == pytest.approx(np.log(5))
 
 
+@pytest.mark.usefixtures("no_runtime_typecheck")
 def test_bad_inputs(tiny_neox):
     bridge, _ = tiny_neox
     with pytest.raises(TokenError, match="same length"):

@@ -140,6 +140,7 @@ def test_bad_tokens_on_the_workers_are_one_line(cluster_address):
     ({"address": "tcp://127.0.0.1:1", "connect_timeout": 1}, ConfigError, "cannot reach a Dask scheduler"),
     ({"address": ""}, ConfigError, "scheduler address"),
 ])
+@pytest.mark.usefixtures("no_runtime_typecheck")
 def test_bad_inputs_are_one_line_errors(kwargs, error, match):
     kwargs = dict(kwargs)
     tokens = kwargs.pop("tokens", np.arange(10, dtype=np.int64))

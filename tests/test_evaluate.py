@@ -90,6 +90,7 @@ def test_evaluate_metrics_on_a_lookup_model_hand_computed():
     assert (row["n_tokens"], row["n_inf_bigram"]) == (6, 2)
 
 
+@pytest.mark.usefixtures("no_runtime_typecheck")
 def test_bad_windows_are_refused():
     stats = BigramStats.from_tokens(np.array([[0, 1, 2]]), 3, show_progress=False)
     model = BigramLookup(torch.zeros(3, 3))

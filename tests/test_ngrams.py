@@ -405,6 +405,7 @@ def test_save_load_roundtrip_and_checks(tmp_path, corpus):
 # ------------------------------------------------------------------------------ bad input
 
 
+@pytest.mark.usefixtures("no_runtime_typecheck")
 def test_bad_inputs_give_one_line_errors(corpus):
     windows, V = corpus
     stats = BigramStats.from_tokens(windows, V, show_progress=False)

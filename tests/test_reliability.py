@@ -412,6 +412,7 @@ def test_the_table_is_broad():
                                            "config", "search", "output"}
 
 
+@pytest.mark.usefixtures("no_runtime_typecheck")
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, request, tmp_path, monkeypatch):
     monkeypatch.setenv("BIGRAM_CIRCUITS_CACHE", str(tmp_path / "cache"))

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from transformer_lens import ActivationCache
 from jaxtyping import Float, Integer
 from transformer_lens.patching import generic_activation_patch
 
@@ -112,7 +113,7 @@ def cache_run(
     tokens: Integer[torch.Tensor, "batch pos"],
     run: RunSpec | tuple | SubnetworkLike | None = None,
     names: Sequence[str] | None = None,
-) -> tuple[Float[torch.Tensor, "batch pos vocab"], Mapping[str, torch.Tensor]]:
+) -> tuple[Float[torch.Tensor, "batch pos vocab"], ActivationCache]:
     """Logits and cached activations (``names``; all when None) of one run."""
     run = RunSpec.coerce(run)
     tokens = as_token_tensor(tokens, int(bridge.cfg.d_vocab))

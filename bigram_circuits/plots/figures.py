@@ -101,7 +101,7 @@ def _style(fig: go.Figure, title: str, *, height: int = 450, width: int = 700) -
     return fig
 
 
-def human_count(n: float) -> str:
+def human_count(n: SupportsFloat | None) -> str:
     """A parameter count the way the paper writes it: 7.24M, 905k, 1.38B, 512."""
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return ""
