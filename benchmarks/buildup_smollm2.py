@@ -61,7 +61,7 @@ def find_subnetwork(path: Path) -> Path:
     try:
         return RunDir(path).subnetwork_dir()
     except MaskError:
-        found = [d for d in sorted(path.glob("lambda_*")) if RunDir(d).holds_subnetwork()]
+        found = [run.path for run in RunDir(path).lambda_runs() if run.holds_subnetwork()]
         if len(found) == 1:
             return found[0]
         raise
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = find_subnetwork(Path(args.base))
     bases = {"bigram": Subnetwork.load(base_dir)}
     directories = {"bigram": base_dir}
-    optimal = Path(args.optimal) if args.optimal else Path(args.base) / "optimal"
+    optimal = Path(args.optimal) if args.optimal else RunDir(args.base).optimal_run().path
     if optimal.exists():
         directories["optimal"] = find_subnetwork(optimal)
         bases["optimal"] = Subnetwork.load(directories["optimal"])

@@ -12,6 +12,7 @@ seeds, one such sweep per seed::
       seed_{s}/              (several seeds) a sweep as above
       lambda_{lam:g}/        one search: subnetwork.json + .safetensors, history.csv,
                              checkpoint.pt while it runs
+      optimal/               (optional) a full-model-target sweep compared by ``evaluate``
       evaluation/            tables of ``bigram-circuits evaluate``
       circuits/              tables and figures of ``bigram-circuits lens``
 
@@ -52,6 +53,7 @@ class RunDir:
     FIND = "find.json"
     EVALUATION = "evaluation"
     CIRCUITS = "circuits"
+    OPTIMAL = "optimal"
 
     def __init__(self, path: str | os.PathLike | RunDir) -> None:
         object.__setattr__(self, "path", Path(path.path if isinstance(path, RunDir) else path))
@@ -71,6 +73,20 @@ class RunDir:
 
     def lambda_run(self, lam: float) -> RunDir:
         return RunDir(self.path / self.lambda_name(lam))
+
+    def lambda_runs(self) -> list[RunDir]:
+        """The finished-or-running ``lambda_*`` searches in this directory, by lambda."""
+        found = []
+        for folder in self.path.glob("lambda_*"):
+            try:
+                found.append((float(folder.name.removeprefix("lambda_")), RunDir(folder)))
+            except ValueError:
+                continue
+        return [run for _, run in sorted(found, key=lambda pair: pair[0])]
+
+    def optimal_run(self) -> RunDir:
+        """Where ``evaluate`` looks for an optimal-subnetwork run by default."""
+        return RunDir(self.path / self.OPTIMAL)
 
     def seed_run(self, seed: int) -> RunDir:
         """The sweep of one seed of a several-seed ``find``."""

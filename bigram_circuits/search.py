@@ -65,13 +65,14 @@ from bigram_circuits.distributed import launched_by_torchrun
 from bigram_circuits.errors import SearchError, TokenError
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir, run_directory_lock
 from bigram_circuits.manifest import write_manifest
-from bigram_circuits.models import frozen_parameters
 from bigram_circuits.masks import (
     DEFAULT_GRANULARITIES,
     MaskSet,
     masks_attached,
     parse_granularities,
 )
+from bigram_circuits.models import frozen_parameters
+from bigram_circuits.rundir import RunDir
 from bigram_circuits.subnetwork import Subnetwork
 from bigram_circuits.tables import sparsest_within
 
@@ -93,9 +94,10 @@ __all__ = [
 ]
 
 DEFAULT_LR: dict[str, float] = {"neuron": 0.05, "head": 0.05, "weight": 0.01}
-CHECKPOINT_FILE = "checkpoint.pt"
-HISTORY_FILE = "history.csv"
-SWEEP_FILE = "sweep.csv"
+# The run layout's names (bigram_circuits.rundir owns them; kept here under their old names).
+CHECKPOINT_FILE = RunDir.CHECKPOINT
+HISTORY_FILE = RunDir.HISTORY
+SWEEP_FILE = RunDir.SWEEP
 # Config fields that may change when a run is resumed (they do not change the trajectory).
 _RESUMABLE_FIELDS = {"max_steps", "time_budget_s", "checkpoint_every", "log_every", "eval_batches"}
 
@@ -645,7 +647,7 @@ def _validated(bridge, windows, eval_windows, granularities, config: SearchConfi
 
 
 def _finished_in(out_path: Path | None) -> bool:
-    return out_path is not None and (out_path / "subnetwork.json").exists() and (out_path / HISTORY_FILE).exists()
+    return out_path is not None and RunDir(out_path).is_finished_search()
 
 
 def _checkpoint_path(out_path: Path | None, resume: bool) -> Path | None:
@@ -769,10 +771,6 @@ def _load_finished(out_path: Path, config: SearchConfig, grans, target: Target, 
 # --------------------------------------------------------------------------- sweeps
 
 
-def _lambda_dir(lam: float) -> str:
-    return f"lambda_{lam:g}"
-
-
 def sweep(
     bridge,
     windows: Integer[np.ndarray, "n seq"],
@@ -796,7 +794,7 @@ def sweep(
         raise SearchError("give at least one lambda")
     rows = []
     for lam in tqdm(list(lambdas), desc="lambda sweep", unit="lambda", disable=not show_progress or len(lambdas) < 2):
-        run_dir = Path(out_dir) / _lambda_dir(lam) if out_dir is not None else None
+        run_dir = RunDir(out_dir).lambda_run(lam).path if out_dir is not None else None
         result = search(bridge, windows, target, granularities, dataclasses.replace(config, lam=float(lam)), run_dir,
                         eval_windows=eval_windows, resume=resume, show_progress=show_progress, metadata=metadata)
         m = result.metrics

@@ -85,3 +85,16 @@ def test_patch_command(tiny_run, tiny_neox, tiny_neox_dir, tmp_path):
     assert with_run.attrs["clean_run"] == "bigram" and "pos" in with_run.columns
     with pytest.raises(TokenError, match="same length"):
         patch_command(str(tiny_neox_dir), clean, clean + " war of the nation", "resid_pre")
+
+
+def test_run_dir_layout(tiny_run, tmp_path):
+    """RunDir answers the layout questions every command asks (old run directories included)."""
+    from bigram_circuits.rundir import RunDir
+
+    run = RunDir(tiny_run)
+    assert run.subnetwork_dir() == tiny_run / "lambda_10" == run.lambda_run(10).path
+    assert [r.path.name for r in run.lambda_runs()] == sorted(p.name for p in tiny_run.glob("lambda_*"))
+    assert run.sweep_table()["dir"].tolist() == [str(tiny_run / f"lambda_{lam:g}") for lam in run.sweep_table()["lambda"]]
+    assert run.lambda_run(10).holds_subnetwork() and not RunDir(tmp_path).is_finished_search()
+    assert run.optimal_run().path == tiny_run / "optimal" and run.seed_run(3).path == tiny_run / "seed_3"
+    assert RunDir(run) == run and str(run / "sweep.csv") == str(run.sweep_file)

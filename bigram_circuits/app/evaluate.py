@@ -60,7 +60,7 @@ def evaluate_run(
         raise MaskError(f"run directory {run_path} does not exist; run `bigram-circuits find` first")
     loaded = load_run(run_path, device=device)
     bridge, tokenizer, bigram = loaded.bridge, loaded.tokenizer, loaded.subnetwork
-    optimal_path = Path(optimal) if optimal is not None else run_path / "optimal"
+    optimal_path = Path(optimal) if optimal is not None else RunDir(run_path).optimal_run().path
     optimal_sub, optimal_dir = None, None
     if optimal is not None or optimal_path.is_dir():
         if not optimal_path.is_dir():

@@ -283,7 +283,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     optimal, overlap = None, None
     if config.optimal_lambda >= 0:
         lam = float(config.optimal_lambda)
-        optimal_run = RunDir(run / "optimal")
+        optimal_run = RunDir(run).optimal_run()
         t = time.perf_counter()
         optimal_table = sweep(bridge, train_windows, Target.full_model(vocab), [lam], granularities,
                               search_config, optimal_run.path, eval_windows=eval_windows, show_progress=show_progress,
