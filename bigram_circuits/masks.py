@@ -332,9 +332,9 @@ class MaskComponent:
         )
 
 
-def parse_granularities(granularities: str | Sequence[Granularity]) -> tuple[Granularity, ...]:
-    """Normalise ``"neuron,head"`` or ``["head", "neuron"]`` to a canonical ordered tuple
-    (a string is a comma-separated list of :data:`Granularity` names, any case)."""
+def parse_granularities(granularities: str | Sequence[str]) -> tuple[Granularity, ...]:
+    """Normalise ``"neuron,head"`` or ``["head", "neuron"]`` to a canonical ordered tuple of
+    :data:`Granularity` names (any case in; ``MaskError`` for an unknown name)."""
     items = granularities.split(",") if isinstance(granularities, str) else list(granularities)
     names = {str(g).strip().lower() for g in items if str(g).strip()}
     unknown = names - set(GRANULARITIES)
@@ -408,9 +408,7 @@ def model_geometry(bridge) -> ModelGeometry:
     )
 
 
-def mask_components(
-    bridge, granularities: str | Sequence[Granularity] = ("neuron", "head")
-) -> list[MaskComponent]:
+def mask_components(bridge, granularities: str | Sequence[str] = ("neuron", "head")) -> list[MaskComponent]:
     """All mask components of a bridge for the given granularities, in a fixed order."""
     grans = parse_granularities(granularities)
     geo = model_geometry(bridge)
@@ -866,7 +864,7 @@ class MaskSet(nn.Module):
     def for_model(
         cls,
         bridge,
-        granularities: str | Sequence[Granularity] = ("neuron", "head"),
+        granularities: str | Sequence[str] = ("neuron", "head"),
         parameterization: ParameterizationName | MaskParameterization = "continuous",
         init: float = 0.0,
         penalty_weighting: PenaltyWeighting = "params",

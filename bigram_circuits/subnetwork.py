@@ -118,14 +118,14 @@ class Subnetwork:
         return cls(dict(masks), components, model_geometry(bridge), model_id(bridge), dict(metadata or {}))
 
     @classmethod
-    def full(cls, bridge, granularities: str | Sequence[Granularity] = ("neuron", "head")) -> Subnetwork:
+    def full(cls, bridge, granularities: str | Sequence[str] = ("neuron", "head")) -> Subnetwork:
         """Every entry kept (the full model; the paper's lambda = -inf reference)."""
         comps = mask_components(bridge, granularities)
         return cls.from_masks(bridge, {c.key: torch.ones(c.shape, dtype=torch.bool) for c in comps},
                               {"kind": "full"})
 
     @classmethod
-    def empty(cls, bridge, granularities: str | Sequence[Granularity] = ("neuron", "head")) -> Subnetwork:
+    def empty(cls, bridge, granularities: str | Sequence[str] = ("neuron", "head")) -> Subnetwork:
         """No entry kept (embeddings, layernorms and biases only; lambda = +inf reference)."""
         comps = mask_components(bridge, granularities)
         return cls.from_masks(bridge, {c.key: torch.zeros(c.shape, dtype=torch.bool) for c in comps},

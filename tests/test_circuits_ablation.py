@@ -75,6 +75,7 @@ def test_add_candidate_ors_into_the_base_masks(tiny_neox):
         add_candidate(base, Candidate(weights={"blocks.0.mlp.in.weight": torch.ones(2, 2)}), bridge)
 
 
+@pytest.mark.usefixtures("no_runtime_typecheck")  # bases without the interface on purpose
 def test_add_candidate_needs_the_masked_subnetwork_interface(tiny_neox):
     """``add_candidate`` asks its base only for ``masks``, ``metadata`` and ``with_masks``."""
     from bigram_circuits.circuits.runs import MaskedSubnetwork

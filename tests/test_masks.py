@@ -318,6 +318,7 @@ def test_malformed_keys_are_refused(text):
         MaskKey.parse(text)
 
 
+@pytest.mark.usefixtures("no_runtime_typecheck")  # wrongly typed arguments on purpose
 def test_inconsistent_keys_cannot_be_built():
     with pytest.raises(MaskError):
         MaskKey(0, "mlp", "head")
@@ -440,6 +441,7 @@ def test_both_parameterizations_satisfy_the_protocol(cls):
     assert strategy.sample_is_probability == torch.equal(sample, strategy.probability(logits, 2.0))
 
 
+@pytest.mark.usefixtures("no_runtime_typecheck")  # wrongly typed arguments on purpose
 def test_mask_set_takes_a_strategy_instance(tiny_neox):
     bridge, _ = tiny_neox
     by_name = MaskSet.for_model(bridge, "head", "hard_concrete")

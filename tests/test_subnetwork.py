@@ -45,6 +45,7 @@ def test_keep_and_ablate(tiny_neox):
         assert torch.equal(bridge(tokens), full)
 
 
+@pytest.mark.usefixtures("no_runtime_typecheck")  # mode="remove" is outside RunMode on purpose
 def test_applying_twice_or_to_another_model_is_refused(tiny_neox, tiny_gpt2):
     bridge, _ = tiny_neox
     sub = _random_subnetwork(bridge, "neuron")

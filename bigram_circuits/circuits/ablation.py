@@ -84,8 +84,9 @@ class Candidate:
     """
 
     name: str = "candidate"
-    heads: tuple[tuple[int, int], ...] = ()
-    neurons: tuple[tuple[int, int], ...] = ()
+    # Any sequence of (layer, index) pairs in; a sorted tuple of int pairs after __post_init__.
+    heads: Sequence[Sequence[int]] = ()
+    neurons: Sequence[Sequence[int]] = ()
     weights: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False)
     # Optional importance of each unit, keyed ("head" | "neuron", layer, index); larger = more
     # important (as the method that found the candidate defines it). Used by ``top_k``.
