@@ -122,8 +122,8 @@ def make_variants(bridge, tokens: torch.Tensor):
 
         def step():
             set_trainable(lambda p: False)
-            with mask_set.attach(bridge):
-                loss = loss_of(bridge(tokens)) + mask_set.penalty(reuse_forward_masks=True)
+            with mask_set.attach(bridge) as forward_masks:
+                loss = loss_of(bridge(tokens)) + mask_set.penalty(forward_masks)
             optimizers[name].zero_grad(set_to_none=True)
             loss.backward()
             if search_step:

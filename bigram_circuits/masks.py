@@ -950,9 +950,7 @@ class MaskSet(nn.Module):
 
     # ---- objective pieces
 
-    def penalty(
-        self, forward_masks: Mapping[str, torch.Tensor] | None = None, reuse_forward_masks: bool = False
-    ) -> Float[torch.Tensor, ""]:
+    def penalty(self, forward_masks: Mapping[str, torch.Tensor] | None = None) -> Float[torch.Tensor, ""]:
         """Weighted mean of the soft mask (the sparsity term, multiplied by lambda in the loss).
 
         A function of the logits, the temperature and ``forward_masks`` only. ``forward_masks``
@@ -960,11 +958,7 @@ class MaskSet(nn.Module):
         the parameterization's forward mask is its probability (continuous sparsification) and
         it holds every key, the penalty is summed from those very tensors, sharing their graph
         (one sigmoid per step instead of two; the same value, and the same gradients as one
-        graph). Otherwise the probabilities are computed here.
-
-        ``reuse_forward_masks`` is accepted and ignored (it used to reuse masks the mask set
-        cached from the last forward pass; pass ``forward_masks`` instead)."""
-        del reuse_forward_masks  # kept for callers of the old signature; see the docstring
+        graph). Otherwise the probabilities are computed here."""
         reuse = (forward_masks is not None and self.parameterization.sample_is_probability
                  and all(key in forward_masks for key in self.components))
         total = None

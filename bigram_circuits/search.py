@@ -521,10 +521,12 @@ def search_step(state: SearchState, bridge, tokens: Integer[torch.Tensor, "batch
     if target.needs_reference:
         with torch.no_grad():
             reference = bridge(tokens)
-    with mask_set.attach(bridge):
+    with mask_set.attach(bridge) as forward_masks:
         logits = bridge(tokens)
     target_loss = target(logits, tokens, reference)
-    penalty = mask_set.penalty(reuse_forward_masks=True).to(target_loss.device)
+    # The penalty of the very masks this forward used (the same hard-concrete noise draw).
+    penalty = mask_set.penalty(forward_masks).to(target_loss.device)
+    del forward_masks  # not kept alive into the next step
     loss = target_loss + config.lam * penalty
     # Loss of the whole batch (the mean over ranks' equal shards) for logs and checks.
     logged = group.average(torch.stack([loss.detach(), target_loss.detach().to(loss.dtype)]))

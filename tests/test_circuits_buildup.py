@@ -60,6 +60,7 @@ def _single_token_words(tokenizer, count: int = 6) -> list[str]:
     return list(dict.fromkeys(words))[:count]
 
 
+@pytest.mark.usefixtures("no_runtime_typecheck")
 def test_candidate_scores_and_top_k():
     scores = {("head", 0, 1): 0.2, ("head", 1, 3): 0.9, ("head", 1, 0): -0.5, ("neuron", 0, 4): 0.4}
     candidate = Candidate("c", heads=[(0, 1), (1, 3), (1, 0)], neurons=[(0, 4)], scores=scores)

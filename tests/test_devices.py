@@ -95,9 +95,9 @@ def test_masks_live_on_the_model_device_and_match_cpu(tiny_neox, tiny_neox_on_de
         mask_set = MaskSet.for_model(bridge, ("neuron", "head", "weight"), init=0.5)
         for key, component in mask_set.components.items():
             assert mask_set.logit(key).device == component_device(bridge, component)
-        with mask_set.attach(bridge):
+        with mask_set.attach(bridge) as forward_masks:
             logits = bridge(tokens.to(input_device(bridge)))
-        loss = logits.float().pow(2).mean() + mask_set.penalty(reuse_forward_masks=True)
+        loss = logits.float().pow(2).mean() + mask_set.penalty(forward_masks)
         # Gradients of the mask logits only: the session-wide model must keep no .grad.
         grads = torch.cat([g.flatten().cpu() for g in torch.autograd.grad(loss, list(mask_set.parameters()))])
         results.append((logits.detach().cpu(), grads))

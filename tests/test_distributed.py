@@ -130,10 +130,10 @@ def _fsdp_steps(bridge, mask_set, batches, lam: float = 0.5) -> None:
     """A few AdamW steps of a next-token loss + lambda * penalty through ``mask_set.attach``."""
     optimizer = torch.optim.AdamW(mask_set.parameters(), lr=0.05)
     for tokens in batches:
-        with mask_set.attach(bridge):
+        with mask_set.attach(bridge) as forward_masks:
             logits = bridge(tokens)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1, :300].flatten(0, 1), tokens[:, 1:].flatten())
-        loss = loss + lam * mask_set.penalty(reuse_forward_masks=True)
+        loss = loss + lam * mask_set.penalty(forward_masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

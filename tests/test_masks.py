@@ -469,8 +469,7 @@ def test_penalty_does_not_depend_on_forward_passes(tiny_neox, parameterization):
         bridge(_tokens(13))
         bridge(_tokens(14))  # every forward pass in the block shares one mask per key
     assert isinstance(used, ForwardMasks) and set(used) == set(mask_set.keys)
-    assert torch.equal(mask_set.penalty().detach(), before)  # and the old flag changes nothing
-    assert torch.equal(mask_set.penalty(reuse_forward_masks=True).detach(), before)
+    assert torch.equal(mask_set.penalty().detach(), before)
     # Summed from the forward's masks: the same value (continuous) or ignored (hard concrete).
     assert torch.equal(mask_set.penalty(used).detach(), before)
     assert torch.equal(mask_set.penalty({}).detach(), before)

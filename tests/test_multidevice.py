@@ -77,9 +77,9 @@ def test_masked_logits_and_gradients_match_one_device(split_neox, tiny_neox, gra
     for bridge, _ in (tiny_neox, split_neox):
         mask_set = MaskSet.for_model(bridge, granularities)
         _random_logits(mask_set)
-        with mask_set.attach(bridge):
+        with mask_set.attach(bridge) as forward_masks:
             logits = bridge(_tokens())
-        loss = logits.float().pow(2).mean() + mask_set.penalty(reuse_forward_masks=True)
+        loss = logits.float().pow(2).mean() + mask_set.penalty(forward_masks)
         grads = torch.autograd.grad(loss, list(mask_set.parameters()))
         results.append((logits.detach(), torch.cat([g.flatten() for g in grads])))
     (ref_logits, ref_grads), (logits, grads) = results
@@ -145,7 +145,7 @@ def test_two_gpu_split_matches_one_device(tiny_neox_dir, tiny_neox):
     bridge, _ = load_model(tiny_neox_dir, n_devices=2)
     mask_set = MaskSet.for_model(bridge, ("neuron", "head", "weight"))
     assert len({p.device for p in mask_set.parameters()}) >= 1
-    with mask_set.attach(bridge):
+    with mask_set.attach(bridge) as forward_masks:
         logits = bridge(_tokens().to(input_device(bridge)))
     reference = MaskSet.for_model(tiny_neox[0], ("neuron", "head", "weight"))
     with reference.attach(tiny_neox[0]):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -60,6 +60,7 @@ __all__ = [
 ATTRIBUTION_SOURCE = "transformer_lens.tools.analysis.attribution_patch (node granularity)"
 
 
+@runtime_checkable
 class PairTask(Protocol):
     """What the patching methods need from a task: paired prompts and a metric."""
 
