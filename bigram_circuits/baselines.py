@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.errors import BaselineError, ConfigError
 from bigram_circuits.evaluate import (
@@ -31,6 +32,7 @@ from bigram_circuits.evaluate import (
     surprisals_from_logits,
 )
 from bigram_circuits.models import frozen_parameters, input_device
+from bigram_circuits.ngrams import BigramStats
 
 __all__ = [
     "BaselineError",
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 
-def _embedding_parameters(bridge, include_final_norm: bool) -> dict[str, torch.nn.Parameter]:
+def _embedding_parameters(bridge: TransformerBridge, include_final_norm: bool) -> dict[str, torch.nn.Parameter]:
     """Token embedding, unembedding (a tied pair appears once) and optionally final-norm
     parameters by name."""
     params: dict[str, torch.nn.Parameter] = {}
@@ -112,26 +114,26 @@ class LinearMapBaseline:
     losses: list[float] = field(default_factory=list)
     config: LinearMapConfig = field(default_factory=LinearMapConfig)
 
-    def logits(self, bridge, tokens: Integer[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos vocab"]:
+    def logits(self, bridge: TransformerBridge, tokens: Integer[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos vocab"]:
         """Next-token logits of every position from its own token alone."""
         hidden = bridge.embed(tokens) @ self.weight + self.bias
         return bridge.unembed(bridge.ln_final(hidden))
 
-    def surprisals(self, bridge, stats, windows: Integer[np.ndarray, "n seq"],
+    def surprisals(self, bridge: TransformerBridge, stats: BigramStats, windows: Integer[np.ndarray, "n seq"],
                    batch_size: int = 16) -> TokenSurprisals:
         """Model and bigram surprisal of every actual next token of ``windows``."""
         return surprisals_from_logits(lambda tokens: self.logits(bridge, tokens), stats, windows,
                                       self.weight.device, batch_size, desc="evaluate linear map",
                                       show_progress=False)
 
-    def evaluate(self, bridge, stats, windows: Integer[np.ndarray, "n seq"], batch_size: int = 16) -> dict[str, float]:
+    def evaluate(self, bridge: TransformerBridge, stats: BigramStats, windows: Integer[np.ndarray, "n seq"], batch_size: int = 16) -> dict[str, float]:
         """The metric row of :func:`bigram_circuits.evaluate.evaluate_metrics` for this predictor."""
         return metrics_from_surprisals(self.surprisals(bridge, stats, windows, batch_size))
 
 
 def fit_linear_map(
-    bridge,
-    stats,
+    bridge: TransformerBridge,
+    stats: BigramStats,
     train_windows: Integer[np.ndarray, "n seq"],
     config: LinearMapConfig | None = None,
     show_progress: bool = True,

@@ -26,11 +26,13 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
-from bigram_circuits.circuits.runs import RunSpec, run_context
 from bigram_circuits.errors import ConfigError, StatsError, TokenError
 from bigram_circuits.models import check_tokens_fit
+from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.rundir import RunDir
+from bigram_circuits.runspec import RunSpec, run_context
 from bigram_circuits.subnetwork import Subnetwork
 
 __all__ = [
@@ -68,7 +70,7 @@ class TokenSurprisals:
     soft_xent_count: int
 
 
-def _device(bridge) -> torch.device:
+def _device(bridge: TransformerBridge) -> torch.device:
     """Where token ids go in: the embedding's device (also under a device_map)."""
     from bigram_circuits.models import input_device
 
@@ -92,7 +94,7 @@ def _check_windows(windows, vocab_size: int) -> np.ndarray:
     return array
 
 
-def _stats_vocab_size(stats) -> int:
+def _stats_vocab_size(stats: BigramStats) -> int:
     vocab = getattr(stats, "vocab_size", None)
     if vocab is None:
         raise StatsError("bigram stats have no vocab_size; build them with BigramStats.from_tokens")
@@ -102,7 +104,7 @@ def _stats_vocab_size(stats) -> int:
 @torch.no_grad()
 def surprisals_from_logits(
     logits_fn: Callable[[Integer[torch.Tensor, "batch pos"]], Float[torch.Tensor, "batch pos vocab"]],
-    stats,
+    stats: BigramStats,
     windows: Integer[np.ndarray, "n seq"],
     device: torch.device | str = "cpu",
     batch_size: int = 16,
@@ -146,8 +148,8 @@ def surprisals_from_logits(
 
 @torch.no_grad()
 def token_surprisals(
-    bridge,
-    stats,
+    bridge: TransformerBridge,
+    stats: BigramStats,
     windows: Integer[np.ndarray, "n seq"],
     subnetwork=None,
     mode: str = "keep",
@@ -262,8 +264,8 @@ def metrics_from_surprisals(surprisals: TokenSurprisals) -> dict[str, float]:
 
 
 def evaluate_metrics(
-    bridge,
-    stats,
+    bridge: TransformerBridge,
+    stats: BigramStats,
     windows: Integer[np.ndarray, "n seq"],
     subnetwork=None,
     mode: str = "keep",
@@ -287,8 +289,8 @@ def _active_params(subnetwork, mode: str, full_params: float) -> float:
 
 
 def ablation_table(
-    bridge,
-    stats,
+    bridge: TransformerBridge,
+    stats: BigramStats,
     windows: Integer[np.ndarray, "n seq"],
     bigram,
     optimal=None,
@@ -374,7 +376,7 @@ def generation_conditions(bigram, random_seed: int = 0) -> dict[str, RunSpec]:
 
 @torch.no_grad()
 def generate(
-    bridge,
+    bridge: TransformerBridge,
     tokenizer,
     prompt: str,
     condition: RunSpec | tuple | None = None,
@@ -409,7 +411,7 @@ def generate(
 
 
 def generate_table(
-    bridge,
+    bridge: TransformerBridge,
     tokenizer,
     prompt: str,
     conditions: Mapping[str, RunSpec | tuple | None],
@@ -428,7 +430,7 @@ def generate_table(
 DEFAULT_PROMPT = "The President of the United States"
 
 
-def sweep_metrics_table(bridge, stats, windows, run_dir: str | os.PathLike, batch_size: int = 16,
+def sweep_metrics_table(bridge: TransformerBridge, stats: BigramStats, windows, run_dir: str | os.PathLike, batch_size: int = 16,
                         show_progress: bool = True) -> pd.DataFrame:
     """Metrics of the full model and of every subnetwork of a run's lambda sweep (kept alone)."""
 

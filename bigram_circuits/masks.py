@@ -57,6 +57,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import nn
 from torch.nn.utils import parametrize
+from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.errors import MaskError
 
@@ -345,7 +346,7 @@ def parse_granularities(granularities: str | Sequence[str]) -> tuple[Granularity
     return tuple(g for g in GRANULARITIES if g in names)
 
 
-def _linear_bridges(bridge, layer: int) -> dict[str, tuple[str, nn.Module]]:
+def _linear_bridges(bridge: TransformerBridge, layer: int) -> dict[str, tuple[str, nn.Module]]:
     """The LinearBridge submodules the forward pass actually uses: ``kind -> (block, module)``.
 
     Fused QKV models (GPT-2, GPT-NeoX) run through the bridge's split ``q``/``k``/``v`` copies,
@@ -379,7 +380,7 @@ def _weight_layout(module: nn.Module) -> bool:
     )
 
 
-def model_geometry(bridge) -> ModelGeometry:
+def model_geometry(bridge: TransformerBridge) -> ModelGeometry:
     """Read the architecture shapes from a bridge (checked against its modules)."""
     cfg = bridge.cfg
     n_layers = int(cfg.n_layers)
@@ -408,7 +409,7 @@ def model_geometry(bridge) -> ModelGeometry:
     )
 
 
-def mask_components(bridge, granularities: str | Sequence[str] = ("neuron", "head")) -> list[MaskComponent]:
+def mask_components(bridge: TransformerBridge, granularities: str | Sequence[str] = ("neuron", "head")) -> list[MaskComponent]:
     """All mask components of a bridge for the given granularities, in a fixed order."""
     grans = parse_granularities(granularities)
     geo = model_geometry(bridge)
@@ -429,7 +430,7 @@ def mask_components(bridge, granularities: str | Sequence[str] = ("neuron", "hea
     return components
 
 
-def _weight_module(bridge, component: MaskComponent) -> tuple[nn.Module, bool]:
+def _weight_module(bridge: TransformerBridge, component: MaskComponent) -> tuple[nn.Module, bool]:
     """The module holding a weight component's matrix, and whether its layout is transposed."""
     modules = _linear_bridges(bridge, component.layer)
     if component.kind not in modules:
@@ -469,14 +470,14 @@ def _execution_device(module: nn.Module, fallback: torch.device) -> torch.device
     return fallback
 
 
-def _bridge_device(bridge) -> torch.device:
+def _bridge_device(bridge: TransformerBridge) -> torch.device:
     """The device the bridge takes its inputs on (``cfg.device``: the embedding's device)."""
     from bigram_circuits.models import input_device
 
     return input_device(bridge)
 
 
-def component_device(bridge, component: MaskComponent) -> torch.device:
+def component_device(bridge: TransformerBridge, component: MaskComponent) -> torch.device:
     """The device of the tensor a mask component gates: the weight matrix's (its execution
     device when accelerate offloaded it), the MLP output projection's for neurons (its input is
     ``hook_post``), the attention output projection's for heads (its input is ``hook_z``).
@@ -494,7 +495,7 @@ def component_device(bridge, component: MaskComponent) -> torch.device:
     return _execution_device(modules[kind][1].original_component, fallback)
 
 
-def weight_tensor(bridge, component: MaskComponent) -> Float[torch.Tensor, "out in"]:
+def weight_tensor(bridge: TransformerBridge, component: MaskComponent) -> Float[torch.Tensor, "out in"]:
     """A weight component's matrix in the canonical ``[out, in]`` layout (a view, no copy; the
     stored copy when accelerate offloaded the module's weight to CPU or disk)."""
     module, transposed = _weight_module(bridge, component)
@@ -530,7 +531,7 @@ class _WeightMaskParametrization(nn.Module):
         return weight * (mask.T if self._transposed else mask)
 
 
-def masks_attached(bridge) -> bool:
+def masks_attached(bridge: TransformerBridge) -> bool:
     """Whether a mask set or subnetwork is applied to ``bridge`` right now."""
     return bool(getattr(bridge, _ATTACHED_FLAG, False))
 
@@ -541,7 +542,7 @@ _HOOK_LEVELS = itertools.count(1)
 
 
 @contextlib.contextmanager
-def _exclusive(bridge) -> Iterator[None]:
+def _exclusive(bridge: TransformerBridge) -> Iterator[None]:
     """Mark ``bridge`` as masked inside the block; refuse a second attachment."""
     if getattr(bridge, _ATTACHED_FLAG, False):
         raise MaskError("masks are already applied to this model; exit the other `with` block first")
@@ -591,7 +592,7 @@ def _unit_hook(granularity: str, mask_of: Callable[[], torch.Tensor]) -> Callabl
 
 @contextlib.contextmanager
 def attach_masks(
-    bridge, components: Sequence[MaskComponent], mask_for: Callable[[str], torch.Tensor]
+    bridge: TransformerBridge, components: Sequence[MaskComponent], mask_for: Callable[[str], torch.Tensor]
 ) -> Iterator[None]:
     """Multiply every component's activation or weight by ``mask_for(key)`` inside the block.
 
@@ -627,7 +628,7 @@ def attach_masks(
 
 @contextlib.contextmanager
 def apply_binary_masks(
-    bridge,
+    bridge: TransformerBridge,
     masks: Mapping[str, torch.Tensor],
     mode: RunMode = "keep",
     components: Sequence[MaskComponent] | None = None,
@@ -863,7 +864,7 @@ class MaskSet(nn.Module):
     @classmethod
     def for_model(
         cls,
-        bridge,
+        bridge: TransformerBridge,
         granularities: str | Sequence[str] = ("neuron", "head"),
         parameterization: ParameterizationName | MaskParameterization = "continuous",
         init: float = 0.0,
@@ -1019,7 +1020,7 @@ class MaskSet(nn.Module):
         return {key: self.soft_mask(key) for key in self.components}
 
     @contextlib.contextmanager
-    def attach(self, bridge) -> Iterator[ForwardMasks]:
+    def attach(self, bridge: TransformerBridge) -> Iterator[ForwardMasks]:
         """Run ``bridge`` with the current soft masks inside the block; yields the
         :class:`ForwardMasks` of the block (each key's mask computed once, on first use by the
         forward pass, and shared by every forward pass in the block)."""

@@ -58,11 +58,13 @@ import pandas as pd
 import torch
 from jaxtyping import Integer
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.data import iterate_batches
 from bigram_circuits.distributed import current as current_group
 from bigram_circuits.distributed import launched_by_torchrun
 from bigram_circuits.errors import SearchError, TokenError
+from bigram_circuits.evaluate import pearson_r
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir, run_directory_lock
 from bigram_circuits.manifest import write_manifest
 from bigram_circuits.masks import (
@@ -72,6 +74,7 @@ from bigram_circuits.masks import (
     parse_granularities,
 )
 from bigram_circuits.models import frozen_parameters
+from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.rundir import RunDir
 from bigram_circuits.subnetwork import Subnetwork
 from bigram_circuits.tables import sparsest_within
@@ -189,7 +192,7 @@ class Target:
     vocab_size: int | None = None
 
     @classmethod
-    def bigram(cls, stats) -> Target:
+    def bigram(cls, stats: BigramStats) -> Target:
         """Soft cross-entropy against P(next | current) of bigram stats (the paper's target)."""
         return cls("bigram", lambda logits, tokens, ref: stats.soft_cross_entropy(logits, tokens),
                    stats=stats, vocab_size=int(stats.vocab_size))
@@ -215,7 +218,7 @@ class Target:
         return cls(name, lambda logits, tokens, ref: fn(logits, tokens))
 
     @classmethod
-    def from_name(cls, name: str, stats=None, vocab_size: int | None = None) -> Target:
+    def from_name(cls, name: str, stats: BigramStats=None, vocab_size: int | None = None) -> Target:
         """``"bigram"`` (needs ``stats``), ``"full_model"`` or ``"next_token"``."""
         if name == "bigram":
             if stats is None:
@@ -249,7 +252,7 @@ class SearchResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def _device(bridge) -> torch.device:
+def _device(bridge: TransformerBridge) -> torch.device:
     """Where token ids go in: the embedding's device (also under a device_map)."""
     from bigram_circuits.models import input_device
 
@@ -307,8 +310,8 @@ def stability_check(losses: Sequence[float], window: int = 10, abs_spike: float 
 
 @torch.no_grad()
 def bigram_correlation(
-    bridge,
-    stats,
+    bridge: TransformerBridge,
+    stats: BigramStats,
     windows: Integer[np.ndarray, "n seq"],
     subnetwork: Subnetwork | None = None,
     batch_size: int = 16,
@@ -316,7 +319,6 @@ def bigram_correlation(
     """Pearson r between the model's surprisal of each actual next token (with ``subnetwork``
     kept, binary) and its bigram surprisal, over ``windows``; infinite bigram surprisals are
     dropped. (:mod:`bigram_circuits.evaluate` has the full metric suite.)"""
-    from bigram_circuits.evaluate import pearson_r  # the project's one Pearson r
 
     array = _check_windows(windows, windows.shape[1])
     vocab = int(stats.vocab_size)
@@ -336,7 +338,7 @@ def bigram_correlation(
 
 
 @torch.no_grad()
-def _target_loss(bridge, target: Target, windows: np.ndarray, subnetwork: Subnetwork | None,
+def _target_loss(bridge: TransformerBridge, target: Target, windows: np.ndarray, subnetwork: Subnetwork | None,
                  batch_size: int, max_batches: int) -> float:
     """Mean target loss over the first ``max_batches`` batches, with ``subnetwork`` kept."""
     device = _device(bridge)
@@ -392,7 +394,7 @@ class SearchState:
     clock: SearchClock = field(default_factory=SearchClock)
 
     @classmethod
-    def fresh(cls, bridge, config: SearchConfig, run: dict, attempt: int = 0,
+    def fresh(cls, bridge: TransformerBridge, config: SearchConfig, run: dict, attempt: int = 0,
               previous_attempts: list[dict] | None = None, clock: SearchClock | None = None) -> SearchState:
         """Step 0 of ``attempt``: mask logits at ``config.init``, ``T = temperature_init``, noise
         seeded with ``seed * 1000 + attempt``, a new AdamW (one parameter group per granularity)."""
@@ -409,7 +411,7 @@ class SearchState:
         return cls(mask_set, optimizer, run, attempt, 0, [], previous_attempts if previous_attempts is not None else [],
                    clock)
 
-    def next_attempt(self, bridge, config: SearchConfig, summary: dict) -> SearchState:
+    def next_attempt(self, bridge: TransformerBridge, config: SearchConfig, summary: dict) -> SearchState:
         """A fresh mask for the next attempt (a new data shuffle), with this one's ``summary``
         appended to ``previous_attempts``; the clock runs on."""
         self.previous_attempts.append(summary)
@@ -441,7 +443,7 @@ class SearchState:
         _save_checkpoint(path, self.state_dict())
 
     @classmethod
-    def load(cls, path: Path, bridge, config: SearchConfig, granularities: Sequence[str], target: Target,
+    def load(cls, path: Path, bridge: TransformerBridge, config: SearchConfig, granularities: Sequence[str], target: Target,
              model_id: str) -> SearchState:
         """The state saved in ``path``, continued on ``bridge``; ``SearchError`` if the file is
         unreadable or belongs to a run with other settings (see :func:`_load_checkpoint`)."""
@@ -506,7 +508,7 @@ class StepLosses:
     penalty: float
 
 
-def search_step(state: SearchState, bridge, tokens: Integer[torch.Tensor, "batch seq"], target: Target,
+def search_step(state: SearchState, bridge: TransformerBridge, tokens: Integer[torch.Tensor, "batch seq"], target: Target,
                 config: SearchConfig) -> StepLosses:
     """One optimizer step of the mask logits on ``tokens`` (this rank's shard of the batch).
 
@@ -545,7 +547,7 @@ def search_step(state: SearchState, bridge, tokens: Integer[torch.Tensor, "batch
 
 
 def search(
-    bridge,
+    bridge: TransformerBridge,
     windows: Integer[np.ndarray, "n seq"],
     target: Target,
     granularities: str | Sequence[str] = DEFAULT_GRANULARITIES,
@@ -628,7 +630,7 @@ def search(
                        {"stop_reason": stop_reason, "stable": stable, "stability": stability})
 
 
-def _validated(bridge, windows, eval_windows, granularities, config: SearchConfig, out_dir):
+def _validated(bridge: TransformerBridge, windows, eval_windows, granularities, config: SearchConfig, out_dir):
     """Check the inputs before any work: ``(granularities, windows cut to seq_len, out_path, model_id)``."""
     from bigram_circuits.models import check_tokens_fit
     from bigram_circuits.models import model_id as model_fingerprint
@@ -664,7 +666,7 @@ def _checkpoint_path(out_path: Path | None, resume: bool) -> Path | None:
 
 
 @contextlib.contextmanager
-def _evaluation_mode(bridge) -> Iterator[None]:
+def _evaluation_mode(bridge: TransformerBridge) -> Iterator[None]:
     """``bridge.eval()`` within the block, its previous mode afterwards."""
     was_training = bridge.training
     bridge.eval()
@@ -707,7 +709,7 @@ def _stopping_rule(step: int, row: dict, config: SearchConfig) -> bool:
     return step >= config.min_steps and (undecided == 0 or undecided < config.stop_undecided_fraction * on)
 
 
-def _finish(bridge, state: SearchState, target: Target, windows: np.ndarray, eval_windows, config: SearchConfig,
+def _finish(bridge: TransformerBridge, state: SearchState, target: Target, windows: np.ndarray, eval_windows, config: SearchConfig,
             out_path: Path | None, metadata: dict | None, outcome: dict) -> SearchResult:
     """The binary subnetwork, its metrics and the saved result (rank 0 writes; the checkpoint goes)."""
     group, grans = current_group(), state.run["granularities"]
@@ -738,7 +740,7 @@ def _finish(bridge, state: SearchState, target: Target, windows: np.ndarray, eva
     return SearchResult(subnetwork, history_df, metrics, config, out_path, mask_set)
 
 
-def _binary_metrics(bridge, subnetwork: Subnetwork, target: Target, train_windows: np.ndarray,
+def _binary_metrics(bridge: TransformerBridge, subnetwork: Subnetwork, target: Target, train_windows: np.ndarray,
                     eval_windows, config: SearchConfig) -> dict:
     """Metrics of the binary subnetwork (held-out windows when given, else training windows)."""
     held_out = eval_windows is not None
@@ -774,7 +776,7 @@ def _load_finished(out_path: Path, config: SearchConfig, grans, target: Target, 
 
 
 def sweep(
-    bridge,
+    bridge: TransformerBridge,
     windows: Integer[np.ndarray, "n seq"],
     target: Target,
     lambdas: Sequence[float],

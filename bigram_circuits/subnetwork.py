@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool
+from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.errors import MaskError, UnsafeFileError
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir
@@ -106,7 +107,7 @@ class Subnetwork:
     # ---- construction
 
     @classmethod
-    def from_masks(cls, bridge, masks: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> Subnetwork:
+    def from_masks(cls, bridge: TransformerBridge, masks: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> Subnetwork:
         """A subnetwork of ``bridge`` from boolean masks keyed by mask key (all keys of their
         granularities must be present)."""
         from bigram_circuits.models import model_id
@@ -118,14 +119,14 @@ class Subnetwork:
         return cls(dict(masks), components, model_geometry(bridge), model_id(bridge), dict(metadata or {}))
 
     @classmethod
-    def full(cls, bridge, granularities: str | Sequence[str] = ("neuron", "head")) -> Subnetwork:
+    def full(cls, bridge: TransformerBridge, granularities: str | Sequence[str] = ("neuron", "head")) -> Subnetwork:
         """Every entry kept (the full model; the paper's lambda = -inf reference)."""
         comps = mask_components(bridge, granularities)
         return cls.from_masks(bridge, {c.key: torch.ones(c.shape, dtype=torch.bool) for c in comps},
                               {"kind": "full"})
 
     @classmethod
-    def empty(cls, bridge, granularities: str | Sequence[str] = ("neuron", "head")) -> Subnetwork:
+    def empty(cls, bridge: TransformerBridge, granularities: str | Sequence[str] = ("neuron", "head")) -> Subnetwork:
         """No entry kept (embeddings, layernorms and biases only; lambda = +inf reference)."""
         comps = mask_components(bridge, granularities)
         return cls.from_masks(bridge, {c.key: torch.zeros(c.shape, dtype=torch.bool) for c in comps},
@@ -219,7 +220,7 @@ class Subnetwork:
 
     # ---- applying
 
-    def check_model(self, bridge) -> None:
+    def check_model(self, bridge: TransformerBridge) -> None:
         """Raise ``MaskError`` unless ``bridge`` is the architecture this subnetwork was made for."""
         from bigram_circuits.models import model_id
 
@@ -232,7 +233,7 @@ class Subnetwork:
             )
 
     @contextlib.contextmanager
-    def applied(self, bridge, mode: RunMode = "keep") -> Iterator:
+    def applied(self, bridge: TransformerBridge, mode: RunMode = "keep") -> Iterator:
         """Run ``bridge`` with only this subnetwork (``mode="keep"``) or without it
         (``mode="ablate"``, keeping the complement) inside the block; yields the bridge.
         (:func:`bigram_circuits.masks.apply_binary_masks`: one application per bridge at a time.)"""
@@ -299,7 +300,7 @@ class Subnetwork:
         return path
 
     @classmethod
-    def from_author_dict(cls, author: Mapping, bridge, metadata: Mapping | None = None) -> Subnetwork:
+    def from_author_dict(cls, author: Mapping, bridge: TransformerBridge, metadata: Mapping | None = None) -> Subnetwork:
         """A weight-granularity subnetwork of ``bridge`` from an authors'-format mask dict."""
         geometry = model_geometry(bridge)
         arrays = {k: v for k, v in author.items() if k != AUTHOR_NAME_KEY}
@@ -314,7 +315,7 @@ class Subnetwork:
         return cls.from_masks(bridge, weight_masks, {**info, **dict(metadata or {})})
 
     @classmethod
-    def from_author_pickle(cls, path: str | os.PathLike, bridge) -> Subnetwork:
+    def from_author_pickle(cls, path: str | os.PathLike, bridge: TransformerBridge) -> Subnetwork:
         """Load an authors' released mask pickle for ``bridge`` (restricted unpickler)."""
         return cls.from_author_dict(load_author_pickle(path), bridge, {"source_file": str(path)})
 

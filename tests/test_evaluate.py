@@ -24,6 +24,7 @@ from bigram_circuits.evaluate import (
     loss_increase_ratio,
     metrics_from_surprisals,
     pearson_r,
+    surprisals_from_logits,
 )
 from bigram_circuits.app.evaluate import evaluate_run
 from bigram_circuits.ngrams import BigramStats
@@ -71,7 +72,10 @@ def test_evaluate_metrics_on_a_lookup_model_hand_computed():
     probs = np.array([[0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     logits = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0], [0.5, 0.0, -1.0]])
     windows = np.array([[0, 1, 2, 0], [1, 0, 0, 2]])
-    row = evaluate_metrics(BigramLookup(logits), stats, windows, batch_size=1, show_progress=False)
+    # Any next-token predictor goes through surprisals_from_logits; evaluate_metrics is the same
+    # computation on a TransformerBridge (with a subnetwork applied).
+    row = metrics_from_surprisals(surprisals_from_logits(BigramLookup(logits), stats, windows, batch_size=1,
+                                                         show_progress=False))
     log_p = torch.log_softmax(logits.double(), dim=-1).numpy()
     pairs = [(0, 1), (1, 2), (2, 0), (1, 0), (0, 0), (0, 2)]
     model = np.array([-log_p[c, n] for c, n in pairs])

@@ -27,10 +27,10 @@ def lens_command(
     ``logit_lens.csv``, ``similarity_{run}.csv`` and the figures ``rotation.html`` /
     ``similarity.html`` to ``out`` (default ``RUN/circuits``); returns the linear-lens table.
     """
-    from bigram_circuits.models import model_vocab_size
     from bigram_circuits.circuits.runs import load_run
     from bigram_circuits.circuits.similarity import similarity_report
     from bigram_circuits.io import atomic_write_bytes, ensure_output_dir
+    from bigram_circuits.models import model_vocab_size
     from bigram_circuits.plots import fig3_rotation, fig4_similarity, save_figure
     from bigram_circuits.rundir import RunDir
 

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Integer
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.circuits.runs import MaskedSubnetwork, RunSpec, SubnetworkLike, run_context
 from bigram_circuits.errors import MaskError, TokenError
@@ -155,7 +156,7 @@ class Candidate:
         """Number of MLP neurons in the candidate."""
         return len(self.neurons)
 
-    def validate(self, bridge: Any) -> None:
+    def validate(self, bridge: TransformerBridge) -> None:
         """Raise ``MaskError`` when a head or neuron does not exist in ``bridge``."""
         cfg = bridge.cfg
         for layer, head in self.heads:
@@ -170,7 +171,7 @@ class Candidate:
                     f"{cfg.d_mlp} neurons"
                 )
 
-    def masks(self, bridge: Any) -> dict[str, Bool[torch.Tensor, ...]]:
+    def masks(self, bridge: TransformerBridge) -> dict[str, Bool[torch.Tensor, ...]]:
         """Boolean masks of the candidate: head/neuron keys for layers it touches, plus ``weights``."""
         self.validate(bridge)
         cfg = bridge.cfg
@@ -186,7 +187,7 @@ class Candidate:
         return out
 
     def random_control(
-        self, bridge: Any, seed: int = 0, exclude: Mapping[str, torch.Tensor] | None = None
+        self, bridge: TransformerBridge, seed: int = 0, exclude: Mapping[str, torch.Tensor] | None = None
     ) -> Candidate:
         """A random candidate with as many heads and neurons per layer, avoiding ``exclude``
         (masks under head/neuron keys, e.g. the base subnetwork's) and the candidate itself.
@@ -238,7 +239,7 @@ class Candidate:
         )
 
     @contextlib.contextmanager
-    def applied(self, bridge: Any, mode: RunMode = "keep") -> Iterator[Any]:
+    def applied(self, bridge: TransformerBridge, mode: RunMode = "keep") -> Iterator[Any]:
         """Zero the candidate's heads and neurons (``ablate``) or all other ones (``keep``).
 
         Applied like any mask (:func:`bigram_circuits.masks.apply_binary_masks`), so it cannot be
@@ -302,7 +303,7 @@ def _unit_as_weight_masks(
     return out
 
 
-def add_candidate(base: MaskedSubnetwork, candidate: Candidate, bridge: Any) -> MaskedSubnetwork:
+def add_candidate(base: MaskedSubnetwork, candidate: Candidate, bridge: TransformerBridge) -> MaskedSubnetwork:
     """A new subnetwork like ``base``: its masks OR the candidate's, key by key.
 
     ``base`` is a :class:`~bigram_circuits.circuits.runs.MaskedSubnetwork` (``masks``,
@@ -388,7 +389,7 @@ def repeated_random_tokens(
 
 @torch.no_grad()
 def repeated_sequence_losses(
-    bridge: Any,
+    bridge: TransformerBridge,
     tokens: Integer[torch.Tensor, "n total"],
     seq_len: int,
     vocab_size: int,
@@ -415,7 +416,7 @@ def repeated_sequence_losses(
 
 
 def repeated_sequence_loss(
-    bridge: Any,
+    bridge: TransformerBridge,
     vocab_size: int,
     seq_len: int = 32,
     n_sequences: int = 64,
@@ -476,7 +477,7 @@ class RepeatedSequenceLoss:
             pool=self.pool,
         )
 
-    def __call__(self, bridge: Any) -> dict[str, float]:
+    def __call__(self, bridge: TransformerBridge) -> dict[str, float]:
         """Losses under whatever run is active."""
         first, second = repeated_sequence_losses(
             bridge,
@@ -490,7 +491,7 @@ class RepeatedSequenceLoss:
 
 @torch.no_grad()
 def head_scores(
-    bridge: Any,
+    bridge: TransformerBridge,
     vocab_size: int,
     seq_len: int = 32,
     n_sequences: int = 32,
@@ -560,7 +561,7 @@ def select_heads(
 
 
 def find_induction_heads(
-    bridge: Any,
+    bridge: TransformerBridge,
     vocab_size: int,
     *,
     induction_threshold: float = 0.2,
@@ -601,7 +602,7 @@ def find_induction_heads(
 # --------------------------------------------------------------------------- sufficiency / necessity
 
 
-def _measure(bridge: Any, run: RunSpec, behaviour: Behaviour) -> dict[str, float]:
+def _measure(bridge: TransformerBridge, run: RunSpec, behaviour: Behaviour) -> dict[str, float]:
     with run.context(bridge):
         value = behaviour(bridge)
     if isinstance(value, Mapping):
@@ -614,7 +615,7 @@ _Row = tuple[
 ]  # run, candidate it adds/removes, new entries
 
 
-def _table(bridge: Any, runs: Sequence[_Row], behaviour: Behaviour, desc: str) -> pd.DataFrame:
+def _table(bridge: TransformerBridge, runs: Sequence[_Row], behaviour: Behaviour, desc: str) -> pd.DataFrame:
     rows = []
     for run, candidate, new_entries in tqdm(runs, desc=desc, leave=False):
         row: dict[str, Any] = {
@@ -630,14 +631,14 @@ def _table(bridge: Any, runs: Sequence[_Row], behaviour: Behaviour, desc: str) -
     return table
 
 
-def _with_candidate(bridge: Any, base: Any, candidate: Candidate, label: str) -> _Row:
+def _with_candidate(bridge: TransformerBridge, base: Any, candidate: Candidate, label: str) -> _Row:
     combined = add_candidate(base, candidate, bridge)
     new_entries = int(sum(combined.metadata["added_entries"].values()))
     return RunSpec(combined, "keep", label), candidate, new_entries
 
 
 def sufficiency(
-    bridge: Any,
+    bridge: TransformerBridge,
     base: Any,
     candidate: Candidate,
     behaviour: Behaviour,
@@ -663,7 +664,7 @@ def sufficiency(
 
 
 def necessity(
-    bridge: Any,
+    bridge: TransformerBridge,
     candidate: Candidate | SubnetworkLike,
     behaviour: Behaviour,
     *,

@@ -55,6 +55,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Integer
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.circuits.ablation import (
     Candidate,
@@ -150,7 +151,7 @@ class _Task:
         return {}
 
     @torch.no_grad()
-    def __call__(self, bridge: Any) -> dict[str, float]:
+    def __call__(self, bridge: TransformerBridge) -> dict[str, float]:
         """The metric (and extras), averaged over the clean prompts, under the active run."""
         sums: dict[str, float] = {}
         n = self.clean.shape[0]
@@ -394,13 +395,13 @@ def make_task(
 # --------------------------------------------------------------------------- build-up
 
 
-def _measure(bridge: Any, run: RunSpec, task: Callable[[Any], Mapping[str, float]]) -> dict[str, float]:
+def _measure(bridge: TransformerBridge, run: RunSpec, task: Callable[[Any], Mapping[str, float]]) -> dict[str, float]:
     with run.context(bridge):
         return {key: float(value) for key, value in task(bridge).items()}
 
 
 def build_up(
-    bridge: Any,
+    bridge: TransformerBridge,
     base: Any,
     candidates: Mapping[str, Candidate] | Sequence[Candidate],
     task: Any,
@@ -566,7 +567,7 @@ def build_up_report(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def candidate_weight_masks(
-    candidate: Candidate, bridge: Any, reference: Mapping[str, torch.Tensor]
+    candidate: Candidate, bridge: TransformerBridge, reference: Mapping[str, torch.Tensor]
 ) -> dict[str, Bool[torch.Tensor, "out in"]]:
     """The weights a candidate uses, as masks over the weight keys of ``reference``
     (canonical ``[out, in]`` layout): a head's W_Q rows and W_O columns and its K/V group's
@@ -593,7 +594,7 @@ def _base_weight_masks(base: Any) -> dict[str, torch.Tensor]:
 def circuit_overlap(
     base: Any,
     candidates: Mapping[str, Candidate],
-    bridge: Any,
+    bridge: TransformerBridge,
     *,
     base_label: str = "bigram",
     n_random: int = 10_000,
@@ -648,7 +649,7 @@ def circuit_overlap(
 
 
 def circuit_placement(
-    base: Any, candidates: Mapping[str, Candidate], bridge: Any, *, base_label: str = "bigram"
+    base: Any, candidates: Mapping[str, Candidate], bridge: TransformerBridge, *, base_label: str = "bigram"
 ) -> pd.DataFrame:
     """Per layer: where the base subnetwork's attention weights sit and where each candidate's
     heads sit, with the share of the candidate's weights in that layer that the base keeps.
@@ -764,7 +765,7 @@ def candidates_from_tables(
 
 
 def find_candidates(
-    bridge: Any, tokenizer: Any, config: BuildUpConfig = BuildUpConfig(), *, progress: bool = True
+    bridge: TransformerBridge, tokenizer: Any, config: BuildUpConfig = BuildUpConfig(), *, progress: bool = True
 ) -> dict[str, pd.DataFrame]:
     """Candidates from the three methods, found on the full model (no base needed).
 
@@ -847,7 +848,7 @@ def _candidate_tables(
 
 
 def build_up_experiment(
-    bridge: Any,
+    bridge: TransformerBridge,
     tokenizer: Any,
     bases: Mapping[str, Any],
     config: BuildUpConfig = BuildUpConfig(),

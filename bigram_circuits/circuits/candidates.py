@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from jaxtyping import Integer
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.circuits.ablation import Candidate, head_scores
 from bigram_circuits.circuits.patching import patch
@@ -121,7 +122,7 @@ def candidate_from_scores(
 
 
 def head_score_candidates(
-    bridge: Any,
+    bridge: TransformerBridge,
     vocab_size: int,
     *,
     n_induction: int = 5,
@@ -196,7 +197,7 @@ def _pair(task: PairTask, n_examples: int | None) -> tuple[torch.Tensor, torch.T
 
 
 def patching_scores(
-    bridge: Any,
+    bridge: TransformerBridge,
     task: PairTask,
     *,
     n_examples: int | None = None,
@@ -233,7 +234,7 @@ def patching_scores(
 
 
 def patching_candidate(
-    bridge: Any,
+    bridge: TransformerBridge,
     task: PairTask,
     *,
     top_k: int = 5,
@@ -252,7 +253,7 @@ def patching_candidate(
 
 
 def attribution_scores(
-    bridge: Any,
+    bridge: TransformerBridge,
     task: PairTask,
     *,
     n_examples: int | None = None,
@@ -320,7 +321,7 @@ def attribution_scores(
 
 
 def attribution_candidate(
-    bridge: Any,
+    bridge: TransformerBridge,
     task: PairTask,
     *,
     top_k: int = 5,

@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
 from transformer_lens.tools.analysis import logit_readout
 
@@ -54,6 +55,7 @@ from bigram_circuits.circuits.runs import (
     select_windows,
 )
 from bigram_circuits.errors import BigramCircuitsError, ConfigError, StatsError, TokenError
+from bigram_circuits.evaluate import pearson_r
 from bigram_circuits.models import input_device
 
 __all__ = [
@@ -80,7 +82,7 @@ PAPER_LENS_TOKENS = 128 * 1024
 LINEAR_LENS_TARGETS = ("input", "output")
 
 
-def vocab_size_of(bridge: Any, tokenizer: Any = None) -> int:
+def vocab_size_of(bridge: TransformerBridge, tokenizer: Any = None) -> int:
     """The vocabulary size V: the tokenizer's (logits of padded unembedding rows are dropped).
 
     Without a tokenizer, every row of the embedding counts.
@@ -189,7 +191,7 @@ class LensReadout(Sequence[torch.Tensor]):
 
 @torch.no_grad()
 def read_hidden_states(
-    bridge: Any,
+    bridge: TransformerBridge,
     tokens: Any,
     lens: Lens | None = None,
     subnetwork: SubnetworkLike | None = None,
@@ -222,7 +224,7 @@ def read_hidden_states(
 
 @torch.no_grad()
 def logit_lens_logits(
-    bridge: Any,
+    bridge: TransformerBridge,
     tokens: Integer[torch.Tensor, "batch pos"],
     subnetwork: SubnetworkLike | None = None,
     mode: str = "keep",
@@ -241,21 +243,16 @@ def logit_lens_logits(
     return stacked if vocab_size is None else stacked[..., :vocab_size]
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson r over the pairs where the bigram surprisal is finite (inf = unseen bigram).
-
-    Not ``evaluate.pearson_r``: importing ``bigram_circuits.evaluate`` here closes an import cycle
-    (evaluate -> bigram_circuits.circuits.__init__ -> lens -> evaluate).
-    """
+def _finite_pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """:func:`~bigram_circuits.evaluate.pearson_r` over the pairs where both are finite (the bigram
+    surprisal is inf for an unseen bigram)."""
     keep = np.isfinite(a) & np.isfinite(b)
-    if keep.sum() < 2:
-        return float("nan")
-    return float(np.corrcoef(a[keep], b[keep])[0, 1])
+    return pearson_r(a[keep], b[keep])
 
 
 @torch.no_grad()
 def logit_lens(
-    bridge: Any,
+    bridge: TransformerBridge,
     windows: Any,
     subnetwork: SubnetworkLike | None = None,
     mode: str = "keep",
@@ -317,7 +314,7 @@ def logit_lens(
     for layer in range(n_layers):
         r = float("nan")
         if bigram_stats is not None:
-            r = _pearson(np.concatenate(bigram_surprisal), np.concatenate(lens_surprisal[layer]))
+            r = _finite_pearson(np.concatenate(bigram_surprisal), np.concatenate(lens_surprisal[layer]))
         rows.append(
             {
                 "layer": layer,
@@ -331,7 +328,7 @@ def logit_lens(
 
 
 def logit_lens_report(
-    bridge: Any,
+    bridge: TransformerBridge,
     tokenizer: Any,
     windows: Any,
     subnetworks: Mapping[str, SubnetworkLike | None],
@@ -360,7 +357,7 @@ def logit_lens_report(
 
 
 def logit_lens_top_tokens(
-    bridge: Any,
+    bridge: TransformerBridge,
     tokens: Integer[torch.Tensor, " pos"],
     tokenizer: Any,
     *,
@@ -513,7 +510,7 @@ class LinearLensConfig:
 
 @torch.no_grad()
 def linear_lens(
-    bridge: Any,
+    bridge: TransformerBridge,
     windows: Any,
     subnetwork: SubnetworkLike | None = None,
     mode: str = "keep",
@@ -624,7 +621,7 @@ def _next_token_recall(
 
 
 def lens_report(
-    bridge: Any,
+    bridge: TransformerBridge,
     tokenizer: Any,
     windows: Any,
     subnetworks: Mapping[str, SubnetworkLike | None],

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from transformer_lens import ActivationCache
 from jaxtyping import Float, Integer
+from transformer_lens import ActivationCache
+from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.patching import generic_activation_patch
 
 from bigram_circuits.circuits.runs import RunSpec, SubnetworkLike, as_token_tensor
@@ -93,7 +94,7 @@ def _component(name: str) -> Component:
     return COMPONENTS[name]
 
 
-def _check_hook_names(bridge: Any, names: Sequence[str]) -> None:
+def _check_hook_names(bridge: TransformerBridge, names: Sequence[str]) -> None:
     unknown = [name for name in names if name not in bridge.hook_dict]
     if unknown:
         raise ConfigError(
@@ -109,7 +110,7 @@ def component_hook_name(component: str, layer: int) -> str:
 
 @torch.no_grad()
 def cache_run(
-    bridge: Any,
+    bridge: TransformerBridge,
     tokens: Integer[torch.Tensor, "batch pos"],
     run: RunSpec | tuple | SubnetworkLike | None = None,
     names: Sequence[str] | None = None,
@@ -128,7 +129,7 @@ def cache_run(
 
 @torch.no_grad()
 def run_with_patches(
-    bridge: Any,
+    bridge: TransformerBridge,
     tokens: Integer[torch.Tensor, "batch pos"],
     patches: Mapping[str, torch.Tensor],
     run: RunSpec | tuple | SubnetworkLike | None = None,
@@ -224,7 +225,7 @@ def _scalar(value: Any) -> float:
 
 @torch.no_grad()
 def patch(
-    bridge: Any,
+    bridge: TransformerBridge,
     clean_tokens: Integer[torch.Tensor, "batch pos"],
     corrupted_tokens: Integer[torch.Tensor, "batch pos"] | None,
     component: str,

@@ -9,117 +9,41 @@ analyses.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager as ContextManager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.errors import MaskError, TokenError
 from bigram_circuits.masks import RUN_MODES, RunMode
+from bigram_circuits.runspec import MaskedSubnetwork, RunSpec, SubnetworkLike, run_context
 
+# RunSpec and friends live in bigram_circuits.runspec (below the evaluation core); they are
+# re-exported here, where circuit code has always imported them.
 __all__ = [
     "RUN_MODES",
-    "MaskedSubnetwork",
     "RunMode",
+    "MaskedSubnetwork",
     "RunSpec",
     "SubnetworkLike",
+    "run_context",
     "TokenActivations",
     "as_token_tensor",
     "collect_activations",
     "hidden_state_names",
-    "run_context",
     "select_windows",
 ]
 
 
-@runtime_checkable
-class SubnetworkLike(Protocol):
-    """Anything that can be applied to a bridge for the duration of a ``with`` block
-    (:class:`~bigram_circuits.subnetwork.Subnetwork`, :class:`~bigram_circuits.circuits.ablation.Candidate`)."""
-
-    def applied(self, bridge: Any, mode: RunMode = "keep") -> ContextManager[Any]:
-        """Keep only the subnetwork (``"keep"``) or remove it (``"ablate"``) inside the block."""
-        ...
-
-
-@runtime_checkable
-class MaskedSubnetwork(SubnetworkLike, Protocol):
-    """A subnetwork given by boolean masks keyed by mask key (see :class:`bigram_circuits.masks.MaskKey`)
-    that can make a copy of itself with other masks: what
-    :func:`~bigram_circuits.circuits.ablation.add_candidate` combines with a candidate."""
-
-    masks: Mapping[str, torch.Tensor]
-    metadata: Mapping[str, Any]
-
-    def with_masks(self, masks: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> MaskedSubnetwork:
-        """The same kind of subnetwork, of the same model, with ``masks`` (every key) and ``metadata``."""
-        ...
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """How to run the bridge: full model (``subnetwork=None``) or a subnetwork kept/ablated."""
-
-    subnetwork: SubnetworkLike | None = None
-    mode: RunMode = "keep"
-    label: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in RUN_MODES:
-            raise MaskError(f"run mode must be one of {RUN_MODES}, got {self.mode!r}")
-        if self.subnetwork is not None and not isinstance(self.subnetwork, SubnetworkLike):
-            raise MaskError(
-                f"a run's subnetwork needs an applied(bridge, mode) method; got {type(self.subnetwork).__name__}"
-            )
-
-    @classmethod
-    def coerce(cls, run: RunSpec | tuple | SubnetworkLike | None) -> RunSpec:
-        """Accept a RunSpec, ``None`` (full model), a subnetwork, or a ``(subnetwork, mode)`` pair."""
-        if isinstance(run, RunSpec):
-            return run
-        if run is None:
-            return cls()
-        if isinstance(run, tuple):
-            if len(run) != 2:
-                raise MaskError(
-                    "a run tuple must be (subnetwork_or_None, mode), e.g. (subnetwork, 'keep')"
-                )
-            return cls(subnetwork=run[0], mode=run[1])
-        return cls(subnetwork=run)
-
-    def context(self, bridge: Any) -> ContextManager[Any]:
-        """The context manager under which the bridge computes this run."""
-        return run_context(bridge, self.subnetwork, self.mode)
-
-    @property
-    def name(self) -> str:
-        """A short label for tables: the given label, ``full`` or ``subnetwork:keep``/``:ablate``."""
-        if self.label is not None:
-            return self.label
-        return "full" if self.subnetwork is None else f"subnetwork:{self.mode}"
-
-
-def run_context(
-    bridge: Any, subnetwork: SubnetworkLike | None = None, mode: RunMode = "keep"
-) -> ContextManager[Any]:
-    """``subnetwork.applied(bridge, mode=mode)``, or a no-op context for the full model."""
-    if mode not in RUN_MODES:
-        raise MaskError(f"run mode must be one of {RUN_MODES}, got {mode!r}")
-    if subnetwork is None:
-        return contextlib.nullcontext()
-    return subnetwork.applied(bridge, mode=mode)
-
-
-def hidden_state_names(bridge: Any) -> list[str]:
+def hidden_state_names(bridge: TransformerBridge) -> list[str]:
     """Hook names of the paper's hidden states X_0..X_L (all before the final layer norm).
 
     X_0 is the embedding output (``blocks.0.hook_resid_pre``), X_l the residual stream
@@ -195,7 +119,7 @@ class TokenActivations:
 
 @torch.no_grad()
 def collect_activations(
-    bridge: Any,
+    bridge: TransformerBridge,
     windows: Any,
     hook_names: Sequence[str],
     subnetwork: SubnetworkLike | None = None,
@@ -267,26 +191,11 @@ class LoadedRun:
 
 def subnetwork_dir_of(run_dir: str | os.PathLike) -> Path:
     """The subnetwork directory of a run: ``run_dir`` itself when it holds ``subnetwork.json``,
-    else the lambda marked ``chosen`` in its ``sweep.csv`` (or its only lambda)."""
-    import pandas as pd
+    else the lambda marked ``chosen`` in its ``sweep.csv`` (or its only lambda); see
+    :meth:`bigram_circuits.rundir.RunDir.subnetwork_dir`."""
+    from bigram_circuits.rundir import RunDir
 
-    run_path = Path(run_dir)
-    if (run_path / "subnetwork.json").exists():
-        return run_path
-    sweep_file = run_path / "sweep.csv"
-    if not sweep_file.exists():
-        raise MaskError(
-            f"{run_path} holds no subnetwork.json or sweep.csv; pass a run of `bigram-circuits find`"
-        )
-    sweep = pd.read_csv(sweep_file)
-    chosen = sweep[sweep["chosen"].astype(bool)] if "chosen" in sweep else sweep[:0]
-    if chosen.empty and len(sweep) == 1:
-        chosen = sweep
-    if chosen.empty:
-        raise MaskError(
-            f"{run_path} has no chosen subnetwork; pass one of its lambda_* directories"
-        )
-    return run_path / f"lambda_{float(chosen['lambda'].iloc[0]):g}"
+    return RunDir(run_dir).subnetwork_dir()
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str = "cpu") -> LoadedRun:

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.circuits.runs import (
     SubnetworkLike,
@@ -90,7 +91,7 @@ def covariance_similarity(
 
 @torch.no_grad()
 def layer_covariance_similarity(
-    bridge: Any,
+    bridge: TransformerBridge,
     windows: Any,
     subnetwork: SubnetworkLike | None = None,
     mode: str = "keep",
@@ -133,7 +134,7 @@ def layer_covariance_similarity(
 
 
 def similarity_report(
-    bridge: Any,
+    bridge: TransformerBridge,
     windows: Any,
     subnetworks: Mapping[str, SubnetworkLike | None],
     n_tokens: int | None = 32768,

@@ -30,6 +30,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
+from typing import SupportsFloat
 from pathlib import Path
 
 import numpy as np
