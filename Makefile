@@ -21,7 +21,7 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/bigram-circuits demo
 
-test: setup
+test: setup lint
 	# one torch thread per test process: tiny models run faster and a busy machine does not stall
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/pytest
 
@@ -43,8 +43,10 @@ bench: setup
 	$(PY) benchmarks/bench_ngrams.py
 	$(PY) benchmarks/bench_masks.py
 
+# one formatter and one line length (120), pinned ruff: a lint error fails `make test` and CI
 lint: setup
-	$(VENV)/bin/ruff check bigram_circuits tests benchmarks
+	$(VENV)/bin/ruff check bigram_circuits tests benchmarks scripts
+	$(VENV)/bin/ruff format --check bigram_circuits tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

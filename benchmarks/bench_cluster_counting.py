@@ -52,9 +52,14 @@ def zipf_windows(n_tokens: int, seq_len: int, seed: int = 0) -> np.ndarray:
 
 
 def same(a: BigramStats, b: BigramStats) -> bool:
-    return (a.n_sequences == b.n_sequences and np.array_equal(a.unigram_counts, b.unigram_counts)
-            and all(np.array_equal(getattr(a.bigram, f), getattr(b.bigram, f))
-                    for f in ("contexts", "indptr", "next_ids", "counts")))
+    return (
+        a.n_sequences == b.n_sequences
+        and np.array_equal(a.unigram_counts, b.unigram_counts)
+        and all(
+            np.array_equal(getattr(a.bigram, f), getattr(b.bigram, f))
+            for f in ("contexts", "indptr", "next_ids", "counts")
+        )
+    )
 
 
 def best_of(repeats: int, fn):
@@ -84,7 +89,8 @@ def main() -> None:
     np.save(token_file, windows)
 
     one_s, one_all, reference = best_of(
-        args.repeats, lambda: BigramStats.from_tokens(windows, VOCAB, n_threads=1, show_progress=False))
+        args.repeats, lambda: BigramStats.from_tokens(windows, VOCAB, n_threads=1, show_progress=False)
+    )
     results: dict = {"one_process": {"wall_s": one_s, "all_s": one_all, "tokens_per_s": n_tokens / one_s}}
     print(f"one process: {one_s:.2f} s ({n_tokens / one_s / 1e6:.1f} M tok/s)", flush=True)
 
@@ -92,8 +98,13 @@ def main() -> None:
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Port .* is already in use")
-            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=logging.ERROR)
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
         started = time.perf_counter() - start
         with cluster:
             address = cluster.scheduler_address
@@ -104,14 +115,23 @@ def main() -> None:
             for shards in (n_workers, args.shards):
                 for mode, source in (("array", windows), ("file", [token_file])):
                     wall, all_s, stats = best_of(
-                        args.repeats, lambda source=source, address=address, shards=shards:
-                        count_bigrams_on_cluster(source, VOCAB, n_shards=shards, address=address))
+                        args.repeats,
+                        lambda source=source, address=address, shards=shards: count_bigrams_on_cluster(
+                            source, VOCAB, n_shards=shards, address=address
+                        ),
+                    )
                     assert same(stats, reference), f"{n_workers} workers ({mode}) differ from one process"
                     entry[f"{mode}_{shards}_shards"] = {
-                        "wall_s": wall, "all_s": all_s, "tokens_per_s": n_tokens / wall, "equal_to_one_process": True}
-                    print(f"{n_workers} worker(s), {mode}, {shards} shards: {wall:.2f} s "
-                          f"({n_tokens / wall / 1e6:.1f} M tok/s); start {started:.1f} s, warm-up {warm:.1f} s",
-                          flush=True)
+                        "wall_s": wall,
+                        "all_s": all_s,
+                        "tokens_per_s": n_tokens / wall,
+                        "equal_to_one_process": True,
+                    }
+                    print(
+                        f"{n_workers} worker(s), {mode}, {shards} shards: {wall:.2f} s "
+                        f"({n_tokens / wall / 1e6:.1f} M tok/s); start {started:.1f} s, warm-up {warm:.1f} s",
+                        flush=True,
+                    )
         results[f"workers_{n_workers}"] = entry
 
     for mode in ("array", "file"):
@@ -127,9 +147,14 @@ def main() -> None:
         "n_shards": args.shards,
         "repeats": args.repeats,
         "bigram_nnz": int(reference.bigram.nnz),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-                    "shared": "other jobs were running on this machine; wall times depend on them"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_before": load_before,
+            "load_avg_after": os.getloadavg(),
+            "shared": "other jobs were running on this machine; wall times depend on them",
+        },
         "results": results,
     }
     out = Path(args.out)

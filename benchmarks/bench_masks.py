@@ -24,9 +24,9 @@ Variants, each one forward + backward (no optimizer step unless named):
 Variants run round-robin (one step of each in turn) so background load affects all alike; the
 median of the repeats is reported, as wall time and as process CPU time. On a CPU shared with
 other jobs, wall time mostly measures the other jobs; with ``--threads 1`` the process CPU time
-measures the step's own work, so the CPU ratios use it (``ratio_basis``). Reference: NeuroSurgeon's weight masks measured 1.21x the
-unmasked step on the same model shape and batch on CPU (figure given in the project issue, not
-re-measured here).
+measures the step's own work, so the CPU ratios use it (``ratio_basis``). Reference: NeuroSurgeon's
+weight masks measured 1.21x the unmasked step on the same model shape and batch on CPU (figure
+given in the project issue, not re-measured here).
 """
 
 from __future__ import annotations
@@ -72,11 +72,16 @@ def random_pythia_bridge(shape: dict, device, workdir: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(["a small stand-in tokenizer for a benchmark"] * 20, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                            unk_token="<|endoftext|>").save_pretrained(str(workdir))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    ).save_pretrained(str(workdir))
     torch.manual_seed(0)
     config = GPTNeoXConfig(max_position_embeddings=2048, rotary_pct=0.25, tie_word_embeddings=False, **shape)
     GPTNeoXForCausalLM(config).save_pretrained(str(workdir))
@@ -92,9 +97,13 @@ def _sync(device: str) -> None:
 def make_variants(bridge, tokens: torch.Tensor):
     """name -> callable running one step of that variant (sets requires_grad itself)."""
     params = dict(bridge.named_parameters())
-    matrices = {id(c.original_component.weight) for b in bridge.blocks
-                for parent in (b.attn, b.mlp) for k in ("q", "k", "v", "o", "in", "out")
-                if (c := parent._modules.get(k)) is not None}
+    matrices = {
+        id(c.original_component.weight)
+        for b in bridge.blocks
+        for parent in (b.attn, b.mlp)
+        for k in ("q", "k", "v", "o", "in", "out")
+        if (c := parent._modules.get(k)) is not None
+    }
     embed = bridge.embed.original_component.weight
 
     def set_trainable(predicate) -> None:
@@ -109,6 +118,7 @@ def make_variants(bridge, tokens: torch.Tensor):
         def step():
             set_trainable(predicate)
             loss_of(bridge(tokens)).backward()
+
         return step
 
     mask_sets = {
@@ -130,6 +140,7 @@ def make_variants(bridge, tokens: torch.Tensor):
                 optimizers[name].step()
                 mask_set.temperature *= 1.001
                 mask_set.decision_counts()
+
         return step
 
     return {
@@ -204,8 +215,7 @@ def main() -> None:
         "ratio_vs_unmasked_train": {name: m / base for name, m in median.items()},
         "ratio_neuron_head_vs_matched": median["neuron_head"] / median["unmasked_matched_activations"],
         "ratio_weight_vs_matched": median["weight"] / median["unmasked_matched_weights"],
-        "goals": {"neuron_head_vs_unmasked": 1.10, "weight_vs_unmasked": 1.15,
-                  "neurosurgeon_weight_reference": 1.21},
+        "goals": {"neuron_head_vs_unmasked": 1.10, "weight_vs_unmasked": 1.15, "neurosurgeon_weight_reference": 1.21},
     }
     text = json.dumps(result, indent=1)
     print(text)

@@ -78,8 +78,14 @@ def child_count(tokens_path: str) -> dict:
     started = time.perf_counter()
     stats = BigramStats.from_tokens(TokenDataset(tokens, COUNT_VOCAB, 0), COUNT_VOCAB, show_progress=False)
     seconds = time.perf_counter() - started
-    return {"after_imports_mb": after_imports, "peak_mb": _peak_mb(), "seconds": seconds,
-            "tokens": int(len(tokens)), "vocab_size": COUNT_VOCAB, "bigram_nnz": int(stats.bigram.nnz)}
+    return {
+        "after_imports_mb": after_imports,
+        "peak_mb": _peak_mb(),
+        "seconds": seconds,
+        "tokens": len(tokens),
+        "vocab_size": COUNT_VOCAB,
+        "bigram_nnz": int(stats.bigram.nnz),
+    }
 
 
 def child_search(out_dir: str) -> dict:
@@ -90,18 +96,36 @@ def child_search(out_dir: str) -> dict:
     torch.manual_seed(0)
     after_imports = _rss_mb()
     started = time.perf_counter()
-    table = find_command(model="default", granularities=("neuron", "head"), lambdas=[1.0], out_dir=out_dir,
-                         corpus="default", max_train_windows=4096, max_eval_windows=64, show_progress=False,
-                         max_steps=SEARCH_STEPS, batch_size=32, seq_len=128, stability_check=False)
+    table = find_command(
+        model="default",
+        granularities=("neuron", "head"),
+        lambdas=[1.0],
+        out_dir=out_dir,
+        corpus="default",
+        max_train_windows=4096,
+        max_eval_windows=64,
+        show_progress=False,
+        max_steps=SEARCH_STEPS,
+        batch_size=32,
+        seq_len=128,
+        stability_check=False,
+    )
     seconds = time.perf_counter() - started
-    return {"after_imports_mb": after_imports, "peak_mb": _peak_mb(), "seconds": seconds,
-            "steps": int(table["steps"].iloc[0]), "batch": [32, 128], "granularities": ["neuron", "head"],
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "after_imports_mb": after_imports,
+        "peak_mb": _peak_mb(),
+        "seconds": seconds,
+        "steps": int(table["steps"].iloc[0]),
+        "batch": [32, 128],
+        "granularities": ["neuron", "head"],
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_child(kind: str, argument: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, argument], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, argument], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -122,8 +146,13 @@ def main() -> None:
     import torch
 
     results: dict = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "numpy": np.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
         "method": "each job in a fresh subprocess; peak_mb = ru_maxrss of that process (whole process)",
         "bounds_mb": BOUNDS_MB,
     }
@@ -134,8 +163,10 @@ def main() -> None:
         results["search"] = run_child("search", str(Path(tmp) / "search_run"))
     for kind in ("count", "search"):
         results[kind]["within_bound"] = results[kind]["peak_mb"] <= BOUNDS_MB[kind]
-        print(f"{kind}: peak {results[kind]['peak_mb']:.0f} MiB (after imports {results[kind]['after_imports_mb']:.0f}"
-              f" MiB; bound {BOUNDS_MB[kind]} MiB) in {results[kind]['seconds']:.1f} s")
+        print(
+            f"{kind}: peak {results[kind]['peak_mb']:.0f} MiB (after imports {results[kind]['after_imports_mb']:.0f}"
+            f" MiB; bound {BOUNDS_MB[kind]} MiB) in {results[kind]['seconds']:.1f} s"
+        )
     from bigram_circuits.io import atomic_write_bytes
 
     out = Path(args.out)

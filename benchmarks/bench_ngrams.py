@@ -171,9 +171,13 @@ def main() -> None:
 
     result: dict = {
         "machine": {
-            "platform": platform.platform(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "numpy": np.__version__, "torch": torch.__version__, "device": args.device,
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "numpy": np.__version__,
+            "torch": torch.__version__,
+            "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         },
         "data": f"i.i.d. Zipf(1.0) tokens, vocab {VOCAB}, 128-token sequences (pessimistic for sparsity)",
@@ -183,20 +187,24 @@ def main() -> None:
     windows = zipf_tokens(args.tokens, VOCAB, args.seed).reshape(-1, SEQ)
     n_tokens = windows.size
     one_thread_times = time_call(
-        lambda: BigramStats.from_tokens(windows, VOCAB, n_threads=1, show_progress=False), "cpu", args.repeats)
-    count_times = time_call(lambda: BigramStats.from_tokens(windows, VOCAB, show_progress=False), "cpu",
-                            args.repeats)
+        lambda: BigramStats.from_tokens(windows, VOCAB, n_threads=1, show_progress=False), "cpu", args.repeats
+    )
+    count_times = time_call(lambda: BigramStats.from_tokens(windows, VOCAB, show_progress=False), "cpu", args.repeats)
     stats = BigramStats.from_tokens(windows, VOCAB, show_progress=False)
     naive_rate = naive_dict_count(windows[:2000], VOCAB)
     result["counting"] = {
-        "tokens": int(n_tokens), "vocab_size": VOCAB,
-        "default_threads": min(8, os.cpu_count() or 1), "seconds": count_times,
+        "tokens": int(n_tokens),
+        "vocab_size": VOCAB,
+        "default_threads": min(8, os.cpu_count() or 1),
+        "seconds": count_times,
         "tokens_per_s_best": n_tokens / min(count_times),
         "tokens_per_s_median": n_tokens / float(np.median(count_times)),
         "one_thread_seconds": one_thread_times,
         "one_thread_tokens_per_s_median": n_tokens / float(np.median(one_thread_times)),
-        "goal_tokens_per_s": 50e6, "naive_dict_tokens_per_s": naive_rate,
-        "bigram_nnz": stats.bigram.nnz, "seen_contexts": stats.n_contexts,
+        "goal_tokens_per_s": 50e6,
+        "naive_dict_tokens_per_s": naive_rate,
+        "bigram_nnz": stats.bigram.nnz,
+        "seen_contexts": stats.n_contexts,
     }
     print(json.dumps(result["counting"], indent=1), flush=True)
 
@@ -220,12 +228,15 @@ def main() -> None:
     sparse_value = sparse_loss(stats, logits, tokens_dev, False)
     dense_value = dense_loss(stats, logits, tokens_dev, False)
     result["loss"] = {
-        "batch": [BATCH, SEQ], "logits_width": PADDED_VOCAB, "logits_dtype": "float32",
+        "batch": [BATCH, SEQ],
+        "logits_width": PADDED_VOCAB,
+        "logits_dtype": "float32",
         "sparse_entries_in_batch": int(rows.row_lengths().sum()),
         "backed_off_positions": int(rows.backoff.sum()),
         "seconds_median": {name: float(np.median(t)) for name, t in timings.items()},
         "seconds_all": timings,
-        "sparse_value": sparse_value, "dense_value": dense_value,
+        "sparse_value": sparse_value,
+        "dense_value": dense_value,
         "abs_difference": abs(sparse_value - dense_value),
         "dense_target_bytes": BATCH * SEQ * VOCAB * 8,
         "logits_bytes": BATCH * SEQ * PADDED_VOCAB * 4,
@@ -248,11 +259,15 @@ def main() -> None:
             for variant in variants:
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", stats_path, variant, "--seed", str(args.seed)],
-                    check=True, capture_output=True, text=True,
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 )
                 memory.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        method = ("fresh subprocess per variant: VmHWM (peak RSS, reset via /proc/self/clear_refs before "
-                  "the call) minus VmRSS just before the call")
+        method = (
+            "fresh subprocess per variant: VmHWM (peak RSS, reset via /proc/self/clear_refs before "
+            "the call) minus VmRSS just before the call"
+        )
     for entry in memory:  # a backward pass must allocate the gradient: report what comes on top
         if entry["variant"].endswith("backward"):
             entry["peak_extra_beyond_gradient_mb"] = entry["peak_extra_mb"] - BATCH * SEQ * PADDED_VOCAB * 4 / 2**20

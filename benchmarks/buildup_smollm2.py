@@ -47,13 +47,13 @@ from bigram_circuits.circuits.candidates import (
     ATTRIBUTION_SOURCE,
     transformer_lens_version,
 )
-from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.errors import MaskError
-from bigram_circuits.plots import fig_build_up, save_figure
-from bigram_circuits.tables import to_markdown
+from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.models import load_model, model_id
+from bigram_circuits.plots import fig_build_up, save_figure
 from bigram_circuits.rundir import RunDir
 from bigram_circuits.subnetwork import Subnetwork
+from bigram_circuits.tables import to_markdown
 
 
 def find_subnetwork(path: Path) -> Path:
@@ -69,8 +69,18 @@ def find_subnetwork(path: Path) -> Path:
 
 def candidate_settings(config: BuildUpConfig) -> str:
     """The settings the candidates' score tables depend on (top-k cuts are made afterwards)."""
-    names = ("tasks", "seq_len", "n_sequences", "low", "n_score_sequences", "n_prompts",
-             "n_attribution", "n_patching", "batch_size", "seed")
+    names = (
+        "tasks",
+        "seq_len",
+        "n_sequences",
+        "low",
+        "n_score_sequences",
+        "n_prompts",
+        "n_attribution",
+        "n_patching",
+        "batch_size",
+        "seed",
+    )
     return json.dumps({name: getattr(config, name) for name in names})
 
 
@@ -98,15 +108,19 @@ def markdown(tables: dict[str, pd.DataFrame], summary: dict) -> str:
     lines = [
         f"# Circuits built on the bigram base: {summary['model']}",
         "",
-        (f"Model id `{summary['model_id']}`; transformer-lens {summary['transformer_lens']} "
-        f"(attribution patching: `{ATTRIBUTION_SOURCE}`). Wall time {summary['wall_s']:.0f} s "
-        f"on {summary['machine']['threads']} torch thread(s) ({summary['machine']['note']})."),
+        (
+            f"Model id `{summary['model_id']}`; transformer-lens {summary['transformer_lens']} "
+            f"(attribution patching: `{ATTRIBUTION_SOURCE}`). Wall time {summary['wall_s']:.0f} s "
+            f"on {summary['machine']['threads']} torch thread(s) ({summary['machine']['note']})."
+        ),
         "",
-        ("Recovered fraction = (m - m_base) / (m_full - m_base): 0 = the base alone, 1 = the full "
-        "model (for the loss: share of the full model's loss reduction over the base). Random "
-        "heads: as many heads per layer as the candidate, mean (std) over seeds "
-        f"{list(summary['config']['seeds'])}. 'full - candidate': recovered fraction left after "
-        "zeroing the candidate's heads in the full model."),
+        (
+            "Recovered fraction = (m - m_base) / (m_full - m_base): 0 = the base alone, 1 = the full "
+            "model (for the loss: share of the full model's loss reduction over the base). Random "
+            "heads: as many heads per layer as the candidate, mean (std) over seeds "
+            f"{list(summary['config']['seeds'])}. 'full - candidate': recovered fraction left after "
+            "zeroing the candidate's heads in the full model."
+        ),
         "",
         "## Bases",
         "",
@@ -123,31 +137,80 @@ def markdown(tables: dict[str, pd.DataFrame], summary: dict) -> str:
         lines += [f"## Build-up: {task} ({metric})", ""]
         shown = part.assign(
             random=[f"{m:.3f} ({s:.3f})" for m, s in zip(part["random_recovered"], part["random_recovered_std"])],
-        )[["base", "candidate", "heads", "base_value", "with_candidate", "full_value", "gap", "recovered",
-           "random", "full_minus_candidate", "full_minus_recovered"]]
+        )[
+            [
+                "base",
+                "candidate",
+                "heads",
+                "base_value",
+                "with_candidate",
+                "full_value",
+                "gap",
+                "recovered",
+                "random",
+                "full_minus_candidate",
+                "full_minus_recovered",
+            ]
+        ]
         lines += [to_markdown(shown, floatfmt=".4g"), ""]
         for base, rows in part.groupby("base", sort=False):
             gap = float(rows["gap"].iloc[0])
             spread = float(rows["random_recovered_std"].abs().max() * abs(gap))
             if abs(gap) < 0.05 * max(abs(float(rows["base_value"].iloc[0])), 1.0) or abs(gap) < spread:
-                lines += [(f"Note ({base} base): the full model and the base differ by only {gap:+.4g}, "
-                          "less than the random controls' spread or 5% of the value, so the recovered "
-                          "fractions of this base are ratios of noise-sized differences."), ""]
+                lines += [
+                    (
+                        f"Note ({base} base): the full model and the base differ by only {gap:+.4g}, "
+                        "less than the random controls' spread or 5% of the value, so the recovered "
+                        "fractions of this base are ratios of noise-sized differences."
+                    ),
+                    "",
+                ]
     agreement = tables["agreement"]
-    lines += ["## Agreement between methods (per task)", "",
-              to_markdown(agreement[["task", "a", "b", "shared", "jaccard", "shared_heads", "spearman"]]), ""]
-    overlap = tables["overlap"][["base", "candidate", "heads", "circuit_weights", "shared_weights",
-                                  "circuit_in_base", "expected_circuit_in_base", "random_heads_in_base",
-                                  "ratio", "p_value_text"]]
-    lines += ["## Weight-level overlap of each base with each circuit", "",
-              ("circuit_in_base = share of the circuit's weights (its heads' W_Q/W_K/W_V rows and W_O "
-              "columns) the base keeps; expected = the base's density in the same matrices (exact "
-              "per-matrix null, 10k pairs); random heads = the same share for random heads."), "",
-              to_markdown(overlap), ""]
+    lines += [
+        "## Agreement between methods (per task)",
+        "",
+        to_markdown(agreement[["task", "a", "b", "shared", "jaccard", "shared_heads", "spearman"]]),
+        "",
+    ]
+    overlap = tables["overlap"][
+        [
+            "base",
+            "candidate",
+            "heads",
+            "circuit_weights",
+            "shared_weights",
+            "circuit_in_base",
+            "expected_circuit_in_base",
+            "random_heads_in_base",
+            "ratio",
+            "p_value_text",
+        ]
+    ]
+    lines += [
+        "## Weight-level overlap of each base with each circuit",
+        "",
+        (
+            "circuit_in_base = share of the circuit's weights (its heads' W_Q/W_K/W_V rows and W_O "
+            "columns) the base keeps; expected = the base's density in the same matrices (exact "
+            "per-matrix null, 10k pairs); random heads = the same share for random heads."
+        ),
+        "",
+        to_markdown(overlap),
+        "",
+    ]
     placement = tables["placement"]
-    placed = placement[placement["heads"] > 0][["base", "candidate", "layer", "head_labels",
-                                                "circuit_in_base", "base_attn_fraction_kept",
-                                                "base_attn_share", "base_mlp_share"]]
+    placed = placement[placement["heads"] > 0][
+        [
+            "base",
+            "candidate",
+            "layer",
+            "head_labels",
+            "circuit_in_base",
+            "base_attn_fraction_kept",
+            "base_attn_share",
+            "base_mlp_share",
+        ]
+    ]
     lines += ["## Per-layer placement (layers holding candidate heads)", "", to_markdown(placed), ""]
     timings = tables["timings"]
     lines += ["## Wall times (s)", "", to_markdown(timings), ""]
@@ -169,9 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-prompts", type=int, default=BuildUpConfig.n_prompts)
     parser.add_argument("--n-attribution", type=int, default=BuildUpConfig.n_attribution)
     parser.add_argument("--n-patching", type=int, default=BuildUpConfig.n_patching)
-    parser.add_argument("--wide-k", type=int, default=20, help="also the top k heads by attribution (0: off; at most a third of the heads)")
-    parser.add_argument("--candidates-cache", default=None,
-                        help="JSON cache of the candidates (default runs/buildup_candidates_<label>.json)")
+    parser.add_argument(
+        "--wide-k",
+        type=int,
+        default=20,
+        help="also the top k heads by attribution (0: off; at most a third of the heads)",
+    )
+    parser.add_argument(
+        "--candidates-cache",
+        default=None,
+        help="JSON cache of the candidates (default runs/buildup_candidates_<label>.json)",
+    )
     parser.add_argument("--candidates-only", action="store_true", help="find and cache the candidates, then stop")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--note", default="2-core machine shared with a running SmolLM2 search")
@@ -188,10 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     n_heads = int(bridge.cfg.n_layers) * int(bridge.cfg.n_heads)
     config = BuildUpConfig(
         tasks=tuple(t for t in args.tasks.split(",") if t),
-        top_k=args.top_k, n_previous=args.n_previous,
+        top_k=args.top_k,
+        n_previous=args.n_previous,
         seeds=tuple(int(s) for s in args.seeds.split(",") if s),
-        seq_len=args.seq_len, n_sequences=args.n_sequences, n_score_sequences=args.n_sequences,
-        n_prompts=args.n_prompts, n_attribution=args.n_attribution, n_patching=args.n_patching,
+        seq_len=args.seq_len,
+        n_sequences=args.n_sequences,
+        n_score_sequences=args.n_sequences,
+        n_prompts=args.n_prompts,
+        n_attribution=args.n_attribution,
+        n_patching=args.n_patching,
         wide_k=min(args.wide_k, n_heads // 3),  # random controls need free heads
     )
     found = None
@@ -202,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"candidates from {cache}", flush=True)
     if found is None:
         found = find_candidates(bridge, tokenizer, config, progress=True)
-        payload = {"config": candidate_settings(config), "model_id": model_id(bridge),
-                   "tables": {k: records(v) for k, v in found.items()}}
+        payload = {
+            "config": candidate_settings(config),
+            "model_id": model_id(bridge),
+            "tables": {k: records(v) for k, v in found.items()},
+        }
         atomic_write_bytes(cache, json.dumps(payload).encode("utf-8"))
         print(f"candidates cached in {cache}", flush=True)
     if args.candidates_only:
@@ -224,8 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     tables = build_up_experiment(bridge, tokenizer, bases, config, found=found, progress=True)
     wall = time.time() - started
     tables["timings"] = pd.concat(
-        [pd.DataFrame([{"step": "load_model_s", "seconds": load_s}]), tables["timings"],
-         pd.DataFrame([{"step": "script_wall_s", "seconds": wall}])], ignore_index=True)
+        [
+            pd.DataFrame([{"step": "load_model_s", "seconds": load_s}]),
+            tables["timings"],
+            pd.DataFrame([{"step": "script_wall_s", "seconds": wall}]),
+        ],
+        ignore_index=True,
+    )
 
     summary = {
         "model": args.model,
@@ -235,8 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         "bases": [base_summary(label, directories[label], sub) for label, sub in bases.items()],
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()},
         "wall_s": wall,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "note": args.note},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "note": args.note,
+        },
         "recovered_fraction": "(m - m_base) / (m_full - m_base)",
     }
     summary["tables"] = {name: records(frame) for name, frame in tables.items()}

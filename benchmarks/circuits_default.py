@@ -46,8 +46,8 @@ from bigram_circuits.circuits.ablation import (
 from bigram_circuits.circuits.lens import LinearLensConfig, lens_report, logit_lens_report
 from bigram_circuits.circuits.similarity import similarity_report
 from bigram_circuits.data import load_token_dataset
-from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.errors import MaskError
+from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.models import load_model, model_id, model_vocab_size
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.rundir import RunDir
@@ -74,15 +74,9 @@ def random_units(bridge, density: float, seed: int) -> Subnetwork:
     masks = {}
     for key, mask in Subnetwork.full(bridge).masks.items():
         flat = torch.zeros(mask.numel(), dtype=torch.bool)
-        flat[
-            torch.randperm(mask.numel(), generator=generator)[
-                : max(1, round(density * mask.numel()))
-            ]
-        ] = True
+        flat[torch.randperm(mask.numel(), generator=generator)[: max(1, round(density * mask.numel()))]] = True
         masks[key] = flat.reshape(mask.shape)
-    return Subnetwork.from_masks(
-        bridge, masks, {"kind": "random", "density": density, "seed": seed}
-    )
+    return Subnetwork.from_masks(bridge, masks, {"kind": "random", "density": density, "seed": seed})
 
 
 def records(frame: pd.DataFrame) -> list[dict]:
@@ -92,16 +86,10 @@ def records(frame: pd.DataFrame) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument(
-        "--run", default=None, help="a `bigram-circuits find` run or subnetwork directory"
-    )
-    parser.add_argument(
-        "--runs-dir", default=str(REPO / "runs"), help="where to look for the newest run"
-    )
+    parser.add_argument("--run", default=None, help="a `bigram-circuits find` run or subnetwork directory")
+    parser.add_argument("--runs-dir", default=str(REPO / "runs"), help="where to look for the newest run")
     parser.add_argument("--corpus", default="default")
-    parser.add_argument(
-        "--n-tokens", type=int, default=16384, help="tokens for the lens and similarity"
-    )
+    parser.add_argument("--n-tokens", type=int, default=16384, help="tokens for the lens and similarity")
     parser.add_argument("--random-density", type=float, default=0.1)
     parser.add_argument("--repeat-len", type=int, default=32, help="length of each random half")
     parser.add_argument("--repeat-n", type=int, default=64)
@@ -114,9 +102,7 @@ def main() -> int:
     parser.add_argument("--induction-threshold", type=float, default=0.3)
     parser.add_argument("--previous-token-threshold", type=float, default=0.4)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--out", default=str(REPO / "benchmarks" / "results" / "circuits_default.json")
-    )
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "circuits_default.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,9 +141,7 @@ def main() -> int:
     linear = lens_report(bridge, tokenizer, windows, runs, args.n_tokens, config=LinearLensConfig())
     timings["linear_lens_s"] = time.time() - t0
     t0 = time.time()
-    logit = logit_lens_report(
-        bridge, tokenizer, windows, runs, bigram_stats=stats, n_tokens=args.n_tokens
-    )
+    logit = logit_lens_report(bridge, tokenizer, windows, runs, bigram_stats=stats, n_tokens=args.n_tokens)
     timings["logit_lens_s"] = time.time() - t0
     t0 = time.time()
     similarity = similarity_report(bridge, windows, runs, args.n_tokens)
@@ -173,9 +157,7 @@ def main() -> int:
     behaviour = RepeatedSequenceLoss(vocab, args.repeat_len, args.repeat_n, seed=0, pool=pool)
     base = runs.get("bigram", runs["random"])
     base_label = "bigram" if "bigram" in runs else "random"
-    suff = sufficiency(
-        bridge, base, circuit, behaviour, n_random_controls=3, seed=0, base_label=base_label
-    )
+    suff = sufficiency(bridge, base, circuit, behaviour, n_random_controls=3, seed=0, base_label=base_label)
     if set(induction) != set(circuit.heads):
         only = sufficiency(
             bridge,
@@ -209,9 +191,7 @@ def main() -> int:
         },
         "linear_lens": records(linear),
         "logit_lens": records(logit),
-        "similarity": {
-            label: matrix.round(4).to_numpy().tolist() for label, matrix in similarity.items()
-        },
+        "similarity": {label: matrix.round(4).to_numpy().tolist() for label, matrix in similarity.items()},
         "head_scores": records(scores),
         "induction_heads": induction,
         "previous_token_heads": previous,
@@ -228,16 +208,11 @@ def main() -> int:
     atomic_write_bytes(out, json.dumps(summary, indent=2).encode("utf-8"))
 
     pd.set_option("display.width", 200)
-    rotation = linear.pivot_table(
-        index="layer", columns=["target", "run"], values="rotation_deg", sort=False
-    )
+    rotation = linear.pivot_table(index="layer", columns=["target", "run"], values="rotation_deg", sort=False)
     print("\nmedian rotation (deg) per layer\n", rotation.round(1).to_string())
     print(
         "\nrecall@1 of the input token\n",
-        linear[linear["target"] == "input"]
-        .pivot(index="layer", columns="run", values="recall@1")
-        .round(3)
-        .to_string(),
+        linear[linear["target"] == "input"].pivot(index="layer", columns="run", values="recall@1").round(3).to_string(),
     )
     print("\nlogit lens\n", logit.round(3).to_string(index=False))
     for label, matrix in similarity.items():

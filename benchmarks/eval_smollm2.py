@@ -58,9 +58,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "results" / "eval_smollm2.json"
-    )
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "eval_smollm2.json")
     args = parser.parse_args()
 
     gguf = smollm2_gguf_path()

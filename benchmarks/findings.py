@@ -59,10 +59,17 @@ def _chosen_summary(src: Source) -> dict | None:
     if head is None:
         return None
     return {
-        "r": head["r"], "percent": head["active_percent"], "params": head["active_params"],
-        "mlp0": head["mlp0_share"], "ratio": head["ablation_ratio"], "ablated": head["ablated_loss_increase"],
-        "random_ablated": head["random_ablated_loss_increase"], "overlap": head["overlap_ratio"],
-        "p": head["overlap_p_value"], "lambda": float(head["lambda"].iloc[0]), "n": len(head),
+        "r": head["r"],
+        "percent": head["active_percent"],
+        "params": head["active_params"],
+        "mlp0": head["mlp0_share"],
+        "ratio": head["ablation_ratio"],
+        "ablated": head["ablated_loss_increase"],
+        "random_ablated": head["random_ablated_loss_increase"],
+        "overlap": head["overlap_ratio"],
+        "p": head["overlap_p_value"],
+        "lambda": float(head["lambda"].iloc[0]),
+        "n": len(head),
     }
 
 
@@ -93,9 +100,16 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
     rows: list[dict] = []
 
     def add(finding: str, paper: str, cells: list[str], verdict: str) -> None:
-        rows.append({"finding": finding, "paper": paper, "default, weight masks": cells[0],
-                     "default, neuron + head": cells[1], "SmolLM2-135M, weight masks": cells[2],
-                     "verdict (default, weight)": verdict})
+        rows.append(
+            {
+                "finding": finding,
+                "paper": paper,
+                "default, weight masks": cells[0],
+                "default, neuron + head": cells[1],
+                "SmolLM2-135M, weight masks": cells[2],
+                "verdict (default, weight)": verdict,
+            }
+        )
 
     def cell(summary: dict | None, make: Callable[[dict], str]) -> str:
         try:
@@ -106,6 +120,7 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
     # 1. size and r of the chosen subnetwork
     def size_r(s: dict) -> str:
         return f"r {mean_sd(s['r'])} at {mean_sd(s['percent'], '.2f')}% (lambda {s['lambda']:g})"
+
     smol_size = cell(S, lambda c: f"r {c['r_dropped']:.3f} at {c['percent_params']:.2f}% (lambda {c['lambda']:g})")
     verdict = MISSING
     if W is not None:
@@ -116,13 +131,21 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
             verdict = f"partly: r {r:.3f} holds, but at {pct:.2f}% of the weights (> 1%)"
         else:
             verdict = f"differs: r {r:.3f} at {pct:.2f}%"
-    add("r > 0.95 with about 1% or less of the non-embedding weights",
+    add(
+        "r > 0.95 with about 1% or less of the non-embedding weights",
         "Pythia 1B r .959 at 0.17%; GPT-2 small .952 at 1.1%; Pythia 160M .953 at 8.5%",
-        [cell(W, size_r), cell(N, size_r), smol_size], verdict)
+        [cell(W, size_r), cell(N, size_r), smol_size],
+        verdict,
+    )
 
     # 2. first MLP
-    smol_mlp0 = cell(S, lambda c: f"{100 * c['layers']['mlp_layer0_share']:.1f}% in MLP 0 (plurality layer "
-                                  f"{c['layers']['plurality_layer']}, attention {100 * c['layers']['attn_share']:.1f}%)")
+    smol_mlp0 = cell(
+        S,
+        lambda c: (
+            f"{100 * c['layers']['mlp_layer0_share']:.1f}% in MLP 0 (plurality layer "
+            f"{c['layers']['plurality_layer']}, attention {100 * c['layers']['attn_share']:.1f}%)"
+        ),
+    )
     verdict = MISSING
     if W is not None:
         dist = weight.table("layer_distribution")
@@ -132,27 +155,41 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
             by_block = dist.set_index(["layer", "block"])["kept_params"]
             plurality = by_block.idxmax()
         verdict = ("holds" if plurality == (0, "mlp") else "differs") + f": MLP 0 holds {100 * share:.1f}%"
-    add("plurality of the subnetwork in the first MLP", "first MLP layer; Pythia 1B 82% MLP / 18% attention",
-        [cell(W, lambda s: f"{mean_sd(s['mlp0'], '.1f', 100)}% in MLP 0"),
-         cell(N, lambda s: f"{mean_sd(s['mlp0'], '.1f', 100)}% in MLP 0"),
-         smol_mlp0], verdict)
+    add(
+        "plurality of the subnetwork in the first MLP",
+        "first MLP layer; Pythia 1B 82% MLP / 18% attention",
+        [
+            cell(W, lambda s: f"{mean_sd(s['mlp0'], '.1f', 100)}% in MLP 0"),
+            cell(N, lambda s: f"{mean_sd(s['mlp0'], '.1f', 100)}% in MLP 0"),
+            smol_mlp0,
+        ],
+        verdict,
+    )
 
     # 3. ablation
     def ablation(s: dict) -> str:
-        return (f"+{mean_sd(s['ablated'], '.3f')} vs +{mean_sd(s['random_ablated'], '.4f')} nats "
-                f"({mean_sd(s['ratio'], '.1f')}x)")
+        return (
+            f"+{mean_sd(s['ablated'], '.3f')} vs +{mean_sd(s['random_ablated'], '.4f')} nats "
+            f"({mean_sd(s['ratio'], '.1f')}x)"
+        )
+
     smol_ablation = MISSING
     if smol:
         table = pd.DataFrame(smol["ablation"]).set_index("condition")
-        smol_ablation = (f"+{table.loc['bigram ablated', 'loss_increase']:.2f} vs "
-                         f"+{table.loc['random ablated', 'loss_increase']:.2f} nats ({smol['loss_increase_ratio']:.2f}x)")
+        smol_ablation = (
+            f"+{table.loc['bigram ablated', 'loss_increase']:.2f} vs "
+            f"+{table.loc['random ablated', 'loss_increase']:.2f} nats ({smol['loss_increase_ratio']:.2f}x)"
+        )
     verdict = MISSING
     if W is not None:
         ratio = float(np.mean(W["ratio"]))
         verdict = ("holds" if ratio > 3 else "differs") + f": {ratio:.1f}x a random same-shape removal"
-    add("removing it hurts far more than removing a random same-shape subnetwork (held-out loss increase)",
+    add(
+        "removing it hurts far more than removing a random same-shape subnetwork (held-out loss increase)",
         "removal wrecks the model, random removal does not",
-        [cell(W, ablation), cell(N, ablation), smol_ablation], verdict)
+        [cell(W, ablation), cell(N, ablation), smol_ablation],
+        verdict,
+    )
 
     # 3b. generations
     def generation(src: Source) -> str:
@@ -161,18 +198,23 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
             return MISSING
         first = table[table["prompt"] == table["prompt"].iloc[0]].set_index("condition")["generation"]
         return " / ".join(f"{c}: {str(first.get(c, ''))[:40]!r}" for c in ("bigram ablated", "random ablated"))
+
     smol_gen = MISSING
     if smol and smol.get("generations"):
         table = pd.DataFrame(smol["generations"])
         first = table[table["prompt"] == table["prompt"].iloc[0]].set_index("condition")["generation"]
         smol_gen = " / ".join(f"{c}: {str(first.get(c, ''))[:40]!r}" for c in ("bigram ablated", "random ablated"))
-    add("generations after removal (bigram ablated / random ablated)",
+    add(
+        "generations after removal (bigram ablated / random ablated)",
         "bigram ablated collapses to one repeated token; random ablated stays fluent",
-        [generation(weight), generation(neuron_head), smol_gen], "read the generations")
+        [generation(weight), generation(neuron_head), smol_gen],
+        "read the generations",
+    )
 
     # 4. overlap
     def overlap(s: dict) -> str:
         return f"{mean_sd(s['overlap'], '.2f')}x chance, {_p_text(s['p'])}"
+
     smol_overlap = MISSING
     if smol and smol.get("overlap"):
         row = smol["overlap"][0]
@@ -180,23 +222,31 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
     verdict = MISSING
     if W is not None:
         ratio = float(np.mean(W["overlap"]))
-        verdict = ("holds" if ratio >= 4 and float(np.max(W["p"])) < 1e-3 else "differs") + \
-            f": {ratio:.2f}x chance"
-    add("overlap with the optimal subnetwork above chance", "4x-15x chance, p < 1e-4 (10k random pairs)",
-        [cell(W, overlap), cell(N, overlap), smol_overlap], verdict)
+        verdict = ("holds" if ratio >= 4 and float(np.max(W["p"])) < 1e-3 else "differs") + f": {ratio:.2f}x chance"
+    add(
+        "overlap with the optimal subnetwork above chance",
+        "4x-15x chance, p < 1e-4 (10k random pairs)",
+        [cell(W, overlap), cell(N, overlap), smol_overlap],
+        verdict,
+    )
 
     # 5. rotation
     def rotation(src: Source) -> str:
         lens = src.table("lens")
         if lens is None:
             return MISSING
-        return "; ".join(f"{run} {_rotation(lens, run, 0):.0f}->{_rotation(lens, run, 1):.0f}°"
-                         for run in ("full", "bigram", "random"))
+        return "; ".join(
+            f"{run} {_rotation(lens, run, 0):.0f}->{_rotation(lens, run, 1):.0f}°"
+            for run in ("full", "bigram", "random")
+        )
+
     smol_rot = MISSING
     if smol and smol.get("circuits"):
+
         def deg(c: dict, layer: int) -> float:  # JSON turns the layer keys into strings
             values = c["rotation_to_input_deg"]
             return float(values.get(str(layer), values.get(layer, float("nan"))))
+
         smol_rot = "; ".join(f"{run} {deg(c, 0):.0f}->{deg(c, 1):.0f}°" for run, c in smol["circuits"].items())
     verdict = MISSING
     lens = weight.table("lens")
@@ -204,16 +254,22 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
         jumps = {run: _rotation(lens, run, 1) - _rotation(lens, run, 0) for run in ("full", "bigram", "random")}
         holds = jumps["full"] > 30 and jumps["bigram"] > 30 and jumps["random"] < 0.5 * jumps["bigram"]
         verdict = ("holds" if holds else "differs") + ": jump " + ", ".join(f"{k} {v:.0f}°" for k, v in jumps.items())
-    add("layer-0 rotation away from the input (layer 0 -> 1, to input) in full and bigram, not random",
+    add(
+        "layer-0 rotation away from the input (layer 0 -> 1, to input) in full and bigram, not random",
         "GPT-2 large full 0 -> 56°; Pythia 160M bigram 0 -> 47°; random: no jump",
-        [rotation(weight), rotation(neuron_head), smol_rot], verdict)
+        [rotation(weight), rotation(neuron_head), smol_rot],
+        verdict,
+    )
 
     # 6. covariance similarity
     def similarity(src: Source) -> str:
-        values = {run: _similarity_later(src.table(f"similarity_{run}", index_col=0)) for run in ("full", "bigram", "random")}
+        values = {
+            run: _similarity_later(src.table(f"similarity_{run}", index_col=0)) for run in ("full", "bigram", "random")
+        }
         if all(np.isnan(v) for v in values.values()):
             return MISSING
         return ", ".join(f"{run} {v:.2f}" for run, v in values.items())
+
     smol_sim = MISSING
     if smol and smol.get("circuits"):
         smol_sim = ", ".join(f"{run} {c['similarity_among_later_layers']:.2f}" for run, c in smol["circuits"].items())
@@ -221,40 +277,65 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
     random_sim = _similarity_later(weight.table("similarity_random", index_col=0))
     if not np.isnan(random_sim):
         verdict = ("holds" if random_sim > 0.9 else "differs") + f": random {random_sim:.2f}"
-    add("layer covariance similarity among layers >= 1 (mean cosine): random near 1",
+    add(
+        "layer covariance similarity among layers >= 1 (mean cosine): random near 1",
         "bigram keeps the full model's layer-0 break and blocks; random all near 1",
-        [similarity(weight), similarity(neuron_head), smol_sim], verdict)
+        [similarity(weight), similarity(neuron_head), smol_sim],
+        verdict,
+    )
 
     # 7. Table 2
     def table2(src: Source) -> str:
         rows2 = src.table("bigram_r_rows")
         if rows2 is None:
             return MISSING
-        short = {"full model": "full", "bigram subnetwork": "subnetwork", "subnetwork at random init": "random init",
-                 "random init + trained embeddings": "init + trained emb", "empty subnetwork + embeddings": "empty + emb",
-                 "embeddings + linear map": "emb + linear map"}
+        short = {
+            "full model": "full",
+            "bigram subnetwork": "subnetwork",
+            "subnetwork at random init": "random init",
+            "random init + trained embeddings": "init + trained emb",
+            "empty subnetwork + embeddings": "empty + emb",
+            "embeddings + linear map": "emb + linear map",
+        }
         return "; ".join(f"{short.get(r.condition, r.condition)} {r.r:.3f}" for r in rows2.itertuples())
+
     verdict = MISSING
     rows2 = weight.table("bigram_r_rows")
     if rows2 is not None:
         r2 = rows2.set_index("condition")["r"]
-        verdict = ("holds" if r2["bigram subnetwork"] > max(r2.get("subnetwork at random init", -1),
-                                                              r2.get("empty subnetwork + embeddings", -1)) else "differs") + \
-            f": subnetwork {r2['bigram subnetwork']:.3f}, linear map {r2.get('embeddings + linear map', float('nan')):.3f}"
-    add("Table 2: the trained subnetwork beats random-init and embedding-only baselines",
-        "no numbers in our summary of the paper", [table2(weight), table2(neuron_head), MISSING], verdict)
+        verdict = (
+            (
+                "holds"
+                if r2["bigram subnetwork"]
+                > max(r2.get("subnetwork at random init", -1), r2.get("empty subnetwork + embeddings", -1))
+                else "differs"
+            )
+            + f": subnetwork {r2['bigram subnetwork']:.3f}, "
+            + f"linear map {r2.get('embeddings + linear map', float('nan')):.3f}"
+        )
+    add(
+        "Table 2: the trained subnetwork beats random-init and embedding-only baselines",
+        "no numbers in our summary of the paper",
+        [table2(weight), table2(neuron_head), MISSING],
+        verdict,
+    )
 
     # 8. r vs size plateau
     def plateau(src: Source) -> str:
         sweep = src.table("bigram_sweep")
         if sweep is None:
             return MISSING
-        return "; ".join(f"{100 * r.active_params / r.mask_size:.2g}%: {r.r:.3f}" for r in
-                         sweep.sort_values("active_params", ascending=False).itertuples())
+        return "; ".join(
+            f"{100 * r.active_params / r.mask_size:.2g}%: {r.r:.3f}"
+            for r in sweep.sort_values("active_params", ascending=False).itertuples()
+        )
+
     smol_plateau = MISSING
     if smol:
-        smol_plateau = "; ".join(f"{r['percent_params']:.2g}%: {r['bigram_r']:.3f}"
-                                 for r in sorted(smol["sweep"], key=lambda r: -r["n_params"]))
+        smol_plateau = "; ".join(
+            f"{r['percent_params']:.2g}%: {r['bigram_r']:.3f}"
+            for r in sorted(smol["sweep"], key=lambda r: -r["n_params"])
+        )
     verdict = MISSING
     sweep = weight.table("bigram_sweep")
     if sweep is not None:
@@ -262,8 +343,12 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
         within = sweep[sweep["r"] >= zero - 0.04]
         smallest = 100 * within["active_params"].min() / within["mask_size"].iloc[0]
         verdict = f"holds: r within .04 of lambda 0 down to {smallest:.2g}% of the weights"
-    add("bigram r plateaus as the subnetwork shrinks (Fig 1)", "plateau near 10M params; falls below ~1M",
-        [plateau(weight), plateau(neuron_head), smol_plateau], verdict)
+    add(
+        "bigram r plateaus as the subnetwork shrinks (Fig 1)",
+        "plateau near 10M params; falls below ~1M",
+        [plateau(weight), plateau(neuron_head), smol_plateau],
+        verdict,
+    )
 
     # 9. checkpoints
     def checkpoints(src: Source) -> str:
@@ -272,10 +357,16 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
             return MISSING
         smallest = ckpt["target_params"].min()
         part = ckpt[ckpt["target_params"] == smallest].sort_values("step")
-        return "; ".join(f"step {int(r.step)}: r {r.r_estimated:.2f} (full {r.full_model_r:.2f})" for r in part.itertuples())
-    add("training checkpoints: estimated r at a fixed small size, and the full model's r (Fig 2)",
+        return "; ".join(
+            f"step {int(r.step)}: r {r.r_estimated:.2f} (full {r.full_model_r:.2f})" for r in part.itertuples()
+        )
+
+    add(
+        "training checkpoints: estimated r at a fixed small size, and the full model's r (Fig 2)",
         "Pythia 1B steps 0..143k: estimated r at 500k/1M/10M params vs full-model r",
-        [checkpoints(weight), checkpoints(neuron_head), MISSING], "see Fig 2")
+        [checkpoints(weight), checkpoints(neuron_head), MISSING],
+        "see Fig 2",
+    )
     return pd.DataFrame(rows)
 
 

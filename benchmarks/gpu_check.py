@@ -43,12 +43,27 @@ from bigram_circuits.models import resolve_device
 
 # GPT-NeoX shapes: Pythia-160M and a tiny one for the CPU rehearsal.
 SHAPES = {
-    "160m": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-             "intermediate_size": 3072, "vocab_size": 50_304},
-    "70m": {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8,
-            "intermediate_size": 2048, "vocab_size": 50_304},
-    "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "intermediate_size": 64, "vocab_size": 512},
+    "160m": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "vocab_size": 50_304,
+    },
+    "70m": {
+        "hidden_size": 512,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "intermediate_size": 2048,
+        "vocab_size": 50_304,
+    },
+    "tiny": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "vocab_size": 512,
+    },
 }
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu_check.json"
 
@@ -86,25 +101,46 @@ def stage_tests(device: torch.device, targets: list[str], timeout_s: float, work
     """The test suite on ``device`` (a subprocess), with counts from its JUnit XML."""
     junit = workdir / "junit.xml"
     env = {**os.environ, "BIGRAM_CIRCUITS_TEST_DEVICE": str(device), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
-               f"--junitxml={junit}", "-o", "addopts=", *targets]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "not slow",
+        f"--junitxml={junit}",
+        "-o",
+        "addopts=",
+        *targets,
+    ]
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout_s, check=False)
+        done = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
         returncode, tail = done.returncode, (done.stdout + done.stderr)[-4000:]
     except subprocess.TimeoutExpired as exc:
         returncode, tail = None, f"timed out after {timeout_s:.0f} s: {(exc.stdout or '')[-2000:]}"
-    result = {"targets": targets, "device": str(device), "returncode": returncode,
-              "wall_s": time.perf_counter() - started, "output_tail": tail}
+    result = {
+        "targets": targets,
+        "device": str(device),
+        "returncode": returncode,
+        "wall_s": time.perf_counter() - started,
+        "output_tail": tail,
+    }
     if junit.exists():
         suite = ET.parse(junit).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
         counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
         result.update(counts)
-        result["failed_tests"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
-                                  if case.find("failure") is not None or case.find("error") is not None][:20]
+        result["failed_tests"] = [
+            f"{case.get('classname')}::{case.get('name')}"
+            for case in suite.iter("testcase")
+            if case.find("failure") is not None or case.find("error") is not None
+        ][:20]
     return result
 
 
@@ -128,47 +164,117 @@ def stage_search(device: torch.device, size: str, steps: int, batch: int, seq_le
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    config = SearchConfig(lam=10.0, max_steps=steps, batch_size=batch, seq_len=seq_len, stability_check=False,
-                          stop_undecided_fraction=0.0, checkpoint_every=10**6, eval_batches=2)
+    config = SearchConfig(
+        lam=10.0,
+        max_steps=steps,
+        batch_size=batch,
+        seq_len=seq_len,
+        stability_check=False,
+        stop_undecided_fraction=0.0,
+        checkpoint_every=10**6,
+        eval_batches=2,
+    )
     started = time.perf_counter()
     last[0] = started
-    result = search(bridge, windows, Target.bigram(stats), "weight", config, eval_windows=windows[:64],
-                    show_progress=False, callback=on_step)
+    result = search(
+        bridge,
+        windows,
+        Target.bigram(stats),
+        "weight",
+        config,
+        eval_windows=windows[:64],
+        show_progress=False,
+        callback=on_step,
+    )
     total = time.perf_counter() - started
     steady = sorted(step_times[5:]) or sorted(step_times)
     median = steady[len(steady) // 2]
     n_masked = sum(c.n_entries for c in result.subnetwork.components.values())
     return {
-        "size": size, "shape": SHAPES[size], "granularity": "weight", "batch": f"{batch}x{seq_len}",
-        "steps": len(step_times), "median_step_s": median, "first_step_s": step_times[0] if step_times else None,
-        "total_s_including_eval": total, "projected_5k_steps_min": 5000 * median / 60,
-        "projected_15k_steps_min": 15000 * median / 60, "masked_weights": n_masked,
+        "size": size,
+        "shape": SHAPES[size],
+        "granularity": "weight",
+        "batch": f"{batch}x{seq_len}",
+        "steps": len(step_times),
+        "median_step_s": median,
+        "first_step_s": step_times[0] if step_times else None,
+        "total_s_including_eval": total,
+        "projected_5k_steps_min": 5000 * median / 60,
+        "projected_15k_steps_min": 15000 * median / 60,
+        "masked_weights": n_masked,
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-        "final_density": float(result.subnetwork.density), "bigram_r": result.metrics.get("bigram_r"),
+        "final_density": float(result.subnetwork.density),
+        "bigram_r": result.metrics.get("bigram_r"),
     }
 
 
-def stage_sweep(device: torch.device, model: str, corpus: str, lambdas: list[float], max_steps: int,
-                time_budget_s: float, max_train_windows: int, max_eval_windows: int, out_dir: Path,
-                **config_options) -> dict:
+def stage_sweep(
+    device: torch.device,
+    model: str,
+    corpus: str,
+    lambdas: list[float],
+    max_steps: int,
+    time_budget_s: float,
+    max_train_windows: int,
+    max_eval_windows: int,
+    out_dir: Path,
+    **config_options,
+) -> dict:
     """``find`` with weight masks over ``lambdas`` on ``model`` (the paper's granularity)."""
     from bigram_circuits.app.find import find_command
 
     started = time.perf_counter()
-    table = find_command(model=model, granularities="weight", lambdas=lambdas, out_dir=out_dir, corpus=corpus,
-                         device=str(device), max_train_windows=max_train_windows,
-                         max_eval_windows=max_eval_windows, show_progress=False, max_steps=max_steps,
-                         time_budget_s=time_budget_s, **config_options)
-    columns = [c for c in ("lambda", "n_params", "percent_params", "density", "bigram_r", "target_loss", "steps",
-                           "stop_reason", "stable", "wall_time_s", "chosen") if c in table.columns]
-    return {"model": model, "corpus": corpus, "lambdas": lambdas, "max_steps": max_steps, **config_options,
-            "time_budget_s_per_lambda": time_budget_s, "wall_s": time.perf_counter() - started,
-            "rows": json.loads(table[columns].to_json(orient="records"))}
+    table = find_command(
+        model=model,
+        granularities="weight",
+        lambdas=lambdas,
+        out_dir=out_dir,
+        corpus=corpus,
+        device=str(device),
+        max_train_windows=max_train_windows,
+        max_eval_windows=max_eval_windows,
+        show_progress=False,
+        max_steps=max_steps,
+        time_budget_s=time_budget_s,
+        **config_options,
+    )
+    columns = [
+        c
+        for c in (
+            "lambda",
+            "n_params",
+            "percent_params",
+            "density",
+            "bigram_r",
+            "target_loss",
+            "steps",
+            "stop_reason",
+            "stable",
+            "wall_time_s",
+            "chosen",
+        )
+        if c in table.columns
+    ]
+    return {
+        "model": model,
+        "corpus": corpus,
+        "lambdas": lambdas,
+        "max_steps": max_steps,
+        **config_options,
+        "time_budget_s_per_lambda": time_budget_s,
+        "wall_s": time.perf_counter() - started,
+        "rows": json.loads(table[columns].to_json(orient="records")),
+    }
 
 
 def _environment(device: torch.device) -> dict:
-    info = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
-            "host_cpus": os.cpu_count(), "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    info = {
+        "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host_cpus": os.cpu_count(),
+        "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -199,8 +305,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = resolve_device(args.device)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    report: dict = {"script": "benchmarks/gpu_check.py", "argv": list(argv if argv is not None else sys.argv[1:]),
-                    "environment": _environment(device), "stages": {}}
+    report: dict = {
+        "script": "benchmarks/gpu_check.py",
+        "argv": list(argv if argv is not None else sys.argv[1:]),
+        "environment": _environment(device),
+        "stages": {},
+    }
     started = time.perf_counter()
 
     def save() -> None:
@@ -215,26 +325,33 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[gpu_check] {stage} on {device} ...", flush=True)
             try:
                 if stage == "tests":
-                    result = stage_tests(device, [t for t in args.tests.split(",") if t], args.tests_timeout_s,
-                                         workdir)
+                    result = stage_tests(device, [t for t in args.tests.split(",") if t], args.tests_timeout_s, workdir)
                 elif stage == "search":
                     (workdir / "model").mkdir()
                     result = stage_search(device, args.size, args.steps, args.batch, args.seq_len, workdir / "model")
                 elif stage == "sweep":
                     lambdas = [float(x) for x in args.sweep_lambdas.split(",") if x.strip()]
-                    result = stage_sweep(device, args.model, args.corpus, lambdas, args.sweep_steps,
-                                         args.sweep_time_budget_s, args.sweep_train_windows,
-                                         args.sweep_eval_windows, workdir / "sweep",
-                                         seq_len=args.sweep_seq_len, batch_size=args.sweep_batch)
+                    result = stage_sweep(
+                        device,
+                        args.model,
+                        args.corpus,
+                        lambdas,
+                        args.sweep_steps,
+                        args.sweep_time_budget_s,
+                        args.sweep_train_windows,
+                        args.sweep_eval_windows,
+                        workdir / "sweep",
+                        seq_len=args.sweep_seq_len,
+                        batch_size=args.sweep_batch,
+                    )
                 else:
                     result = {"error": f"unknown stage {stage!r}; use tests, search, sweep"}
-            except Exception as exc:  # noqa: BLE001 -- one failing stage must not lose the others
+            except Exception as exc:
                 result = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"}
             result["stage_wall_s"] = time.perf_counter() - stage_started
             report["stages"][stage] = result
             save()
-            print(f"[gpu_check] {stage}: {result.get('error') or 'done'} in {result['stage_wall_s']:.1f} s",
-                  flush=True)
+            print(f"[gpu_check] {stage}: {result.get('error') or 'done'} in {result['stage_wall_s']:.1f} s", flush=True)
     save()
     print(json.dumps({k: v for k, v in report.items() if k != "stages"}, indent=1))
     return report

@@ -23,14 +23,53 @@ import pandas as pd
 
 # Small enough for about 5 minutes of one CPU thread; every stage of the pipeline still runs.
 FIGURES = [
-    "--max-steps", "40", "--bigram-lambdas", "1,10", "--optimal-lambdas", "10", "--checkpoint-lambdas", "10",
-    "--max-checkpoints", "2", "--headline-seeds", "0,1", "--train-windows", "256", "--eval-windows", "64",
-    "--analysis-tokens", "4096", "--ablation-windows", "16", "--random-seeds", "0,1",
-    "--overlap-samples", "500", "--generation-tokens", "8", "--linear-map-steps", "30",
-    "--target-fractions", "0.05",
+    "--max-steps",
+    "40",
+    "--bigram-lambdas",
+    "1,10",
+    "--optimal-lambdas",
+    "10",
+    "--checkpoint-lambdas",
+    "10",
+    "--max-checkpoints",
+    "2",
+    "--headline-seeds",
+    "0,1",
+    "--train-windows",
+    "256",
+    "--eval-windows",
+    "64",
+    "--analysis-tokens",
+    "4096",
+    "--ablation-windows",
+    "16",
+    "--random-seeds",
+    "0,1",
+    "--overlap-samples",
+    "500",
+    "--generation-tokens",
+    "8",
+    "--linear-map-steps",
+    "30",
+    "--target-fractions",
+    "0.05",
 ]
-FIND = ["--lambdas", "10", "--max-steps", "40", "--batch-size", "8", "--seq-len", "64",
-        "--max-train-windows", "256", "--max-eval-windows", "64", "--temperature-growth", "1.04"]
+FIND = [
+    "--lambdas",
+    "10",
+    "--max-steps",
+    "40",
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "64",
+    "--max-train-windows",
+    "256",
+    "--max-eval-windows",
+    "64",
+    "--temperature-growth",
+    "1.04",
+]
 EVALUATE = ["--n-eval-windows", "32", "--n-random", "2", "--max-new-tokens", "8"]
 
 
@@ -45,25 +84,31 @@ def _numbers(folder: Path) -> dict[str, list]:
     for path in sorted(folder.rglob("*.csv")):
         frame = pd.read_csv(path)
         # Timings differ run to run; every other number must be identical.
-        numeric = frame.select_dtypes("number").drop(columns=[c for c in frame if c.endswith("time_s")], errors="ignore")
+        numeric = frame.select_dtypes("number").drop(
+            columns=[c for c in frame if c.endswith("time_s")], errors="ignore"
+        )
         found[str(path.relative_to(folder))] = [
             [float(f"{v:.6g}") if isinstance(v, float) and math.isfinite(v) else v for v in row]
-            for row in numeric.itertuples(index=False)]
+            for row in numeric.itertuples(index=False)
+        ]
     return found
 
 
 def regenerate(out: Path) -> dict:
     timings = {}
     start = time.time()
-    _cli("figures", "--out", str(out / "figures"), "--cache", str(out / "cache"), "--no-png", "--no-progress",
-         *FIGURES)
+    _cli("figures", "--out", str(out / "figures"), "--cache", str(out / "cache"), "--no-png", "--no-progress", *FIGURES)
     timings["figures_s"] = time.time() - start
     start = time.time()
     _cli("find", "--out", str(out / "find"), "--no-progress", *FIND)
     _cli("evaluate", str(out / "find"), "--out", str(out / "evaluation"), "--no-progress", *EVALUATE)
     timings["find_evaluate_s"] = time.time() - start
-    return {"timings": timings, "figures": _numbers(out / "figures"), "evaluation": _numbers(out / "evaluation"),
-            "find": _numbers(out / "find")}
+    return {
+        "timings": timings,
+        "figures": _numbers(out / "figures"),
+        "evaluation": _numbers(out / "evaluation"),
+        "find": _numbers(out / "find"),
+    }
 
 
 def compare(old: dict, new: dict) -> int:

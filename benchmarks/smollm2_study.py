@@ -54,21 +54,28 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
             options["type"] = next(kind for kind in (typing.get_args(hint) or (hint,)) if kind is not type(None))
         parser.add_argument("--" + field.name.replace("_", "-"), **options)
     args = parser.parse_args(argv)
-    return StudyConfig(**{name: tuple(value) if isinstance(value, list) else value
-                          for name, value in vars(args).items()})
+    return StudyConfig(
+        **{name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()}
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_args(argv)
     result = run_study(config)
     result["command"] = "python benchmarks/smollm2_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result["figures"] = [str(Path(p).relative_to(REPO)) if Path(p).is_relative_to(REPO) else p
-                         for p in result["figures"]]
+    result["figures"] = [
+        str(Path(p).relative_to(REPO)) if Path(p).is_relative_to(REPO) else p for p in result["figures"]
+    ]
     config.results.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(config.results.with_suffix(".json"), json.dumps(result, indent=2, default=str).encode("utf-8"))
     atomic_write_bytes(config.results.with_suffix(".md"), render_markdown(result).encode("utf-8"))
-    print(json.dumps({k: result[k] for k in ("full_model", "chosen", "loss_increase_ratio", "wall_time_s")},
-                     indent=2, default=str))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("full_model", "chosen", "loss_increase_ratio", "wall_time_s")},
+            indent=2,
+            default=str,
+        )
+    )
     return result
 
 

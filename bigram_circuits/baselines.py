@@ -81,8 +81,10 @@ def transplant_embeddings(target_bridge, source_bridge, include_final_norm: bool
         )
     for name, param in target.items():
         if param.shape != source[name].shape:
-            raise BaselineError(f"{name} has shape {tuple(param.shape)} in the target but "
-                                f"{tuple(source[name].shape)} in the source; use checkpoints of one model")
+            raise BaselineError(
+                f"{name} has shape {tuple(param.shape)} in the target but "
+                f"{tuple(source[name].shape)} in the source; use checkpoints of one model"
+            )
     for name, param in target.items():
         param.copy_(source[name].to(dtype=param.dtype, device=param.device))
     return sorted(target)
@@ -114,19 +116,30 @@ class LinearMapBaseline:
     losses: list[float] = field(default_factory=list)
     config: LinearMapConfig = field(default_factory=LinearMapConfig)
 
-    def logits(self, bridge: TransformerBridge, tokens: Integer[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos vocab"]:
+    def logits(
+        self, bridge: TransformerBridge, tokens: Integer[torch.Tensor, "batch pos"]
+    ) -> Float[torch.Tensor, "batch pos vocab"]:
         """Next-token logits of every position from its own token alone."""
         hidden = bridge.embed(tokens) @ self.weight + self.bias
         return bridge.unembed(bridge.ln_final(hidden))
 
-    def surprisals(self, bridge: TransformerBridge, stats: BigramStats, windows: Integer[np.ndarray, "n seq"],
-                   batch_size: int = 16) -> TokenSurprisals:
+    def surprisals(
+        self, bridge: TransformerBridge, stats: BigramStats, windows: Integer[np.ndarray, "n seq"], batch_size: int = 16
+    ) -> TokenSurprisals:
         """Model and bigram surprisal of every actual next token of ``windows``."""
-        return surprisals_from_logits(lambda tokens: self.logits(bridge, tokens), stats, windows,
-                                      self.weight.device, batch_size, desc="evaluate linear map",
-                                      show_progress=False)
+        return surprisals_from_logits(
+            lambda tokens: self.logits(bridge, tokens),
+            stats,
+            windows,
+            self.weight.device,
+            batch_size,
+            desc="evaluate linear map",
+            show_progress=False,
+        )
 
-    def evaluate(self, bridge: TransformerBridge, stats: BigramStats, windows: Integer[np.ndarray, "n seq"], batch_size: int = 16) -> dict[str, float]:
+    def evaluate(
+        self, bridge: TransformerBridge, stats: BigramStats, windows: Integer[np.ndarray, "n seq"], batch_size: int = 16
+    ) -> dict[str, float]:
         """The metric row of :func:`bigram_circuits.evaluate.evaluate_metrics` for this predictor."""
         return metrics_from_surprisals(self.surprisals(bridge, stats, windows, batch_size))
 
@@ -150,8 +163,10 @@ def fit_linear_map(
     if windows.ndim != 2 or len(windows) == 0 or not np.issubdtype(windows.dtype, np.integer):
         raise BaselineError("train_windows must be a non-empty [n, seq] array of token ids")
     if int(windows.max()) >= int(stats.vocab_size):
-        raise BaselineError(f"token id {int(windows.max())} is outside the bigram stats' vocab "
-                            f"{stats.vocab_size}; build the stats with this model's tokenizer")
+        raise BaselineError(
+            f"token id {int(windows.max())} is outside the bigram stats' vocab "
+            f"{stats.vocab_size}; build the stats with this model's tokenizer"
+        )
     d_model = int(bridge.cfg.d_model)
     device = input_device(bridge)
     weight = torch.nn.Parameter(torch.eye(d_model, device=device))

@@ -50,8 +50,10 @@ def cmd_train_default(args: argparse.Namespace, train: Names) -> int:
     from bigram_circuits.training import TrainConfig, install_default_model, train_default_model
 
     metrics = train_default_model(args.out, TrainConfig(**_given(args, train)))
-    print(f"eval loss {metrics['final_eval_loss_nats']:.3f} nats vs unigram entropy "
-          f"{metrics['eval_unigram_entropy_nats']:.3f}; model card: {args.out}/MODEL_CARD.md")
+    print(
+        f"eval loss {metrics['final_eval_loss_nats']:.3f} nats vs unigram entropy "
+        f"{metrics['eval_unigram_entropy_nats']:.3f}; model card: {args.out}/MODEL_CARD.md"
+    )
     if args.install:
         print(f"installed into {install_default_model(args.out)}")
     return 0
@@ -106,8 +108,20 @@ def cmd_build_up(args: argparse.Namespace, build_up: Names, config: Names) -> in
 
     tables = build_up_command(config=BuildUpConfig(**_given(args, config)), **_given(args, build_up))
     print(tables["candidates"].to_string(index=False))
-    columns = ["task", "base", "candidate", "heads", "base_value", "full_value", "gap", "with_candidate",
-               "recovered", "random_recovered", "random_recovered_std", "full_minus_recovered"]
+    columns = [
+        "task",
+        "base",
+        "candidate",
+        "heads",
+        "base_value",
+        "full_value",
+        "gap",
+        "with_candidate",
+        "recovered",
+        "random_recovered",
+        "random_recovered_std",
+        "full_minus_recovered",
+    ]
     print("\n" + tables["build_up_report"][columns].round(3).to_string(index=False))
     if getattr(args, "out", None) is not None:
         print(f"tables and figure written to {args.out}")
@@ -156,7 +170,7 @@ _HELP = {
     "lambdas": "comma-separated sparsity weights",
     "seeds": "comma-separated seeds; several seeds run the sweep once per seed (OUT/seed_N)",
     "paper": "the paper's schedule for weight masks (SearchConfig.paper(): lr 5e-5, T x1.001, batch 32, "
-             "15k steps); other options given override it",
+    "15k steps); other options given override it",
     "target": "bigram (the paper's), full_model (optimal subnetwork) or next_token",
     "device": "torch device (cpu, cuda, cuda:1, ...)",
     "max_train_windows": "training windows (of seq_len tokens)",
@@ -178,8 +192,7 @@ _HELP = {
     "temperature": "sampling temperature of the generations",
     "max_new_tokens": "tokens per generation",
 }
-_RENAMED = {"granularities": "granularity", "out_dir": "out", "show_progress": "progress",
-            "cache_dir": "cache"}
+_RENAMED = {"granularities": "granularity", "out_dir": "out", "show_progress": "progress", "cache_dir": "cache"}
 
 
 def _element_parser(kind: type):
@@ -188,6 +201,7 @@ def _element_parser(kind: type):
             return tuple(kind(x) for x in text.split(",") if x.strip())
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from exc
+
     return parse
 
 
@@ -199,6 +213,7 @@ def _scalar_parser(kind: type, optional: bool):
             return kind(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from exc
+
     parse.__name__ = kind.__name__
     return parse
 
@@ -254,8 +269,13 @@ def _options_of(source, names: Sequence[str]) -> list[tuple[str, object, object]
     """``(name, type hint, default)`` of dataclass fields or keyword parameters of a function."""
     hints = typing.get_type_hints(source)
     if dataclasses.is_dataclass(source):
-        defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING  # type: ignore[misc]
-                    and f.default_factory is not dataclasses.MISSING else f.default for f in dataclasses.fields(source)}
+        defaults = {
+            f.name: f.default_factory()
+            if f.default is dataclasses.MISSING  # type: ignore[misc]
+            and f.default_factory is not dataclasses.MISSING
+            else f.default
+            for f in dataclasses.fields(source)
+        }
     else:
         defaults = {n: p.default for n, p in inspect.signature(source).parameters.items()}
     # A name the source does not declare is left out (e.g. a wrapper taking **kwargs).
@@ -268,9 +288,14 @@ def _help_of(source, name: str, helps: dict[str, str] | None) -> str:
     return (helps or {}).get(name) or comments.get(name) or _HELP.get(name, name.replace("_", " "))
 
 
-def _add_options(parser: argparse.ArgumentParser, options, title: str | None = None,
-                 required: Sequence[str] = (), helps: dict[str, str] | None = None,
-                 choices: dict[str, Sequence[str]] | None = None) -> list[str]:
+def _add_options(
+    parser: argparse.ArgumentParser,
+    options,
+    title: str | None = None,
+    required: Sequence[str] = (),
+    helps: dict[str, str] | None = None,
+    choices: dict[str, Sequence[str]] | None = None,
+) -> list[str]:
     """Add one ``--flag`` per option (defaults suppressed, so unset options are not passed);
     returns the option names, for :func:`_given`. ``required`` names options the CLI needs
     although the function has a default (e.g. ``find --out``)."""
@@ -280,8 +305,13 @@ def _add_options(parser: argparse.ArgumentParser, options, title: str | None = N
         text = (helps or {}).get(name) or _HELP.get(name, name.replace("_", " "))
         if isinstance(default, bool):
             if default:
-                group.add_argument("--no-" + flag[2:], dest=name, action="store_false", default=argparse.SUPPRESS,
-                                   help=f"turn off: {text}")
+                group.add_argument(
+                    "--no-" + flag[2:],
+                    dest=name,
+                    action="store_false",
+                    default=argparse.SUPPRESS,
+                    help=f"turn off: {text}",
+                )
             else:
                 group.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=text)
             continue
@@ -289,8 +319,16 @@ def _add_options(parser: argparse.ArgumentParser, options, title: str | None = N
         needed = default is inspect.Parameter.empty or name in required
         help_text = text if needed or "default" in text else f"{text} (default {_show(default)})"
         allowed = (choices or {}).get(name) or _literal_choices(hint)
-        group.add_argument(flag, dest=name, type=kind, metavar="{" + ",".join(allowed) + "}" if allowed else metavar,
-                           required=needed, choices=allowed, default=argparse.SUPPRESS, help=help_text)
+        group.add_argument(
+            flag,
+            dest=name,
+            type=kind,
+            metavar="{" + ",".join(allowed) + "}" if allowed else metavar,
+            required=needed,
+            choices=allowed,
+            default=argparse.SUPPRESS,
+            help=help_text,
+        )
     return [name for name, _, _ in options]
 
 
@@ -319,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="bigram-circuits", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, handler, help: str, description: str | None = None, *, run_argument: bool = False,
-                **groups) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler, help: str, description: str | None = None, *, run_argument: bool = False, **groups
+    ) -> argparse.ArgumentParser:
         """A sub-command whose handler gets, per keyword of ``groups``, the option names added
         (``run_argument``: a positional RUN directory first)."""
         sub_parser = sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".")
@@ -330,69 +369,166 @@ def build_parser() -> argparse.ArgumentParser:
         sub_parser.set_defaults(func=functools.partial(handler, **names))
         return sub_parser
 
-    def options(source, names: Sequence[str], title: str | None = None, helps: dict[str, str] | None = None,
-                **kwargs):
+    def options(source, names: Sequence[str], title: str | None = None, helps: dict[str, str] | None = None, **kwargs):
         helps = {name: _help_of(source, name, helps) for name in names}
         return lambda sub_parser: _add_options(sub_parser, _options_of(source, names), title, helps=helps, **kwargs)
 
-    command("demo", cmd_demo, "load the default model, evaluate it and find a bigram subnetwork",
-            demo=options(DemoConfig, _fields(DemoConfig), helps={
-                "lam": "sparsity weight of the demo search", "steps": "search steps of the demo (at most)",
-                "eval_windows": "held-out windows of 128 tokens", "no_search": "only load and evaluate the model",
+    command(
+        "demo",
+        cmd_demo,
+        "load the default model, evaluate it and find a bigram subnetwork",
+        demo=options(
+            DemoConfig,
+            _fields(DemoConfig),
+            helps={
+                "lam": "sparsity weight of the demo search",
+                "steps": "search steps of the demo (at most)",
+                "eval_windows": "held-out windows of 128 tokens",
+                "no_search": "only load and evaluate the model",
                 "out": "output directory (a finished search there is reused)",
-                "granularity": _HELP["granularities"]}))
+                "granularity": _HELP["granularities"],
+            },
+        ),
+    )
 
-    train = command("train-default", cmd_train_default, "train the bundled default model from scratch",
-                    train=options(TrainConfig, _fields(TrainConfig), "training settings (TrainConfig)", helps={
-                        "lr": "peak learning rate (cosine decay to min_lr)", "max_steps": "training steps",
-                        "weight_decay": "AdamW weight decay", "seq_len": "tokens per training window",
-                        "checkpoint_steps": "steps whose weights are kept (Fig 2)", "seed": "training seed"}))
+    train = command(
+        "train-default",
+        cmd_train_default,
+        "train the bundled default model from scratch",
+        train=options(
+            TrainConfig,
+            _fields(TrainConfig),
+            "training settings (TrainConfig)",
+            helps={
+                "lr": "peak learning rate (cosine decay to min_lr)",
+                "max_steps": "training steps",
+                "weight_decay": "AdamW weight decay",
+                "seq_len": "tokens per training window",
+                "checkpoint_steps": "steps whose weights are kept (Fig 2)",
+                "seed": "training seed",
+            },
+        ),
+    )
     train.add_argument("--out", default="runs/default_model", help="output directory (default runs/default_model)")
     train.add_argument("--install", action="store_true", help="copy the result into the package")
-    train.add_argument("--steps", dest="max_steps", type=int, default=argparse.SUPPRESS,
-                       help=argparse.SUPPRESS)  # the spelling of earlier releases
+    train.add_argument(
+        "--steps", dest="max_steps", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )  # the spelling of earlier releases
 
     find = command(
-        "find", cmd_find, "search bigram (or optimal) subnetworks over a lambda sweep",
+        "find",
+        cmd_find,
+        "search bigram (or optimal) subnetworks over a lambda sweep",
         "Search subnetworks over a lambda sweep (weight masks by default).",
-        find=options(find_command, ["out_dir", "model", "corpus", "granularities", "lambdas", "target", "seeds",
-                                    "paper", "device", "max_train_windows", "max_eval_windows", "resume",
-                                    "show_progress"], required=("out_dir",)),
-        search=options(SearchConfig, _fields(SearchConfig, ("lam", "seed")), "search settings (SearchConfig)"))
-    find.add_argument("--seed", dest="seeds", type=lambda text: (int(text),), default=argparse.SUPPRESS,
-                      help=argparse.SUPPRESS)  # the single-seed spelling of earlier releases
+        find=options(
+            find_command,
+            [
+                "out_dir",
+                "model",
+                "corpus",
+                "granularities",
+                "lambdas",
+                "target",
+                "seeds",
+                "paper",
+                "device",
+                "max_train_windows",
+                "max_eval_windows",
+                "resume",
+                "show_progress",
+            ],
+            required=("out_dir",),
+        ),
+        search=options(SearchConfig, _fields(SearchConfig, ("lam", "seed")), "search settings (SearchConfig)"),
+    )
+    find.add_argument(
+        "--seed", dest="seeds", type=lambda text: (int(text),), default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )  # the single-seed spelling of earlier releases
 
-    command("evaluate", cmd_evaluate, "metrics, ablation, overlap and layer tables of a run",
-            run_argument=True, evaluate=options(evaluate_run, [
-                           "optimal", "n_eval_windows", "seeds", "n_random", "temperature", "max_new_tokens",
-                           "batch_size", "device", "out_dir", "show_progress"]))
-    command("lens", cmd_lens, "logit lens, linear lens and rotation of a run's subnetwork",
-                   run_argument=True, lens=options(lens_command, ["n_tokens", "out", "device", "progress"]))
-    command("patch", cmd_patch, "activation patching between a clean and a corrupted prompt",
-            patch=options(patch_command, ["model", "clean", "corrupted", "component", "run", "out", "device"],
-                          required=("clean", "corrupted"), choices={"component": tuple(COMPONENTS)}, helps={
-                              "clean": "the clean prompt", "corrupted": "the corrupted prompt",
-                              "run": "a run directory: patch with its subnetwork (and its model)",
-                              "out": "write the heatmap HTML here"}))
-    command("figures", cmd_figures, "regenerate every paper figure and table",
-            "Regenerate every paper figure and table (weight masks by default; --granularity neuron,head draws "
-            "the coarser masks, e.g. into figures/neuron_head).",
-            figures=options(figures_command, ["model", "out_dir", "cache_dir", "device", "png", "show_progress"]),
-            config=options(FiguresConfig, _fields(FiguresConfig, ("prompts",)), "figure settings (FiguresConfig)"))
-    command("build-up", cmd_build_up,
-            "add candidate circuits (heads) to the bigram subnetwork and measure behaviours",
-            "Candidates from head scores, attribution patching and activation patching; base / base + candidate "
-            "/ base + random heads / full / full - candidate on in-context repetition and name copying; overlap "
-            "of the base with each circuit.",
-            build_up=options(build_up_command, ["model", "base", "optimal", "out", "device", "png", "progress"],
-                             required=("base",), helps={
-                                 "model": "the model the base was found on",
-                                 "base": "a `find` run (its chosen lambda) or a subnetwork directory",
-                                 "optimal": "an optimal-subnetwork run to compare as a second base",
-                                 "out": "write tables (CSV + Markdown) and the figure here"}),
-            config=options(BuildUpConfig, _fields(BuildUpConfig), "build-up settings (BuildUpConfig)", helps={
-                "seeds": "seeds of the random-head controls", "seq_len": "tokens per task sequence",
-                "top_k": "heads per candidate circuit", "seed": "seed of the task sequences"}))
+    command(
+        "evaluate",
+        cmd_evaluate,
+        "metrics, ablation, overlap and layer tables of a run",
+        run_argument=True,
+        evaluate=options(
+            evaluate_run,
+            [
+                "optimal",
+                "n_eval_windows",
+                "seeds",
+                "n_random",
+                "temperature",
+                "max_new_tokens",
+                "batch_size",
+                "device",
+                "out_dir",
+                "show_progress",
+            ],
+        ),
+    )
+    command(
+        "lens",
+        cmd_lens,
+        "logit lens, linear lens and rotation of a run's subnetwork",
+        run_argument=True,
+        lens=options(lens_command, ["n_tokens", "out", "device", "progress"]),
+    )
+    command(
+        "patch",
+        cmd_patch,
+        "activation patching between a clean and a corrupted prompt",
+        patch=options(
+            patch_command,
+            ["model", "clean", "corrupted", "component", "run", "out", "device"],
+            required=("clean", "corrupted"),
+            choices={"component": tuple(COMPONENTS)},
+            helps={
+                "clean": "the clean prompt",
+                "corrupted": "the corrupted prompt",
+                "run": "a run directory: patch with its subnetwork (and its model)",
+                "out": "write the heatmap HTML here",
+            },
+        ),
+    )
+    command(
+        "figures",
+        cmd_figures,
+        "regenerate every paper figure and table",
+        "Regenerate every paper figure and table (weight masks by default; --granularity neuron,head draws "
+        "the coarser masks, e.g. into figures/neuron_head).",
+        figures=options(figures_command, ["model", "out_dir", "cache_dir", "device", "png", "show_progress"]),
+        config=options(FiguresConfig, _fields(FiguresConfig, ("prompts",)), "figure settings (FiguresConfig)"),
+    )
+    command(
+        "build-up",
+        cmd_build_up,
+        "add candidate circuits (heads) to the bigram subnetwork and measure behaviours",
+        "Candidates from head scores, attribution patching and activation patching; base / base + candidate "
+        "/ base + random heads / full / full - candidate on in-context repetition and name copying; overlap "
+        "of the base with each circuit.",
+        build_up=options(
+            build_up_command,
+            ["model", "base", "optimal", "out", "device", "png", "progress"],
+            required=("base",),
+            helps={
+                "model": "the model the base was found on",
+                "base": "a `find` run (its chosen lambda) or a subnetwork directory",
+                "optimal": "an optimal-subnetwork run to compare as a second base",
+                "out": "write tables (CSV + Markdown) and the figure here",
+            },
+        ),
+        config=options(
+            BuildUpConfig,
+            _fields(BuildUpConfig),
+            "build-up settings (BuildUpConfig)",
+            helps={
+                "seeds": "seeds of the random-head controls",
+                "seq_len": "tokens per task sequence",
+                "top_k": "heads per candidate circuit",
+                "seed": "seed of the task sequences",
+            },
+        ),
+    )
     return parser
 
 

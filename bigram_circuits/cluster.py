@@ -102,8 +102,15 @@ def _open_source(source: Any, as_windows: bool, seq_len: int) -> np.ndarray:
 
 
 def _count_shard(
-    data: Any, shard: Shard, prefix: np.ndarray | None, vocab_size: int, order: int, add_k: float,
-    as_windows: bool, seq_len: int, chunk_tokens: int,
+    data: Any,
+    shard: Shard,
+    prefix: np.ndarray | None,
+    vocab_size: int,
+    order: int,
+    add_k: float,
+    as_windows: bool,
+    seq_len: int,
+    chunk_tokens: int,
 ) -> BigramStats:
     """Count one shard. ``data`` is the shard's own tokens (shipped by the driver) or a path
     (the worker memory-maps the file and slices the shard itself). ``prefix`` [1, order - 1] are
@@ -123,8 +130,8 @@ def _count_shard(
         piece = np.asarray(data[start : start + counter.chunk_tokens])
         _check_range(piece, V, "tokens", f"vocab_size {V}; count with the tokenizer's vocab size")
         counter._count_block(piece.reshape(1, -1), prefix)
-        tail = piece[-(order - 1):].astype(np.int64).reshape(1, -1)
-        prefix = np.concatenate([prefix, tail], axis=1)[:, -(order - 1):]
+        tail = piece[-(order - 1) :].astype(np.int64).reshape(1, -1)
+        prefix = np.concatenate([prefix, tail], axis=1)[:, -(order - 1) :]
     counter.n_sequences += 1 if shard.lo == 0 else 0
     return _stats_from_counter(counter, V, order, add_k)
 
@@ -188,7 +195,9 @@ def _resolve_sources(tokens_or_paths: Any, vocab_size: int, seq_len: int) -> tup
         try:
             header = np.load(path, mmap_mode="r")
         except (ValueError, OSError) as exc:
-            raise CorpusError(f"cannot read token file {item} as a .npy array ({exc}); save tokens with np.save") from None
+            raise CorpusError(
+                f"cannot read token file {item} as a .npy array ({exc}); save tokens with np.save"
+            ) from None
         if not isinstance(header, np.ndarray):
             raise CorpusError(f"token file {item} is not a single .npy array; save tokens with np.save")
         headers.append(_check_array(header, f"token file {item}"))
@@ -220,8 +229,11 @@ def _connect(address: str | None, n_workers: int, timeout: float):
             with warnings.catch_warnings():  # "Port 8787 is already in use": any free port is fine
                 warnings.filterwarnings("ignore", message="Port .* is already in use")
                 cluster = LocalCluster(
-                    n_workers=n_workers, threads_per_worker=1, processes=True,
-                    dashboard_address=None, silence_logs=logging.ERROR,
+                    n_workers=n_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
                 )
         except RuntimeError as exc:  # "Nanny failed to start": usually a script without a main guard
             raise ConfigError(
@@ -264,7 +276,8 @@ def count_bigrams_on_cluster(
     each) and closes it afterwards; otherwise the scheduler at ``address`` is used as it is.
     ``n_shards`` defaults to one per worker: every extra shard costs a merge of its table, which
     for a large vocabulary can take as long as counting it (benchmarks/bench_cluster_counting.py);
-    use more shards when one shard would not fit a worker's memory. ``out`` saves the merged stats (``BigramStats.save``,
+    use more shards when one shard would not fit a worker's memory. ``out`` saves the merged stats
+    (``BigramStats.save``,
     with ``tokenizer``'s fingerprint when given)."""
     vocab_size = _check_vocab_size(vocab_size)
     order = BigramStats._check_order(order, vocab_size)
@@ -296,10 +309,12 @@ def count_bigrams_on_cluster(
             if not shard.rows:
                 before = np.asarray(view[max(0, shard.lo - (order - 1)) : shard.lo], dtype=np.int64)
                 if before.size:
-                    _check_range(before, vocab_size, "tokens", f"vocab_size {vocab_size}; count with the tokenizer's vocab size")
+                    _check_range(
+                        before, vocab_size, "tokens", f"vocab_size {vocab_size}; count with the tokenizer's vocab size"
+                    )
                 prefix = np.full((1, order - 1), vocab_size, dtype=np.int64)
                 if before.size:
-                    prefix[0, -before.size:] = before
+                    prefix[0, -before.size :] = before
             prefixes.append(prefix)
             src = sources[shard.source]
             # In-memory arrays ship each shard's slice once; files are opened by the workers.
@@ -310,8 +325,19 @@ def count_bigrams_on_cluster(
             for i, future in zip(in_memory, scattered):
                 payloads[i] = future
         futures = [
-            client.submit(_count_shard, payload, shard, prefix, vocab_size, order, add_k, as_windows,
-                          seq_len, chunk_tokens, pure=False)
+            client.submit(
+                _count_shard,
+                payload,
+                shard,
+                prefix,
+                vocab_size,
+                order,
+                add_k,
+                as_windows,
+                seq_len,
+                chunk_tokens,
+                pure=False,
+            )
             for payload, shard, prefix in zip(payloads, shards, prefixes)
         ]
         if show_progress:

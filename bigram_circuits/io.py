@@ -69,8 +69,9 @@ def run_directory_lock(directory: str | os.PathLike) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputError(f"another process is writing {path}; wait for it to finish or use another "
-                              "output directory") from None
+            raise OutputError(
+                f"another process is writing {path}; wait for it to finish or use another output directory"
+            ) from None
         held = True
         yield path
     finally:

@@ -77,7 +77,7 @@ def write_manifest(run_dir: str | os.PathLike, kind: str, config: Mapping) -> Pa
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "kind": kind,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "versions": environment_versions(),
         "config": dict(config),
         "files": files,
@@ -96,8 +96,11 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is unreadable ({type(exc).__name__}); re-run to write it again") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
-            or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != MANIFEST_FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise ManifestError(f"{path} is not a bigram_circuits manifest")
     return manifest
 

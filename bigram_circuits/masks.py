@@ -120,9 +120,7 @@ MLP_MATRICES: tuple[Matrix, ...] = ("in", "gate", "out")
 
 # Unit granularity -> (block, hook point under the block) it is applied at.
 _UNIT_HOOKS: dict[str, tuple[Block, str]] = {"head": ("attn", "hook_z"), "neuron": ("mlp", "hook_post")}
-_KEY_PATTERN = re.compile(
-    r"blocks\.(0|[1-9][0-9]*)\.(attn|mlp)\.(?:(hook_z|hook_post)|(q|k|v|o|in|gate|out)\.weight)"
-)
+_KEY_PATTERN = re.compile(r"blocks\.(0|[1-9][0-9]*)\.(attn|mlp)\.(?:(hook_z|hook_post)|(q|k|v|o|in|gate|out)\.weight)")
 _UNKNOWN_KEY = "unknown mask key {!r}; keys look like blocks.0.mlp.hook_post or blocks.0.attn.q.weight"
 
 
@@ -299,8 +297,15 @@ class MaskComponent:
     @classmethod
     def of(cls, key: MaskKey, shape: Sequence[int], params_per_entry: float) -> MaskComponent:
         """The component of ``key`` (its string, granularity, layer, block and kind)."""
-        return cls(key=str(key), granularity=key.granularity, layer=key.layer, block=key.block, kind=key.kind,
-                   shape=tuple(int(s) for s in shape), params_per_entry=float(params_per_entry))
+        return cls(
+            key=str(key),
+            granularity=key.granularity,
+            layer=key.layer,
+            block=key.block,
+            kind=key.kind,
+            shape=tuple(int(s) for s in shape),
+            params_per_entry=float(params_per_entry),
+        )
 
     @property
     def mask_key(self) -> MaskKey:
@@ -409,7 +414,9 @@ def model_geometry(bridge: TransformerBridge) -> ModelGeometry:
     )
 
 
-def mask_components(bridge: TransformerBridge, granularities: str | Sequence[str] = ("neuron", "head")) -> list[MaskComponent]:
+def mask_components(
+    bridge: TransformerBridge, granularities: str | Sequence[str] = ("neuron", "head")
+) -> list[MaskComponent]:
     """All mask components of a bridge for the given granularities, in a fixed order."""
     grans = parse_granularities(granularities)
     geo = model_geometry(bridge)
@@ -420,8 +427,9 @@ def mask_components(bridge: TransformerBridge, granularities: str | Sequence[str
         if "head" in grans:
             components.append(MaskComponent.of(MaskKey.head(layer), (geo.n_heads,), head_params))
         if "neuron" in grans:
-            components.append(MaskComponent.of(
-                MaskKey.neuron(layer), (geo.d_mlp,), float(geo.d_model * (n_in_matrices + 1))))
+            components.append(
+                MaskComponent.of(MaskKey.neuron(layer), (geo.d_mlp,), float(geo.d_model * (n_in_matrices + 1)))
+            )
         if "weight" in grans:
             for kind, (_, module) in _linear_bridges(bridge, layer).items():
                 weight = module.original_component.weight
@@ -513,8 +521,7 @@ def weight_tensor(bridge: TransformerBridge, component: MaskComponent) -> Float[
 class _WeightMaskParametrization(nn.Module):
     """``weight -> weight * mask`` where the mask is fetched at every forward (soft or fixed)."""
 
-    def __init__(self, mask_for: Callable[[], torch.Tensor], transposed: bool,
-                 module: nn.Module | None = None):
+    def __init__(self, mask_for: Callable[[], torch.Tensor], transposed: bool, module: nn.Module | None = None):
         super().__init__()
         self._mask_for = mask_for
         self._transposed = transposed
@@ -582,11 +589,14 @@ def _weight_parametrization(module: nn.Module, parametrization: nn.Module) -> It
 def _unit_hook(granularity: str, mask_of: Callable[[], torch.Tensor]) -> Callable:
     """A hook multiplying a neuron activation [b, p, d_mlp] or head output [b, p, h, d_head] by a mask."""
     if granularity == "neuron":
+
         def hook_fn(act, hook):
             return act * mask_of().to(act.device, act.dtype)
     else:
+
         def hook_fn(act, hook):
             return act * mask_of().to(act.device, act.dtype)[:, None]
+
     return hook_fn
 
 
@@ -616,13 +626,15 @@ def attach_masks(
             if component.granularity == "weight":
                 module, transposed = _weight_module(bridge, component)
                 stack.enter_context(
-                    _weight_parametrization(module, _WeightMaskParametrization(mask_of, transposed, module)))
+                    _weight_parametrization(module, _WeightMaskParametrization(mask_of, transposed, module))
+                )
                 continue
             hook_name = component.mask_key.hook_name
             if hook_name not in bridge.hook_dict:
                 raise MaskError(f"hook {hook_name!r} does not exist on this model; check the granularity")
             stack.enter_context(
-                _activation_hook(bridge.hook_dict[hook_name], _unit_hook(component.granularity, mask_of), level))
+                _activation_hook(bridge.hook_dict[hook_name], _unit_hook(component.granularity, mask_of), level)
+            )
         yield
 
 
@@ -655,8 +667,7 @@ def apply_binary_masks(
     floats = {}
     for key, mask in masks.items():
         mask = torch.as_tensor(mask).bool()
-        floats[key] = (mask if mode == "keep" else ~mask).to(
-            device=component_device(bridge, by_key[key]), dtype=dtype)
+        floats[key] = (mask if mode == "keep" else ~mask).to(device=component_device(bridge, by_key[key]), dtype=dtype)
     with attach_masks(bridge, list(components), floats.__getitem__):
         yield bridge
 
@@ -678,8 +689,13 @@ class MaskParameterization(Protocol):
     sample_is_probability: bool
     stochastic: bool
 
-    def sample(self, logits: Float[torch.Tensor, "*shape"], temperature: float, training: bool,
-               generator: torch.Generator | None) -> Float[torch.Tensor, "*shape"]:
+    def sample(
+        self,
+        logits: Float[torch.Tensor, "*shape"],
+        temperature: float,
+        training: bool,
+        generator: torch.Generator | None,
+    ) -> Float[torch.Tensor, "*shape"]:
         """The mask the forward pass multiplies by (differentiable w.r.t. ``logits``)."""
         ...
 
@@ -703,8 +719,9 @@ class ContinuousSparsification:
         """The logit at which the soft mask equals ``p``."""
         return math.log(p / (1.0 - p)) / temperature
 
-    def sample(self, logits: torch.Tensor, temperature: float, training: bool,
-               generator: torch.Generator | None) -> torch.Tensor:
+    def sample(
+        self, logits: torch.Tensor, temperature: float, training: bool, generator: torch.Generator | None
+    ) -> torch.Tensor:
         return torch.sigmoid(logits * temperature)
 
     def probability(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -726,8 +743,9 @@ class HardConcrete:
         self.beta, self.gamma, self.zeta = beta, gamma, zeta
         self._l0_shift = beta * math.log(-gamma / zeta)
 
-    def sample(self, logits: torch.Tensor, temperature: float, training: bool,
-               generator: torch.Generator | None) -> torch.Tensor:
+    def sample(
+        self, logits: torch.Tensor, temperature: float, training: bool, generator: torch.Generator | None
+    ) -> torch.Tensor:
         if training:
             # Noise is drawn on the generator's device (one stream for masks on several devices).
             noise_device = generator.device if generator is not None else logits.device
@@ -752,8 +770,10 @@ def make_parameterization(name: ParameterizationName | MaskParameterization) -> 
     if not isinstance(name, str):
         if isinstance(name, MaskParameterization):
             return name
-        raise MaskError(f"{type(name).__name__} is not a mask parameterization (needs name, sample, "
-                        "probability, logit_at, sample_is_probability, stochastic)")
+        raise MaskError(
+            f"{type(name).__name__} is not a mask parameterization (needs name, sample, "
+            "probability, logit_at, sample_is_probability, stochastic)"
+        )
     if name == "continuous":
         return ContinuousSparsification()
     if name == "hard_concrete":
@@ -833,10 +853,9 @@ class MaskSet(nn.Module):
         # layer under a device_map); keys not in ``devices`` go to ``device``.
         placement = {c.key: torch.device((devices or {}).get(c.key, device)) for c in components}
         self.device = torch.device(device)
-        self.logits = nn.ParameterDict({
-            _safe(c.key): nn.Parameter(torch.full(c.shape, float(init), device=placement[c.key]))
-            for c in components
-        })
+        self.logits = nn.ParameterDict(
+            {_safe(c.key): nn.Parameter(torch.full(c.shape, float(init), device=placement[c.key])) for c in components}
+        )
         # A Python float (saved through get_extra_state) so reading it never syncs a GPU.
         self.temperature: float = 1.0
         self._always_off: dict[str, torch.Tensor] = {}
@@ -960,8 +979,11 @@ class MaskSet(nn.Module):
         it holds every key, the penalty is summed from those very tensors, sharing their graph
         (one sigmoid per step instead of two; the same value, and the same gradients as one
         graph). Otherwise the probabilities are computed here."""
-        reuse = (forward_masks is not None and self.parameterization.sample_is_probability
-                 and all(key in forward_masks for key in self.components))
+        reuse = (
+            forward_masks is not None
+            and self.parameterization.sample_is_probability
+            and all(key in forward_masks for key in self.components)
+        )
         total = None
         for key in self.components:
             p = forward_masks[key] if reuse else self.probability(key)
@@ -998,13 +1020,20 @@ class MaskSet(nn.Module):
         soft = self.soft()
         for key, c in self.components.items():
             kept = int(binary[key].sum())
-            rows.append({
-                "key": key, "granularity": c.granularity, "layer": c.layer, "block": c.block,
-                "kind": c.kind, "entries": c.n_entries,
-                "soft_density": float(soft[key].float().mean()),
-                "hard_density": kept / c.n_entries,
-                "kept_params": kept * c.params_per_entry, "total_params": c.total_params,
-            })
+            rows.append(
+                {
+                    "key": key,
+                    "granularity": c.granularity,
+                    "layer": c.layer,
+                    "block": c.block,
+                    "kind": c.kind,
+                    "entries": c.n_entries,
+                    "soft_density": float(soft[key].float().mean()),
+                    "hard_density": kept / c.n_entries,
+                    "kept_params": kept * c.params_per_entry,
+                    "total_params": c.total_params,
+                }
+            )
         return pd.DataFrame(rows)
 
     def overall_density(self, binary: bool = True) -> float:
@@ -1050,9 +1079,15 @@ def expand_to_weight_masks(
     g = geometry
     d_q = g.n_heads * g.d_head
     d_kv = g.n_kv_heads * g.d_head
-    shapes = {"q": (d_q, g.d_model), "k": (d_kv, g.d_model), "v": (d_kv, g.d_model),
-              "o": (g.d_model, d_q), "in": (g.d_mlp, g.d_model), "gate": (g.d_mlp, g.d_model),
-              "out": (g.d_model, g.d_mlp)}
+    shapes = {
+        "q": (d_q, g.d_model),
+        "k": (d_kv, g.d_model),
+        "v": (d_kv, g.d_model),
+        "o": (g.d_model, d_q),
+        "in": (g.d_mlp, g.d_model),
+        "gate": (g.d_mlp, g.d_model),
+        "out": (g.d_model, g.d_mlp),
+    }
     kinds = (*ATTN_MATRICES, *MLP_MATRICES) if g.gated_mlp else (*ATTN_MATRICES, "in", "out")
     layer_set = set(range(g.n_layers) if layers is None else layers)
     out: dict[str, torch.Tensor] = {}
@@ -1108,18 +1143,34 @@ def author_parameter_names(geometry: ModelGeometry) -> dict[str, str]:
     for layer in range(geometry.n_layers):
         if arch == _NEOX:
             p = f"gpt_neox.layers.{layer}"
-            table = {"q": f"{p}.attention.query_key_value.weight", "k": f"{p}.attention.query_key_value.weight",
-                     "v": f"{p}.attention.query_key_value.weight", "o": f"{p}.attention.dense.weight",
-                     "in": f"{p}.mlp.dense_h_to_4h.weight", "out": f"{p}.mlp.dense_4h_to_h.weight"}
+            table = {
+                "q": f"{p}.attention.query_key_value.weight",
+                "k": f"{p}.attention.query_key_value.weight",
+                "v": f"{p}.attention.query_key_value.weight",
+                "o": f"{p}.attention.dense.weight",
+                "in": f"{p}.mlp.dense_h_to_4h.weight",
+                "out": f"{p}.mlp.dense_4h_to_h.weight",
+            }
         elif arch == _GPT2:
             p = f"transformer.h.{layer}"
-            table = {"q": f"{p}.attn.c_attn.weight", "k": f"{p}.attn.c_attn.weight", "v": f"{p}.attn.c_attn.weight",
-                     "o": f"{p}.attn.c_proj.weight", "in": f"{p}.mlp.c_fc.weight", "out": f"{p}.mlp.c_proj.weight"}
+            table = {
+                "q": f"{p}.attn.c_attn.weight",
+                "k": f"{p}.attn.c_attn.weight",
+                "v": f"{p}.attn.c_attn.weight",
+                "o": f"{p}.attn.c_proj.weight",
+                "in": f"{p}.mlp.c_fc.weight",
+                "out": f"{p}.mlp.c_proj.weight",
+            }
         elif arch in _LLAMA_LIKE:
             p = f"model.layers.{layer}"
             table = {k: f"{p}.self_attn.{k}_proj.weight" for k in ("q", "k", "v", "o")}
-            table.update({"in": f"{p}.mlp.up_proj.weight", "gate": f"{p}.mlp.gate_proj.weight",
-                          "out": f"{p}.mlp.down_proj.weight"})
+            table.update(
+                {
+                    "in": f"{p}.mlp.up_proj.weight",
+                    "gate": f"{p}.mlp.gate_proj.weight",
+                    "out": f"{p}.mlp.down_proj.weight",
+                }
+            )
         else:
             raise MaskError(
                 f"no HF parameter-name mapping for {arch}; authors' mask dicts are supported for "
@@ -1165,8 +1216,10 @@ def author_dict_to_weight_masks(
     names = author_parameter_names(g)
     missing = sorted({n for n in names.values() if n not in author})
     if missing:
-        raise MaskError(f"mask dict lacks {len(missing)} parameters of this model (e.g. {missing[0]}); "
-                        "was it made for another model?")
+        raise MaskError(
+            f"mask dict lacks {len(missing)} parameters of this model (e.g. {missing[0]}); "
+            "was it made for another model?"
+        )
 
     def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
         arr = np.asarray(author[name])
@@ -1188,8 +1241,15 @@ def author_dict_to_weight_masks(
             shape = {"o": (d_q, g.d_model), "in": (g.d_model, g.d_mlp), "out": (g.d_mlp, g.d_model)}[kind]
             arr = fetch(name, shape).T
         else:
-            shape = {"q": (d_q, g.d_model), "k": (d_kv, g.d_model), "v": (d_kv, g.d_model), "o": (g.d_model, d_q),
-                     "in": (g.d_mlp, g.d_model), "gate": (g.d_mlp, g.d_model), "out": (g.d_model, g.d_mlp)}[kind]
+            shape = {
+                "q": (d_q, g.d_model),
+                "k": (d_kv, g.d_model),
+                "v": (d_kv, g.d_model),
+                "o": (g.d_model, d_q),
+                "in": (g.d_mlp, g.d_model),
+                "gate": (g.d_mlp, g.d_model),
+                "out": (g.d_model, g.d_mlp),
+            }[kind]
             arr = fetch(name, shape)
         out[key] = torch.from_numpy(np.ascontiguousarray(arr))
     return out

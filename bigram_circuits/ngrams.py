@@ -287,8 +287,12 @@ def _trigram_keys(block: np.ndarray, prefix: np.ndarray | int, vocab_size: int) 
     """Keys ``(a * (V + 1) + b) * V + next``; ``prefix`` [rows, 2] (or a scalar) holds the two
     tokens before each row (START = V for a new sequence)."""
     rows, length = block.shape
-    pre = np.broadcast_to(np.asarray(prefix, dtype=np.int64).reshape(-1, 2) if isinstance(prefix, np.ndarray)
-                          else np.full((1, 2), prefix, dtype=np.int64), (rows, 2))
+    pre = np.broadcast_to(
+        np.asarray(prefix, dtype=np.int64).reshape(-1, 2)
+        if isinstance(prefix, np.ndarray)
+        else np.full((1, 2), prefix, dtype=np.int64),
+        (rows, 2),
+    )
     extended = np.empty((rows, length + 2), dtype=np.int64)
     extended[:, :2] = pre
     extended[:, 2:] = block
@@ -402,14 +406,12 @@ class _NgramCounter:
                 piece = np.asarray(arr[start : start + self.chunk_tokens])
                 _check_range(piece, V, "tokens", f"vocab_size {V}; count with the tokenizer's vocab size")
                 self._count_block(piece.reshape(1, -1), prefix)
-                tail = piece[-(self.order - 1):].astype(np.int64).reshape(1, -1)
-                prefix = np.concatenate([prefix, tail], axis=1)[:, -(self.order - 1):]
+                tail = piece[-(self.order - 1) :].astype(np.int64).reshape(1, -1)
+                prefix = np.concatenate([prefix, tail], axis=1)[:, -(self.order - 1) :]
                 progress.update(piece.size)
             self.n_sequences += 1
         else:
-            raise TokenError(
-                f"tokens must be 1-D (one sequence) or 2-D [n_seq, seq_len], got shape {tuple(arr.shape)}"
-            )
+            raise TokenError(f"tokens must be 1-D (one sequence) or 2-D [n_seq, seq_len], got shape {tuple(arr.shape)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,8 +662,14 @@ class BigramStats:
         total = None
         if isinstance(tokens, (np.ndarray, torch.Tensor)):
             total = int(np.prod(tokens.shape))
-        with tqdm(total=total, unit="tok", unit_scale=True, desc=f"count {order}-grams",
-                  disable=not show_progress, leave=False) as progress:
+        with tqdm(
+            total=total,
+            unit="tok",
+            unit_scale=True,
+            desc=f"count {order}-grams",
+            disable=not show_progress,
+            leave=False,
+        ) as progress:
             for block in _blocks(tokens, vocab_size, seq_len):
                 counter.add(block, progress)
         if counter.n_tokens == 0:
@@ -708,17 +716,20 @@ class BigramStats:
         if other.order != self.order:
             raise StatsError(f"cannot merge order-{other.order} stats into order-{self.order} stats")
         if other.add_k != self.add_k:
-            raise StatsError(
-                f"cannot merge stats with add_k {other.add_k} and {self.add_k}; use with_add_k first"
-            )
+            raise StatsError(f"cannot merge stats with add_k {other.add_k} and {self.add_k}; use with_add_k first")
         fingerprints = {f for f in (self.tokenizer_fingerprint, other.tokenizer_fingerprint) if f}
         if len(fingerprints) > 1:
             raise StatsError("cannot merge stats counted with different tokenizers")
         V = self.vocab_size
         trigram = self.trigram.merged(other.trigram, V, (V + 1) ** 2) if self.trigram is not None else None
         return BigramStats(
-            V, self.order, self.add_k, self.unigram_counts + other.unigram_counts,
-            self.bigram.merged(other.bigram, V, V + 1), trigram, self.n_sequences + other.n_sequences,
+            V,
+            self.order,
+            self.add_k,
+            self.unigram_counts + other.unigram_counts,
+            self.bigram.merged(other.bigram, V, V + 1),
+            trigram,
+            self.n_sequences + other.n_sequences,
             next(iter(fingerprints), None),
         )
 
@@ -970,8 +981,14 @@ class BigramStats:
             scale[sel] = 1.0 / denom
             const[sel] = k / denom
         return TargetRows(
-            shape=tuple(cur.shape), vocab_size=V, tables=self._tables(), table_index=level,
-            row=rows, scale=scale, const=const, backoff=(level < 0).astype(np.float64),
+            shape=tuple(cur.shape),
+            vocab_size=V,
+            tables=self._tables(),
+            table_index=level,
+            row=rows,
+            scale=scale,
+            const=const,
+            backoff=(level < 0).astype(np.float64),
             dense_probs=self.unigram_probs(),
         )
 
@@ -1044,8 +1061,14 @@ class BigramStats:
         }
         for name, table in (("bigram", self.bigram), ("trigram", self.trigram)):
             if table is not None:
-                arrays.update({f"{name}_contexts": table.contexts, f"{name}_indptr": table.indptr,
-                               f"{name}_next_ids": table.next_ids, f"{name}_counts": table.counts})
+                arrays.update(
+                    {
+                        f"{name}_contexts": table.contexts,
+                        f"{name}_indptr": table.indptr,
+                        f"{name}_next_ids": table.next_ids,
+                        f"{name}_counts": table.counts,
+                    }
+                )
         path = Path(path)
         with atomic_write(path) as handle:
             np.savez_compressed(handle, **arrays)
@@ -1084,20 +1107,27 @@ class BigramStats:
     def _from_arrays(cls, data: dict[str, np.ndarray]) -> BigramStats:
         version = int(data["format_version"])
         if version != STATS_FORMAT_VERSION:
-            raise StatsError(f"stats file format {version} is not supported (expected {STATS_FORMAT_VERSION}); count again")
+            raise StatsError(
+                f"stats file format {version} is not supported (expected {STATS_FORMAT_VERSION}); count again"
+            )
         V = _check_vocab_size(int(data["vocab_size"]))
         order = cls._check_order(int(data["order"]), V)
         tables = {}
         for name in ("bigram", "trigram") if order == 3 else ("bigram",):
             table = CountTable(
-                data[f"{name}_contexts"].astype(np.int64), data[f"{name}_indptr"].astype(np.int64),
-                data[f"{name}_next_ids"].astype(np.int32), data[f"{name}_counts"].astype(np.int64),
+                data[f"{name}_contexts"].astype(np.int64),
+                data[f"{name}_indptr"].astype(np.int64),
+                data[f"{name}_next_ids"].astype(np.int32),
+                data[f"{name}_counts"].astype(np.int64),
             )
             n_ctx_ids = (V + 1) ** (order - 1 if name == "trigram" else 1)
             ok = (
-                len(table.indptr) == len(table.contexts) + 1 and table.indptr[0] == 0
-                and table.indptr[-1] == table.nnz and len(table.counts) == table.nnz
-                and np.all(np.diff(table.indptr) > 0) and np.all(np.diff(table.contexts) > 0)
+                len(table.indptr) == len(table.contexts) + 1
+                and table.indptr[0] == 0
+                and table.indptr[-1] == table.nnz
+                and len(table.counts) == table.nnz
+                and np.all(np.diff(table.indptr) > 0)
+                and np.all(np.diff(table.contexts) > 0)
                 and (table.nnz == 0 or (table.next_ids.min() >= 0 and table.next_ids.max() < V))
                 and (len(table.contexts) == 0 or (table.contexts[0] >= 0 and table.contexts[-1] < n_ctx_ids))
                 and (table.nnz == 0 or table.counts.min() > 0)
@@ -1111,5 +1141,13 @@ class BigramStats:
                 f"the stats file's unigram counts have shape {unigram.shape}, not ({V},); delete it and count again"
             )
         fingerprint = str(data["tokenizer_fingerprint"]) or None
-        return cls(V, order, cls._check_add_k(float(data["add_k"])), unigram, tables["bigram"],
-                   tables.get("trigram"), int(data["n_sequences"]), fingerprint)
+        return cls(
+            V,
+            order,
+            cls._check_add_k(float(data["add_k"])),
+            unigram,
+            tables["bigram"],
+            tables.get("trigram"),
+            int(data["n_sequences"]),
+            fingerprint,
+        )

@@ -144,8 +144,9 @@ class RunDir:
         if self.holds_subnetwork():
             return self.path
         if not self.sweep_file.exists():
-            raise MaskError(f"{self.path} holds no {self.SUBNETWORK} or {self.SWEEP}; "
-                            "pass a run of `bigram-circuits find`")
+            raise MaskError(
+                f"{self.path} holds no {self.SUBNETWORK} or {self.SWEEP}; pass a run of `bigram-circuits find`"
+            )
         sweep = pd.read_csv(self.sweep_file)
         chosen = sweep[sweep["chosen"].astype(bool)] if "chosen" in sweep else sweep[:0]
         if chosen.empty and len(sweep) == 1:
@@ -184,8 +185,12 @@ class RunDir:
         from bigram_circuits.data import load_token_dataset
 
         train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
-        stats = BigramStats.from_tokens(train, vocab_size if vocab_size is not None else len(tokenizer),
-                                        seq_len=seq_len, show_progress=show_progress)
+        stats = BigramStats.from_tokens(
+            train,
+            vocab_size if vocab_size is not None else len(tokenizer),
+            seq_len=seq_len,
+            show_progress=show_progress,
+        )
         if save:
             stats.save(self.stats_file, tokenizer=tokenizer)
         return stats

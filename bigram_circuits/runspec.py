@@ -25,7 +25,6 @@ from bigram_circuits.masks import RUN_MODES, RunMode
 __all__ = ["MaskedSubnetwork", "RunSpec", "SubnetworkLike", "run_context"]
 
 
-
 @runtime_checkable
 class SubnetworkLike(Protocol):
     """Anything that can be applied to a bridge for the duration of a ``with`` block
@@ -75,9 +74,7 @@ class RunSpec:
             return cls()
         if isinstance(run, tuple):
             if len(run) != 2:
-                raise MaskError(
-                    "a run tuple must be (subnetwork_or_None, mode), e.g. (subnetwork, 'keep')"
-                )
+                raise MaskError("a run tuple must be (subnetwork_or_None, mode), e.g. (subnetwork, 'keep')")
             return cls(subnetwork=run[0], mode=run[1])
         return cls(subnetwork=run)
 

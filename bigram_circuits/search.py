@@ -142,10 +142,16 @@ class SearchConfig:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             problems.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         # NaN fails every comparison, so test for the valid range rather than the invalid one.
-        if not (math.isfinite(self.temperature_init) and self.temperature_init > 0
-                and math.isfinite(self.temperature_growth) and self.temperature_growth >= 1):
-            problems.append("temperature schedule needs a finite temperature_init > 0 and a finite "
-                            f"temperature_growth >= 1, got {self.temperature_init} and {self.temperature_growth}")
+        if not (
+            math.isfinite(self.temperature_init)
+            and self.temperature_init > 0
+            and math.isfinite(self.temperature_growth)
+            and self.temperature_growth >= 1
+        ):
+            problems.append(
+                "temperature schedule needs a finite temperature_init > 0 and a finite "
+                f"temperature_growth >= 1, got {self.temperature_init} and {self.temperature_growth}"
+            )
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             problems.append(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
         if self.max_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
@@ -194,22 +200,30 @@ class Target:
     @classmethod
     def bigram(cls, stats: BigramStats) -> Target:
         """Soft cross-entropy against P(next | current) of bigram stats (the paper's target)."""
-        return cls("bigram", lambda logits, tokens, ref: stats.soft_cross_entropy(logits, tokens),
-                   stats=stats, vocab_size=int(stats.vocab_size))
+        return cls(
+            "bigram",
+            lambda logits, tokens, ref: stats.soft_cross_entropy(logits, tokens),
+            stats=stats,
+            vocab_size=int(stats.vocab_size),
+        )
 
     @classmethod
     def full_model(cls, vocab_size: int | None = None) -> Target:
         """Soft cross-entropy against the full model's own next-token distribution."""
+
         def loss(logits, tokens, ref):
             return _soft_xent(logits[..., :vocab_size], ref[..., :vocab_size])
+
         return cls("full_model", loss, needs_reference=True, vocab_size=vocab_size)
 
     @classmethod
     def next_token(cls, vocab_size: int | None = None) -> Target:
         """Cross-entropy of the true next token (language-modelling loss)."""
+
         def loss(logits, tokens, ref):
             cut = logits[:, :-1, :vocab_size].float()
             return torch.nn.functional.cross_entropy(cut.flatten(0, 1), tokens[:, 1:].flatten())
+
         return cls("next_token", loss, vocab_size=vocab_size)
 
     @classmethod
@@ -218,7 +232,7 @@ class Target:
         return cls(name, lambda logits, tokens, ref: fn(logits, tokens))
 
     @classmethod
-    def from_name(cls, name: str, stats: BigramStats=None, vocab_size: int | None = None) -> Target:
+    def from_name(cls, name: str, stats: BigramStats = None, vocab_size: int | None = None) -> Target:
         """``"bigram"`` (needs ``stats``), ``"full_model"`` or ``"next_token"``."""
         if name == "bigram":
             if stats is None:
@@ -262,7 +276,9 @@ def _device(bridge: TransformerBridge) -> torch.device:
 def _check_windows(windows, seq_len: int) -> np.ndarray:
     array = windows.cpu().numpy() if isinstance(windows, torch.Tensor) else windows
     if getattr(array, "ndim", 0) != 2 or array.shape[0] == 0 or array.shape[1] < 2:
-        raise TokenError(f"windows must be a [n_windows, seq_len >= 2] array, got shape {getattr(array, 'shape', None)}")
+        raise TokenError(
+            f"windows must be a [n_windows, seq_len >= 2] array, got shape {getattr(array, 'shape', None)}"
+        )
     if not np.issubdtype(array.dtype, np.integer):
         raise TokenError(f"windows must hold integer token ids, got {array.dtype}")
     return array[:, :seq_len]
@@ -272,20 +288,22 @@ def _batches(windows: np.ndarray, config: SearchConfig, attempt: int, start_step
     """Endless batches; the order depends only on (seed, attempt, step), so resume is exact."""
     n_batches = len(windows) // config.batch_size
     if n_batches == 0:
-        raise SearchError(f"{len(windows)} windows are fewer than one batch of {config.batch_size}; "
-                          "use more data or a smaller batch_size")
+        raise SearchError(
+            f"{len(windows)} windows are fewer than one batch of {config.batch_size}; "
+            "use more data or a smaller batch_size"
+        )
     step = start_step
     while True:
         epoch = step // n_batches
         seed = int(np.random.SeedSequence([config.seed, attempt, epoch]).generate_state(1)[0])
-        for batch in iterate_batches(windows, config.batch_size, shuffle=True, seed=seed,
-                                     start_batch=step % n_batches):
+        for batch in iterate_batches(windows, config.batch_size, shuffle=True, seed=seed, start_batch=step % n_batches):
             yield batch
             step += 1
 
 
-def stability_check(losses: Sequence[float], window: int = 10, abs_spike: float = 0.25,
-                    rel_spike: float = 1.25, tail: int = 100) -> tuple[bool, str]:
+def stability_check(
+    losses: Sequence[float], window: int = 10, abs_spike: float = 0.25, rel_spike: float = 1.25, tail: int = 100
+) -> tuple[bool, str]:
     """The paper's check: ``(stable, reason)``. A spike is a loss above the previous ``window``
     steps' mean by ``+abs_spike`` or ``x rel_spike``; a run is unstable if a spike falls in the
     last ``tail`` steps or the loss does not regain a spike's reference mean ``tail`` steps
@@ -331,15 +349,23 @@ def bigram_correlation(
             batch = torch.as_tensor(batch_np, device=device)
             log_probs = torch.log_softmax(bridge(batch)[:, :-1, :vocab].float(), dim=-1)
             model_parts.append(-log_probs.gather(-1, batch[:, 1:, None]).squeeze(-1).double().cpu().numpy().ravel())
-            bigram_parts.append(np.asarray(stats.surprisal(batch_np[:, :-1], batch_np[:, 1:]), dtype=np.float64).ravel())
+            bigram_parts.append(
+                np.asarray(stats.surprisal(batch_np[:, :-1], batch_np[:, 1:]), dtype=np.float64).ravel()
+            )
     model, bigram = np.concatenate(model_parts), np.concatenate(bigram_parts)
     finite = np.isfinite(bigram)
     return pearson_r(model[finite], bigram[finite])
 
 
 @torch.no_grad()
-def _target_loss(bridge: TransformerBridge, target: Target, windows: np.ndarray, subnetwork: Subnetwork | None,
-                 batch_size: int, max_batches: int) -> float:
+def _target_loss(
+    bridge: TransformerBridge,
+    target: Target,
+    windows: np.ndarray,
+    subnetwork: Subnetwork | None,
+    batch_size: int,
+    max_batches: int,
+) -> float:
     """Mean target loss over the first ``max_batches`` batches, with ``subnetwork`` kept."""
     device = _device(bridge)
     total, count = 0.0, 0
@@ -394,8 +420,15 @@ class SearchState:
     clock: SearchClock = field(default_factory=SearchClock)
 
     @classmethod
-    def fresh(cls, bridge: TransformerBridge, config: SearchConfig, run: dict, attempt: int = 0,
-              previous_attempts: list[dict] | None = None, clock: SearchClock | None = None) -> SearchState:
+    def fresh(
+        cls,
+        bridge: TransformerBridge,
+        config: SearchConfig,
+        run: dict,
+        attempt: int = 0,
+        previous_attempts: list[dict] | None = None,
+        clock: SearchClock | None = None,
+    ) -> SearchState:
         """Step 0 of ``attempt``: mask logits at ``config.init``, ``T = temperature_init``, noise
         seeded with ``seed * 1000 + attempt``, a new AdamW (one parameter group per granularity)."""
         clock = clock or SearchClock()
@@ -405,11 +438,18 @@ class SearchState:
         mask_set.seed(config.seed * 1000 + attempt)
         mask_set.train()
         lrs = config.learning_rates(grans)
-        groups = [{"params": [mask_set.logit(k) for k, c in mask_set.components.items() if c.granularity == g],
-                   "lr": lrs[g], "name": g} for g in grans]
+        groups = [
+            {
+                "params": [mask_set.logit(k) for k, c in mask_set.components.items() if c.granularity == g],
+                "lr": lrs[g],
+                "name": g,
+            }
+            for g in grans
+        ]
         optimizer = torch.optim.AdamW(groups, lr=max(lrs.values()), weight_decay=config.weight_decay)
-        return cls(mask_set, optimizer, run, attempt, 0, [], previous_attempts if previous_attempts is not None else [],
-                   clock)
+        return cls(
+            mask_set, optimizer, run, attempt, 0, [], previous_attempts if previous_attempts is not None else [], clock
+        )
 
     def next_attempt(self, bridge: TransformerBridge, config: SearchConfig, summary: dict) -> SearchState:
         """A fresh mask for the next attempt (a new data shuffle), with this one's ``summary``
@@ -424,10 +464,16 @@ class SearchState:
     def state_dict(self) -> dict:
         """The checkpoint: the keys of ``checkpoint.pt`` (timings include the resumed runs')."""
         return {
-            "attempt": self.attempt, "step": self.step, "history": self.history, "attempts": self.previous_attempts,
-            "mask_state": self.mask_set.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator_state(), **self.run,
-            "elapsed_s": self.clock.wall(), "cpu_s": self.clock.cpu(),
+            "attempt": self.attempt,
+            "step": self.step,
+            "history": self.history,
+            "attempts": self.previous_attempts,
+            "mask_state": self.mask_set.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator_state(),
+            **self.run,
+            "elapsed_s": self.clock.wall(),
+            "cpu_s": self.clock.cpu(),
         }
 
     def load_state_dict(self, checkpoint: dict) -> None:
@@ -443,22 +489,39 @@ class SearchState:
         _save_checkpoint(path, self.state_dict())
 
     @classmethod
-    def load(cls, path: Path, bridge: TransformerBridge, config: SearchConfig, granularities: Sequence[str], target: Target,
-             model_id: str) -> SearchState:
+    def load(
+        cls,
+        path: Path,
+        bridge: TransformerBridge,
+        config: SearchConfig,
+        granularities: Sequence[str],
+        target: Target,
+        model_id: str,
+    ) -> SearchState:
         """The state saved in ``path``, continued on ``bridge``; ``SearchError`` if the file is
         unreadable or belongs to a run with other settings (see :func:`_load_checkpoint`)."""
         checkpoint = _load_checkpoint(path, config, granularities, target, model_id)
         clock = SearchClock(float(checkpoint.get("elapsed_s", 0.0)), float(checkpoint.get("cpu_s", 0.0)))
-        state = cls.fresh(bridge, config, _run_identity(config, granularities, target, model_id),
-                          int(checkpoint["attempt"]), list(checkpoint.get("attempts", [])), clock)
+        state = cls.fresh(
+            bridge,
+            config,
+            _run_identity(config, granularities, target, model_id),
+            int(checkpoint["attempt"]),
+            list(checkpoint.get("attempts", [])),
+            clock,
+        )
         state.load_state_dict(checkpoint)
         return state
 
 
 def _run_identity(config: SearchConfig, granularities: Sequence[str], target: Target, model_id: str) -> dict:
     """What a checkpoint records about its run, so that a resume can refuse another run's state."""
-    return {"config": config.to_dict(), "granularities": list(granularities), "target": target.name,
-            "model_id": model_id}
+    return {
+        "config": config.to_dict(),
+        "granularities": list(granularities),
+        "target": target.name,
+        "model_id": model_id,
+    }
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -474,15 +537,22 @@ def _load_checkpoint(path: Path, config: SearchConfig, granularities, target: Ta
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise SearchError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it or pass resume=False") from exc
+        raise SearchError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it or pass resume=False"
+        ) from exc
     saved = state.get("config", {})
     current = config.to_dict()
     changed = sorted(k for k in current if k not in _RESUMABLE_FIELDS and saved.get(k) != current[k])
-    if changed or state.get("granularities") != list(granularities) or state.get("target") != target.name \
-            or state.get("model_id") != model_id:
+    if (
+        changed
+        or state.get("granularities") != list(granularities)
+        or state.get("target") != target.name
+        or state.get("model_id") != model_id
+    ):
         what = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed) or "model/target/granularity"
-        raise SearchError(f"checkpoint in {path.parent} belongs to another run ({what}); "
-                          "use another out_dir or resume=False")
+        raise SearchError(
+            f"checkpoint in {path.parent} belongs to another run ({what}); use another out_dir or resume=False"
+        )
     return state
 
 
@@ -508,8 +578,13 @@ class StepLosses:
     penalty: float
 
 
-def search_step(state: SearchState, bridge: TransformerBridge, tokens: Integer[torch.Tensor, "batch seq"], target: Target,
-                config: SearchConfig) -> StepLosses:
+def search_step(
+    state: SearchState,
+    bridge: TransformerBridge,
+    tokens: Integer[torch.Tensor, "batch seq"],
+    target: Target,
+    config: SearchConfig,
+) -> StepLosses:
     """One optimizer step of the mask logits on ``tokens`` (this rank's shard of the batch).
 
     Forward with the soft masks attached (and, for targets that need it, the unmasked model
@@ -574,8 +649,9 @@ def search(
     group = current_group()  # data-parallel ranks (bigram_circuits.distributed); rank 0 writes
     with run_directory_lock(out_dir) if out_dir is not None and group.is_writer else contextlib.nullcontext():
         config = config or SearchConfig()
-        grans, windows, out_path, fingerprint = _validated(bridge, windows, eval_windows, granularities, config,
-                                                           out_dir)
+        grans, windows, out_path, fingerprint = _validated(
+            bridge, windows, eval_windows, granularities, config, out_dir
+        )
         show_progress = show_progress and group.is_writer
         if resume and _finished_in(out_path):
             return _load_finished(out_path, config, grans, target, fingerprint)
@@ -589,8 +665,14 @@ def search(
             while True:  # attempts
                 stop_reason = "max_steps"
                 batches = _batches(windows, config, state.attempt, state.step)
-                bar = tqdm(total=config.max_steps, initial=state.step, desc=f"search lam={config.lam:g}",
-                           unit="step", disable=not show_progress, leave=False)
+                bar = tqdm(
+                    total=config.max_steps,
+                    initial=state.step,
+                    desc=f"search lam={config.lam:g}",
+                    unit="step",
+                    disable=not show_progress,
+                    leave=False,
+                )
                 consistent = True  # whether the in-memory state is a whole number of steps
                 try:
                     while state.step < config.max_steps:
@@ -620,14 +702,35 @@ def search(
                 finally:
                     bar.close()
                 stable, stability = stability_check([r["loss"] for r in state.history])
-                if stable or not config.stability_check or state.attempt + 1 >= config.max_attempts \
-                        or stop_reason == "time_budget":
+                if (
+                    stable
+                    or not config.stability_check
+                    or state.attempt + 1 >= config.max_attempts
+                    or stop_reason == "time_budget"
+                ):
                     break
-                state = state.next_attempt(bridge, config, {"attempt": state.attempt, "steps": state.step,
-                                                            "stop_reason": stop_reason, "stable": stable,
-                                                            "stability": stability})
-        return _finish(bridge, state, target, windows, eval_windows, config, out_path, metadata,
-                       {"stop_reason": stop_reason, "stable": stable, "stability": stability})
+                state = state.next_attempt(
+                    bridge,
+                    config,
+                    {
+                        "attempt": state.attempt,
+                        "steps": state.step,
+                        "stop_reason": stop_reason,
+                        "stable": stable,
+                        "stability": stability,
+                    },
+                )
+        return _finish(
+            bridge,
+            state,
+            target,
+            windows,
+            eval_windows,
+            config,
+            out_path,
+            metadata,
+            {"stop_reason": stop_reason, "stable": stable, "stability": stability},
+        )
 
 
 def _validated(bridge: TransformerBridge, windows, eval_windows, granularities, config: SearchConfig, out_dir):
@@ -645,8 +748,10 @@ def _validated(bridge: TransformerBridge, windows, eval_windows, granularities, 
     out_path = ensure_output_dir(out_dir) if out_dir is not None else None
     fingerprint = model_fingerprint(bridge)
     if launched_by_torchrun() and not current_group().active:
-        raise SearchError("started by torchrun but not data-parallel: run `torchrun ... -m "
-                          "bigram_circuits.distributed find ...` or search inside data_parallel()")
+        raise SearchError(
+            "started by torchrun but not data-parallel: run `torchrun ... -m "
+            "bigram_circuits.distributed find ...` or search inside data_parallel()"
+        )
     return grans, windows, out_path, fingerprint
 
 
@@ -691,13 +796,23 @@ def _non_finite_error(error: NonFiniteLoss, state: SearchState, generator_before
 def _record(state: SearchState, losses: StepLosses, config: SearchConfig, bar) -> dict:
     """Append the step's history row (losses, soft density, T, decision counts) and show it."""
     undecided, on, _ = state.mask_set.decision_counts(config.undecided_low, config.undecided_high)
-    row = {"step": state.step, "loss": losses.loss, "target_loss": losses.target_loss,
-           "soft_density": losses.penalty, "temperature": float(state.mask_set.temperature),
-           "undecided": undecided, "on": on}
+    row = {
+        "step": state.step,
+        "loss": losses.loss,
+        "target_loss": losses.target_loss,
+        "soft_density": losses.penalty,
+        "temperature": float(state.mask_set.temperature),
+        "undecided": undecided,
+        "on": on,
+    }
     state.history.append(row)
     if state.step % config.log_every == 0:
-        bar.set_postfix(loss=f"{row['loss']:.3f}", density=f"{row['soft_density']:.3f}",
-                        T=f"{row['temperature']:.2f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{row['loss']:.3f}",
+            density=f"{row['soft_density']:.3f}",
+            T=f"{row['temperature']:.2f}",
+            refresh=False,
+        )
     bar.update(1)
     return row
 
@@ -709,8 +824,17 @@ def _stopping_rule(step: int, row: dict, config: SearchConfig) -> bool:
     return step >= config.min_steps and (undecided == 0 or undecided < config.stop_undecided_fraction * on)
 
 
-def _finish(bridge: TransformerBridge, state: SearchState, target: Target, windows: np.ndarray, eval_windows, config: SearchConfig,
-            out_path: Path | None, metadata: dict | None, outcome: dict) -> SearchResult:
+def _finish(
+    bridge: TransformerBridge,
+    state: SearchState,
+    target: Target,
+    windows: np.ndarray,
+    eval_windows,
+    config: SearchConfig,
+    out_path: Path | None,
+    metadata: dict | None,
+    outcome: dict,
+) -> SearchResult:
     """The binary subnetwork, its metrics and the saved result (rank 0 writes; the checkpoint goes)."""
     group, grans = current_group(), state.run["granularities"]
     wall_time, cpu_time = state.clock.wall(), state.clock.cpu()
@@ -718,17 +842,29 @@ def _finish(bridge: TransformerBridge, state: SearchState, target: Target, windo
     mask_set.eval()
     binary = mask_set.binary(top_k=config.keep_top_k)
     meta = {
-        **(metadata or {}), "model_name": getattr(bridge.cfg, "model_name", None), "target": target.name,
-        "granularities": list(grans), "config": config.to_dict(), "learning_rates": config.learning_rates(grans),
+        **(metadata or {}),
+        "model_name": getattr(bridge.cfg, "model_name", None),
+        "target": target.name,
+        "granularities": list(grans),
+        "config": config.to_dict(),
+        "learning_rates": config.learning_rates(grans),
     }
     subnetwork = Subnetwork.from_masks(bridge, binary, meta)
     metrics = _binary_metrics(bridge, subnetwork, target, windows, eval_windows, config)
-    metrics.update({
-        "steps": state.step, "attempts": state.attempt + 1, "stop_reason": outcome["stop_reason"],
-        "converged": outcome["stop_reason"] == "converged", "stable": outcome["stable"],
-        "stability": outcome["stability"], "wall_time_s": wall_time, "cpu_time_s": cpu_time,
-        "final_temperature": float(mask_set.temperature), "previous_attempts": state.previous_attempts,
-    })
+    metrics.update(
+        {
+            "steps": state.step,
+            "attempts": state.attempt + 1,
+            "stop_reason": outcome["stop_reason"],
+            "converged": outcome["stop_reason"] == "converged",
+            "stable": outcome["stable"],
+            "stability": outcome["stability"],
+            "wall_time_s": wall_time,
+            "cpu_time_s": cpu_time,
+            "final_temperature": float(mask_set.temperature),
+            "previous_attempts": state.previous_attempts,
+        }
+    )
     subnetwork.metadata["metrics"] = metrics
     history_df = pd.DataFrame(state.history)
     if out_path is not None and group.is_writer:
@@ -740,16 +876,25 @@ def _finish(bridge: TransformerBridge, state: SearchState, target: Target, windo
     return SearchResult(subnetwork, history_df, metrics, config, out_path, mask_set)
 
 
-def _binary_metrics(bridge: TransformerBridge, subnetwork: Subnetwork, target: Target, train_windows: np.ndarray,
-                    eval_windows, config: SearchConfig) -> dict:
+def _binary_metrics(
+    bridge: TransformerBridge,
+    subnetwork: Subnetwork,
+    target: Target,
+    train_windows: np.ndarray,
+    eval_windows,
+    config: SearchConfig,
+) -> dict:
     """Metrics of the binary subnetwork (held-out windows when given, else training windows)."""
     held_out = eval_windows is not None
     windows = _check_windows(eval_windows, config.seq_len) if held_out else train_windows
     summary = subnetwork.summary()
     metrics = {
-        "n_params": summary["n_params"], "n_params_total": summary["n_params_total"],
-        "percent_params": summary["percent_params"], "n_kept": summary["n_kept"],
-        "n_entries": summary["n_entries"], "density": subnetwork.density,
+        "n_params": summary["n_params"],
+        "n_params_total": summary["n_params_total"],
+        "percent_params": summary["percent_params"],
+        "n_kept": summary["n_kept"],
+        "n_entries": summary["n_entries"],
+        "density": subnetwork.density,
         "target_loss": _target_loss(bridge, target, windows, subnetwork, config.batch_size, config.eval_batches),
         "metrics_on": "eval" if held_out else "train",
     }
@@ -758,16 +903,24 @@ def _binary_metrics(bridge: TransformerBridge, subnetwork: Subnetwork, target: T
     return metrics
 
 
-def _load_finished(out_path: Path, config: SearchConfig, grans, target: Target, fingerprint: str) -> SearchResult | None:
+def _load_finished(
+    out_path: Path, config: SearchConfig, grans, target: Target, fingerprint: str
+) -> SearchResult | None:
     """The saved result in ``out_path`` if it was made with the same settings, else SearchError."""
     subnetwork = Subnetwork.load(out_path)
     saved = subnetwork.metadata.get("config", {})
     current = config.to_dict()
     changed = sorted(k for k in current if k not in _RESUMABLE_FIELDS and saved.get(k) != current[k])
-    if changed or subnetwork.model_id != fingerprint or subnetwork.metadata.get("target") != target.name \
-            or tuple(subnetwork.metadata.get("granularities", ())) != tuple(grans):
-        raise SearchError(f"{out_path} holds a finished run with other settings ({', '.join(changed) or 'model/target'}); "
-                          "use another out_dir or resume=False")
+    if (
+        changed
+        or subnetwork.model_id != fingerprint
+        or subnetwork.metadata.get("target") != target.name
+        or tuple(subnetwork.metadata.get("granularities", ())) != tuple(grans)
+    ):
+        raise SearchError(
+            f"{out_path} holds a finished run with other settings ({', '.join(changed) or 'model/target'}); "
+            "use another out_dir or resume=False"
+        )
     history = pd.read_csv(out_path / HISTORY_FILE)
     return SearchResult(subnetwork, history, dict(subnetwork.metadata.get("metrics", {})), config, out_path)
 
@@ -799,16 +952,36 @@ def sweep(
     rows = []
     for lam in tqdm(list(lambdas), desc="lambda sweep", unit="lambda", disable=not show_progress or len(lambdas) < 2):
         run_dir = RunDir(out_dir).lambda_run(lam).path if out_dir is not None else None
-        result = search(bridge, windows, target, granularities, dataclasses.replace(config, lam=float(lam)), run_dir,
-                        eval_windows=eval_windows, resume=resume, show_progress=show_progress, metadata=metadata)
+        result = search(
+            bridge,
+            windows,
+            target,
+            granularities,
+            dataclasses.replace(config, lam=float(lam)),
+            run_dir,
+            eval_windows=eval_windows,
+            resume=resume,
+            show_progress=show_progress,
+            metadata=metadata,
+        )
         m = result.metrics
-        rows.append({
-            "lambda": float(lam), "n_params": m["n_params"], "percent_params": m["percent_params"],
-            "density": m["density"], "bigram_r": m.get("bigram_r", float("nan")), "target_loss": m["target_loss"],
-            "steps": m["steps"], "stop_reason": m["stop_reason"], "stable": m["stable"],
-            "attempts": m["attempts"], "wall_time_s": m["wall_time_s"], "cpu_time_s": m.get("cpu_time_s"),
-            "path": str(run_dir) if run_dir is not None else "",
-        })
+        rows.append(
+            {
+                "lambda": float(lam),
+                "n_params": m["n_params"],
+                "percent_params": m["percent_params"],
+                "density": m["density"],
+                "bigram_r": m.get("bigram_r", float("nan")),
+                "target_loss": m["target_loss"],
+                "steps": m["steps"],
+                "stop_reason": m["stop_reason"],
+                "stable": m["stable"],
+                "attempts": m["attempts"],
+                "wall_time_s": m["wall_time_s"],
+                "cpu_time_s": m.get("cpu_time_s"),
+                "path": str(run_dir) if run_dir is not None else "",
+            }
+        )
     table = pd.DataFrame(rows)
     metric = "bigram_r" if table["bigram_r"].notna().any() else None
     table["chosen"] = False
@@ -817,10 +990,18 @@ def sweep(
         table.loc[chosen.name, "chosen"] = True
     if out_dir is not None and current_group().is_writer:
         atomic_write_bytes(Path(out_dir) / SWEEP_FILE, table.to_csv(index=False).encode("utf-8"))
-        write_manifest(out_dir, "sweep", {"lambdas": [float(x) for x in lambdas], "target": target.name,
-                                          "granularities": list(parse_granularities(granularities)),
-                                          "config": config.to_dict(), "tolerance": tolerance,
-                                          "metadata": metadata or {}})
+        write_manifest(
+            out_dir,
+            "sweep",
+            {
+                "lambdas": [float(x) for x in lambdas],
+                "target": target.name,
+                "granularities": list(parse_granularities(granularities)),
+                "config": config.to_dict(),
+                "tolerance": tolerance,
+                "metadata": metadata or {},
+            },
+        )
     return table
 
 
@@ -834,5 +1015,3 @@ def choose_subnetwork(table: pd.DataFrame, tolerance: float = 0.04, metric: str 
 
 
 # --------------------------------------------------------------------------- CLI entry
-
-

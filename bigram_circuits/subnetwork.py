@@ -107,7 +107,9 @@ class Subnetwork:
     # ---- construction
 
     @classmethod
-    def from_masks(cls, bridge: TransformerBridge, masks: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> Subnetwork:
+    def from_masks(
+        cls, bridge: TransformerBridge, masks: Mapping[str, torch.Tensor], metadata: Mapping | None = None
+    ) -> Subnetwork:
         """A subnetwork of ``bridge`` from boolean masks keyed by mask key (all keys of their
         granularities must be present)."""
         from bigram_circuits.models import model_id
@@ -122,15 +124,13 @@ class Subnetwork:
     def full(cls, bridge: TransformerBridge, granularities: str | Sequence[str] = ("neuron", "head")) -> Subnetwork:
         """Every entry kept (the full model; the paper's lambda = -inf reference)."""
         comps = mask_components(bridge, granularities)
-        return cls.from_masks(bridge, {c.key: torch.ones(c.shape, dtype=torch.bool) for c in comps},
-                              {"kind": "full"})
+        return cls.from_masks(bridge, {c.key: torch.ones(c.shape, dtype=torch.bool) for c in comps}, {"kind": "full"})
 
     @classmethod
     def empty(cls, bridge: TransformerBridge, granularities: str | Sequence[str] = ("neuron", "head")) -> Subnetwork:
         """No entry kept (embeddings, layernorms and biases only; lambda = +inf reference)."""
         comps = mask_components(bridge, granularities)
-        return cls.from_masks(bridge, {c.key: torch.zeros(c.shape, dtype=torch.bool) for c in comps},
-                              {"kind": "empty"})
+        return cls.from_masks(bridge, {c.key: torch.zeros(c.shape, dtype=torch.bool) for c in comps}, {"kind": "empty"})
 
     # ---- sizes
 
@@ -159,8 +159,15 @@ class Subnetwork:
             weights = expand_to_weight_masks(self.geometry, self.components, self.masks, layers=[layer])
             for key, mask in weights.items():
                 mask_key = MaskKey.parse(key)
-                rows.append({"layer": layer, "block": mask_key.block, "matrix": mask_key.kind,
-                             "kept_params": int(mask.sum()), "total_params": mask.numel()})
+                rows.append(
+                    {
+                        "layer": layer,
+                        "block": mask_key.block,
+                        "matrix": mask_key.kind,
+                        "kept_params": int(mask.sum()),
+                        "total_params": mask.numel(),
+                    }
+                )
         return pd.DataFrame(rows)
 
     def n_params(self) -> int:
@@ -184,8 +191,14 @@ class Subnetwork:
         """Sizes in one dict (entries, weights kept, total, percent)."""
         counts = self._weight_counts()
         kept, total = int(counts["kept_params"].sum()), int(counts["total_params"].sum())
-        return {"granularities": ",".join(self.granularities), "n_kept": self.n_kept, "n_entries": self.n_entries,
-                "n_params": kept, "n_params_total": total, "percent_params": 100.0 * kept / max(total, 1)}
+        return {
+            "granularities": ",".join(self.granularities),
+            "n_kept": self.n_kept,
+            "n_entries": self.n_entries,
+            "n_params": kept,
+            "n_params_total": total,
+            "percent_params": 100.0 * kept / max(total, 1),
+        }
 
     # ---- derived subnetworks
 
@@ -250,13 +263,17 @@ class Subnetwork:
         from safetensors.torch import save as safetensors_bytes
 
         directory = ensure_output_dir(directory)
-        atomic_write_bytes(directory / MASKS_FILE,
-                           safetensors_bytes({k: m.contiguous() for k, m in self.masks.items()}))
+        atomic_write_bytes(
+            directory / MASKS_FILE, safetensors_bytes({k: m.contiguous() for k, m in self.masks.items()})
+        )
         meta = {
-            "format": FORMAT, "version": FORMAT_VERSION, "model_id": self.model_id,
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "model_id": self.model_id,
             "geometry": self.geometry.to_dict(),
             "components": [c.to_dict() for c in self.components.values()],
-            "summary": self.summary(), "metadata": _jsonable(self.metadata),
+            "summary": self.summary(),
+            "metadata": _jsonable(self.metadata),
         }
         atomic_write_bytes(directory / META_FILE, json.dumps(meta, indent=2).encode("utf-8"))
         return directory
@@ -279,8 +296,9 @@ class Subnetwork:
         if meta.get("format") != FORMAT:
             raise MaskError(f"{meta_path} is not a bigram_circuits subnetwork file")
         components = {c["key"]: MaskComponent.from_dict(c) for c in meta["components"]}
-        return cls(masks, components, ModelGeometry.from_dict(meta["geometry"]), meta["model_id"],
-                   meta.get("metadata", {}))
+        return cls(
+            masks, components, ModelGeometry.from_dict(meta["geometry"]), meta["model_id"], meta.get("metadata", {})
+        )
 
     # ---- authors' mask dicts
 
@@ -300,7 +318,9 @@ class Subnetwork:
         return path
 
     @classmethod
-    def from_author_dict(cls, author: Mapping, bridge: TransformerBridge, metadata: Mapping | None = None) -> Subnetwork:
+    def from_author_dict(
+        cls, author: Mapping, bridge: TransformerBridge, metadata: Mapping | None = None
+    ) -> Subnetwork:
         """A weight-granularity subnetwork of ``bridge`` from an authors'-format mask dict."""
         geometry = model_geometry(bridge)
         arrays = {k: v for k, v in author.items() if k != AUTHOR_NAME_KEY}
@@ -380,7 +400,8 @@ def load_author_pickle(path: str | os.PathLike) -> dict:
     for key, value in data.items():
         if not isinstance(key, str) or not isinstance(value, (np.ndarray, str)):
             raise UnsafeFileError(
-                f"{path} holds {type(value).__name__} under {key!r}; only numpy arrays and strings are accepted")
+                f"{path} holds {type(value).__name__} under {key!r}; only numpy arrays and strings are accepted"
+            )
         if isinstance(value, np.ndarray) and value.dtype == object:
             raise UnsafeFileError(f"{path} holds an object array under {key!r}; only numeric masks are accepted")
     return data

@@ -65,8 +65,15 @@ def sparsest_within(table: pd.DataFrame, metric: str, size: str, tolerance: floa
 # Best bigram-subnetwork r and full-model bigram r, read off the paper's Figure 1 table.
 PAPER_FIG1 = pd.DataFrame(
     {
-        "model": ["Pythia 70M", "Pythia 160M", "Pythia 410M", "Pythia 1B",
-                  "GPT-2 small", "GPT-2 medium", "GPT-2 large"],
+        "model": [
+            "Pythia 70M",
+            "Pythia 160M",
+            "Pythia 410M",
+            "Pythia 1B",
+            "GPT-2 small",
+            "GPT-2 medium",
+            "GPT-2 large",
+        ],
         "best_subnetwork_r": [0.961, 0.964, 0.983, 0.987, 0.979, 0.985, 0.986],
         "full_model_r": [0.737, 0.69, 0.65, 0.632, 0.624, 0.582, 0.583],
     }
@@ -99,8 +106,11 @@ def full_model_r_by_model(sweep: pd.DataFrame, full_model_r: Mapping[str, float]
     if full_model_r is not None:
         return {str(k): float(v) for k, v in full_model_r.items()}
     if "full_model_r" in sweep.columns:
-        return {str(m): float(g["full_model_r"].dropna().iloc[0])
-                for m, g in sweep.groupby("model", sort=False) if g["full_model_r"].notna().any()}
+        return {
+            str(m): float(g["full_model_r"].dropna().iloc[0])
+            for m, g in sweep.groupby("model", sort=False)
+            if g["full_model_r"].notna().any()
+        }
     return {}
 
 
@@ -115,13 +125,15 @@ def table_fig1(sweep: pd.DataFrame, full_model_r: Mapping[str, float] | None = N
     rows = []
     for model, group in sweep.groupby("model", sort=False):
         best = group.loc[group["r"].idxmax()]
-        rows.append({
-            "model": model,
-            "best_subnetwork_r": round(float(best["r"]), 3),
-            "full_model_r": round(reference[str(model)], 3) if str(model) in reference else float("nan"),
-            "lambda": best["lambda"],
-            "active_params": int(best["active_params"]),
-        })
+        rows.append(
+            {
+                "model": model,
+                "best_subnetwork_r": round(float(best["r"]), 3),
+                "full_model_r": round(reference[str(model)], 3) if str(model) in reference else float("nan"),
+                "lambda": best["lambda"],
+                "active_params": int(best["active_params"]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -153,7 +165,8 @@ def table1_chosen(sweep: pd.DataFrame, tolerance: float = 0.04) -> pd.DataFrame:
 
     The chosen subnetwork is the sparsest (fewest active_params) whose r is within
     ``tolerance`` of the lambda = 0 run's r (of the best run's when the sweep has no lambda 0),
-    the rule of :func:`sparsest_within`, which ``search.choose_subnetwork`` also uses. ``sweep`` columns: model, lambda, active_params,
+    the rule of :func:`sparsest_within`, which ``search.choose_subnetwork`` also uses. ``sweep``
+    columns: model, lambda, active_params,
     r, and optionally mask_size (|M|, the model's maskable non-embedding weights, as in the
     paper's "7.24M of 84.9M"). Returns: model, lambda, active_params, [mask_size,
     active_percent], r.
@@ -184,20 +197,26 @@ def from_search_sweep(table: pd.DataFrame, model: str, mask_size: int | None = N
     (plus mask_size when given).
     """
     require_columns(table, ["lambda", "n_params", "bigram_r"], "from_search_sweep table")
-    rows = pd.DataFrame({
-        "model": str(model),
-        "lambda": table["lambda"].astype(float).to_numpy(),
-        "active_params": table["n_params"].astype(float).to_numpy(),
-        "r": table["bigram_r"].astype(float).to_numpy(),
-    })
+    rows = pd.DataFrame(
+        {
+            "model": str(model),
+            "lambda": table["lambda"].astype(float).to_numpy(),
+            "active_params": table["n_params"].astype(float).to_numpy(),
+            "r": table["bigram_r"].astype(float).to_numpy(),
+        }
+    )
     if mask_size is not None:
         rows["mask_size"] = int(mask_size)
     return rows
 
 
 _TABLE2_ORDER = [
-    "full model", "bigram subnetwork", "subnetwork at random init",
-    "random init + trained embeddings", "empty subnetwork + embeddings", "embeddings + linear map",
+    "full model",
+    "bigram subnetwork",
+    "subnetwork at random init",
+    "random init + trained embeddings",
+    "empty subnetwork + embeddings",
+    "embeddings + linear map",
 ]
 
 
@@ -233,14 +252,17 @@ def table3_overlap(rows: pd.DataFrame) -> pd.DataFrame:
     expected_frac_a_in_b, p_value_text, n_random. Returns: pair, overlap, expected, ratio,
     p (as text, "< 1e-04" when no random pair reached it), % of A in B, expected % of A in B.
     """
-    require_columns(rows, ["pair", "fraction_overlap", "expected", "ratio", "p_value", "frac_a_in_b"],
-                     "table3_overlap rows")
-    table = pd.DataFrame({
-        "pair": rows["pair"].astype(str),
-        "overlap": rows["fraction_overlap"].astype(float).round(4),
-        "expected": rows["expected"].astype(float).round(4),
-        "ratio": rows["ratio"].astype(float).round(2),
-    })
+    require_columns(
+        rows, ["pair", "fraction_overlap", "expected", "ratio", "p_value", "frac_a_in_b"], "table3_overlap rows"
+    )
+    table = pd.DataFrame(
+        {
+            "pair": rows["pair"].astype(str),
+            "overlap": rows["fraction_overlap"].astype(float).round(4),
+            "expected": rows["expected"].astype(float).round(4),
+            "ratio": rows["ratio"].astype(float).round(2),
+        }
+    )
     if "p_value_text" in rows.columns:
         table["p"] = rows["p_value_text"].astype(str)
     elif "n_random" in rows.columns:
@@ -253,8 +275,16 @@ def table3_overlap(rows: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-_TABLE4_ORDER = ["full model", "full", "bigram subnetwork", "bigram only", "bigram", "bigram ablated",
-                 "random ablated", "optimal ablated"]
+_TABLE4_ORDER = [
+    "full model",
+    "full",
+    "bigram subnetwork",
+    "bigram only",
+    "bigram",
+    "bigram ablated",
+    "random ablated",
+    "optimal ablated",
+]
 
 
 def table4_generations(generations: pd.DataFrame) -> pd.DataFrame:
@@ -265,8 +295,11 @@ def table4_generations(generations: pd.DataFrame) -> pd.DataFrame:
     bigram subnetwork, bigram ablated, random ablated, others); whitespace runs (newlines) are
     shown as single spaces so the table stays one line a row.
     """
-    if isinstance(generations, pd.DataFrame) and "text" not in generations.columns \
-            and "generation" in generations.columns:
+    if (
+        isinstance(generations, pd.DataFrame)
+        and "text" not in generations.columns
+        and "generation" in generations.columns
+    ):
         generations = generations.rename(columns={"generation": "text"})
     require_columns(generations, ["condition", "text"], "table4_generations generations")
     table = generations.copy()
@@ -284,9 +317,18 @@ def table4_generations(generations: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-HEADLINE_COLUMNS = ("active_params", "active_percent", "r", "mlp0_share", "ablated_loss_increase",
-                    "random_ablated_loss_increase", "ablation_ratio", "random_only_loss", "overlap_ratio",
-                    "overlap_frac_in_optimal")
+HEADLINE_COLUMNS = (
+    "active_params",
+    "active_percent",
+    "r",
+    "mlp0_share",
+    "ablated_loss_increase",
+    "random_ablated_loss_increase",
+    "ablation_ratio",
+    "random_only_loss",
+    "overlap_ratio",
+    "overlap_frac_in_optimal",
+)
 
 
 def table_headline(rows: pd.DataFrame) -> pd.DataFrame:
@@ -304,7 +346,9 @@ def table_headline(rows: pd.DataFrame) -> pd.DataFrame:
         values = rows[column].astype(float)
         shown[column] = [number(v, column) for v in values]
         spread = values.std(ddof=1) if len(values) > 1 else float("nan")
-        summary[column] = f"{number(values.mean(), column)} ± {number(spread, column) if column == 'active_params' else f'{spread:.2g}'}"
+        summary[column] = f"{number(values.mean(), column)} ± " + (
+            number(spread, column) if column == "active_params" else f"{spread:.2g}"
+        )
     return pd.concat([shown, pd.DataFrame([summary])], ignore_index=True)
 
 
@@ -328,8 +372,9 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = ".3g", index: bool = False) ->
     table = df.copy()
     for column in table.columns:
         if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
-            table[column] = (table[column].astype(str).str.replace("|", r"\|", regex=False)
-                             .str.replace("\n", " ", regex=False))
+            table[column] = (
+                table[column].astype(str).str.replace("|", r"\|", regex=False).str.replace("\n", " ", regex=False)
+            )
         elif pd.api.types.is_integer_dtype(table[column]) or _is_whole(table[column]):
             table[column] = table[column].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
         elif pd.api.types.is_float_dtype(table[column]) and table[column].isna().any():

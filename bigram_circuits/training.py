@@ -66,9 +66,7 @@ class TrainConfig:
     seed: int = 0
     bf16_autocast: bool = True
     device: str = "cpu"
-    checkpoint_steps: tuple[int, ...] = field(
-        default_factory=lambda: (0, 128, 512, 1024, 2048)
-    )
+    checkpoint_steps: tuple[int, ...] = field(default_factory=lambda: (0, 128, 512, 1024, 2048))
 
 
 def train_tokenizer(documents: list[str], vocab_size: int, out_dir: Path):
@@ -143,8 +141,12 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 
 def _eval_loss(model, windows: np.ndarray, batch_size: int = 32) -> float:
     model.eval()
-    loss = mean_next_token_loss(lambda batch: model(input_ids=batch).logits, windows,
-                                device=next(model.parameters()).device, batch_size=batch_size)
+    loss = mean_next_token_loss(
+        lambda batch: model(input_ids=batch).logits,
+        windows,
+        device=next(model.parameters()).device,
+        batch_size=batch_size,
+    )
     model.train()
     return loss
 
@@ -165,8 +167,9 @@ def _save_weights(model, path: Path, dtype: torch.dtype) -> None:
 def _greedy(model, tokenizer, prompt: str, n_tokens: int = 30) -> str:
     model.eval()
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    new = next_tokens(lambda tokens: model(input_ids=tokens).logits, ids, n_tokens,
-                      device=next(model.parameters()).device)
+    new = next_tokens(
+        lambda tokens: model(input_ids=tokens).logits, ids, n_tokens, device=next(model.parameters()).device
+    )
     model.train()
     return tokenizer.decode(ids + new)
 
@@ -182,6 +185,7 @@ SAMPLE_PROMPTS = (
 def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = None) -> dict:
     """Train tokenizer and model from scratch; returns the metrics written to ``metrics.json``."""
     from tqdm.auto import tqdm
+
     cfg = cfg or TrainConfig()
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -294,18 +298,18 @@ def _model_card(m: dict) -> str:
 
 A Pythia-style GPT-NeoX language model trained from scratch by `bigram-circuits train-default`
 on the offline `default` corpus (State of the Union speeches + English Wikipedia leads), with its
-own byte-level BPE tokenizer of {c['vocab_size']} tokens trained on the same training split.
+own byte-level BPE tokenizer of {c["vocab_size"]} tokens trained on the same training split.
 
 | | |
 |---|---|
-| layers / d_model / heads / d_mlp | {c['n_layers']} / {c['d_model']} / {c['n_heads']} / {c['d_mlp']} |
-| parameters (all / non-embedding) | {m['n_parameters']:,} / {m['n_non_embedding_parameters']:,} |
-| training tokens available / seen | {m['train_tokens_available']:,} / {m['tokens_seen']:,} |
-| steps x batch x seq | {c['max_steps']} x {c['batch_size']} x {c['seq_len']} |
-| eval loss (nats) / perplexity | {m['final_eval_loss_nats']:.3f} / {m['final_eval_perplexity']:.1f} |
-| unigram entropy of eval split (nats) | {m['eval_unigram_entropy_nats']:.3f} |
-| training time | {m['training_seconds'] / 60:.1f} min on {m['hardware']} |
-| checkpoints (steps) | {', '.join(map(str, m['checkpoints']))} |
+| layers / d_model / heads / d_mlp | {c["n_layers"]} / {c["d_model"]} / {c["n_heads"]} / {c["d_mlp"]} |
+| parameters (all / non-embedding) | {m["n_parameters"]:,} / {m["n_non_embedding_parameters"]:,} |
+| training tokens available / seen | {m["train_tokens_available"]:,} / {m["tokens_seen"]:,} |
+| steps x batch x seq | {c["max_steps"]} x {c["batch_size"]} x {c["seq_len"]} |
+| eval loss (nats) / perplexity | {m["final_eval_loss_nats"]:.3f} / {m["final_eval_perplexity"]:.1f} |
+| unigram entropy of eval split (nats) | {m["eval_unigram_entropy_nats"]:.3f} |
+| training time | {m["training_seconds"] / 60:.1f} min on {m["hardware"]} |
+| checkpoints (steps) | {", ".join(map(str, m["checkpoints"]))} |
 
 ## Eval loss curve
 | step | tokens | eval loss |

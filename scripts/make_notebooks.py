@@ -1,6 +1,6 @@
 """Write the tutorial notebooks (run once; the notebooks are committed, and tests execute them).
 
-    python scripts/make_notebooks.py
+python scripts/make_notebooks.py
 """
 
 from pathlib import Path
@@ -57,7 +57,9 @@ measured with the **binary** mask that is returned and saved, never the soft one
 held-out text."""),
     new_code_cell("""{k: result.metrics[k] for k in ("n_params", "n_params_total", "percent_params", "bigram_r", "steps",
                                    "stop_reason")}"""),
-    new_code_cell("""result.history[["step", "loss", "target_loss", "soft_density", "temperature", "undecided"]].tail()"""),
+    new_code_cell(
+        """result.history[["step", "loss", "target_loss", "soft_density", "temperature", "undecided"]].tail()"""
+    ),
     new_markdown_cell("Where does it live? The first MLP holds most of it."),
     new_code_cell("""subnetwork.layer_distribution()"""),
     new_markdown_cell("""## Removing it vs removing a random subnetwork of the same shape
@@ -93,10 +95,13 @@ CIRCUITS = [
 Compare the full model, its weight-mask bigram subnetwork and a random same-shape subnetwork
 with the circuits module. The subnetwork is notebook 01's search (loaded when 01 ran first)."""),
     new_code_cell(SETUP),
-    new_code_cell(SEARCH_CELL + """
+    new_code_cell(
+        SEARCH_CELL
+        + """
 bigram = subnetwork
 random = bigram.random_control(seed=0)
-windows = evaluation.windows(128, 24)"""),
+windows = evaluation.windows(128, 24)"""
+    ),
     new_markdown_cell("## Logit lens (final norm + unembedding at every layer)"),
     new_code_cell("""from bigram_circuits.circuits import logit_lens
 logit_lens(bridge, windows[:4], bigram_stats=stats, vocab_size=V, n_tokens=512, progress=False)"""),
@@ -155,9 +160,13 @@ P.fig1_r_vs_params(sweep_rows)"""),
     new_markdown_cell("Headline numbers of the chosen lambda over three search seeds (mean ± sd in the last row):"),
     new_code_cell("""T.table_headline(read("headline_seeds"))"""),
     new_code_cell("""P.fig2_training_dynamics(read("checkpoint_r"), read("checkpoint_layer_share"))"""),
-    new_code_cell("""P.fig_layer_distribution(read("layer_distribution"), "Where the chosen bigram subnetwork sits")"""),
+    new_code_cell(
+        """P.fig_layer_distribution(read("layer_distribution"), "Where the chosen bigram subnetwork sits")"""
+    ),
     new_code_cell("""P.fig3_rotation(read("lens"))"""),
-    new_code_cell("""P.fig4_similarity({name: read(f"similarity_{name}", index_col=0) for name in ("full", "bigram", "random")})"""),
+    new_code_cell(
+        """P.fig4_similarity({name: read(f"similarity_{name}", index_col=0) for name in ("full", "bigram", "random")})"""
+    ),
     new_code_cell("""ablation = read("ablation").rename(columns={"lm_loss_nats": "loss", "lm_loss_nats_std": "loss_std"})
 ablation = ablation[ablation["condition"].isin(["full model", "random ablated", "bigram ablated", "optimal ablated"])]
 P.fig5_optimal(read("optimal_sweep"), ablation)"""),
@@ -239,7 +248,9 @@ candidates = {
 }
 print("transformer-lens", transformer_lens_version())
 scores.head()"""),
-    new_code_cell("""candidate_agreement(candidates)[["a", "b", "shared", "jaccard", "shared_heads", "spearman"]].round(3)"""),
+    new_code_cell(
+        """candidate_agreement(candidates)[["a", "b", "shared", "jaccard", "shared_heads", "spearman"]].round(3)"""
+    ),
     new_code_cell("""method_head_table(candidates).round(3).head(8)"""),
     new_markdown_cell("""## Build-up: base, base + candidate, base + random heads, full model
 Recovered fraction = (m - m_base) / (m_full - m_base): 0 is the bigram subnetwork alone, 1 the full

@@ -31,12 +31,79 @@ TINY_NEOX_PADDED_VOCAB = 320
 TINY_CONTEXT = 64
 EOS = "<|endoftext|>"
 
-_WORDS = (
-    "the of and to in a is that for it as was with be by on not he this are or his from at "
-    "which but have an they you were her she there been one all we their has would when if "
-    "so no will more can out up time people about year new state nation president war law "
-    "congress government world public country great house bill union power history"
-).split()
+_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "been",
+    "one",
+    "all",
+    "we",
+    "their",
+    "has",
+    "would",
+    "when",
+    "if",
+    "so",
+    "no",
+    "will",
+    "more",
+    "can",
+    "out",
+    "up",
+    "time",
+    "people",
+    "about",
+    "year",
+    "new",
+    "state",
+    "nation",
+    "president",
+    "war",
+    "law",
+    "congress",
+    "government",
+    "world",
+    "public",
+    "country",
+    "great",
+    "house",
+    "bill",
+    "union",
+    "power",
+    "history",
+]
 
 
 def _tiny_documents(n_docs: int = 200, seed: int = 0) -> list[str]:
@@ -83,15 +150,27 @@ def make_tiny_model_dir(kind: str, out_dir: Path, vocab_size: int | None = None,
     torch.manual_seed(seed)
     if kind == "neox":
         config = GPTNeoXConfig(
-            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=TINY_CONTEXT, bos_token_id=0,
-            eos_token_id=0, tie_word_embeddings=False,
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=TINY_CONTEXT,
+            bos_token_id=0,
+            eos_token_id=0,
+            tie_word_embeddings=False,
         )
         model = GPTNeoXForCausalLM(config)
     elif kind == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=TINY_CONTEXT,
-            bos_token_id=0, eos_token_id=0,
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_inner=64,
+            n_positions=TINY_CONTEXT,
+            bos_token_id=0,
+            eos_token_id=0,
         )
         model = GPT2LMHeadModel(config)
     else:
@@ -149,9 +228,16 @@ def make_tiny_llama_dir(out_dir: Path, seed: int = 0) -> Path:
     n_tokens = save_tiny_tokenizer(out_dir)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=n_tokens, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=TINY_CONTEXT,
-        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+        vocab_size=n_tokens,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=TINY_CONTEXT,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(str(out_dir))
     return out_dir
@@ -210,4 +296,3 @@ def no_runtime_typecheck():
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", before)
-

@@ -45,8 +45,9 @@ def test_transplant_copies_embeddings_and_final_norm_only(two_neox):
     assert any(name.startswith("unembed.") for name in copied)
     assert any(name.startswith("ln_final.") for name in copied)
     for component in ("embed", "unembed", "ln_final"):
-        for (name, got), (_, want) in zip(getattr(target, component).named_parameters(),
-                                          getattr(source, component).named_parameters()):
+        for (name, got), (_, want) in zip(
+            getattr(target, component).named_parameters(), getattr(source, component).named_parameters()
+        ):
             assert torch.equal(got, want), f"{component}.{name} was not copied"
     for name, param in target.blocks.named_parameters():
         assert torch.equal(param, target_blocks_before[name]), f"block parameter {name} changed"
@@ -115,8 +116,9 @@ def test_fit_linear_map_lowers_bigram_loss_and_leaves_model_alone(tiny_bigram):
     before = _snapshot(bridge)
     requires_grad = {name: p.requires_grad for name, p in bridge.named_parameters()}
 
-    baseline = fit_linear_map(bridge, stats, windows, LinearMapConfig(steps=60, lr=1e-2, batch_size=4),
-                              show_progress=False)
+    baseline = fit_linear_map(
+        bridge, stats, windows, LinearMapConfig(steps=60, lr=1e-2, batch_size=4), show_progress=False
+    )
 
     assert len(baseline.losses) == 60
     assert np.mean(baseline.losses[-10:]) < baseline.losses[0] - 0.1
@@ -127,7 +129,8 @@ def test_fit_linear_map_lowers_bigram_loss_and_leaves_model_alone(tiny_bigram):
     fitted = baseline.evaluate(bridge, stats, windows[:6])
     d_model = bridge.cfg.d_model
     identity = LinearMapBaseline(weight=torch.eye(d_model), bias=torch.zeros(d_model)).evaluate(
-        bridge, stats, windows[:6])
+        bridge, stats, windows[:6]
+    )
     assert fitted["soft_xent"] < identity["soft_xent"]
     assert -1.0 <= fitted["r_dropped"] <= 1.0
     assert fitted["n_tokens"] == 6 * 31

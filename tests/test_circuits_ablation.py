@@ -110,8 +110,11 @@ def test_candidate_ablation_equals_zeroing_by_hand(tiny_gpt2):
 
         return hook
 
-    by_hand = [("blocks.0.attn.hook_z", zero([1])), ("blocks.1.attn.hook_z", zero([3])),
-               ("blocks.1.mlp.hook_post", zero([7]))]
+    by_hand = [
+        ("blocks.0.attn.hook_z", zero([1])),
+        ("blocks.1.attn.hook_z", zero([3])),
+        ("blocks.1.mlp.hook_post", zero([7])),
+    ]
     with torch.no_grad():
         expected = bridge.run_with_hooks(tokens, fwd_hooks=by_hand)
         with candidate.applied(bridge, "ablate"):
@@ -261,13 +264,9 @@ def test_sufficiency_and_necessity_tables(tiny_neox):
         assert values["bigram + heads"] == pytest.approx(behaviour(bridge)["second_half_loss"])
     assert values["full"] == pytest.approx(behaviour(bridge)["second_half_loss"])
     assert table.set_index("run").loc["bigram + heads", "heads"] == 2
-    already_on = sum(
-        bool(base.masks[f"blocks.{layer}.attn.hook_z"][head]) for layer, head in candidate.heads
-    )
+    already_on = sum(bool(base.masks[f"blocks.{layer}.attn.hook_z"][head]) for layer, head in candidate.heads)
     assert table.set_index("run").loc["bigram + heads", "new_entries"] == 2 - already_on
-    assert (
-        table.set_index("run").loc["bigram + random #0", "new_entries"] == 2
-    )  # controls avoid the base
+    assert table.set_index("run").loc["bigram + random #0", "new_entries"] == 2  # controls avoid the base
 
     removed = necessity(
         bridge,
@@ -292,23 +291,14 @@ def test_sufficiency_with_a_real_subnetwork(tiny_neox):
     generator = torch.Generator().manual_seed(0)
     base = Subnetwork.from_masks(
         bridge,
-        {
-            k: torch.rand(m.shape, generator=generator) < 0.3
-            for k, m in Subnetwork.full(bridge).masks.items()
-        },
+        {k: torch.rand(m.shape, generator=generator) < 0.3 for k, m in Subnetwork.full(bridge).masks.items()},
     )
     candidate = Candidate("heads", heads=[(0, 3), (1, 1)])
     behaviour = RepeatedSequenceLoss(VOCAB, seq_len=6, n_sequences=4)
-    table = sufficiency(
-        bridge, base, candidate, lambda b: behaviour(b)["second_half_loss"], n_random_controls=0
-    )
+    table = sufficiency(bridge, base, candidate, lambda b: behaviour(b)["second_half_loss"], n_random_controls=0)
     table = table.set_index("run")
     assert list(table.index) == ["bigram", "bigram + heads", "full"]
     with base.applied(bridge, "keep"):
-        assert table.loc["bigram", "behaviour"] == pytest.approx(
-            behaviour(bridge)["second_half_loss"]
-        )
+        assert table.loc["bigram", "behaviour"] == pytest.approx(behaviour(bridge)["second_half_loss"])
     assert table.loc["full", "behaviour"] == pytest.approx(behaviour(bridge)["second_half_loss"])
-    assert table.loc["bigram + heads", "behaviour"] != pytest.approx(
-        table.loc["bigram", "behaviour"]
-    )
+    assert table.loc["bigram + heads", "behaviour"] != pytest.approx(table.loc["bigram", "behaviour"])

@@ -44,9 +44,7 @@ VOCAB = 300
 
 
 def _score_table(values: dict[tuple[int, int], float]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [{"layer": layer, "head": head, "score": score} for (layer, head), score in values.items()]
-    )
+    return pd.DataFrame([{"layer": layer, "head": head, "score": score} for (layer, head), score in values.items()])
 
 
 def _single_token_words(tokenizer, count: int = 6) -> list[str]:
@@ -183,8 +181,7 @@ def test_attribution_scores_are_the_first_order_estimate(tiny_neox):
 
 def test_head_score_candidates(tiny_neox):
     bridge, _ = tiny_neox
-    candidates, scores = head_score_candidates(bridge, VOCAB, n_induction=2, n_previous=1, seq_len=5,
-                                               n_sequences=2)
+    candidates, scores = head_score_candidates(bridge, VOCAB, n_induction=2, n_previous=1, seq_len=5, n_sequences=2)
     assert set(candidates) == {"induction heads", "previous-token heads", "induction + previous-token"}
     best = scores.head(2)
     assert set(candidates["induction heads"].heads) == set(zip(best["layer"], best["head"]))
@@ -232,8 +229,17 @@ def test_build_up_rows_and_values(tiny_neox):
     report = build_up_report(summary)
     assert list(report["candidate"]) == ["two", "one"]
     assert report.iloc[0]["recovered"] == pytest.approx(added["recovered"])
-    again = build_up(bridge, base, candidates, task, seeds=(0,), necessity=False, progress=False,
-                     full={"second_half_loss": 1.0}, base_label="other")
+    again = build_up(
+        bridge,
+        base,
+        candidates,
+        task,
+        seeds=(0,),
+        necessity=False,
+        progress=False,
+        full={"second_half_loss": 1.0},
+        base_label="other",
+    )
     assert "full - candidate" not in set(again["condition"])
     assert again.attrs["full_value"] == 1.0 and set(again["base"]) == {"other"}
 
@@ -258,8 +264,9 @@ def test_candidate_weights_and_overlap(tiny_llama):
         assert torch.equal(combined.masks[key].cpu(), masks[key]), key
 
     half = Subnetwork.from_masks(
-        bridge, {k: torch.rand(m.shape, generator=torch.Generator().manual_seed(0)) < 0.5
-                 for k, m in full.masks.items()})
+        bridge,
+        {k: torch.rand(m.shape, generator=torch.Generator().manual_seed(0)) < 0.5 for k, m in full.masks.items()},
+    )
     table = circuit_overlap(half, {"c": candidate}, bridge, n_random=200, seeds=(0, 1))
     row = table.iloc[0]
     assert row["circuit_weights"] == sum(int(m.sum()) for m in masks.values())
@@ -282,17 +289,37 @@ def test_build_up_experiment_and_figure(tiny_neox):
 
     bridge, tokenizer = tiny_neox
     base = Subnetwork.from_masks(
-        bridge, {k: torch.rand(m.shape, generator=torch.Generator().manual_seed(1)) < 0.3
-                 for k, m in Subnetwork.full(bridge, ("weight",)).masks.items()})
-    config = BuildUpConfig(tasks=("repetition",), top_k=2, n_previous=1, seeds=(0, 1), seq_len=5,
-                           n_sequences=3, n_score_sequences=2, n_attribution=2, n_patching=2,
-                           n_random_overlap=100, wide_k=4)
-    tables = build_up_experiment(bridge, tokenizer, {"bigram": base, "optimal": base.random_control(2)},
-                                 config, progress=False)
+        bridge,
+        {
+            k: torch.rand(m.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+            for k, m in Subnetwork.full(bridge, ("weight",)).masks.items()
+        },
+    )
+    config = BuildUpConfig(
+        tasks=("repetition",),
+        top_k=2,
+        n_previous=1,
+        seeds=(0, 1),
+        seq_len=5,
+        n_sequences=3,
+        n_score_sequences=2,
+        n_attribution=2,
+        n_patching=2,
+        n_random_overlap=100,
+        wide_k=4,
+    )
+    tables = build_up_experiment(
+        bridge, tokenizer, {"bigram": base, "optimal": base.random_control(2)}, config, progress=False
+    )
     assert set(tables["build_up"]["base"]) == {"bigram", "optimal"}
     names = set(tables["build_up_report"]["candidate"])
-    assert names == {"induction heads", "induction + previous-token", "attribution top 2", "patching top 2",
-                     "attribution top 4"}
+    assert names == {
+        "induction heads",
+        "induction + previous-token",
+        "attribution top 2",
+        "patching top 2",
+        "attribution top 4",
+    }
     assert set(tables["build_up_report"].set_index("candidate").loc["attribution top 4", "heads"]) == {4}
     assert set(tables["overlap"]["base"]) == {"bigram", "optimal"}
     assert tables["candidates"].attrs["transformer_lens"] == transformer_lens_version()
@@ -300,19 +327,31 @@ def test_build_up_experiment_and_figure(tiny_neox):
     assert methods == {"attribution patching", "attribution patching (MLP)", "activation patching"}
     optimal_rows = tables["build_up"][tables["build_up"]["base"] == "optimal"]
     removed = optimal_rows[optimal_rows["condition"] == "full - candidate"]  # measured once, reused
-    first_rows = tables["build_up"][(tables["build_up"]["base"] == "bigram") & (tables["build_up"]["condition"] == "full - candidate")]
+    first_rows = tables["build_up"][
+        (tables["build_up"]["base"] == "bigram") & (tables["build_up"]["condition"] == "full - candidate")
+    ]
     np.testing.assert_allclose(removed["value"], first_rows["value"])
     assert not np.allclose(removed["recovered"], first_rows["recovered"])
     # the candidates round-trip through their tables (as stored in a results file)
-    stored = {k: pd.read_json(io.StringIO(tables[k].to_json(orient="records"))) for k in ("head_scores", "method_scores")}
+    stored = {
+        k: pd.read_json(io.StringIO(tables[k].to_json(orient="records"))) for k in ("head_scores", "method_scores")
+    }
     again = candidates_from_tables(stored["head_scores"], stored["method_scores"], config)["repetition"]
     listed = tables["candidates"].set_index("candidate")["heads"]
     assert {name: ", ".join(f"L{a}H{b}" for a, b in c.heads) for name, c in again.items()} == {
-        name: listed[name] for name in again}
-    rerun = build_up_experiment(bridge, tokenizer, {"bigram": base}, config, progress=False,
-                                found={k: tables[k] for k in ("head_scores", "method_scores")})
+        name: listed[name] for name in again
+    }
+    rerun = build_up_experiment(
+        bridge,
+        tokenizer,
+        {"bigram": base},
+        config,
+        progress=False,
+        found={k: tables[k] for k in ("head_scores", "method_scores")},
+    )
     pd.testing.assert_frame_equal(
-        rerun["build_up_report"], tables["build_up_report"][tables["build_up_report"]["base"] == "bigram"])
+        rerun["build_up_report"], tables["build_up_report"][tables["build_up_report"]["base"] == "bigram"]
+    )
     figure = fig_build_up(tables["build_up_summary"])
     assert len(figure.data) > 4
     with pytest.raises(FigureDataError, match="value"):
@@ -326,14 +365,45 @@ def test_build_up_cli(tiny_neox_dir, tiny_neox, tmp_path, capsys):
 
     bridge, _ = tiny_neox
     base = Subnetwork.from_masks(
-        bridge, {k: torch.rand(m.shape, generator=torch.Generator().manual_seed(2)) < 0.3
-                 for k, m in Subnetwork.full(bridge, ("weight",)).masks.items()})
+        bridge,
+        {
+            k: torch.rand(m.shape, generator=torch.Generator().manual_seed(2)) < 0.3
+            for k, m in Subnetwork.full(bridge, ("weight",)).masks.items()
+        },
+    )
     base.save(tmp_path / "base")
     out = tmp_path / "out"
-    status = main(["build-up", "--model", str(tiny_neox_dir), "--base", str(tmp_path / "base"),
-                   "--out", str(out), "--tasks", "repetition", "--top-k", "2", "--n-previous", "1",
-                   "--seeds", "0,1", "--seq-len", "5", "--n-sequences", "2", "--n-attribution", "1",
-                   "--n-patching", "1", "--n-random-overlap", "50", "--no-png", "--no-progress"])
+    status = main(
+        [
+            "build-up",
+            "--model",
+            str(tiny_neox_dir),
+            "--base",
+            str(tmp_path / "base"),
+            "--out",
+            str(out),
+            "--tasks",
+            "repetition",
+            "--top-k",
+            "2",
+            "--n-previous",
+            "1",
+            "--seeds",
+            "0,1",
+            "--seq-len",
+            "5",
+            "--n-sequences",
+            "2",
+            "--n-attribution",
+            "1",
+            "--n-patching",
+            "1",
+            "--n-random-overlap",
+            "50",
+            "--no-png",
+            "--no-progress",
+        ]
+    )
     assert status == 0
     assert (out / "build_up_report.csv").exists() and (out / "build_up.html").exists()
     report = pd.read_csv(out / "build_up_report.csv")

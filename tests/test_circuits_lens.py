@@ -83,17 +83,13 @@ def test_logit_lens_table(tiny_neox):
     assert last["top1_agreement"] == pytest.approx(1.0)
     assert (table["kl_to_final"] >= -1e-9).all()
     # bigram r recomputed by hand for layer 0
-    lens = logit_lens_logits(bridge, torch.as_tensor(windows), vocab_size=len(tokenizer))[
-        0
-    ].double()
+    lens = logit_lens_logits(bridge, torch.as_tensor(windows), vocab_size=len(tokenizer))[0].double()
     logp = torch.log_softmax(lens, -1)[:, :-1]
     nxt = torch.as_tensor(windows)[:, 1:]
     ours = -logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1).reshape(-1).numpy()
     theirs = _HashBigrams().surprisal(windows[:, :-1], windows[:, 1:]).reshape(-1)
     keep = np.isfinite(theirs)
-    assert table.loc[0, "bigram_r"] == pytest.approx(
-        np.corrcoef(ours[keep], theirs[keep])[0, 1], abs=1e-6
-    )
+    assert table.loc[0, "bigram_r"] == pytest.approx(np.corrcoef(ours[keep], theirs[keep])[0, 1], abs=1e-6)
     both = logit_lens_report(
         bridge,
         tokenizer,
@@ -197,10 +193,7 @@ def test_linear_lens_on_a_model(tiny_neox):
     assert row.loc[(n_hidden - 1, "output"), "rotation_deg"] == pytest.approx(0.0, abs=1e-6)
     assert row.loc[(0, "input"), "recall@10"] > 0.9
     assert (
-        (
-            (table[["recall@1", "recall@5", "recall@10"]] >= 0)
-            & (table[["recall@1", "recall@5", "recall@10"]] <= 1)
-        )
+        ((table[["recall@1", "recall@5", "recall@10"]] >= 0) & (table[["recall@1", "recall@5", "recall@10"]] <= 1))
         .all()
         .all()
     )
@@ -214,15 +207,10 @@ def test_lens_report_side_by_side(tiny_neox):
     generator = torch.Generator().manual_seed(0)
     sub = Subnetwork.from_masks(
         bridge,
-        {
-            k: torch.rand(m.shape, generator=generator) < 0.2
-            for k, m in Subnetwork.full(bridge).masks.items()
-        },
+        {k: torch.rand(m.shape, generator=generator) < 0.2 for k, m in Subnetwork.full(bridge).masks.items()},
     )
     runs = {"full": None, "bigram": sub, "random": sub.random_control(seed=5)}
-    table = lens_report(
-        bridge, tokenizer, _windows(8, 32, seed=6), runs, n_tokens=256, progress=False
-    )
+    table = lens_report(bridge, tokenizer, _windows(8, 32, seed=6), runs, n_tokens=256, progress=False)
     assert list(table["run"].unique()) == ["full", "bigram", "random"]
     by_run = table.set_index(["run", "layer", "target"])["rotation_deg"]
     assert by_run[("bigram", 1, "input")] != pytest.approx(by_run[("full", 1, "input")])
@@ -263,7 +251,7 @@ def test_one_loop_reads_every_layer_through_a_lens(tiny_neox):
             torch.testing.assert_close(logits, reference[layer, rows], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(readout[-1], readout[len(readout) - 1])
     # Without a lens the readout is the hidden states; a fitted linear lens reads them too.
-    (_, states), = read_hidden_states(bridge, tokens, batch_size=8, progress=False)
+    ((_, states),) = read_hidden_states(bridge, tokens, batch_size=8, progress=False)
     flat = [state.reshape(-1, state.shape[-1]) for state in states]
     target = flat[-1].double().numpy()
     linear = LinearLens.fit(flat, target, alpha=1.0)

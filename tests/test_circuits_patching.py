@@ -39,9 +39,7 @@ def _metric(logits: torch.Tensor) -> torch.Tensor:
         ("neuron", "all", [0, 5, 63]),
     ],
 )
-def test_patching_a_run_with_its_own_activations_changes_nothing(
-    tiny_neox, component, positions, units
-):
+def test_patching_a_run_with_its_own_activations_changes_nothing(tiny_neox, component, positions, units):
     bridge, _ = tiny_neox
     tokens = _tokens(0)
     table = patch(bridge, tokens, tokens, component, _metric, positions, units=units)
@@ -64,9 +62,7 @@ def test_self_patching_under_a_subnetwork_changes_nothing(tiny_neox):
         clean_run=(sub, "keep"),
         corrupted_run=(sub, "keep"),
     )
-    np.testing.assert_allclose(
-        table["metric"], table.attrs["corrupted_metric"], rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(table["metric"], table.attrs["corrupted_metric"], rtol=1e-5, atol=1e-5)
     full = patch(bridge, tokens, None, "resid_pre", _metric, "all").attrs["clean_metric"]
     assert table.attrs["clean_metric"] != pytest.approx(full)  # the subnetwork really ran
 
@@ -183,10 +179,7 @@ def test_full_model_into_a_real_subnetwork(tiny_neox):
     generator = torch.Generator().manual_seed(3)
     sub = Subnetwork.from_masks(
         bridge,
-        {
-            k: torch.rand(m.shape, generator=generator) < 0.5
-            for k, m in Subnetwork.full(bridge).masks.items()
-        },
+        {k: torch.rand(m.shape, generator=generator) < 0.5 for k, m in Subnetwork.full(bridge).masks.items()},
     )
     tokens = _tokens(8)
     with torch.no_grad():

@@ -40,9 +40,7 @@ def test_deflated_covariance_matches_an_explicit_svd():
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     top = vh[0:1].T
     deflated = centred - centred @ top @ top.T
-    np.testing.assert_allclose(
-        deflated_covariance(x), (deflated.T @ deflated / x.shape[0]).numpy(), atol=1e-10
-    )
+    np.testing.assert_allclose(deflated_covariance(x), (deflated.T @ deflated / x.shape[0]).numpy(), atol=1e-10)
 
 
 def test_the_top_singular_direction_is_removed():
@@ -83,9 +81,7 @@ def test_layer_similarity_of_a_model(tiny_neox):
     names = hidden_state_names(bridge)
     collected = collect_activations(bridge, windows, names, n_tokens=256, progress=False)
     direct = covariance_similarity([collected.activations[name] for name in names])
-    np.testing.assert_allclose(
-        table.to_numpy(), direct.to_numpy(), atol=1e-6
-    )  # streaming == in memory
+    np.testing.assert_allclose(table.to_numpy(), direct.to_numpy(), atol=1e-6)  # streaming == in memory
     matrices = similarity_report(
         bridge,
         windows,

@@ -22,13 +22,16 @@ def _help(capsys, *argv: str) -> str:
     return " ".join(capsys.readouterr().out.split())
 
 
-@pytest.mark.parametrize(("argv", "config", "skip"), [
-    (("find",), SearchConfig, ("lam", "seed")),
-    (("figures",), FiguresConfig, ("prompts", "granularities")),
-    (("demo",), DemoConfig, ()),
-    (("build-up",), BuildUpConfig, ()),
-    (("train-default",), TrainConfig, ()),
-])
+@pytest.mark.parametrize(
+    ("argv", "config", "skip"),
+    [
+        (("find",), SearchConfig, ("lam", "seed")),
+        (("figures",), FiguresConfig, ("prompts", "granularities")),
+        (("demo",), DemoConfig, ()),
+        (("build-up",), BuildUpConfig, ()),
+        (("train-default",), TrainConfig, ()),
+    ],
+)
 def test_every_config_field_is_an_option_with_its_python_default(capsys, argv, config, skip):
     text = _help(capsys, *argv)
     for field in dataclasses.fields(config):
@@ -63,10 +66,13 @@ def test_unset_options_are_not_passed(monkeypatch):
     assert seen == {"out_dir": "x", "lambdas": (1.0, 10.0), "max_steps": 5}
 
 
-@pytest.mark.parametrize(("command", "module", "function", "expected"), [
-    ("find", "bigram_circuits.app.find", "find_command", "checkpointed; rerun the same command to resume"),
-    ("lens", "bigram_circuits.app.lens", "lens_command", "the rest was not written; rerun the command"),
-])
+@pytest.mark.parametrize(
+    ("command", "module", "function", "expected"),
+    [
+        ("find", "bigram_circuits.app.find", "find_command", "checkpointed; rerun the same command to resume"),
+        ("lens", "bigram_circuits.app.lens", "lens_command", "the rest was not written; rerun the command"),
+    ],
+)
 def test_interrupt_message_says_what_the_command_kept(capsys, monkeypatch, command, module, function, expected):
     import functools
     import importlib

@@ -34,7 +34,11 @@ def _zipf_tokens(rng, shape) -> np.ndarray:
 
 def assert_same_stats(got: BigramStats, want: BigramStats) -> None:
     assert (got.vocab_size, got.order, got.add_k, got.n_sequences) == (
-        want.vocab_size, want.order, want.add_k, want.n_sequences)
+        want.vocab_size,
+        want.order,
+        want.add_k,
+        want.n_sequences,
+    )
     np.testing.assert_array_equal(got.unigram_counts, want.unigram_counts)
     for name in ("bigram", "trigram"):
         a, b = getattr(got, name), getattr(want, name)
@@ -56,8 +60,9 @@ def _one_line(exc: BaseException) -> None:
 @pytest.fixture(scope="module")
 def cluster_address():
     """A 2-process LocalCluster started by the test; count_bigrams_on_cluster connects by address."""
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, silence_logs=logging.ERROR) as cluster:
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+    ) as cluster:
         yield cluster.scheduler_address
 
 
@@ -124,22 +129,25 @@ def test_bad_tokens_on_the_workers_are_one_line(cluster_address):
     _one_line(info.value)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"vocab_size": 0}, StatsError, "vocab_size must be a positive integer"),
-    ({"n_shards": 0}, ConfigError, "n_shards must be a positive integer"),
-    ({"n_workers": 1.5}, ConfigError, "n_workers must be a positive integer"),
-    ({"order": 4}, StatsError, "order must be 2"),
-    ({"tokens": "some text"}, CorpusError, "does not exist"),
-    ({"tokens": np.zeros((2, 2, 2), dtype=np.int64)}, TokenError, "1-D .* or 2-D"),
-    ({"tokens": np.zeros(4)}, TokenError, "integer token ids"),
-    ({"tokens": np.zeros(0, dtype=np.int64)}, TokenError, "empty"),
-    ({"tokens": [1, 2, 3]}, TokenError, "must hold .npy file paths"),
-    ({"tokens": []}, TokenError, "no token files"),
-    ({"tokens": 3}, TokenError, "cannot count tokens from a int"),
-    ({"tokens": TokenDataset(np.zeros(300, np.uint16), V + 1, 0)}, StatsError, "vocab_size"),
-    ({"address": "tcp://127.0.0.1:1", "connect_timeout": 1}, ConfigError, "cannot reach a Dask scheduler"),
-    ({"address": ""}, ConfigError, "scheduler address"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"vocab_size": 0}, StatsError, "vocab_size must be a positive integer"),
+        ({"n_shards": 0}, ConfigError, "n_shards must be a positive integer"),
+        ({"n_workers": 1.5}, ConfigError, "n_workers must be a positive integer"),
+        ({"order": 4}, StatsError, "order must be 2"),
+        ({"tokens": "some text"}, CorpusError, "does not exist"),
+        ({"tokens": np.zeros((2, 2, 2), dtype=np.int64)}, TokenError, "1-D .* or 2-D"),
+        ({"tokens": np.zeros(4)}, TokenError, "integer token ids"),
+        ({"tokens": np.zeros(0, dtype=np.int64)}, TokenError, "empty"),
+        ({"tokens": [1, 2, 3]}, TokenError, "must hold .npy file paths"),
+        ({"tokens": []}, TokenError, "no token files"),
+        ({"tokens": 3}, TokenError, "cannot count tokens from a int"),
+        ({"tokens": TokenDataset(np.zeros(300, np.uint16), V + 1, 0)}, StatsError, "vocab_size"),
+        ({"address": "tcp://127.0.0.1:1", "connect_timeout": 1}, ConfigError, "cannot reach a Dask scheduler"),
+        ({"address": ""}, ConfigError, "scheduler address"),
+    ],
+)
 @pytest.mark.usefixtures("no_runtime_typecheck")
 def test_bad_inputs_are_one_line_errors(kwargs, error, match):
     kwargs = dict(kwargs)
@@ -154,8 +162,11 @@ def test_bad_inputs_are_one_line_errors(kwargs, error, match):
 def test_bad_token_files_are_one_line(tmp_path):
     (tmp_path / "t.txt").write_text("not tokens")
     np.save(tmp_path / "f.npy", np.ones(5, dtype=np.float32))
-    for path, match in ((tmp_path / "t.txt", "cannot read token file"), (tmp_path / "f.npy", "integer token ids"),
-                        (tmp_path / "missing.npy", "does not exist")):
+    for path, match in (
+        (tmp_path / "t.txt", "cannot read token file"),
+        (tmp_path / "f.npy", "integer token ids"),
+        (tmp_path / "missing.npy", "does not exist"),
+    ):
         with pytest.raises(BigramCircuitsError, match=match) as info:
             count_bigrams_on_cluster([path], V)
         _one_line(info.value)

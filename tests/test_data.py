@@ -47,11 +47,11 @@ def test_bad_sources_give_one_line_errors(tmp_path):
         data.load_documents(tmp_path / "missing.txt")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CorpusError, match="no .txt"):
+    with pytest.raises(CorpusError, match=r"no \.txt"):
         data.load_documents(empty)
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json}\n", encoding="utf-8")
-    with pytest.raises(CorpusError, match="bad.jsonl:1"):
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:1"):
         data.load_documents(bad)
     with pytest.raises(CorpusError) as err:
         data.load_documents(tmp_path / "nope")
@@ -63,7 +63,7 @@ def test_split_is_deterministic_and_disjoint():
     assert set(train).isdisjoint(evaluation)
     assert sorted(train + evaluation) == sorted(DOCS)
     # Independent of document order: a document's side depends on its text only.
-    train2, eval2 = data.split_documents(list(reversed(DOCS)), eval_fraction=0.2)
+    _train2, eval2 = data.split_documents(list(reversed(DOCS)), eval_fraction=0.2)
     assert set(eval2) == set(evaluation)
     with pytest.raises(CorpusError):
         data.split_documents(DOCS[:1], eval_fraction=0.2)

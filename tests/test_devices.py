@@ -74,7 +74,9 @@ def test_device_maps_are_checked_up_front(tiny_neox_dir):
     with pytest.raises(DeviceError, match="GPUs"):
         load_model(tiny_neox_dir, n_devices=torch.cuda.device_count() + 2)
     assert resolve_device_map({"a": "cpu", "b": "disk"}, {"cpu": "1GiB"}) == (
-        {"a": "cpu", "b": "disk"}, {"cpu": "1GiB"})
+        {"a": "cpu", "b": "disk"},
+        {"cpu": "1GiB"},
+    )
 
 
 def test_cli_find_on_an_absent_device_prints_one_line(tmp_path, capsys):
@@ -109,21 +111,25 @@ def test_masks_live_on_the_model_device_and_match_cpu(tiny_neox, tiny_neox_on_de
 def test_search_steps_on_the_device_match_cpu(tiny_neox, tiny_neox_on_device, corpus):
     train, held_out, stats = corpus
     config = SearchConfig(batch_size=8, seq_len=24, max_steps=3, stability_check=False, lam=1.0)
-    cpu, dev = (search(bridge, train, Target.bigram(stats), ("neuron", "head"), config,
-                       eval_windows=held_out, show_progress=False)
-                for bridge, _ in (tiny_neox, tiny_neox_on_device))
+    cpu, dev = (
+        search(
+            bridge, train, Target.bigram(stats), ("neuron", "head"), config, eval_windows=held_out, show_progress=False
+        )
+        for bridge, _ in (tiny_neox, tiny_neox_on_device)
+    )
     np.testing.assert_allclose(dev.history["loss"], cpu.history["loss"], rtol=1e-4)
     for key, logit in cpu.mask_set.logits.items():
-        torch.testing.assert_close(dev.mask_set.logits[key].detach().cpu(), logit.detach(),
-                                   rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(dev.mask_set.logits[key].detach().cpu(), logit.detach(), rtol=1e-3, atol=1e-5)
     assert dev.metrics["bigram_r"] == pytest.approx(cpu.metrics["bigram_r"], abs=1e-4)
 
 
 def test_evaluate_on_the_device_matches_cpu(tiny_neox, tiny_neox_on_device, corpus):
     _, held_out, stats = corpus
     sub = Subnetwork.full(tiny_neox[0]).random_control(seed=0)
-    cpu, dev = (evaluate_metrics(bridge, stats, held_out, sub, show_progress=False)
-                for bridge, _ in (tiny_neox, tiny_neox_on_device))
+    cpu, dev = (
+        evaluate_metrics(bridge, stats, held_out, sub, show_progress=False)
+        for bridge, _ in (tiny_neox, tiny_neox_on_device)
+    )
     for name in ("r_dropped", "soft_xent", "lm_loss_nats"):
         assert dev[name] == pytest.approx(cpu[name], rel=1e-4, abs=1e-5)
 
@@ -133,10 +139,14 @@ def test_lenses_and_similarity_run_on_the_device(tiny_neox, tiny_neox_on_device,
     windows = train[:16]
     tables = []
     for bridge, tokenizer in (tiny_neox, tiny_neox_on_device):
-        lens = logit_lens(bridge, windows, bigram_stats=stats, vocab_size=len(tokenizer),
-                          n_tokens=None, progress=False)
-        linear = linear_lens(bridge, windows, config=LinearLensConfig(n_tokens=16 * 24, batch_size=8),
-                             vocab_size=len(tokenizer), progress=False)
+        lens = logit_lens(bridge, windows, bigram_stats=stats, vocab_size=len(tokenizer), n_tokens=None, progress=False)
+        linear = linear_lens(
+            bridge,
+            windows,
+            config=LinearLensConfig(n_tokens=16 * 24, batch_size=8),
+            vocab_size=len(tokenizer),
+            progress=False,
+        )
         similarity = layer_covariance_similarity(bridge, windows, n_tokens=None, progress=False)
         tables.append((lens, linear, similarity))
     (lens_c, linear_c, sim_c), (lens_d, linear_d, sim_d) = tables
@@ -145,8 +155,7 @@ def test_lenses_and_similarity_run_on_the_device(tiny_neox, tiny_neox_on_device,
     np.testing.assert_allclose(sim_d.to_numpy(), sim_c.to_numpy(), atol=1e-4)
     activations = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     on_device = activations.to(tiny_neox_on_device[0].cfg.device)
-    np.testing.assert_allclose(deflated_covariance(on_device), deflated_covariance(activations),
-                               atol=1e-10)
+    np.testing.assert_allclose(deflated_covariance(on_device), deflated_covariance(activations), atol=1e-10)
 
 
 @pytest.mark.gpu
@@ -155,6 +164,5 @@ def test_cuda_model_keeps_masks_and_lenses_on_cuda(tiny_neox_dir, corpus):
     mask_set = MaskSet.for_model(bridge, ("neuron", "head", "weight"))
     assert {p.device.type for p in mask_set.parameters()} == {"cuda"}
     _, held_out, stats = corpus
-    table = logit_lens(bridge, held_out, bigram_stats=stats, vocab_size=len(tokenizer),
-                       n_tokens=None, progress=False)
+    table = logit_lens(bridge, held_out, bigram_stats=stats, vocab_size=len(tokenizer), n_tokens=None, progress=False)
     assert np.isfinite(table["bigram_r"]).all()

@@ -31,15 +31,42 @@ TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or sh
 
 
 def _find_args(model: Path, corpus: Path, out: Path, max_steps: int = 150) -> list[str]:
-    return ["find", "--model", str(model), "--corpus", str(corpus), "--out", str(out),
-            "--granularity", "weight", "--lambdas", LAMBDA, "--seq-len", "24", "--batch-size", "8",
-            "--max-steps", str(max_steps), "--checkpoint-every", "5", "--max-train-windows", "128",
-            "--max-eval-windows", "16", "--no-progress", "--no-stability-check"]
+    return [
+        "find",
+        "--model",
+        str(model),
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--granularity",
+        "weight",
+        "--lambdas",
+        LAMBDA,
+        "--seq-len",
+        "24",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        str(max_steps),
+        "--checkpoint-every",
+        "5",
+        "--max-train-windows",
+        "128",
+        "--max-eval-windows",
+        "16",
+        "--no-progress",
+        "--no-stability-check",
+    ]
 
 
 def _env(tmp_path: Path) -> dict:
-    return {**os.environ, "BIGRAM_CIRCUITS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "BIGRAM_CIRCUITS_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def _torchrun(args: list[str]) -> list[str]:
@@ -70,9 +97,15 @@ def test_torchrun_without_the_data_parallel_entry_is_refused(tiny_neox, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launched_by_torchrun()
     windows = np.zeros((8, 24), dtype=np.int64)
-    with pytest.raises(SearchError, match="bigram_circuits.distributed"):
-        search(tiny_neox[0], windows, Target.next_token(300), "neuron", SearchConfig(max_steps=1, batch_size=8),
-               show_progress=False)
+    with pytest.raises(SearchError, match=r"bigram_circuits\.distributed"):
+        search(
+            tiny_neox[0],
+            windows,
+            Target.next_token(300),
+            "neuron",
+            SearchConfig(max_steps=1, batch_size=8),
+            show_progress=False,
+        )
 
 
 @pytest.mark.slow
@@ -82,13 +115,21 @@ def test_two_ranks_equal_one_process_and_a_killed_run_resumes(tiny_neox_dir, tin
     corpus.write_text("\n\n".join(tiny_text), encoding="utf-8")
     env = _env(tmp_path)
     single_out, parallel_out = tmp_path / "single", tmp_path / "parallel"
-    single = subprocess.Popen([sys.executable, "-m", "bigram_circuits.cli",
-                               *_find_args(tiny_neox_dir, corpus, single_out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    single = subprocess.Popen(
+        [sys.executable, "-m", "bigram_circuits.cli", *_find_args(tiny_neox_dir, corpus, single_out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     log = tmp_path / "killed.log"
     with open(log, "wb") as handle:  # own session: the kill reaches torchrun and both ranks
-        victim = subprocess.Popen(_torchrun(_find_args(tiny_neox_dir, corpus, parallel_out)), env=env,
-                                  stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        victim = subprocess.Popen(
+            _torchrun(_find_args(tiny_neox_dir, corpus, parallel_out)),
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     run_dir = parallel_out / f"lambda_{LAMBDA}"
     deadline = time.monotonic() + TIMEOUT_S
     while not (run_dir / "checkpoint.pt").exists():
@@ -98,8 +139,13 @@ def test_two_ranks_equal_one_process_and_a_killed_run_resumes(tiny_neox_dir, tin
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=60)
     assert not (run_dir / "masks.safetensors").exists(), "killed too late"
-    resumed = subprocess.run(_torchrun(_find_args(tiny_neox_dir, corpus, parallel_out)), env=env,
-                             capture_output=True, timeout=TIMEOUT_S, check=False)
+    resumed = subprocess.run(
+        _torchrun(_find_args(tiny_neox_dir, corpus, parallel_out)),
+        env=env,
+        capture_output=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
     out, _ = single.communicate(timeout=TIMEOUT_S)
     assert single.returncode == 0, out.decode()[-3000:]
@@ -117,8 +163,10 @@ def test_two_ranks_equal_one_process_and_a_killed_run_resumes(tiny_neox_dir, tin
     assert not list(parallel_out.rglob("*.tmp")) and not (run_dir / "checkpoint.pt").exists()
     stdout = resumed.stdout.decode()
     assert stdout.count("n_params") == 1  # the table printed by rank 0 only
-    print(f"data-parallel vs one process: {len(one)} steps, max relative loss difference "
-          f"{float(np.max(np.abs(two['loss'] / one['loss'] - 1))):.2e}, mask agreement {agree:.6f}")
+    print(
+        f"data-parallel vs one process: {len(one)} steps, max relative loss difference "
+        f"{float(np.max(np.abs(two['loss'] / one['loss'] - 1))):.2e}, mask agreement {agree:.6f}"
+    )
 
 
 # --------------------------------------------------------------------------- FSDP2 mask sharding
@@ -179,8 +227,9 @@ def test_fsdp2_sharded_weight_masks_match_one_process(tiny_neox, tiny_neox_dir, 
     from bigram_circuits.masks import MaskSet
 
     out = tmp_path / "fsdp.pt"
-    mp.start_processes(_fsdp_worker, args=(2, _free_port(), str(tiny_neox_dir), str(out)), nprocs=2,
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        _fsdp_worker, args=(2, _free_port(), str(tiny_neox_dir), str(out)), nprocs=2, join=True, start_method="spawn"
+    )
     sharded = torch.load(out, weights_only=True)
     bridge = tiny_neox[0]
     reference = MaskSet.for_model(bridge, "weight")

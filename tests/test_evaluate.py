@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
+from bigram_circuits.app.evaluate import evaluate_run
 from bigram_circuits.data import tokenize_documents
 from bigram_circuits.errors import TokenError
 from bigram_circuits.evaluate import (
@@ -26,10 +27,9 @@ from bigram_circuits.evaluate import (
     pearson_r,
     surprisals_from_logits,
 )
-from bigram_circuits.app.evaluate import evaluate_run
 from bigram_circuits.ngrams import BigramStats
-from bigram_circuits.tables import write_tables
 from bigram_circuits.subnetwork import Subnetwork
+from bigram_circuits.tables import write_tables
 
 
 class BigramLookup(torch.nn.Module):
@@ -74,8 +74,9 @@ def test_evaluate_metrics_on_a_lookup_model_hand_computed():
     windows = np.array([[0, 1, 2, 0], [1, 0, 0, 2]])
     # Any next-token predictor goes through surprisals_from_logits; evaluate_metrics is the same
     # computation on a TransformerBridge (with a subnetwork applied).
-    row = metrics_from_surprisals(surprisals_from_logits(BigramLookup(logits), stats, windows, batch_size=1,
-                                                         show_progress=False))
+    row = metrics_from_surprisals(
+        surprisals_from_logits(BigramLookup(logits), stats, windows, batch_size=1, show_progress=False)
+    )
     log_p = torch.log_softmax(logits.double(), dim=-1).numpy()
     pairs = [(0, 1), (1, 2), (2, 0), (1, 0), (0, 0), (0, 2)]
     model = np.array([-log_p[c, n] for c, n in pairs])
@@ -105,8 +106,9 @@ def test_bad_windows_are_refused():
 
 
 def test_loss_increase_ratio():
-    table = pd.DataFrame({"condition": ["full model", "bigram ablated", "random ablated"],
-                          "lm_loss_nats": [2.0, 8.0, 2.5]})
+    table = pd.DataFrame(
+        {"condition": ["full model", "bigram ablated", "random ablated"], "lm_loss_nats": [2.0, 8.0, 2.5]}
+    )
     assert loss_increase_ratio(table) == pytest.approx(12.0)
     no_harm = table.assign(lm_loss_nats=[2.0, 8.0, 1.9])
     assert loss_increase_ratio(no_harm) == math.inf
@@ -156,8 +158,9 @@ def test_empty_subnetwork_ablated_equals_full_model(tiny_eval):
         ablated = evaluate_metrics(bridge, stats, windows, empty, "ablate", show_progress=False)
         for column in METRIC_COLUMNS:
             assert ablated[column] == pytest.approx(full[column], rel=1e-5), column
-        kept_all = evaluate_metrics(bridge, stats, windows, Subnetwork.full(bridge, granularities),
-                                    "keep", show_progress=False)
+        kept_all = evaluate_metrics(
+            bridge, stats, windows, Subnetwork.full(bridge, granularities), "keep", show_progress=False
+        )
         assert kept_all["lm_loss_nats"] == pytest.approx(full["lm_loss_nats"], rel=1e-5)
 
 
@@ -165,12 +168,18 @@ def test_ablation_table_rows_and_ratio(tiny_eval):
     bridge, _, stats, windows = tiny_eval
     gen = torch.Generator().manual_seed(0)
     full = Subnetwork.full(bridge, ("neuron", "head"))
-    bigram = Subnetwork.from_masks(bridge, {k: torch.rand(m.shape, generator=gen) < 0.2
-                                            for k, m in full.masks.items()})
+    bigram = Subnetwork.from_masks(bridge, {k: torch.rand(m.shape, generator=gen) < 0.2 for k, m in full.masks.items()})
     optimal = bigram.random_control(9)
     table = ablation_table(bridge, stats, windows, bigram, optimal, seeds=(0, 1), show_progress=False)
-    assert list(table["condition"]) == ["full model", "bigram only", "bigram ablated", "random only",
-                                        "random ablated", "optimal only", "optimal ablated"]
+    assert list(table["condition"]) == [
+        "full model",
+        "bigram only",
+        "bigram ablated",
+        "random only",
+        "random ablated",
+        "optimal only",
+        "optimal ablated",
+    ]
     rows = table.set_index("condition")
     assert rows.loc["random ablated", "n_seeds"] == 2
     assert rows.loc["full model", "loss_increase"] == 0.0
@@ -218,13 +227,31 @@ def test_evaluate_run_writes_tables_next_to_the_run(tiny_neox_dir, tiny_text, tm
     stats.save(run / "bigram_stats.npz", tokenizer=tokenizer)
     config = SearchConfig(max_steps=3, batch_size=2, seq_len=32, stability_check=False, eval_batches=1)
     meta = {"corpus": str(corpus), "model": str(tiny_neox_dir)}
-    sweep(bridge, train.windows(32, 8), Target.bigram(stats), [0.0, 1.0], ("neuron", "head"), config, run,
-          eval_windows=held_out, show_progress=False, metadata=meta)
-    sweep(bridge, train.windows(32, 8), Target.full_model(len(tokenizer)), [1.0], ("neuron", "head"), config,
-          run / "optimal", show_progress=False, metadata=meta)
+    sweep(
+        bridge,
+        train.windows(32, 8),
+        Target.bigram(stats),
+        [0.0, 1.0],
+        ("neuron", "head"),
+        config,
+        run,
+        eval_windows=held_out,
+        show_progress=False,
+        metadata=meta,
+    )
+    sweep(
+        bridge,
+        train.windows(32, 8),
+        Target.full_model(len(tokenizer)),
+        [1.0],
+        ("neuron", "head"),
+        config,
+        run / "optimal",
+        show_progress=False,
+        metadata=meta,
+    )
 
-    tables = evaluate_run(run, n_eval_windows=4, seeds=(0, 1), n_random=500, max_new_tokens=4,
-                          show_progress=False)
+    tables = evaluate_run(run, n_eval_windows=4, seeds=(0, 1), n_random=500, max_new_tokens=4, show_progress=False)
     assert set(tables) == {"metrics", "ablation", "generations", "layer_distribution", "overlap"}
     assert list(tables["metrics"]["subnetwork"]) == ["full model", "lambda_0", "lambda_1"]
     assert tables["metrics"]["chosen"].sum() == 1

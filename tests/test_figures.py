@@ -1,4 +1,5 @@
-"""Figures (bigram_circuits.plots), tables (bigram_circuits.tables) and the paper pipeline (bigram_circuits.app.figures), on small synthetic result tables."""
+"""Figures (bigram_circuits.plots), tables (bigram_circuits.tables) and the paper pipeline
+(bigram_circuits.app.figures), on small synthetic result tables."""
 
 from __future__ import annotations
 
@@ -21,8 +22,16 @@ def _sweep() -> pd.DataFrame:
     rows = []
     for model, full_r in (("tiny", 0.70), ("small", 0.65)):
         for lam, params, r in ((0, 2e6, 0.96), (1, 1e6, 0.95), (10, 2e5, 0.93), (100, 3e4, 0.85), (1000, 0, 0.1)):
-            rows.append({"model": model, "lambda": lam, "active_params": params, "r": r,
-                         "full_model_r": full_r, "mask_size": 3_000_000})
+            rows.append(
+                {
+                    "model": model,
+                    "lambda": lam,
+                    "active_params": params,
+                    "r": r,
+                    "full_model_r": full_r,
+                    "mask_size": 3_000_000,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -30,8 +39,14 @@ def _ckpt_and_share() -> tuple[pd.DataFrame, pd.DataFrame]:
     ckpt, share = [], []
     for step in (0, 100, 1000):
         for target in (1e4, 1e5, 1e6):
-            ckpt.append({"step": step, "target_params": target, "r_estimated": 0.5 + step / 4000,
-                         "full_model_r": 0.8 - step / 10000})
+            ckpt.append(
+                {
+                    "step": step,
+                    "target_params": target,
+                    "r_estimated": 0.5 + step / 4000,
+                    "full_model_r": 0.8 - step / 10000,
+                }
+            )
         for layer in range(3):
             share.append({"step": step, "component": "mlp", "layer": layer, "share": 0.2 if layer else 0.5})
             share.append({"step": step, "component": "attn", "layer": layer, "share": 0.1 / 3})
@@ -50,16 +65,22 @@ def _lens() -> pd.DataFrame:
 def _matrices() -> dict[str, pd.DataFrame]:
     layers = range(4)
     base = np.array([[1.0 - 0.1 * abs(i - j) for j in layers] for i in layers])
-    return {"full": pd.DataFrame(base, index=layers, columns=layers),
-            "bigram": pd.DataFrame(base * 0.9, index=layers, columns=layers),
-            "random": pd.DataFrame(np.full((4, 4), 0.99), index=layers, columns=layers)}
+    return {
+        "full": pd.DataFrame(base, index=layers, columns=layers),
+        "bigram": pd.DataFrame(base * 0.9, index=layers, columns=layers),
+        "random": pd.DataFrame(np.full((4, 4), 0.99), index=layers, columns=layers),
+    }
 
 
 def _opt_and_ablation() -> tuple[pd.DataFrame, pd.DataFrame]:
-    opt = pd.DataFrame({"active_params": [1e6, 1e5, 1e4], "r_model": [0.99, 0.9, 0.8],
-                        "r_bigram": [0.7, 0.75, 0.8]})
-    ablation = pd.DataFrame({"condition": ["bigram ablated", "full model", "random ablated", "optimal ablated"],
-                             "loss": [8.0, 3.5, 3.7, 9.0], "loss_std": [0.0, 0.0, 0.1, 0.0]})
+    opt = pd.DataFrame({"active_params": [1e6, 1e5, 1e4], "r_model": [0.99, 0.9, 0.8], "r_bigram": [0.7, 0.75, 0.8]})
+    ablation = pd.DataFrame(
+        {
+            "condition": ["bigram ablated", "full model", "random ablated", "optimal ablated"],
+            "loss": [8.0, 3.5, 3.7, 9.0],
+            "loss_std": [0.0, 0.0, 0.1, 0.0],
+        }
+    )
     return opt, ablation
 
 
@@ -177,13 +198,13 @@ def test_fig5_two_lines_and_one_bar_per_condition():
     [
         (lambda: P.fig1_r_vs_params(_sweep().drop(columns=["r", "lambda"])), "'lambda', 'r'"),
         (lambda: T.table_fig1(_sweep().drop(columns=["model"])), "'model'"),
-        (lambda: P.fig2_training_dynamics(_ckpt_and_share()[0].drop(columns="r_estimated"),
-                                          _ckpt_and_share()[1]), "'r_estimated'"),
-        (lambda: P.fig2_training_dynamics(_ckpt_and_share()[0],
-                                          _ckpt_and_share()[1].drop(columns="share")), "'share'"),
+        (
+            lambda: P.fig2_training_dynamics(_ckpt_and_share()[0].drop(columns="r_estimated"), _ckpt_and_share()[1]),
+            "'r_estimated'",
+        ),
+        (lambda: P.fig2_training_dynamics(_ckpt_and_share()[0], _ckpt_and_share()[1].drop(columns="share")), "'share'"),
         (lambda: P.fig3_rotation(_lens().drop(columns="target")), "'target'"),
-        (lambda: P.fig5_optimal(_opt_and_ablation()[0].drop(columns="r_bigram"),
-                                _opt_and_ablation()[1]), "'r_bigram'"),
+        (lambda: P.fig5_optimal(_opt_and_ablation()[0].drop(columns="r_bigram"), _opt_and_ablation()[1]), "'r_bigram'"),
         (lambda: P.fig5_optimal(_opt_and_ablation()[0], _opt_and_ablation()[1].drop(columns="loss")), "'loss'"),
         (lambda: T.table1_chosen(_sweep().drop(columns="active_params")), "'active_params'"),
         (lambda: T.table2_bigram_r(pd.DataFrame({"condition": ["x"]})), "'r'"),
@@ -237,16 +258,18 @@ def test_table1_agrees_with_search_choose_subnetwork():
 
 
 def test_from_search_sweep_renames_columns_for_fig1():
-    native = pd.DataFrame({"lambda": [0.0, 10.0], "n_params": [1000, 10], "bigram_r": [0.9, 0.8],
-                           "chosen": [False, True]})
+    native = pd.DataFrame(
+        {"lambda": [0.0, 10.0], "n_params": [1000, 10], "bigram_r": [0.9, 0.8], "chosen": [False, True]}
+    )
     rows = T.from_search_sweep(native, "default", mask_size=5000)
     assert rows.columns.tolist() == ["model", "lambda", "active_params", "r", "mask_size"]
     assert len(P.fig1_r_vs_params(rows).data) == 1
 
 
 def test_table2_orders_conditions_like_the_paper():
-    rows = pd.DataFrame({"condition": ["embeddings + linear map", "bigram subnetwork", "full model"],
-                         "r": [0.81234, 0.95, 0.7]})
+    rows = pd.DataFrame(
+        {"condition": ["embeddings + linear map", "bigram subnetwork", "full model"], "r": [0.81234, 0.95, 0.7]}
+    )
     table = T.table2_bigram_r(rows)
     assert table["condition"].tolist() == ["full model", "bigram subnetwork", "embeddings + linear map"]
     assert table["r"].tolist() == [0.7, 0.95, 0.812]
@@ -255,9 +278,20 @@ def test_table2_orders_conditions_like_the_paper():
 
 
 def test_table3_formats_overlap_rows():
-    rows = pd.DataFrame([{"pair": "bigram vs optimal", "fraction_overlap": 0.0123, "expected": 0.00123,
-                          "ratio": 10.0, "p_value": 0.0, "frac_a_in_b": 0.5, "expected_frac_a_in_b": 0.05,
-                          "n_random": 10_000}])
+    rows = pd.DataFrame(
+        [
+            {
+                "pair": "bigram vs optimal",
+                "fraction_overlap": 0.0123,
+                "expected": 0.00123,
+                "ratio": 10.0,
+                "p_value": 0.0,
+                "frac_a_in_b": 0.5,
+                "expected_frac_a_in_b": 0.05,
+                "n_random": 10_000,
+            }
+        ]
+    )
     table = T.table3_overlap(rows)
     assert table.loc[0, "p"] == "< 1e-04"
     assert table.loc[0, "% of A in B"] == 50.0 and table.loc[0, "expected % of A in B"] == 5.0
@@ -274,8 +308,13 @@ def test_table3_accepts_overlap_module_output():
 
 
 def test_table4_orders_and_flattens_generations():
-    rows = pd.DataFrame({"prompt": ["The", "The", "A"], "condition": ["bigram ablated", "full model", "full model"],
-                         "text": ["the the the", "The cat\nsat", "A dog"]})
+    rows = pd.DataFrame(
+        {
+            "prompt": ["The", "The", "A"],
+            "condition": ["bigram ablated", "full model", "full model"],
+            "text": ["the the the", "The cat\nsat", "A dog"],
+        }
+    )
     table = T.table4_generations(rows)
     assert table["condition"].tolist() == ["full model", "bigram ablated", "full model"]
     assert table.loc[0, "text"] == "The cat sat"
@@ -291,7 +330,13 @@ def test_to_markdown_escapes_pipes_and_groups_thousands():
 
 
 def test_human_count_matches_paper_style():
-    assert [P.human_count(x) for x in (7.24e6, 905_000, 1.38e9, 999_950, 512)] == ["7.24M", "905k", "1.38B", "1M", "512"]
+    assert [P.human_count(x) for x in (7.24e6, 905_000, 1.38e9, 999_950, 512)] == [
+        "7.24M",
+        "905k",
+        "1.38B",
+        "1M",
+        "512",
+    ]
 
 
 # ----------------------------------------------------------------------------- saving
@@ -346,10 +391,25 @@ def test_save_figure_writes_png_with_chromium(tmp_path, monkeypatch):
 
 def _tiny_figures_config(corpus: Path) -> A.FiguresConfig:
     return A.FiguresConfig(
-        corpus=str(corpus), seq_len=16, batch_size=4, max_steps=3, bigram_lambdas=(0.0, 10.0),
-        optimal_lambdas=(10.0,), checkpoint_lambdas=(1.0, 10.0), max_checkpoints=2, train_windows=64,
-        eval_windows=8, analysis_seq_len=32, analysis_tokens=256, ablation_windows=4, random_seeds=(0, 1),
-        overlap_samples=100, prompts=("the",), generation_tokens=3, linear_map_steps=3, headline_seeds=(0, 1),
+        corpus=str(corpus),
+        seq_len=16,
+        batch_size=4,
+        max_steps=3,
+        bigram_lambdas=(0.0, 10.0),
+        optimal_lambdas=(10.0,),
+        checkpoint_lambdas=(1.0, 10.0),
+        max_checkpoints=2,
+        train_windows=64,
+        eval_windows=8,
+        analysis_seq_len=32,
+        analysis_tokens=256,
+        ablation_windows=4,
+        random_seeds=(0, 1),
+        overlap_samples=100,
+        prompts=("the",),
+        generation_tokens=3,
+        linear_map_steps=3,
+        headline_seeds=(0, 1),
     )
 
 
@@ -385,8 +445,13 @@ def test_figures_command_writes_everything_then_redraws_from_cache(tmp_path, tin
     assert "Table 2" in tables and "subnetwork at random init" in tables and "Pythia 1B" in tables
     table2 = pd.read_csv(out / "table2_bigram_r.csv")
     assert list(table2["condition"]) == [
-        "full model", "bigram subnetwork", "subnetwork at random init", "random init + trained embeddings",
-        "empty subnetwork + embeddings", "embeddings + linear map"]
+        "full model",
+        "bigram subnetwork",
+        "subnetwork at random init",
+        "random init + trained embeddings",
+        "empty subnetwork + embeddings",
+        "embeddings + linear map",
+    ]
     assert table2["r"].between(-1, 1).all()
     ckpt = pd.read_csv(out / "table1_chosen.csv")
     assert ckpt.loc[0, "mask_size"] > ckpt.loc[0, "active_params"] >= 0

@@ -21,12 +21,40 @@ def test_gpu_check_runs_every_stage_on_cpu(tiny_neox_dir, tiny_text, tmp_path, m
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(tiny_text), encoding="utf-8")
     out = tmp_path / "gpu_check.json"
-    report = _load_script().main([
-        "--device", "cpu", "--out", str(out), "--tests", "tests/test_devices.py::test_resolve_device_accepts_present_devices",
-        "--size", "tiny", "--steps", "3", "--batch", "4", "--seq-len", "16",
-        "--model", str(tiny_neox_dir), "--corpus", str(corpus), "--sweep-lambdas", "0,1", "--sweep-steps", "2",
-        "--sweep-train-windows", "32", "--sweep-eval-windows", "8", "--sweep-seq-len", "16", "--sweep-batch", "8",
-    ])
+    report = _load_script().main(
+        [
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--tests",
+            "tests/test_devices.py::test_resolve_device_accepts_present_devices",
+            "--size",
+            "tiny",
+            "--steps",
+            "3",
+            "--batch",
+            "4",
+            "--seq-len",
+            "16",
+            "--model",
+            str(tiny_neox_dir),
+            "--corpus",
+            str(corpus),
+            "--sweep-lambdas",
+            "0,1",
+            "--sweep-steps",
+            "2",
+            "--sweep-train-windows",
+            "32",
+            "--sweep-eval-windows",
+            "8",
+            "--sweep-seq-len",
+            "16",
+            "--sweep-batch",
+            "8",
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["stages"].keys() == {"tests", "search", "sweep"} == report["stages"].keys()
     tests, search, sweep = (saved["stages"][k] for k in ("tests", "search", "sweep"))

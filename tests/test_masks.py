@@ -114,9 +114,7 @@ def test_partial_head_mask_matches_zeroing_those_heads(tiny_neox):
     with torch.no_grad():
         with attach_masks(bridge, comps, _constant(keep)):
             masked = bridge(tokens)
-        by_hand = bridge.run_with_hooks(
-            tokens, fwd_hooks=[(f"blocks.{L}.attn.hook_z", zero_heads) for L in range(2)]
-        )
+        by_hand = bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{L}.attn.hook_z", zero_heads) for L in range(2)])
     assert torch.allclose(masked, by_hand, atol=1e-6)
 
 
@@ -307,11 +305,24 @@ def test_key_strings_are_the_saved_ones():
     assert sorted([MaskKey.neuron(1), MaskKey.head(0)]) == [MaskKey.head(0), MaskKey.neuron(1)]
 
 
-@pytest.mark.parametrize("text", [
-    "blocks.0.attn.hook_post", "blocks.0.mlp.hook_z", "blocks.0.attn.in.weight", "blocks.0.mlp.q.weight",
-    "blocks.01.attn.hook_z", "blocks.-1.attn.hook_z", "blocks.0.attn.q", "blocks.0.attn.hook_z.weight",
-    "blocks.0.attn.hook_z ", "blocks.x.mlp.hook_post", "0.attn.hook_z", "", "blocks.0.attn.qq.weight",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "blocks.0.attn.hook_post",
+        "blocks.0.mlp.hook_z",
+        "blocks.0.attn.in.weight",
+        "blocks.0.mlp.q.weight",
+        "blocks.01.attn.hook_z",
+        "blocks.-1.attn.hook_z",
+        "blocks.0.attn.q",
+        "blocks.0.attn.hook_z.weight",
+        "blocks.0.attn.hook_z ",
+        "blocks.x.mlp.hook_post",
+        "0.attn.hook_z",
+        "",
+        "blocks.0.attn.qq.weight",
+    ],
+)
 def test_malformed_keys_are_refused(text):
     assert MaskKey.try_parse(text) is None and not MaskKey.is_unit_key(text)
     with pytest.raises(MaskError, match="unknown mask key"):

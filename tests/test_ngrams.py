@@ -39,7 +39,7 @@ class NaiveModel:
     def prob(self, context: tuple, token: int) -> float:
         V, k = self.V, self.k
         for n in range(self.order, 1, -1):
-            row = self.levels[n].get(tuple(context[-(n - 1):]))
+            row = self.levels[n].get(tuple(context[-(n - 1) :]))
             if row:
                 return (row[token] + k) / (sum(row.values()) + k * V)
         total = sum(self.unigram.values())
@@ -128,8 +128,9 @@ def test_input_forms_and_streaming_chunks_agree(corpus):
             if order == 3:
                 np.testing.assert_array_equal(other.trigram.keys(V), one.trigram.keys(V))
                 np.testing.assert_array_equal(other.trigram.counts, one.trigram.counts)
-    assert_counts_equal(BigramStats.from_tokens(sequence, V, chunk_tokens=13, show_progress=False),
-                        naive_counts([sequence], V, 2))
+    assert_counts_equal(
+        BigramStats.from_tokens(sequence, V, chunk_tokens=13, show_progress=False), naive_counts([sequence], V, 2)
+    )
 
 
 def assert_tables_equal(got: BigramStats, want: BigramStats) -> None:
@@ -150,12 +151,15 @@ def test_threaded_counting_matches_one_thread(corpus, monkeypatch, order):
     monkeypatch.setattr(ngrams, "_MIN_THREADED_KEYS", 16)  # small data through the threaded path
     serial = BigramStats.from_tokens(windows, V, order=order, n_threads=1, show_progress=False)
     for n_threads in (2, 5):
-        threaded = BigramStats.from_tokens(windows, V, order=order, n_threads=n_threads, chunk_tokens=300,
-                                           show_progress=False)
+        threaded = BigramStats.from_tokens(
+            windows, V, order=order, n_threads=n_threads, chunk_tokens=300, show_progress=False
+        )
         assert_tables_equal(threaded, serial)
     constant = np.full((4, 30), 7)  # one distinct key: the key ranges collapse
-    assert_tables_equal(BigramStats.from_tokens(constant, V, order=order, n_threads=4, show_progress=False),
-                        BigramStats.from_tokens(constant, V, order=order, n_threads=1, show_progress=False))
+    assert_tables_equal(
+        BigramStats.from_tokens(constant, V, order=order, n_threads=4, show_progress=False),
+        BigramStats.from_tokens(constant, V, order=order, n_threads=1, show_progress=False),
+    )
 
 
 def test_token_dataset_is_counted_as_windows(corpus):
@@ -261,8 +265,10 @@ def test_surprisal_entropy_and_top_k(corpus):
     smoothed = stats.with_add_k(0.3)
     p = NaiveModel(windows, V, add_k=0.3).dense((0,))
     assert smoothed.entropy(0) == pytest.approx(float(-(p * np.log(p)).sum()))
-    np.testing.assert_allclose(stats.entropy(np.array([[0, 5], [V - 1, V]])),
-                               [[stats.entropy(0), stats.entropy(5)], [stats.entropy(V - 1), stats.entropy(V)]])
+    np.testing.assert_allclose(
+        stats.entropy(np.array([[0, 5], [V - 1, V]])),
+        [[stats.entropy(0), stats.entropy(5)], [stats.entropy(V - 1), stats.entropy(V)]],
+    )
 
     top = stats.top_k(0, k=5, tokenizer=FakeTokenizer(V))
     assert list(top.columns) == ["next_token", "probability", "count", "source", "text"]
@@ -393,8 +399,10 @@ def test_save_load_roundtrip_and_checks(tmp_path, corpus):
     # Well-formed arrays that contradict each other: one line saying to count again, not a bare ValueError.
     with np.load(path) as npz:
         arrays = {name: npz[name] for name in npz.files}
-    for name, bad, message in (("bigram_counts", np.zeros_like(arrays["bigram_counts"]), "bigram table is inconsistent"),
-                               ("unigram_counts", arrays["unigram_counts"][:-1], "unigram counts have shape")):
+    for name, bad, message in (
+        ("bigram_counts", np.zeros_like(arrays["bigram_counts"]), "bigram table is inconsistent"),
+        ("unigram_counts", arrays["unigram_counts"][:-1], "unigram counts have shape"),
+    ):
         edited = tmp_path / f"edited_{name}.npz"
         np.savez(edited, **{**arrays, name: bad})
         with pytest.raises(StatsError, match=message) as err:
@@ -418,15 +426,17 @@ def test_bad_inputs_give_one_line_errors(corpus):
         (TokenError, "integer", lambda: BigramStats.from_tokens(np.array([[1.0, 2.0]]), V, show_progress=False)),
         (TokenError, "integer", lambda: BigramStats.from_tokens(np.array([True, False]), V, show_progress=False)),
         (TokenError, "text", lambda: BigramStats.from_tokens("some text", V, show_progress=False)),
-        (TokenError, "shape", lambda: BigramStats.from_tokens(np.zeros((2, 2, 2), np.int64), V,
-                                                              show_progress=False)),
+        (TokenError, "shape", lambda: BigramStats.from_tokens(np.zeros((2, 2, 2), np.int64), V, show_progress=False)),
         (StatsError, "vocab_size", lambda: BigramStats.from_tokens(windows, 0, show_progress=False)),
         (StatsError, "order", lambda: BigramStats.from_tokens(windows, V, order=4, show_progress=False)),
         (StatsError, "add_k", lambda: BigramStats.from_tokens(windows, V, add_k=-1, show_progress=False)),
         (StatsError, "classes", lambda: stats.soft_cross_entropy(torch.zeros(1, 2, V - 1), np.array([[1, 2]]))),
         (StatsError, "do not match", lambda: stats.soft_cross_entropy(torch.zeros(1, 3, V), np.array([[1, 2]]))),
-        (StatsError, "floating", lambda: stats.soft_cross_entropy(torch.zeros(1, 2, V, dtype=torch.long),
-                                                                  np.array([[1, 2]]))),
+        (
+            StatsError,
+            "floating",
+            lambda: stats.soft_cross_entropy(torch.zeros(1, 2, V, dtype=torch.long), np.array([[1, 2]])),
+        ),
         (TokenError, "out of range", lambda: stats.soft_cross_entropy(torch.zeros(1, 2, V), np.array([[1, V]]))),
         (TokenError, "integer", lambda: stats.soft_cross_entropy(torch.zeros(1, 2, V), torch.zeros(1, 2))),
         (TokenError, "out of range", lambda: stats.prob(V + 1, 0)),
@@ -450,7 +460,7 @@ def real_tokens(tmp_path_factory):
 
     try:
         documents = data.load_documents("sotu")[:12]
-    except Exception as exc:  # noqa: BLE001  (no network and no cached archive)
+    except Exception as exc:
         pytest.skip(f"sotu corpus unavailable: {exc}")
     tokenizer = train_tokenizer(documents, 400, tmp_path_factory.mktemp("sotu_tok"))
     return data.tokenize_documents(documents, tokenizer, show_progress=False), tokenizer
@@ -470,6 +480,7 @@ def test_real_corpus_counts_probabilities_and_loss(real_tokens, tmp_path):
     batch = windows[:4]
     logits = torch.randn(4, 64, V, dtype=torch.float64)
     assert float(stats.soft_cross_entropy(logits, batch)) == pytest.approx(
-        float(dense_reference(stats, logits, batch).mean()), abs=1e-10)
+        float(dense_reference(stats, logits, batch).mean()), abs=1e-10
+    )
     path = stats.save(tmp_path / "sotu.npz", tokenizer=tokenizer)
     assert BigramStats.load(path, tokenizer=tokenizer).n_tokens == stats.n_tokens

@@ -65,11 +65,7 @@ def test_null_matches_explicit_mask_drawing():
     for i in range(n):
         total = 0
         for key, shape in shapes.items():
-            total += int(
-                (
-                    _random_mask(shape, kept_a[key], gen) & _random_mask(shape, kept_b[key], gen)
-                ).sum()
-            )
+            total += int((_random_mask(shape, kept_a[key], gen) & _random_mask(shape, kept_b[key], gen)).sum())
         explicit[i] = total
     keys = sorted(shapes)
     sampled = null_overlap_samples(
@@ -103,9 +99,7 @@ def test_identical_subnetworks_are_significant_and_disjoint_are_not():
 
 def test_fixed_blocks_do_not_need_sampling():
     # A keeps a whole block and B keeps nothing of another: overlap is fixed.
-    counts = null_overlap_samples(
-        np.array([10, 8]), np.array([10, 3]), np.array([4, 0]), n_random=50
-    )
+    counts = null_overlap_samples(np.array([10, 8]), np.array([10, 3]), np.array([4, 0]), n_random=50)
     assert np.all(counts == 4)
     with pytest.raises(ConfigError, match="n_random"):
         null_overlap_samples(np.array([10]), np.array([1]), np.array([1]), n_random=0)
@@ -174,9 +168,7 @@ def test_overlap_of_subnetworks_uses_their_blocks(neox):
 
     gen = torch.Generator().manual_seed(0)
     full = Subnetwork.full(neox, ("neuron", "head"))
-    a = Subnetwork.from_masks(
-        neox, {k: torch.rand(m.shape, generator=gen) < 0.3 for k, m in full.masks.items()}
-    )
+    a = Subnetwork.from_masks(neox, {k: torch.rand(m.shape, generator=gen) < 0.3 for k, m in full.masks.items()})
     b = Subnetwork.from_masks(
         neox,
         {k: (torch.rand(m.shape, generator=gen) < 0.3) | a.masks[k] for k, m in full.masks.items()},

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from bigram_circuits import cli
+from bigram_circuits.app.find import find_command
 from bigram_circuits.data import TokenDataset, load_documents, split_documents, tokenize_documents
-from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.errors import (
     BigramCircuitsError,
     ConfigError,
@@ -36,11 +36,11 @@ from bigram_circuits.errors import (
     TokenError,
     UnsafeFileError,
 )
+from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.manifest import MANIFEST_FILE, read_manifest, verify_manifest
 from bigram_circuits.masks import attach_masks, mask_components, parse_granularities
 from bigram_circuits.models import load_model, model_id
 from bigram_circuits.ngrams import BigramStats
-from bigram_circuits.app.find import find_command
 from bigram_circuits.search import SearchConfig, Target, search, sweep
 from bigram_circuits.subnetwork import Subnetwork
 
@@ -231,9 +231,15 @@ def _malicious_pickle(env: Env):
 
 
 def _search(env: Env, windows=None, target=None, granularities="neuron", out=None, **config):
-    return search(env.bridge, env.windows if windows is None else windows,
-                  target or Target.bigram(env.stats), granularities, env.quick(**config), out,
-                  show_progress=False)
+    return search(
+        env.bridge,
+        env.windows if windows is None else windows,
+        target or Target.bigram(env.stats),
+        granularities,
+        env.quick(**config),
+        out,
+        show_progress=False,
+    )
 
 
 def _corrupt_checkpoint(env: Env):
@@ -244,8 +250,14 @@ def _corrupt_checkpoint(env: Env):
 
 def _checkpoint_of_other_granularity(env: Env):
     config = env.quick()
-    state = {"config": config.to_dict(), "granularities": ["head"], "target": "bigram",
-             "model_id": model_id(env.bridge), "attempt": 0, "step": 2}
+    state = {
+        "config": config.to_dict(),
+        "granularities": ["head"],
+        "target": "bigram",
+        "model_id": model_id(env.bridge),
+        "attempt": 0,
+        "step": 2,
+    }
     (env.out / "run").mkdir()
     torch.save(state, env.out / "run" / "checkpoint.pt")
     return _search(env, out=env.out / "run")
@@ -285,131 +297,316 @@ def _permission_denied(env: Env):
 
 
 def _find(env: Env, **kwargs):
-    options = {"model": str(env.fixture("tiny_neox_dir")), "granularities": "neuron", "lambdas": [1.0],
-               "out_dir": env.out / "find", "corpus": "no-such-corpus", "show_progress": False, **kwargs}
+    options = {
+        "model": str(env.fixture("tiny_neox_dir")),
+        "granularities": "neuron",
+        "lambdas": [1.0],
+        "out_dir": env.out / "find",
+        "corpus": "no-such-corpus",
+        "show_progress": False,
+        **kwargs,
+    }
     return find_command(**options)
 
 
 CASES = [
     # models
     Case("unknown_model_offline", "model", _offline_unknown_model, ModelLoadError, "cannot reach the hub"),
-    Case("model_path_missing", "model", lambda e: load_model(e.tmp / "no" / "model"), ModelLoadError,
-         "no model file or directory"),
+    Case(
+        "model_path_missing",
+        "model",
+        lambda e: load_model(e.tmp / "no" / "model"),
+        ModelLoadError,
+        "no model file or directory",
+    ),
     Case("model_dir_without_config", "model", lambda e: load_model(e.out), ModelLoadError, "no config.json"),
-    Case("weights_missing", "model", lambda e: load_model(e.copy_model(skip=("model.safetensors",))),
-         ModelLoadError, "no model weights"),
-    Case("weights_corrupt", "model", lambda e: _weights_replaced(e, lambda b: b"\x00garbage" * 64),
-         ModelLoadError, "cannot load the weights"),
-    Case("weights_truncated_safetensors", "model", lambda e: _weights_replaced(e, lambda b: b[: len(b) // 2]),
-         ModelLoadError, "cannot load the weights"),
+    Case(
+        "weights_missing",
+        "model",
+        lambda e: load_model(e.copy_model(skip=("model.safetensors",))),
+        ModelLoadError,
+        "no model weights",
+    ),
+    Case(
+        "weights_corrupt",
+        "model",
+        lambda e: _weights_replaced(e, lambda b: b"\x00garbage" * 64),
+        ModelLoadError,
+        "cannot load the weights",
+    ),
+    Case(
+        "weights_truncated_safetensors",
+        "model",
+        lambda e: _weights_replaced(e, lambda b: b[: len(b) // 2]),
+        ModelLoadError,
+        "cannot load the weights",
+    ),
     Case("tokenizer_model_vocab_mismatch", "model", _vocab_mismatch, ModelLoadError, "vocab mismatch"),
-    Case("checkpoint_step_missing", "model", lambda e: load_model(e.fixture("tiny_neox_dir"), checkpoint=7),
-         ModelLoadError, "no checkpoint at step 7"),
-    Case("dtype_not_float", "model", lambda e: load_model(e.fixture("tiny_neox_dir"), dtype="int8"),
-         ModelLoadError, "not a torch floating dtype"),
+    Case(
+        "checkpoint_step_missing",
+        "model",
+        lambda e: load_model(e.fixture("tiny_neox_dir"), checkpoint=7),
+        ModelLoadError,
+        "no checkpoint at step 7",
+    ),
+    Case(
+        "dtype_not_float",
+        "model",
+        lambda e: load_model(e.fixture("tiny_neox_dir"), dtype="int8"),
+        ModelLoadError,
+        "not a torch floating dtype",
+    ),
     # corpora
-    Case("corpus_unknown", "corpus", lambda e: load_documents("no-such-corpus"), CorpusError,
-         "neither a named source"),
+    Case("corpus_unknown", "corpus", lambda e: load_documents("no-such-corpus"), CorpusError, "neither a named source"),
     Case("corpus_empty_file", "corpus", _empty_corpus, CorpusError, "holds no text"),
     Case("corpus_bad_jsonl", "corpus", _bad_jsonl, CorpusError, "expected a JSON object"),
     Case("corpus_too_short", "corpus", _too_short_corpus, CorpusError, "fewer than one window"),
-    Case("corpus_one_document_split", "corpus", lambda e: split_documents(["only one document"]), CorpusError,
-         "left one side empty"),
+    Case(
+        "corpus_one_document_split",
+        "corpus",
+        lambda e: split_documents(["only one document"]),
+        CorpusError,
+        "left one side empty",
+    ),
     # token ids and lengths
-    Case("stats_token_id_out_of_range", "tokens",
-         lambda e: BigramStats.from_tokens(np.array([[1, 999]]), 300, show_progress=False), TokenError, "999"),
-    Case("stats_negative_token_id", "tokens",
-         lambda e: BigramStats.from_tokens(np.array([[1, -2]]), 300, show_progress=False), TokenError, "negative"),
-    Case("stats_float_tokens", "tokens",
-         lambda e: BigramStats.from_tokens(np.array([[1.5, 2.0]]), 300, show_progress=False), TokenError, ""),
-    Case("search_token_id_out_of_range", "tokens", lambda e: _search(e, windows=_windows_with(e, 400)),
-         TokenError, "outside the model's vocabulary"),
-    Case("search_sequence_above_context", "tokens", lambda e: _search(e, windows=_long_windows(e), seq_len=128),
-         TokenError, "exceed the model's context of 64"),
-    Case("evaluate_sequence_above_context", "tokens",
-         lambda e: __import__("bigram_circuits.evaluate").evaluate.evaluate_metrics(e.bridge, e.stats, _long_windows(e)),
-         TokenError, "exceed the model's context"),
-    Case("patch_token_id_out_of_range", "tokens",
-         lambda e: __import__("bigram_circuits.circuits.patching").circuits.patching.cache_run(
-             e.bridge, torch.tensor([[1, 2, 999]])), TokenError, "outside the model's vocabulary"),
+    Case(
+        "stats_token_id_out_of_range",
+        "tokens",
+        lambda e: BigramStats.from_tokens(np.array([[1, 999]]), 300, show_progress=False),
+        TokenError,
+        "999",
+    ),
+    Case(
+        "stats_negative_token_id",
+        "tokens",
+        lambda e: BigramStats.from_tokens(np.array([[1, -2]]), 300, show_progress=False),
+        TokenError,
+        "negative",
+    ),
+    Case(
+        "stats_float_tokens",
+        "tokens",
+        lambda e: BigramStats.from_tokens(np.array([[1.5, 2.0]]), 300, show_progress=False),
+        TokenError,
+        "",
+    ),
+    Case(
+        "search_token_id_out_of_range",
+        "tokens",
+        lambda e: _search(e, windows=_windows_with(e, 400)),
+        TokenError,
+        "outside the model's vocabulary",
+    ),
+    Case(
+        "search_sequence_above_context",
+        "tokens",
+        lambda e: _search(e, windows=_long_windows(e), seq_len=128),
+        TokenError,
+        "exceed the model's context of 64",
+    ),
+    Case(
+        "evaluate_sequence_above_context",
+        "tokens",
+        lambda e: __import__("bigram_circuits.evaluate").evaluate.evaluate_metrics(e.bridge, e.stats, _long_windows(e)),
+        TokenError,
+        "exceed the model's context",
+    ),
+    Case(
+        "patch_token_id_out_of_range",
+        "tokens",
+        lambda e: __import__("bigram_circuits.circuits.patching").circuits.patching.cache_run(
+            e.bridge, torch.tensor([[1, 2, 999]])
+        ),
+        TokenError,
+        "outside the model's vocabulary",
+    ),
     # bigram statistics
     Case("stats_file_corrupt", "stats", _stats_corrupt, StatsError, ""),
     Case("stats_file_other_vocab", "stats", _stats_other_vocab, StatsError, "999"),
-    Case("stats_logits_narrower_than_vocab", "stats",
-         lambda e: e.stats.soft_cross_entropy(torch.zeros(1, 3, 10), np.array([[1, 2, 3]])), StatsError, ""),
+    Case(
+        "stats_logits_narrower_than_vocab",
+        "stats",
+        lambda e: e.stats.soft_cross_entropy(torch.zeros(1, 3, 10), np.array([[1, 2, 3]])),
+        StatsError,
+        "",
+    ),
     # masks and subnetworks
     Case("subnetwork_applied_twice", "mask", _applied_twice, MaskError, "already applied"),
     Case("subnetwork_for_another_model", "mask", _other_model, MaskError, "made for model"),
     Case("mask_file_of_other_granularity", "mask", _mask_file_of_other_granularity, MaskError, "do not match"),
     Case("masks_truncated_safetensors", "mask", _truncated_masks, MaskError, "corrupt subnetwork"),
     Case("unknown_granularity", "mask", lambda e: parse_granularities("neurons"), MaskError, "neurons"),
-    Case("unknown_apply_mode", "mask", lambda e: Subnetwork.full(e.bridge).applied(e.bridge, "drop").__enter__(),
-         MaskError, "keep"),
+    Case(
+        "unknown_apply_mode",
+        "mask",
+        lambda e: Subnetwork.full(e.bridge).applied(e.bridge, "drop").__enter__(),
+        MaskError,
+        "keep",
+    ),
     Case("author_masks_of_other_model", "mask", _author_pickle_of_other_model, MaskError, ""),
     Case("unknown_mask_hook", "hook", _unknown_mask_hook, MaskError, "does not exist"),
-    Case("unknown_patch_hook", "hook",
-         lambda e: __import__("bigram_circuits.circuits.patching").circuits.patching.run_with_patches(
-             e.bridge, torch.tensor([[1, 2]]), {"blocks.9.hook_resid_pre": torch.zeros(1, 2, 32)}),
-         ConfigError, "unknown hook name"),
-    Case("unknown_cache_hook", "hook",
-         lambda e: __import__("bigram_circuits.circuits.patching").circuits.patching.cache_run(
-             e.bridge, torch.tensor([[1, 2]]), names=["blocks.0.hook_nothing"]), ConfigError, "unknown hook name"),
+    Case(
+        "unknown_patch_hook",
+        "hook",
+        lambda e: __import__("bigram_circuits.circuits.patching").circuits.patching.run_with_patches(
+            e.bridge, torch.tensor([[1, 2]]), {"blocks.9.hook_resid_pre": torch.zeros(1, 2, 32)}
+        ),
+        ConfigError,
+        "unknown hook name",
+    ),
+    Case(
+        "unknown_cache_hook",
+        "hook",
+        lambda e: __import__("bigram_circuits.circuits.patching").circuits.patching.cache_run(
+            e.bridge, torch.tensor([[1, 2]]), names=["blocks.0.hook_nothing"]
+        ),
+        ConfigError,
+        "unknown hook name",
+    ),
     Case("malicious_pickle", "unsafe", _malicious_pickle, UnsafeFileError, "could run code", absent=("pwned",)),
     # options
-    Case("windows_seq_len_1", "config", lambda e: TokenDataset(np.arange(10), 300, 0).windows(1), ConfigError,
-         "seq_len"),
-    Case("generate_nan_temperature", "config",
-         lambda e: __import__("bigram_circuits.evaluate").evaluate.generate(e.bridge, e.tokenizer, "the",
-                                                                              temperature=float("nan")),
-         ConfigError, "temperature"),
+    Case(
+        "windows_seq_len_1", "config", lambda e: TokenDataset(np.arange(10), 300, 0).windows(1), ConfigError, "seq_len"
+    ),
+    Case(
+        "generate_nan_temperature",
+        "config",
+        lambda e: __import__("bigram_circuits.evaluate").evaluate.generate(
+            e.bridge, e.tokenizer, "the", temperature=float("nan")
+        ),
+        ConfigError,
+        "temperature",
+    ),
     Case("lambda_negative", "search", lambda e: SearchConfig(lam=-1.0), SearchError, "lam must be >= 0"),
     Case("lambda_nan", "search", lambda e: SearchConfig(lam=float("nan")), SearchError, "lam must be >= 0"),
     Case("lambda_inf", "search", lambda e: SearchConfig(lam=float("inf")), SearchError, "lam must be >= 0"),
-    Case("temperature_growth_below_one", "search", lambda e: SearchConfig(temperature_growth=0.99), SearchError,
-         "temperature schedule"),
-    Case("temperature_init_nan", "search", lambda e: SearchConfig(temperature_init=float("nan")), SearchError,
-         "temperature schedule"),
-    Case("temperature_growth_inf", "search", lambda e: SearchConfig(temperature_growth=float("inf")), SearchError,
-         "temperature schedule"),
+    Case(
+        "temperature_growth_below_one",
+        "search",
+        lambda e: SearchConfig(temperature_growth=0.99),
+        SearchError,
+        "temperature schedule",
+    ),
+    Case(
+        "temperature_init_nan",
+        "search",
+        lambda e: SearchConfig(temperature_init=float("nan")),
+        SearchError,
+        "temperature schedule",
+    ),
+    Case(
+        "temperature_growth_inf",
+        "search",
+        lambda e: SearchConfig(temperature_growth=float("inf")),
+        SearchError,
+        "temperature schedule",
+    ),
     Case("learning_rate_nan", "search", lambda e: SearchConfig(lr=float("nan")), SearchError, "lr must be"),
-    Case("fewer_windows_than_a_batch", "search", lambda e: _search(e, windows=e.windows[:3]), SearchError,
-         "fewer than one batch"),
+    Case(
+        "fewer_windows_than_a_batch",
+        "search",
+        lambda e: _search(e, windows=e.windows[:3]),
+        SearchError,
+        "fewer than one batch",
+    ),
     Case("unknown_target", "search", lambda e: Target.from_name("bigrams"), SearchError, "unknown target"),
     Case("checkpoint_corrupt", "search", _corrupt_checkpoint, SearchError, "unreadable"),
-    Case("checkpoint_of_other_granularity", "search", _checkpoint_of_other_granularity, SearchError,
-         "belongs to another run"),
-    Case("nan_loss_during_search", "search", _nan_loss, SearchError, "loss became nan at step 3",
-         absent=("out/run/masks.safetensors", "out/run/manifest.json")),
-    Case("find_unknown_option", "search", lambda e: _find(e, learning_rate=0.1), SearchError,
-         "unknown search option", absent=("out/find",)),
-    Case("find_negative_lambda", "search", lambda e: _find(e, lambdas=[1.0, -3.0]), SearchError,
-         "lam must be >= 0", absent=("out/find",)),
-    Case("sweep_without_lambdas", "search",
-         lambda e: sweep(e.bridge, e.windows, Target.bigram(e.stats), [], "neuron", e.quick()), SearchError,
-         "at least one lambda"),
+    Case(
+        "checkpoint_of_other_granularity",
+        "search",
+        _checkpoint_of_other_granularity,
+        SearchError,
+        "belongs to another run",
+    ),
+    Case(
+        "nan_loss_during_search",
+        "search",
+        _nan_loss,
+        SearchError,
+        "loss became nan at step 3",
+        absent=("out/run/masks.safetensors", "out/run/manifest.json"),
+    ),
+    Case(
+        "find_unknown_option",
+        "search",
+        lambda e: _find(e, learning_rate=0.1),
+        SearchError,
+        "unknown search option",
+        absent=("out/find",),
+    ),
+    Case(
+        "find_negative_lambda",
+        "search",
+        lambda e: _find(e, lambdas=[1.0, -3.0]),
+        SearchError,
+        "lam must be >= 0",
+        absent=("out/find",),
+    ),
+    Case(
+        "sweep_without_lambdas",
+        "search",
+        lambda e: sweep(e.bridge, e.windows, Target.bigram(e.stats), [], "neuron", e.quick()),
+        SearchError,
+        "at least one lambda",
+    ),
     # outputs
-    Case("disk_full_on_save", "output", _disk_full, OutputError, "No space left on device",
-         absent=("out/sub/masks.safetensors", "out/sub/subnetwork.json")),
-    Case("permission_denied_on_write", "output", _permission_denied, OutputError, "Permission denied",
-         absent=("out/stats.npz",)),
-    Case("output_dir_under_a_file", "output", lambda e: Subnetwork.full(e.bridge).save(e.a_file() / "sub"),
-         OutputError, "cannot write"),
-    Case("search_out_dir_under_a_file", "output", lambda e: _search(e, out=e.a_file() / "run"), OutputError,
-         "cannot write"),
+    Case(
+        "disk_full_on_save",
+        "output",
+        _disk_full,
+        OutputError,
+        "No space left on device",
+        absent=("out/sub/masks.safetensors", "out/sub/subnetwork.json"),
+    ),
+    Case(
+        "permission_denied_on_write",
+        "output",
+        _permission_denied,
+        OutputError,
+        "Permission denied",
+        absent=("out/stats.npz",),
+    ),
+    Case(
+        "output_dir_under_a_file",
+        "output",
+        lambda e: Subnetwork.full(e.bridge).save(e.a_file() / "sub"),
+        OutputError,
+        "cannot write",
+    ),
+    Case(
+        "search_out_dir_under_a_file",
+        "output",
+        lambda e: _search(e, out=e.a_file() / "run"),
+        OutputError,
+        "cannot write",
+    ),
 ]
 
 
 def _leftovers(root: Path) -> list[str]:
     """Temporary files or staging directories left anywhere under ``root``."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.name.endswith(".tmp") or p.name.startswith((".staging", ".sub", ".model")))
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.name.endswith(".tmp") or p.name.startswith((".staging", ".sub", ".model"))
+    )
 
 
 def test_the_table_is_broad():
     assert len(CASES) >= 25
     assert len({c.id for c in CASES}) == len(CASES)
-    assert {c.category for c in CASES} >= {"model", "corpus", "tokens", "stats", "mask", "hook", "unsafe",
-                                           "config", "search", "output"}
+    assert {c.category for c in CASES} >= {
+        "model",
+        "corpus",
+        "tokens",
+        "stats",
+        "mask",
+        "hook",
+        "unsafe",
+        "config",
+        "search",
+        "output",
+    }
 
 
 @pytest.mark.usefixtures("no_runtime_typecheck")
@@ -465,27 +662,49 @@ CLI_CASES = [
     ("find_zero_steps", lambda d: ["find", "--out", d["out"], "--max-steps", "0"], "max_steps"),
     ("find_unknown_granularity", lambda d: ["find", "--out", d["out"], "--granularity", "neurons"], "neurons"),
     ("find_model_missing", lambda d: ["find", "--out", d["out"], "--model", d["missing"]], "no model file"),
-    ("find_out_under_a_file", lambda d: ["find", "--out", d["file"] + "/run", "--model", d["model"]],
-     "cannot write"),
-    ("find_corpus_missing", lambda d: ["find", "--out", d["out"], "--model", d["model"], "--corpus", d["missing"]],
-     "neither a named source"),
-    ("find_seq_len_above_context", lambda d: ["find", "--out", d["out"], "--model", d["model"], "--corpus",
-                                              d["corpus"], "--seq-len", "128", "--no-progress"],
-     "exceed the model's context of 64"),
+    ("find_out_under_a_file", lambda d: ["find", "--out", d["file"] + "/run", "--model", d["model"]], "cannot write"),
+    (
+        "find_corpus_missing",
+        lambda d: ["find", "--out", d["out"], "--model", d["model"], "--corpus", d["missing"]],
+        "neither a named source",
+    ),
+    (
+        "find_seq_len_above_context",
+        lambda d: [
+            "find",
+            "--out",
+            d["out"],
+            "--model",
+            d["model"],
+            "--corpus",
+            d["corpus"],
+            "--seq-len",
+            "128",
+            "--no-progress",
+        ],
+        "exceed the model's context of 64",
+    ),
     ("evaluate_missing_run", lambda d: ["evaluate", d["missing"]], "does not exist"),
-    ("patch_unknown_component", lambda d: ["patch", "--clean", "a", "--corrupted", "b", "--component", "x"],
-     "invalid choice"),
+    (
+        "patch_unknown_component",
+        lambda d: ["patch", "--clean", "a", "--corrupted", "b", "--component", "x"],
+        "invalid choice",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name,argv,match", CLI_CASES, ids=[c[0] for c in CLI_CASES])
-def test_cli_bad_input_is_one_error_line(name, argv, match, capsys, tmp_path, monkeypatch, tiny_neox_dir,
-                                         corpus_file):
+def test_cli_bad_input_is_one_error_line(name, argv, match, capsys, tmp_path, monkeypatch, tiny_neox_dir, corpus_file):
     monkeypatch.setenv("BIGRAM_CIRCUITS_CACHE", str(tmp_path / "cache"))
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    paths = {"out": str(tmp_path / "out"), "missing": str(tmp_path / "missing" / "thing"),
-             "file": str(a_file), "model": str(tiny_neox_dir), "corpus": str(corpus_file)}
+    paths = {
+        "out": str(tmp_path / "out"),
+        "missing": str(tmp_path / "missing" / "thing"),
+        "file": str(a_file),
+        "model": str(tiny_neox_dir),
+        "corpus": str(corpus_file),
+    }
     code, err = _cli(capsys, *argv(paths))
     _assert_one_error_line(code, err, match)
     assert _leftovers(tmp_path) == []
@@ -504,9 +723,23 @@ def test_cli_prints_os_errors_as_one_line(capsys, monkeypatch):
 
 def test_cli_error_in_a_real_process_has_no_traceback(tmp_path):
     env = {**os.environ, "BIGRAM_CIRCUITS_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "bigram_circuits.cli", "find", "--out", str(tmp_path / "run"),
-                           "--model", str(tmp_path / "missing" / "model")],
-                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bigram_circuits.cli",
+            "find",
+            "--out",
+            str(tmp_path / "run"),
+            "--model",
+            str(tmp_path / "missing" / "model"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     _assert_one_error_line(proc.returncode, proc.stderr, "no model file or directory")
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
@@ -535,9 +768,11 @@ def test_package_writes_only_through_the_atomic_helper():
     import re
 
     root = Path(__file__).resolve().parents[1] / "bigram_circuits"
-    direct = re.compile(r"open\([^)]*['\"][wax]b?['\"]|\.write_text\(|\.write_bytes\(|to_csv\((?!index|buffer\b)[^)]"
-                        r"|torch\.save\((?!state, buffer)|save_file\(|np\.save(z|z_compressed)?\((?!buffer|handle)"
-                        r"|write_html\(|\.save_pretrained\((?!staging|str\(staging|\))")
+    direct = re.compile(
+        r"open\([^)]*['\"][wax]b?['\"]|\.write_text\(|\.write_bytes\(|to_csv\((?!index|buffer\b)[^)]"
+        r"|torch\.save\((?!state, buffer)|save_file\(|np\.save(z|z_compressed)?\((?!buffer|handle)"
+        r"|write_html\(|\.save_pretrained\((?!staging|str\(staging|\))"
+    )
     helper = ("io.py", 'with os.fdopen(fd, "wb") as handle:')  # inside io.atomic_write itself
     offenders = []
     for path in root.rglob("*.py"):
@@ -552,8 +787,16 @@ def test_nan_loss_keeps_the_last_good_checkpoint_and_resumes_exactly(tiny_neox, 
     windows = tokenize_documents(tiny_text, tokenizer, show_progress=False).windows(SEQ)
     stats = BigramStats.from_tokens(windows, len(tokenizer), seq_len=SEQ, show_progress=False)
     bigram = Target.bigram(stats)
-    config = SearchConfig(batch_size=8, seq_len=SEQ, max_steps=8, checkpoint_every=100, stability_check=False,
-                          parameterization="hard_concrete", seed=5, eval_batches=1)
+    config = SearchConfig(
+        batch_size=8,
+        seq_len=SEQ,
+        max_steps=8,
+        checkpoint_every=100,
+        stability_check=False,
+        parameterization="hard_concrete",
+        seed=5,
+        eval_batches=1,
+    )
     run = tmp_path / "run"
     with pytest.raises(SearchError, match=r"loss became nan at step 5 .*last good state \(step 4\)"):
         search(bridge, windows, _nan_after(4, bigram), "neuron", config, run, show_progress=False)
@@ -575,15 +818,29 @@ def test_runs_carry_a_verifiable_manifest(tiny_neox, tiny_text, tmp_path):
     windows = tokenize_documents(tiny_text, tokenizer, show_progress=False).windows(SEQ)
     stats = BigramStats.from_tokens(windows, len(tokenizer), seq_len=SEQ, show_progress=False)
     config = SearchConfig(batch_size=8, seq_len=SEQ, max_steps=3, stability_check=False, eval_batches=1)
-    sweep(bridge, windows[:-16], Target.bigram(stats), [0.5], "neuron", config, tmp_path / "sweep",
-          eval_windows=windows[-16:], show_progress=False)
+    sweep(
+        bridge,
+        windows[:-16],
+        Target.bigram(stats),
+        [0.5],
+        "neuron",
+        config,
+        tmp_path / "sweep",
+        eval_windows=windows[-16:],
+        show_progress=False,
+    )
     run = tmp_path / "sweep"
     manifest = read_manifest(run)
     assert manifest["kind"] == "sweep" and manifest["config"]["lambdas"] == [0.5]
     assert {"bigram_circuits", "torch", "transformers", "transformer-lens", "python"} <= set(manifest["versions"])
     assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"]["torch"]
-    assert {"sweep.csv", "lambda_0.5/masks.safetensors", "lambda_0.5/subnetwork.json", "lambda_0.5/history.csv",
-            "lambda_0.5/manifest.json"} == set(manifest["files"])
+    assert {
+        "sweep.csv",
+        "lambda_0.5/masks.safetensors",
+        "lambda_0.5/subnetwork.json",
+        "lambda_0.5/history.csv",
+        "lambda_0.5/manifest.json",
+    } == set(manifest["files"])
     inner = read_manifest(run / "lambda_0.5")
     assert inner["kind"] == "search" and inner["config"]["config"]["lam"] == 0.5
     report = verify_manifest(run)
@@ -610,10 +867,19 @@ def test_same_seed_gives_identical_masks_on_cpu(parameterization, tiny_neox, tin
     bridge, tokenizer = tiny_neox
     windows = tokenize_documents(tiny_text, tokenizer, show_progress=False).windows(SEQ)
     stats = BigramStats.from_tokens(windows, len(tokenizer), seq_len=SEQ, show_progress=False)
-    config = SearchConfig(batch_size=8, seq_len=SEQ, max_steps=10, stability_check=False, seed=11,
-                          parameterization=parameterization, lam=2.0, eval_batches=1)
-    first, second = (search(bridge, windows, Target.bigram(stats), ("neuron", "head"), config, show_progress=False)
-                     for _ in range(2))
+    config = SearchConfig(
+        batch_size=8,
+        seq_len=SEQ,
+        max_steps=10,
+        stability_check=False,
+        seed=11,
+        parameterization=parameterization,
+        lam=2.0,
+        eval_batches=1,
+    )
+    first, second = (
+        search(bridge, windows, Target.bigram(stats), ("neuron", "head"), config, show_progress=False) for _ in range(2)
+    )
     assert first.history["loss"].tolist() == second.history["loss"].tolist()
     for key, mask in first.subnetwork.masks.items():
         assert torch.equal(second.subnetwork.masks[key], mask)

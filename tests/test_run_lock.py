@@ -11,8 +11,8 @@ import pytest
 
 from bigram_circuits import cli
 from bigram_circuits.data import tokenize_documents
-from bigram_circuits.io import run_directory_lock
 from bigram_circuits.errors import OutputError
+from bigram_circuits.io import run_directory_lock
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.search import SearchConfig, Target, search
 
@@ -25,9 +25,9 @@ def test_a_locked_run_directory_refuses_a_second_search(tiny_neox, tiny_text, tm
     stats = BigramStats.from_tokens(tiny_windows, len(tokenizer), seq_len=SEQ, show_progress=False)
     config = SearchConfig(batch_size=4, seq_len=SEQ, max_steps=2, stability_check=False, eval_batches=1)
     run = tmp_path / "run"
-    with run_directory_lock(run):  # flock: another descriptor conflicts even in this process
-        with pytest.raises(OutputError, match="another process is writing"):
-            search(bridge, tiny_windows, Target.bigram(stats), "weight", config, run, show_progress=False)
+    # flock: another descriptor conflicts even in this process
+    with run_directory_lock(run), pytest.raises(OutputError, match="another process is writing"):
+        search(bridge, tiny_windows, Target.bigram(stats), "weight", config, run, show_progress=False)
     assert not (run / "checkpoint.pt").exists()
     # Released: the same search now runs, and a lock left by a finished run does not block.
     search(bridge, tiny_windows, Target.bigram(stats), "weight", config, run, show_progress=False)
@@ -38,11 +38,18 @@ def test_a_locked_run_directory_refuses_a_second_search(tiny_neox, tiny_text, tm
 def test_cli_find_on_a_directory_another_process_writes_is_one_error_line(tmp_path, tiny_neox_dir, capsys):
     run = tmp_path / "run"
     ready = tmp_path / "ready"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, pathlib; from bigram_circuits.io import run_directory_lock\n"
-        f"with run_directory_lock({str(run)!r}):\n"
-        f"    pathlib.Path({str(ready)!r}).write_text('1'); time.sleep(60)")],
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time, pathlib; from bigram_circuits.io import run_directory_lock\n"
+                f"with run_directory_lock({str(run)!r}):\n"
+                f"    pathlib.Path({str(ready)!r}).write_text('1'); time.sleep(60)"
+            ),
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.time() + 60
         while not ready.exists() and time.time() < deadline:

@@ -11,8 +11,8 @@ import torch
 
 from bigram_circuits.data import tokenize_documents
 from bigram_circuits.errors import SearchError
-from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.models import frozen_parameters, model_id
+from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.search import (
     CHECKPOINT_FILE,
     NonFiniteLoss,
@@ -29,8 +29,21 @@ from bigram_circuits.search import (
 from bigram_circuits.subnetwork import Subnetwork
 
 # The keys of checkpoint.pt; old run directories resume only while they stay the same.
-CHECKPOINT_KEYS = {"attempt", "step", "history", "attempts", "mask_state", "optimizer", "generator", "config",
-                   "granularities", "target", "model_id", "elapsed_s", "cpu_s"}
+CHECKPOINT_KEYS = {
+    "attempt",
+    "step",
+    "history",
+    "attempts",
+    "mask_state",
+    "optimizer",
+    "generator",
+    "config",
+    "granularities",
+    "target",
+    "model_id",
+    "elapsed_s",
+    "cpu_s",
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +64,15 @@ def _quick(**overrides) -> SearchConfig:
 def test_search_reduces_target_loss_and_density(tiny_neox, corpus):
     bridge, _ = tiny_neox
     train, held_out, stats = corpus
-    result = search(bridge, train, Target.bigram(stats), ("neuron", "head"), _quick(max_steps=60),
-                    eval_windows=held_out, show_progress=False)
+    result = search(
+        bridge,
+        train,
+        Target.bigram(stats),
+        ("neuron", "head"),
+        _quick(max_steps=60),
+        eval_windows=held_out,
+        show_progress=False,
+    )
     history = result.history
     assert history["target_loss"].iloc[-5:].mean() < history["target_loss"].iloc[:5].mean()
     assert history["soft_density"].iloc[-1] < history["soft_density"].iloc[0]
@@ -89,8 +109,16 @@ def test_resume_gives_the_uninterrupted_result(tiny_neox, corpus, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        search(bridge, train, target, ("neuron", "head"), config, tmp_path / "resumed", show_progress=False,
-               callback=interrupt)
+        search(
+            bridge,
+            train,
+            target,
+            ("neuron", "head"),
+            config,
+            tmp_path / "resumed",
+            show_progress=False,
+            callback=interrupt,
+        )
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
     resumed = search(bridge, train, target, ("neuron", "head"), config, tmp_path / "resumed", show_progress=False)
     for key in straight.subnetwork.masks:
@@ -100,8 +128,16 @@ def test_resume_gives_the_uninterrupted_result(tiny_neox, corpus, tmp_path):
     assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
 
     calls = []
-    again = search(bridge, train, target, ("neuron", "head"), config, tmp_path / "resumed", show_progress=False,
-                   callback=lambda step, row: calls.append(step))
+    again = search(
+        bridge,
+        train,
+        target,
+        ("neuron", "head"),
+        config,
+        tmp_path / "resumed",
+        show_progress=False,
+        callback=lambda step, row: calls.append(step),
+    )
     assert calls == [] and again.metrics["steps"] == resumed.metrics["steps"]
     with pytest.raises(SearchError, match="other settings"):
         search(bridge, train, target, ("neuron", "head"), _quick(lam=5.0), tmp_path / "resumed", show_progress=False)
@@ -120,8 +156,16 @@ def test_nan_loss_raises_and_keeps_the_checkpoint(tiny_neox, corpus, tmp_path):
 
     exploding.calls = 0
     with pytest.raises(SearchError, match="nan at step 13"):
-        search(bridge, train, Target.custom(exploding), "head", _quick(checkpoint_every=5), tmp_path,
-               show_progress=False, callback=count)
+        search(
+            bridge,
+            train,
+            Target.custom(exploding),
+            "head",
+            _quick(checkpoint_every=5),
+            tmp_path,
+            show_progress=False,
+            callback=count,
+        )
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 12  # the last good step, not only the last periodic checkpoint (10)
     assert all(p.requires_grad for p in bridge.parameters())
@@ -130,11 +174,23 @@ def test_nan_loss_raises_and_keeps_the_checkpoint(tiny_neox, corpus, tmp_path):
 def test_other_targets_and_exact_size(tiny_gpt2, corpus):
     bridge, tokenizer = tiny_gpt2
     train, _, _ = corpus
-    full = search(bridge, train, Target.full_model(len(tokenizer)), ("neuron", "head"), _quick(max_steps=8, lam=0.0),
-                  show_progress=False)
+    full = search(
+        bridge,
+        train,
+        Target.full_model(len(tokenizer)),
+        ("neuron", "head"),
+        _quick(max_steps=8, lam=0.0),
+        show_progress=False,
+    )
     assert full.history["target_loss"].notna().all() and full.metrics["metrics_on"] == "train"
-    top = search(bridge, train, Target.next_token(len(tokenizer)), "weight", _quick(max_steps=3, keep_top_k=100),
-                 show_progress=False)
+    top = search(
+        bridge,
+        train,
+        Target.next_token(len(tokenizer)),
+        "weight",
+        _quick(max_steps=3, keep_top_k=100),
+        show_progress=False,
+    )
     assert top.subnetwork.n_kept == 100
 
 
@@ -142,8 +198,9 @@ def test_stopping_rule_stops_a_decided_mask(tiny_neox, corpus):
     bridge, _ = tiny_neox
     train, _, stats = corpus
     # A huge penalty drives every entry below 0.1 quickly: nothing undecided -> stop.
-    result = search(bridge, train, Target.bigram(stats), ("neuron", "head"), _quick(lam=1000.0, max_steps=400),
-                    show_progress=False)
+    result = search(
+        bridge, train, Target.bigram(stats), ("neuron", "head"), _quick(lam=1000.0, max_steps=400), show_progress=False
+    )
     assert result.metrics["stop_reason"] == "converged" and result.metrics["steps"] < 400
     assert result.subnetwork.n_kept == 0
 
@@ -160,11 +217,13 @@ def test_stability_check():
 
 
 def test_choose_subnetwork_picks_sparsest_within_tolerance():
-    table = pd.DataFrame({
-        "lambda": [0.0, 1.0, 10.0, 100.0],
-        "n_params": [1000, 500, 100, 10],
-        "bigram_r": [0.96, 0.95, 0.93, 0.80],
-    })
+    table = pd.DataFrame(
+        {
+            "lambda": [0.0, 1.0, 10.0, 100.0],
+            "n_params": [1000, 500, 100, 10],
+            "bigram_r": [0.96, 0.95, 0.93, 0.80],
+        }
+    )
     assert choose_subnetwork(table)["lambda"] == 10.0
     assert choose_subnetwork(table, tolerance=0.015)["lambda"] == 1.0
     assert choose_subnetwork(table, tolerance=0.005)["lambda"] == 0.0
@@ -173,8 +232,17 @@ def test_choose_subnetwork_picks_sparsest_within_tolerance():
 def test_sweep_table_and_csv(tiny_neox, corpus, tmp_path):
     bridge, _ = tiny_neox
     train, held_out, stats = corpus
-    table = sweep(bridge, train, Target.bigram(stats), [0.0, 10.0], "neuron", _quick(max_steps=15), tmp_path,
-                  eval_windows=held_out, show_progress=False)
+    table = sweep(
+        bridge,
+        train,
+        Target.bigram(stats),
+        [0.0, 10.0],
+        "neuron",
+        _quick(max_steps=15),
+        tmp_path,
+        eval_windows=held_out,
+        show_progress=False,
+    )
     assert list(table["lambda"]) == [0.0, 10.0]
     assert table["chosen"].sum() == 1
     assert (tmp_path / "sweep.csv").exists() and (tmp_path / "lambda_10" / "masks.safetensors").exists()
@@ -219,14 +287,19 @@ def test_search_step_changes_the_logits_and_returns_a_finite_loss(tiny_neox, cor
 
 def test_search_step_refuses_a_non_finite_loss_before_stepping(tiny_neox, corpus):
     bridge, _ = tiny_neox
-    train, _, stats = corpus
+    train, _, _stats = corpus
     config = _quick()
     with frozen_parameters(bridge):
         state = _fresh_state(bridge, config, grans=("head",))
         before = _logits(state)
         with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 1 \(lambda 1\)"):
-            search_step(state, bridge, torch.as_tensor(train[:8], dtype=torch.long),
-                        Target.custom(lambda logits, tokens: logits.float().mean() * math.nan), config)
+            search_step(
+                state,
+                bridge,
+                torch.as_tensor(train[:8], dtype=torch.long),
+                Target.custom(lambda logits, tokens: logits.float().mean() * math.nan),
+                config,
+            )
     assert state.step == 0 and state.mask_set.temperature == config.temperature_init
     assert all(torch.equal(before[key], logit) for key, logit in _logits(state).items())
 
@@ -245,8 +318,9 @@ def test_state_save_load_round_trip_continues_identically(tiny_neox, corpus, tmp
         state.save(tmp_path / CHECKPOINT_FILE)
         saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
         assert set(saved) == CHECKPOINT_KEYS and saved["step"] == 3 and saved["target"] == "bigram"
-        loaded = SearchState.load(tmp_path / CHECKPOINT_FILE, bridge, config, ("neuron", "head"), target,
-                                  model_id(bridge))
+        loaded = SearchState.load(
+            tmp_path / CHECKPOINT_FILE, bridge, config, ("neuron", "head"), target, model_id(bridge)
+        )
         assert loaded.step == state.step and loaded.history == state.history and loaded.attempt == 0
         assert loaded.mask_set.temperature == state.mask_set.temperature
         assert torch.equal(loaded.generator_state(), state.generator_state())
@@ -254,12 +328,14 @@ def test_state_save_load_round_trip_continues_identically(tiny_neox, corpus, tmp
         assert loaded.clock.wall() >= saved["elapsed_s"]
         # Continued on the same batches, the loaded state and the original stay equal bit for bit.
         for batch in batches[3:]:
-            assert search_step(state, bridge, batch, target, config) == search_step(loaded, bridge, batch, target,
-                                                                                    config)
+            assert search_step(state, bridge, batch, target, config) == search_step(
+                loaded, bridge, batch, target, config
+            )
         assert all(torch.equal(_logits(state)[key], logit) for key, logit in _logits(loaded).items())
         with pytest.raises(SearchError, match="belongs to another run"):
-            SearchState.load(tmp_path / CHECKPOINT_FILE, bridge, _quick(lam=2.0), ("neuron", "head"), target,
-                             model_id(bridge))
+            SearchState.load(
+                tmp_path / CHECKPOINT_FILE, bridge, _quick(lam=2.0), ("neuron", "head"), target, model_id(bridge)
+            )
 
 
 def test_frozen_parameters_restores_the_previous_flags():

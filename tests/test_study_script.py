@@ -39,11 +39,39 @@ def test_study_script_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_neox_dir, 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(list(tiny_text) * 3))
     study = _load_script()
-    argv = ["--model", str(tiny_neox_dir), "--label", "tiny", "--corpus", str(corpus), "--lambdas", "0", "10",
-            "--max-steps", "3", "--batch-size", "4", "--seq-len", "16", "--train-windows", "32",
-            "--eval-windows", "8", "--analysis-tokens", "128", "--threads", "1", "--eval-batches", "1",
-            "--out", str(tmp_path / "run"), "--results", str(tmp_path / "results" / "study"),
-            "--figures", str(tmp_path / "figures")]
+    argv = [
+        "--model",
+        str(tiny_neox_dir),
+        "--label",
+        "tiny",
+        "--corpus",
+        str(corpus),
+        "--lambdas",
+        "0",
+        "10",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "16",
+        "--train-windows",
+        "32",
+        "--eval-windows",
+        "8",
+        "--analysis-tokens",
+        "128",
+        "--threads",
+        "1",
+        "--eval-batches",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--results",
+        str(tmp_path / "results" / "study"),
+        "--figures",
+        str(tmp_path / "figures"),
+    ]
     result = study.main(argv)
 
     saved = json.loads((tmp_path / "results" / "study.json").read_text())
@@ -56,8 +84,13 @@ def test_study_script_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_neox_dir, 
     assert "tiny (this run)" in markdown and "## Circuits" in markdown
     assert saved["command"] == "python benchmarks/smollm2_study.py " + " ".join(argv)
     assert [row["lambda"] for row in saved["sweep_layers"]] == [0.0, 10.0]
-    for name in ("fig1_r_vs_params", "layer_distribution_lambda_0", "layer_distribution_lambda_10",
-                 "fig3_rotation", "fig4_similarity"):
+    for name in (
+        "fig1_r_vs_params",
+        "layer_distribution_lambda_0",
+        "layer_distribution_lambda_10",
+        "fig3_rotation",
+        "fig4_similarity",
+    ):
         assert (tmp_path / "figures" / f"{name}.html").exists()
 
     # A second run resumes the finished sweep instead of searching again.

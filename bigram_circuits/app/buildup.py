@@ -29,7 +29,7 @@ def build_up_command(
     out: str | os.PathLike | None = None,
     *,
     optimal: str | os.PathLike | None = None,
-    config: BuildUpConfig = BuildUpConfig(),
+    config: BuildUpConfig | None = None,
     device: str = "cpu",
     png: bool = True,
     progress: bool = True,
@@ -51,7 +51,7 @@ def build_up_command(
     if optimal is not None:
         bases["optimal"] = Subnetwork.load(subnetwork_dir_of(optimal))
     bridge, tokenizer = load_model(model, device=device)
-    tables = build_up_experiment(bridge, tokenizer, bases, config, progress=progress)
+    tables = build_up_experiment(bridge, tokenizer, bases, config or BuildUpConfig(), progress=progress)
     if out is not None:
         from bigram_circuits.plots import fig_build_up, save_figure
 

@@ -42,13 +42,14 @@ def run_demo(demo: DemoConfig) -> None:
     # Attention + MLP weight matrices (the paper's mask unit); the bridge also holds split
     # copies of fused QKV weights, so counting bridge.parameters() would double count.
     n_weights = Subnetwork.full(bridge, ("weight",)).n_params_total()
-    print(f"model {demo.model!r}: {bridge.cfg.n_layers} layers, d_model {bridge.cfg.d_model}, "
-          f"{n_weights:,} attention+MLP weights, vocab {len(tokenizer)}")
+    print(
+        f"model {demo.model!r}: {bridge.cfg.n_layers} layers, d_model {bridge.cfg.d_model}, "
+        f"{n_weights:,} attention+MLP weights, vocab {len(tokenizer)}"
+    )
     windows = load_token_dataset(demo.corpus, tokenizer, split="eval").windows(128, max_windows=demo.eval_windows)
     loss = mean_next_token_loss(bridge, windows, device=input_device(bridge), batch_size=8, vocab_size=len(tokenizer))
     count = windows[:, 1:].size
-    print(f"eval loss on {count:,} tokens of {demo.corpus!r}: {loss:.3f} nats "
-          f"(perplexity {math.exp(loss):.1f})")
+    print(f"eval loss on {count:,} tokens of {demo.corpus!r}: {loss:.3f} nats (perplexity {math.exp(loss):.1f})")
     for prompt in ("The President of the United States", "The city is located in"):
         text = generate(bridge, tokenizer, prompt, temperature=0, max_new_tokens=20)
         print(f"  {prompt + text!r}")
@@ -65,29 +66,65 @@ def _demo_search(demo: DemoConfig, bridge, tokenizer) -> None:
     train = load_token_dataset(demo.corpus, tokenizer, split="train")
     evaluation = load_token_dataset(demo.corpus, tokenizer, split="eval")
     stats = BigramStats.from_tokens(train, vocab)
-    config = SearchConfig(lam=demo.lam, max_steps=demo.steps, batch_size=demo.batch_size, seq_len=demo.seq_len,
-                          temperature_growth=demo.temperature_growth, checkpoint_every=25)
-    print(f"searching a bigram subnetwork ({demo.granularity} masks, lambda {demo.lam:g}, "
-          f"at most {demo.steps} steps of {demo.batch_size} x {demo.seq_len} tokens) -> {demo.out}")
-    result = search(bridge, train.windows(demo.seq_len, 2048), Target.bigram(stats), demo.granularity,
-                    config, demo.out, eval_windows=evaluation.windows(128, demo.eval_windows))
+    config = SearchConfig(
+        lam=demo.lam,
+        max_steps=demo.steps,
+        batch_size=demo.batch_size,
+        seq_len=demo.seq_len,
+        temperature_growth=demo.temperature_growth,
+        checkpoint_every=25,
+    )
+    print(
+        f"searching a bigram subnetwork ({demo.granularity} masks, lambda {demo.lam:g}, "
+        f"at most {demo.steps} steps of {demo.batch_size} x {demo.seq_len} tokens) -> {demo.out}"
+    )
+    result = search(
+        bridge,
+        train.windows(demo.seq_len, 2048),
+        Target.bigram(stats),
+        demo.granularity,
+        config,
+        demo.out,
+        eval_windows=evaluation.windows(128, demo.eval_windows),
+    )
     m = result.metrics
-    print(f"bigram subnetwork: {m['n_params']:,} weights ({m['percent_params']:.2f}% of attention+MLP "
-          f"weights), bigram r {m['bigram_r']:.3f} on held-out text (binary mask), "
-          f"{m['steps']} steps, stopped by {m['stop_reason']}")
+    print(
+        f"bigram subnetwork: {m['n_params']:,} weights ({m['percent_params']:.2f}% of attention+MLP "
+        f"weights), bigram r {m['bigram_r']:.3f} on held-out text (binary mask), "
+        f"{m['steps']} steps, stopped by {m['stop_reason']}"
+    )
     layers = result.subnetwork.layer_distribution()
     top = layers.sort_values("kept_params", ascending=False).head(3)
-    print("where it sits: " + ", ".join(f"{r.block} {r.layer}: {100 * r.share_of_subnetwork:.0f}%"
-                                       for r in top.itertuples()))
-    table = ablation_table(bridge, stats, evaluation.windows(128, demo.eval_windows), result.subnetwork,
-                           seeds=(0,), show_progress=False)
-    shown = table[["condition", "active_params", "lm_loss_nats", "loss_increase", "r_dropped"]].rename(columns={
-        "active_params": "weights", "lm_loss_nats": "LM loss (nats)", "loss_increase": "vs full",
-        "r_dropped": "bigram r"})
-    print(shown.to_string(index=False, formatters={"weights": "{:,.0f}".format, "LM loss (nats)": "{:.3f}".format,
-                                                   "vs full": "{:+.3f}".format, "bigram r": "{:.3f}".format}))
-    print(f"removing the bigram subnetwork costs {table.attrs['loss_increase_ratio']:.1f}x the loss of "
-          "removing a random subnetwork of the same shape")
+    print(
+        "where it sits: "
+        + ", ".join(f"{r.block} {r.layer}: {100 * r.share_of_subnetwork:.0f}%" for r in top.itertuples())
+    )
+    table = ablation_table(
+        bridge, stats, evaluation.windows(128, demo.eval_windows), result.subnetwork, seeds=(0,), show_progress=False
+    )
+    shown = table[["condition", "active_params", "lm_loss_nats", "loss_increase", "r_dropped"]].rename(
+        columns={
+            "active_params": "weights",
+            "lm_loss_nats": "LM loss (nats)",
+            "loss_increase": "vs full",
+            "r_dropped": "bigram r",
+        }
+    )
+    print(
+        shown.to_string(
+            index=False,
+            formatters={
+                "weights": "{:,.0f}".format,
+                "LM loss (nats)": "{:.3f}".format,
+                "vs full": "{:+.3f}".format,
+                "bigram r": "{:.3f}".format,
+            },
+        )
+    )
+    print(
+        f"removing the bigram subnetwork costs {table.attrs['loss_increase_ratio']:.1f}x the loss of "
+        "removing a random subnetwork of the same shape"
+    )
     prompt = "The President of the United States"
     for condition in ("bigram only", "bigram ablated"):
         mode = "keep" if condition == "bigram only" else "ablate"

@@ -64,7 +64,9 @@ def evaluate_run(
     optimal_sub, optimal_dir = None, None
     if optimal is not None or optimal_path.is_dir():
         if not optimal_path.is_dir():
-            raise MaskError(f"optimal run {optimal_path} does not exist; run `bigram-circuits find --target full_model`")
+            raise MaskError(
+                f"optimal run {optimal_path} does not exist; run `bigram-circuits find --target full_model`"
+            )
         bigram_lambda = bigram.metadata.get("config", {}).get("lam")
         optimal_dir = RunDir(optimal_path).optimal_subnetwork_dir(prefer_lambda=bigram_lambda)
         optimal_sub = Subnetwork.load(optimal_dir)
@@ -74,24 +76,35 @@ def evaluate_run(
     tables: dict[str, pd.DataFrame] = {}
     tables["metrics"] = sweep_metrics_table(bridge, stats, windows, run_path, batch_size, show_progress)
     tables["ablation"] = ablation_table(bridge, stats, windows, bigram, optimal_sub, seeds, batch_size, show_progress)
-    tables["generations"] = generate_table(bridge, tokenizer, prompt, generation_conditions(bigram, seeds[0]),
-                                           temperature, max_new_tokens, seed=0)
+    tables["generations"] = generate_table(
+        bridge, tokenizer, prompt, generation_conditions(bigram, seeds[0]), temperature, max_new_tokens, seed=0
+    )
     tables["layer_distribution"] = layer_distribution(bigram)
     if optimal_sub is not None:
         tables["overlap"] = overlap_table({"bigram vs optimal": (bigram, optimal_sub)}, n_random=n_random)
 
     summary = {
-        "run": str(run_path), "bigram_subnetwork": str(loaded.subnetwork_dir), "model": loaded.model_name,
-        "n_eval_windows": len(windows), "n_eval_tokens": int(tables["ablation"]["n_tokens"].iloc[0]),
+        "run": str(run_path),
+        "bigram_subnetwork": str(loaded.subnetwork_dir),
+        "model": loaded.model_name,
+        "n_eval_windows": len(windows),
+        "n_eval_tokens": int(tables["ablation"]["n_tokens"].iloc[0]),
         "loss_increase_ratio": tables["ablation"].attrs["loss_increase_ratio"],
         "random_ablated_loss_increase_by_seed": tables["ablation"].attrs["random_ablated_loss_increase_by_seed"],
         **{f"layer_{k}": v for k, v in tables["layer_distribution"].attrs.items()},
     }
     if optimal_sub is not None:
         row = tables["overlap"].iloc[0]
-        summary.update({"optimal_subnetwork": str(optimal_dir), "overlap_fraction": float(row["fraction_overlap"]), "overlap_expected": float(row["expected"]),
-                        "overlap_ratio": float(row["ratio"]), "overlap_p_value": float(row["p_value"]),
-                        "overlap_frac_bigram_in_optimal": float(row["frac_a_in_b"])})
+        summary.update(
+            {
+                "optimal_subnetwork": str(optimal_dir),
+                "overlap_fraction": float(row["fraction_overlap"]),
+                "overlap_expected": float(row["expected"]),
+                "overlap_ratio": float(row["ratio"]),
+                "overlap_p_value": float(row["p_value"]),
+                "overlap_frac_bigram_in_optimal": float(row["frac_a_in_b"]),
+            }
+        )
     target_dir = Path(out_dir) if out_dir is not None else RunDir(run_path).evaluation_dir
     write_tables(tables, target_dir)
     atomic_write_bytes(target_dir / "summary.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))

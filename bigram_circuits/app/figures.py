@@ -95,9 +95,16 @@ class FiguresConfig:
         """The :class:`~bigram_circuits.search.SearchConfig` of every search (lambda set per run)."""
         from bigram_circuits.search import SearchConfig
 
-        return SearchConfig(max_steps=self.max_steps, batch_size=self.batch_size, seq_len=self.seq_len,
-                            temperature_growth=self.temperature_growth, lr=self.lr, seed=self.seed,
-                            checkpoint_every=25, eval_batches=2)
+        return SearchConfig(
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            temperature_growth=self.temperature_growth,
+            lr=self.lr,
+            seed=self.seed,
+            checkpoint_every=25,
+            eval_batches=2,
+        )
 
     def key(self) -> str:
         """A short hash of every setting (results of other settings live in other cache folders)."""
@@ -112,8 +119,13 @@ def _model_fingerprint(model: str) -> str:
     source = resolve_source(model)
     digest = hashlib.sha256(f"{source.kind}|{source.label}".encode())
     location = Path(source.location)
-    files = [location] if location.is_file() else sorted(
-        p for p in location.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin", ".gguf"))
+    files = (
+        [location]
+        if location.is_file()
+        else sorted(
+            p for p in location.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin", ".gguf")
+        )
+    )
     for path in files:
         # Name, size and modification time: a retrained model gets a new cache without hashing GBs.
         stat = path.stat()
@@ -183,7 +195,10 @@ class _FigureRun:
             stats = BigramStats.from_tokens(train, vocab, seq_len=cfg.analysis_seq_len, show_progress=False)
             n_analysis = math.ceil(cfg.analysis_tokens / cfg.analysis_seq_len)
             self._loaded = {
-                "bridge": bridge, "tokenizer": tokenizer, "vocab": vocab, "stats": stats,
+                "bridge": bridge,
+                "tokenizer": tokenizer,
+                "vocab": vocab,
+                "stats": stats,
                 "train": train.windows(cfg.seq_len, cfg.train_windows),
                 "eval": held_out.windows(cfg.seq_len, cfg.eval_windows),
                 "analysis": held_out.windows(cfg.analysis_seq_len, n_analysis),
@@ -199,9 +214,18 @@ class _FigureRun:
         config = self.config.search_config()
         if seed is not None:
             config = replace(config, seed=seed)
-        table = sweep(bridge, data["train"], target, [float(x) for x in lambdas], self.config.granularities,
-                      config, self.root / folder, eval_windows=data["eval"],
-                      show_progress=self.show_progress, metadata={"figures": folder})
+        table = sweep(
+            bridge,
+            data["train"],
+            target,
+            [float(x) for x in lambdas],
+            self.config.granularities,
+            config,
+            self.root / folder,
+            eval_windows=data["eval"],
+            show_progress=self.show_progress,
+            metadata={"figures": folder},
+        )
         table["path"] = [str(Path(p).relative_to(self.root)) for p in table["path"]]
         return table
 
@@ -214,6 +238,7 @@ class _FigureRun:
 
     def bigram_sweep(self) -> pd.DataFrame:
         """The lambda sweep of bigram subnetworks of the final model, with full-model r and |M|."""
+
         def compute() -> pd.DataFrame:
             from bigram_circuits.search import bigram_correlation
             from bigram_circuits.subnetwork import Subnetwork
@@ -226,6 +251,7 @@ class _FigureRun:
             rows["chosen"] = table["chosen"].to_numpy()
             rows["path"] = table["path"].to_numpy()
             return rows
+
         return self._frame("bigram_sweep", compute)
 
     def chosen_bigram(self):
@@ -237,6 +263,7 @@ class _FigureRun:
 
     def optimal_sweep(self) -> pd.DataFrame:
         """Optimal subnetworks (target: the full model's distribution): r with model and bigrams."""
+
         def compute() -> pd.DataFrame:
             from bigram_circuits.evaluate import (
                 metrics_from_surprisals,
@@ -249,12 +276,21 @@ class _FigureRun:
             full = token_surprisals(data["bridge"], data["stats"], data["eval"], show_progress=False)
             rows = []
             for _, run in table.iterrows():
-                sub = token_surprisals(data["bridge"], data["stats"], data["eval"], self.subnetwork(run["path"]),
-                                       show_progress=False)
-                rows.append({"model": self.model, "lambda": run["lambda"], "active_params": run["n_params"],
-                             "r_model": pearson_r(sub.model, full.model),
-                             "r_bigram": metrics_from_surprisals(sub)["r_dropped"], "path": run["path"]})
+                sub = token_surprisals(
+                    data["bridge"], data["stats"], data["eval"], self.subnetwork(run["path"]), show_progress=False
+                )
+                rows.append(
+                    {
+                        "model": self.model,
+                        "lambda": run["lambda"],
+                        "active_params": run["n_params"],
+                        "r_model": pearson_r(sub.model, full.model),
+                        "r_bigram": metrics_from_surprisals(sub)["r_dropped"],
+                        "path": run["path"],
+                    }
+                )
             return pd.DataFrame(rows)
+
         return self._frame("optimal_sweep", compute)
 
     def paired_optimal(self):
@@ -270,42 +306,62 @@ class _FigureRun:
         """The chosen lambda's bigram subnetwork searched once per ``headline_seeds`` seed: its
         size, r, where it sits, the ablation ratio against a random same-shape subnetwork (drawn
         with the same seed) and its overlap with the paired optimal subnetwork."""
+
         def compute() -> pd.DataFrame:
             from bigram_circuits.circuits.overlap import overlap
             from bigram_circuits.evaluate import ablation_table
 
             data = self.loaded
             sweep_rows = self.bigram_sweep()
-            chosen = sweep_rows[sweep_rows["chosen"]] if sweep_rows["chosen"].any() \
+            chosen = (
+                sweep_rows[sweep_rows["chosen"]]
+                if sweep_rows["chosen"].any()
                 else sweep_rows.loc[[sweep_rows["r"].idxmax()]]
+            )
             lam, chosen_path = float(chosen["lambda"].iloc[0]), str(chosen["path"].iloc[0])
             optimal = self.paired_optimal()
             rows = []
             for seed in self.config.headline_seeds:
-                path = chosen_path if seed == self.config.seed else str(
-                    self._sweep(data["bridge"], "bigram", [lam], f"final/bigram_seed_{seed}", seed=seed)["path"].iloc[0])
+                path = (
+                    chosen_path
+                    if seed == self.config.seed
+                    else str(
+                        self._sweep(data["bridge"], "bigram", [lam], f"final/bigram_seed_{seed}", seed=seed)[
+                            "path"
+                        ].iloc[0]
+                    )
+                )
                 sub = self.subnetwork(path)
                 metrics = sub.metadata.get("metrics", {})
-                ablation = ablation_table(data["bridge"], data["stats"], data["ablation"], sub, seeds=(seed,),
-                                          show_progress=False).set_index("condition")
+                ablation = ablation_table(
+                    data["bridge"], data["stats"], data["ablation"], sub, seeds=(seed,), show_progress=False
+                ).set_index("condition")
                 shares = sub.layer_distribution()
                 kept = max(float(shares["kept_params"].sum()), 1.0)
                 result = overlap(sub, optimal, n_random=self.config.overlap_samples, seed=self.config.seed)
-                rows.append({
-                    "seed": seed, "lambda": lam, "active_params": int(sub.n_params()),
-                    "active_percent": 100.0 * sub.n_params() / max(sub.n_params_total(), 1),
-                    "r": float(metrics.get("bigram_r", float("nan"))), "steps": int(metrics.get("steps", 0)),
-                    "converged": bool(metrics.get("converged", False)),
-                    "mlp0_share": float(shares.query("layer == 0 and block == 'mlp'")["kept_params"].sum() / kept),
-                    "ablated_loss_increase": float(ablation.loc["bigram ablated", "loss_increase"]),
-                    "random_ablated_loss_increase": float(ablation.loc["random ablated", "loss_increase"]),
-                    "ablation_ratio": float(ablation.attrs["loss_increase_ratio"]),
-                    "bigram_only_loss": float(ablation.loc["bigram only", "lm_loss_nats"]),
-                    "random_only_loss": float(ablation.loc["random only", "lm_loss_nats"]),
-                    "overlap_ratio": result.ratio, "overlap_p_value": result.p_value,
-                    "overlap_frac_in_optimal": result.frac_a_in_b, "path": path,
-                })
+                rows.append(
+                    {
+                        "seed": seed,
+                        "lambda": lam,
+                        "active_params": int(sub.n_params()),
+                        "active_percent": 100.0 * sub.n_params() / max(sub.n_params_total(), 1),
+                        "r": float(metrics.get("bigram_r", float("nan"))),
+                        "steps": int(metrics.get("steps", 0)),
+                        "converged": bool(metrics.get("converged", False)),
+                        "mlp0_share": float(shares.query("layer == 0 and block == 'mlp'")["kept_params"].sum() / kept),
+                        "ablated_loss_increase": float(ablation.loc["bigram ablated", "loss_increase"]),
+                        "random_ablated_loss_increase": float(ablation.loc["random ablated", "loss_increase"]),
+                        "ablation_ratio": float(ablation.attrs["loss_increase_ratio"]),
+                        "bigram_only_loss": float(ablation.loc["bigram only", "lm_loss_nats"]),
+                        "random_only_loss": float(ablation.loc["random only", "lm_loss_nats"]),
+                        "overlap_ratio": result.ratio,
+                        "overlap_p_value": result.p_value,
+                        "overlap_frac_in_optimal": result.frac_a_in_b,
+                        "path": path,
+                    }
+                )
             return pd.DataFrame(rows)
+
         return self._frame("headline_seeds", compute)
 
     # -- Fig 2
@@ -326,8 +382,11 @@ class _FigureRun:
             if step is None:  # the final model: reuse the Fig 1 sweep
                 rows = self.bigram_sweep()
                 full_r = float(rows["full_model_r"].iloc[0])
-                chosen_path = rows.loc[rows["chosen"], "path"].iloc[0] if rows["chosen"].any() \
+                chosen_path = (
+                    rows.loc[rows["chosen"], "path"].iloc[0]
+                    if rows["chosen"].any()
                     else rows.loc[rows["r"].idxmax(), "path"]
+                )
             else:
                 bridge, _ = load_model(self.model, device=self.device, checkpoint=step)
                 table = self._sweep(bridge, "bigram", self.config.checkpoint_lambdas, f"step_{step}/bigram")
@@ -350,8 +409,9 @@ class _FigureRun:
             part = self._frame(f"checkpoint_{label}", lambda s=step: compute_step(s))
             parts.append(part.assign(step=label))
         combined = pd.concat(parts, ignore_index=True)
-        ckpt = combined[combined["kind"] == "r"][["step", "target_params", "r_estimated", "full_model_r",
-                                                  "extrapolated"]]
+        ckpt = combined[combined["kind"] == "r"][
+            ["step", "target_params", "r_estimated", "full_model_r", "extrapolated"]
+        ]
         share = combined[combined["kind"] == "share"][["step", "component", "layer", "share"]]
         return ckpt.reset_index(drop=True), share.astype({"layer": int}).reset_index(drop=True)
 
@@ -378,8 +438,15 @@ class _FigureRun:
             from bigram_circuits.circuits.lens import lens_report
 
             data = self.loaded
-            return lens_report(data["bridge"], data["tokenizer"], data["analysis"], self._runs(),
-                               n_tokens=self.config.analysis_tokens, progress=self.show_progress)
+            return lens_report(
+                data["bridge"],
+                data["tokenizer"],
+                data["analysis"],
+                self._runs(),
+                n_tokens=self.config.analysis_tokens,
+                progress=self.show_progress,
+            )
+
         return self._frame("lens", compute)
 
     def similarity(self) -> dict[str, pd.DataFrame]:
@@ -389,8 +456,13 @@ class _FigureRun:
             from bigram_circuits.circuits.similarity import similarity_report
 
             data = self.loaded
-            matrices = similarity_report(data["bridge"], data["analysis"], self._runs(),
-                                         n_tokens=self.config.analysis_tokens, progress=self.show_progress)
+            matrices = similarity_report(
+                data["bridge"],
+                data["analysis"],
+                self._runs(),
+                n_tokens=self.config.analysis_tokens,
+                progress=self.show_progress,
+            )
             for name, matrix in matrices.items():
                 atomic_write_bytes(paths[name], matrix.to_csv().encode("utf-8"))
         return {name: pd.read_csv(path, index_col=0) for name, path in paths.items()}
@@ -402,17 +474,28 @@ class _FigureRun:
             from bigram_circuits.evaluate import ablation_table
 
             data = self.loaded
-            return ablation_table(data["bridge"], data["stats"], data["ablation"], self.chosen_bigram(),
-                                  optimal=self.paired_optimal(), seeds=self.config.random_seeds,
-                                  show_progress=self.show_progress)
+            return ablation_table(
+                data["bridge"],
+                data["stats"],
+                data["ablation"],
+                self.chosen_bigram(),
+                optimal=self.paired_optimal(),
+                seeds=self.config.random_seeds,
+                show_progress=self.show_progress,
+            )
+
         return self._frame("ablation", compute)
 
     def overlap(self) -> pd.DataFrame:
         def compute() -> pd.DataFrame:
             from bigram_circuits.circuits.overlap import overlap_table
 
-            return overlap_table({"bigram vs optimal": (self.chosen_bigram(), self.paired_optimal())},
-                                 n_random=self.config.overlap_samples, seed=self.config.seed)
+            return overlap_table(
+                {"bigram vs optimal": (self.chosen_bigram(), self.paired_optimal())},
+                n_random=self.config.overlap_samples,
+                seed=self.config.seed,
+            )
+
         return self._frame("overlap", compute)
 
     def generations(self) -> pd.DataFrame:
@@ -421,18 +504,29 @@ class _FigureRun:
 
             data = self.loaded
             conditions = generation_conditions(self.chosen_bigram(), random_seed=self.config.seed)
-            return pd.concat([
-                generate_table(data["bridge"], data["tokenizer"], prompt, conditions,
-                               temperature=self.config.generation_temperature,
-                               max_new_tokens=self.config.generation_tokens, seed=self.config.seed)
-                for prompt in self.config.prompts
-            ], ignore_index=True)
+            return pd.concat(
+                [
+                    generate_table(
+                        data["bridge"],
+                        data["tokenizer"],
+                        prompt,
+                        conditions,
+                        temperature=self.config.generation_temperature,
+                        max_new_tokens=self.config.generation_tokens,
+                        seed=self.config.seed,
+                    )
+                    for prompt in self.config.prompts
+                ],
+                ignore_index=True,
+            )
+
         return self._frame("generations", compute)
 
     def bigram_r_rows(self) -> pd.DataFrame:
         """Table 2 rows: full model, bigram subnetwork, empty subnetwork (embeddings, layernorms
         and biases only), "embeddings + linear map" and, with a step-0 checkpoint, the subnetworks
         found at random initialisation with its own and with the trained embeddings."""
+
         def compute() -> pd.DataFrame:
             from bigram_circuits.baselines import (
                 LinearMapConfig,
@@ -454,25 +548,44 @@ class _FigureRun:
             if 0 in available_checkpoints(self.model):
                 self.checkpoint_results()  # makes sure the step-0 sweep exists
                 init_sweep = self.root / "step_0" / "bigram" / SWEEP_FILE
-                rows.append({"condition": "subnetwork at random init",
-                             "r": float(choose_subnetwork(pd.read_csv(init_sweep))["bigram_r"])})
+                rows.append(
+                    {
+                        "condition": "subnetwork at random init",
+                        "r": float(choose_subnetwork(pd.read_csv(init_sweep))["bigram_r"]),
+                    }
+                )
                 init_bridge, _ = load_model(self.model, device=self.device, checkpoint=0)
                 transplant_embeddings(init_bridge, data["bridge"])
-                table = self._sweep(init_bridge, "bigram", self.config.checkpoint_lambdas,
-                                    "step_0_trained_embeddings/bigram")
-                rows.append({"condition": "random init + trained embeddings",
-                             "r": float(choose_subnetwork(table)["bigram_r"])})
+                table = self._sweep(
+                    init_bridge, "bigram", self.config.checkpoint_lambdas, "step_0_trained_embeddings/bigram"
+                )
+                rows.append(
+                    {"condition": "random init + trained embeddings", "r": float(choose_subnetwork(table)["bigram_r"])}
+                )
                 del init_bridge
-            rows.append({"condition": "empty subnetwork + embeddings",
-                         "r": bigram_correlation(data["bridge"], data["stats"], data["eval"], empty)})
+            rows.append(
+                {
+                    "condition": "empty subnetwork + embeddings",
+                    "r": bigram_correlation(data["bridge"], data["stats"], data["eval"], empty),
+                }
+            )
             linear_map = fit_linear_map(
-                data["bridge"], data["stats"], data["train"],
-                LinearMapConfig(steps=self.config.linear_map_steps, batch_size=self.config.batch_size,
-                                seed=self.config.seed),
-                show_progress=self.show_progress)
-            rows.append({"condition": "embeddings + linear map",
-                         "r": linear_map.evaluate(data["bridge"], data["stats"], data["eval"])["r_dropped"]})
+                data["bridge"],
+                data["stats"],
+                data["train"],
+                LinearMapConfig(
+                    steps=self.config.linear_map_steps, batch_size=self.config.batch_size, seed=self.config.seed
+                ),
+                show_progress=self.show_progress,
+            )
+            rows.append(
+                {
+                    "condition": "embeddings + linear map",
+                    "r": linear_map.evaluate(data["bridge"], data["stats"], data["eval"])["r_dropped"],
+                }
+            )
             return pd.DataFrame(rows)
+
         # "table2_bigram_r": a cache written before the linear-map and transplant rows existed
         # ("table2_rows") is not reused.
         return self._frame("table2_bigram_r", compute)
@@ -508,10 +621,16 @@ def figures_command(
     run = _FigureRun(str(model), config, root, device, show_progress)
 
     stages = [
-        ("bigram sweep", run.bigram_sweep), ("optimal sweep", run.optimal_sweep),
-        ("checkpoints", run.checkpoint_results), ("linear lens", run.lens), ("similarity", run.similarity),
-        ("ablation", run.ablation), ("overlap", run.overlap), ("generations", run.generations),
-        ("bigram r table", run.bigram_r_rows), ("headline over seeds", run.headline),
+        ("bigram sweep", run.bigram_sweep),
+        ("optimal sweep", run.optimal_sweep),
+        ("checkpoints", run.checkpoint_results),
+        ("linear lens", run.lens),
+        ("similarity", run.similarity),
+        ("ablation", run.ablation),
+        ("overlap", run.overlap),
+        ("generations", run.generations),
+        ("bigram r table", run.bigram_r_rows),
+        ("headline over seeds", run.headline),
     ]
     results = {}
     with tqdm(total=len(stages), desc="figures", unit="stage", disable=not show_progress) as bar:
@@ -535,35 +654,57 @@ def figures_command(
     save(fig3_rotation(results["linear lens"]), "fig3_rotation")
     save(fig4_similarity(results["similarity"]), "fig4_similarity")
     ablation = results["ablation"].rename(columns={"lm_loss_nats": "loss", "lm_loss_nats_std": "loss_std"})
-    ablation = ablation[ablation["condition"].isin(["full model", "random ablated", "bigram ablated",
-                                                    "optimal ablated"])]
+    ablation = ablation[
+        ablation["condition"].isin(["full model", "random ablated", "bigram ablated", "optimal ablated"])
+    ]
     save(fig5_optimal(results["optimal sweep"], ablation), "fig5_optimal")
     chosen = table1_chosen(sweep_rows).iloc[0]
     distribution = run.chosen_bigram().layer_distribution()
-    save(fig_layer_distribution(distribution, f"Where the chosen bigram subnetwork sits (lambda {chosen['lambda']:g}, "
-                                              f"{human_count(chosen['active_params'])} weights, r {chosen['r']:.3f})"),
-         "fig_layer_distribution")
+    save(
+        fig_layer_distribution(
+            distribution,
+            f"Where the chosen bigram subnetwork sits (lambda {chosen['lambda']:g}, "
+            f"{human_count(chosen['active_params'])} weights, r {chosen['r']:.3f})",
+        ),
+        "fig_layer_distribution",
+    )
 
     tables = {
         "Figure 1: best bigram subnetwork r vs full model r": ("table_fig1", table_fig1(sweep_rows)),
         "Figure 1 (paper): Pythia and GPT-2": ("table_fig1_paper", PAPER_FIG1),
         "Table 1: chosen bigram subnetwork": ("table1_chosen", table1_chosen(sweep_rows)),
-        "Table 2: bigram r of the full model, the subnetwork and baselines":
-            ("table2_bigram_r", table2_bigram_r(results["bigram r table"])),
-        "Table 3: overlap of the bigram and optimal subnetworks": ("table3_overlap", table3_overlap(results["overlap"])),
+        "Table 2: bigram r of the full model, the subnetwork and baselines": (
+            "table2_bigram_r",
+            table2_bigram_r(results["bigram r table"]),
+        ),
+        "Table 3: overlap of the bigram and optimal subnetworks": (
+            "table3_overlap",
+            table3_overlap(results["overlap"]),
+        ),
         "Table 4: sample generations": ("table4_generations", table4_generations(results["generations"])),
-        "Headline over seeds: the chosen lambda searched with each seed (mean ± sd last)":
-            ("table_headline_seeds", table_headline(results["headline over seeds"])),
-        "Ablation: held-out LM loss (nats) with subnetworks kept or removed":
-            ("table_ablation", results["ablation"][["condition", "lm_loss_nats", "lm_loss_nats_std",
-                                                   "loss_increase", "r_dropped", "active_params"]]),
+        "Headline over seeds: the chosen lambda searched with each seed (mean ± sd last)": (
+            "table_headline_seeds",
+            table_headline(results["headline over seeds"]),
+        ),
+        "Ablation: held-out LM loss (nats) with subnetworks kept or removed": (
+            "table_ablation",
+            results["ablation"][
+                ["condition", "lm_loss_nats", "lm_loss_nats_std", "loss_increase", "r_dropped", "active_params"]
+            ],
+        ),
     }
     # The inputs of every figure, so a notebook (or anyone) can redraw them without the cache.
     inputs = {
-        "bigram_sweep": sweep_rows, "optimal_sweep": results["optimal sweep"], "checkpoint_r": ckpt,
-        "checkpoint_layer_share": share, "lens": results["linear lens"], "ablation": results["ablation"],
-        "overlap": results["overlap"], "generations": results["generations"],
-        "bigram_r_rows": results["bigram r table"], "headline_seeds": results["headline over seeds"],
+        "bigram_sweep": sweep_rows,
+        "optimal_sweep": results["optimal sweep"],
+        "checkpoint_r": ckpt,
+        "checkpoint_layer_share": share,
+        "lens": results["linear lens"],
+        "ablation": results["ablation"],
+        "overlap": results["overlap"],
+        "generations": results["generations"],
+        "bigram_r_rows": results["bigram r table"],
+        "headline_seeds": results["headline over seeds"],
         "layer_distribution": distribution,
         **{f"similarity_{name}": matrix for name, matrix in results["similarity"].items()},
     }

@@ -81,26 +81,46 @@ def find_command(
         vocab = model_vocab_size(bridge, tokenizer)
         train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
         evaluation = load_token_dataset(corpus, tokenizer, split="eval", show_progress=show_progress)
-        stats = run.bigram_stats(tokenizer, corpus, config.seq_len, vocab, save=current_group().is_writer,
-                                 show_progress=show_progress)
+        stats = run.bigram_stats(
+            tokenizer, corpus, config.seq_len, vocab, save=current_group().is_writer, show_progress=show_progress
+        )
         train_windows = train.windows(config.seq_len, max_train_windows)
         eval_windows = evaluation.windows(config.seq_len, max_eval_windows)
         the_target = Target.from_name(target, stats=stats, vocab_size=vocab)
-        meta = {"corpus": corpus, "n_train_windows": len(train_windows), "n_eval_windows": len(eval_windows),
-                "model": str(model)}
+        meta = {
+            "corpus": corpus,
+            "n_train_windows": len(train_windows),
+            "n_eval_windows": len(eval_windows),
+            "model": str(model),
+        }
         tables = []
         for seed in seeds:
             # One seed keeps the single-run layout; several get a folder each.
             seed_path = out_path if len(seeds) == 1 else ensure_output_dir(run.seed_run(seed).path)
-            table = sweep(bridge, train_windows, the_target, [float(x) for x in lambdas], granularities,
-                          dataclasses.replace(config, seed=seed), seed_path, eval_windows=eval_windows,
-                          resume=resume, show_progress=show_progress, metadata=meta)
+            table = sweep(
+                bridge,
+                train_windows,
+                the_target,
+                [float(x) for x in lambdas],
+                granularities,
+                dataclasses.replace(config, seed=seed),
+                seed_path,
+                eval_windows=eval_windows,
+                resume=resume,
+                show_progress=show_progress,
+                metadata=meta,
+            )
             tables.append(table.assign(seed=seed))
         table = pd.concat(tables, ignore_index=True) if len(seeds) > 1 else tables[0]
         if not current_group().is_writer:  # data-parallel: rank 0 writes the summaries
             return table
-        summary = {"model": str(model), "granularities": list(parse_granularities(granularities)),
-                   "target": target, "corpus": corpus, "seeds": seeds}
+        summary = {
+            "model": str(model),
+            "granularities": list(parse_granularities(granularities)),
+            "target": target,
+            "corpus": corpus,
+            "seeds": seeds,
+        }
         if len(seeds) > 1:
             by_seed = seeds_summary(table)
             atomic_write_bytes(out_path / RunDir.SEEDS, by_seed.to_csv(index=False).encode("utf-8"))
@@ -108,9 +128,19 @@ def find_command(
         if table["chosen"].any():
             summary["chosen"] = table[table["chosen"]].iloc[0].to_dict()
         atomic_write_bytes(out_path / RunDir.FIND, json.dumps(summary, indent=2, default=str).encode("utf-8"))
-        write_manifest(out_path, "find", {**summary, "lambdas": [float(x) for x in lambdas], "config": config.to_dict(),
-                                          "max_train_windows": max_train_windows, "max_eval_windows": max_eval_windows,
-                                          "device": device, "paper_schedule": paper})
+        write_manifest(
+            out_path,
+            "find",
+            {
+                **summary,
+                "lambdas": [float(x) for x in lambdas],
+                "config": config.to_dict(),
+                "max_train_windows": max_train_windows,
+                "max_eval_windows": max_eval_windows,
+                "device": device,
+                "paper_schedule": paper,
+            },
+        )
         return table
 
 

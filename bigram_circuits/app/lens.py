@@ -44,8 +44,13 @@ def lens_command(
         "random": loaded.subnetwork.random_control(0),
     }
     # The run's statistics, or counted now (and saved) when it has none: the logit lens' bigram r needs them.
-    stats = RunDir(run).bigram_stats(loaded.tokenizer, loaded.corpus, loaded.seq_len,
-                                     vocab_size=model_vocab_size(loaded.bridge, loaded.tokenizer), show_progress=progress)
+    stats = RunDir(run).bigram_stats(
+        loaded.tokenizer,
+        loaded.corpus,
+        loaded.seq_len,
+        vocab_size=model_vocab_size(loaded.bridge, loaded.tokenizer),
+        show_progress=progress,
+    )
     table = lens_report(loaded.bridge, loaded.tokenizer, windows, runs, n_tokens, progress=progress)
     logit_table = logit_lens_report(
         loaded.bridge,
@@ -62,7 +67,5 @@ def lens_command(
     for label, matrix in matrices.items():
         atomic_write_bytes(out_dir / f"similarity_{label}.csv", matrix.to_csv().encode("utf-8"))
     save_figure(fig3_rotation(table), out_dir / "rotation", png=False, include_plotlyjs="directory")
-    save_figure(
-        fig4_similarity(matrices), out_dir / "similarity", png=False, include_plotlyjs="directory"
-    )
+    save_figure(fig4_similarity(matrices), out_dir / "similarity", png=False, include_plotlyjs="directory")
     return table

@@ -35,16 +35,25 @@ from bigram_circuits.search import SearchConfig
 from bigram_circuits.subnetwork import Subnetwork
 from bigram_circuits.tables import from_search_sweep, to_markdown
 
-__all__ = ["PAPER_NOTE", "PAPER_ROWS", "StudyConfig", "circuits_summary", "layer_summary", "render_markdown",
-           "run_study"]
+__all__ = [
+    "PAPER_NOTE",
+    "PAPER_ROWS",
+    "StudyConfig",
+    "circuits_summary",
+    "layer_summary",
+    "render_markdown",
+    "run_study",
+]
 
 # Chang & Bergen (2025), /work/shared/paper.md: bigram r of the chosen subnetwork vs the full model.
 PAPER_ROWS = [
     {"model": "Pythia 160M (paper)", "full_model_r": 0.69, "subnetwork_r": 0.964},
     {"model": "GPT-2 small (paper)", "full_model_r": 0.624, "subnetwork_r": 0.979},
 ]
-PAPER_NOTE = ("paper: chosen subnetworks ~1M weights (<0.2% of non-embedding parameters), "
-              "concentrated in the first MLP layer (layer 0)")
+PAPER_NOTE = (
+    "paper: chosen subnetworks ~1M weights (<0.2% of non-embedding parameters), "
+    "concentrated in the first MLP layer (layer 0)"
+)
 
 
 @dataclass(frozen=True)
@@ -83,10 +92,17 @@ class StudyConfig:
 
     def search_config(self) -> SearchConfig:
         """The :class:`SearchConfig` of every search of the study."""
-        return SearchConfig(max_steps=self.max_steps, batch_size=self.batch_size, seq_len=self.seq_len,
-                            checkpoint_every=self.checkpoint_every, time_budget_s=self.time_budget_s,
-                            temperature_growth=self.temperature_growth, lr=self.lr,
-                            max_attempts=self.max_attempts, eval_batches=self.eval_batches)
+        return SearchConfig(
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            checkpoint_every=self.checkpoint_every,
+            time_budget_s=self.time_budget_s,
+            temperature_growth=self.temperature_growth,
+            lr=self.lr,
+            max_attempts=self.max_attempts,
+            eval_batches=self.eval_batches,
+        )
 
 
 def _command_line(config: StudyConfig) -> str:
@@ -96,8 +112,10 @@ def _command_line(config: StudyConfig) -> str:
         value = getattr(config, field.name)
         if value != field.default:
             shown = value if isinstance(value, tuple) else (value,)
-            parts += ["--" + field.name.replace("_", "-"), *(f"{v:g}" if isinstance(v, float) else str(v)
-                                                            for v in shown)]
+            parts += [
+                "--" + field.name.replace("_", "-"),
+                *(f"{v:g}" if isinstance(v, float) else str(v) for v in shown),
+            ]
     return " ".join(parts)
 
 
@@ -114,9 +132,16 @@ def layer_summary(subnetwork: Subnetwork) -> dict:
         "mlp_share": float(by_block.get("mlp", 0) / kept),
         "attn_share": float(by_block.get("attn", 0) / kept),
         "mlp_layer0_share": float(dist.query("layer == 0 and block == 'mlp'")["kept_params"].sum() / kept),
-        "top_blocks": [{"layer": int(r.layer), "block": r.block, "kept_params": int(r.kept_params),
-                        "share_of_subnetwork": float(r.share_of_subnetwork), "fraction_kept": float(r.fraction_kept)}
-                       for r in top.itertuples()],
+        "top_blocks": [
+            {
+                "layer": int(r.layer),
+                "block": r.block,
+                "kept_params": int(r.kept_params),
+                "share_of_subnetwork": float(r.share_of_subnetwork),
+                "fraction_kept": float(r.fraction_kept),
+            }
+            for r in top.itertuples()
+        ],
         "per_layer_kept_params": {int(k): int(v) for k, v in by_layer.items()},
     }
 
@@ -131,8 +156,9 @@ def circuits_summary(lens: pd.DataFrame, similarity: dict[str, pd.DataFrame]) ->
         values = matrix.to_numpy(dtype=float)
         later = values[1:, 1:][np.triu_indices(values.shape[0] - 1, k=1)]
         summary[run] = {
-            "rotation_to_input_deg": {int(layer): float(part.get(("input", layer), float("nan")))
-                                      for layer in (0, 1, 2)},
+            "rotation_to_input_deg": {
+                int(layer): float(part.get(("input", layer), float("nan"))) for layer in (0, 1, 2)
+            },
             "rotation_to_output_layer1_deg": float(part.get(("output", 1), float("nan"))),
             "similarity_layer0_vs_later": float(values[0, 1:].mean()),
             "similarity_among_later_layers": float(later.mean()),
@@ -140,60 +166,122 @@ def circuits_summary(lens: pd.DataFrame, similarity: dict[str, pd.DataFrame]) ->
     return summary
 
 
-def render_markdown(result: dict, sweep_table: pd.DataFrame | None = None,
-                    ablation: pd.DataFrame | None = None) -> str:
+def render_markdown(result: dict, sweep_table: pd.DataFrame | None = None, ablation: pd.DataFrame | None = None) -> str:
     """The study's Markdown report from :func:`run_study`'s result; ``sweep_table`` and
     ``ablation`` default to the result's ``sweep`` and ``ablation`` records."""
     sweep_table = pd.DataFrame(result["sweep"]) if sweep_table is None else sweep_table
     ablation = pd.DataFrame(result["ablation"]) if ablation is None else ablation
     chosen = result["chosen"]
-    comparison = pd.DataFrame(PAPER_ROWS + [{
-        "model": f"{result['label']} (this run)", "full_model_r": result["full_model"]["r_dropped"],
-        "subnetwork_r": chosen["r_dropped"]}])
+    comparison = pd.DataFrame(
+        PAPER_ROWS
+        + [
+            {
+                "model": f"{result['label']} (this run)",
+                "full_model_r": result["full_model"]["r_dropped"],
+                "subnetwork_r": chosen["r_dropped"],
+            }
+        ]
+    )
     lines = [
-        f"# {result['label']} bigram subnetwork ({' + '.join(result['granularities'])} masks, CPU)", "",
-        f"Command: `{result['command']}`  ",
-        (f"Search wall time {sum(row['wall_time_s'] for row in result['sweep']):.0f} s in all (each lambda's "
-        f"time, also over resumed runs); this invocation {result['wall_time_s']:.0f} s; "
-        f"{result['torch_threads']} CPU threads; "
-        f"{result['n_train_windows']} train / {result['n_eval_windows']} eval windows of {result['seq_len']} tokens."),
+        f"# {result['label']} bigram subnetwork ({' + '.join(result['granularities'])} masks, CPU)",
         "",
-        "## Bigram r: paper vs this run", "", to_markdown(comparison, floatfmt=".3f"), "", PAPER_NOTE, "",
-        "## Sweep", "", to_markdown(sweep_table.drop(columns=["path"], errors="ignore")), "",
-        f"Converged: {result['converged']} (stop reasons: {', '.join(map(str, sweep_table['stop_reason']))}).", "",
-        "## Chosen subnetwork", "",
-        (f"lambda {chosen['lambda']:g}: {chosen['n_params']:,} weights = {chosen['percent_params']:.3f}% of the "
-        f"{chosen['n_params_total']:,} attention + MLP weights (non-embedding); bigram r {chosen['r_dropped']:.3f} "
-        f"(full model {result['full_model']['r_dropped']:.3f}).  "),
-        (f"Plurality layer {chosen['layers']['plurality_layer']} "
-        f"({100 * chosen['layers']['plurality_layer_share']:.1f}% of kept weights); MLP share "
-        f"{100 * chosen['layers']['mlp_share']:.1f}%, attention {100 * chosen['layers']['attn_share']:.1f}%; "
-        f"MLP layer 0 holds {100 * chosen['layers']['mlp_layer0_share']:.1f}%."), "",
-        "## Ablation", "", to_markdown(ablation[["condition", "active_params", "lm_loss_nats", "loss_increase",
-                                                    "r_dropped", "n_tokens"]]), "",
-        f"Loss increase ratio (bigram ablated / random ablated): {result['loss_increase_ratio']:.3g}", "",
-        "## Generations (temperature 1, same seed per condition)", "",
-        to_markdown(pd.DataFrame(result["generations"])[["prompt", "condition", "generation"]]), "",
-        *(["## Overlap with the optimal subnetwork", "",
-           (f"Bigram and optimal subnetworks at lambda {result['optimal']['lambda']:g} (optimal: "
-           f"{result['optimal']['n_params']:,} weights, r with the full model's surprisal "
-           f"{result['optimal']['r_model']:.3f}, bigram r {result['optimal']['r_bigram']:.3f})."), "",
-           to_markdown(pd.DataFrame(result["overlap"]), floatfmt=".4g"), ""] if result.get("optimal") else []),
-        "## Where each lambda's subnetwork sits", "",
-        to_markdown(pd.DataFrame(result["sweep_layers"]).rename(columns={
-            "layer0_share": "share in layer 0", "mlp0_share": "share in MLP 0", "mlp_share": "share in MLPs",
-            "mlp0_fraction_kept": "MLP 0 kept (fraction of its units)",
-            "mlp_mean_fraction_kept": "MLPs kept (mean over layers)"}),
-            floatfmt=".3g"), "",
-        f"## Circuits ({result['analysis_tokens']:,} held-out tokens)", "",
-        to_markdown(pd.DataFrame([
-            {"run": run, "to input, layer 1 (deg)": c["rotation_to_input_deg"][1],
-             "to input, layer 2 (deg)": c["rotation_to_input_deg"][2],
-             "to output, layer 1 (deg)": c["rotation_to_output_layer1_deg"],
-             "similarity layer 0 vs later": c["similarity_layer0_vs_later"],
-             "similarity among layers >= 1": c["similarity_among_later_layers"]}
-            for run, c in result["circuits"].items()]), floatfmt=".3g"), "",
-        "Figures: " + ", ".join(f"`{p}`" for p in result["figures"] if p.endswith(".png")), "",
+        f"Command: `{result['command']}`  ",
+        (
+            f"Search wall time {sum(row['wall_time_s'] for row in result['sweep']):.0f} s in all (each lambda's "
+            f"time, also over resumed runs); this invocation {result['wall_time_s']:.0f} s; "
+            f"{result['torch_threads']} CPU threads; "
+            f"{result['n_train_windows']} train / {result['n_eval_windows']} eval windows "
+            f"of {result['seq_len']} tokens."
+        ),
+        "",
+        "## Bigram r: paper vs this run",
+        "",
+        to_markdown(comparison, floatfmt=".3f"),
+        "",
+        PAPER_NOTE,
+        "",
+        "## Sweep",
+        "",
+        to_markdown(sweep_table.drop(columns=["path"], errors="ignore")),
+        "",
+        f"Converged: {result['converged']} (stop reasons: {', '.join(map(str, sweep_table['stop_reason']))}).",
+        "",
+        "## Chosen subnetwork",
+        "",
+        (
+            f"lambda {chosen['lambda']:g}: {chosen['n_params']:,} weights = {chosen['percent_params']:.3f}% of the "
+            f"{chosen['n_params_total']:,} attention + MLP weights (non-embedding); bigram r {chosen['r_dropped']:.3f} "
+            f"(full model {result['full_model']['r_dropped']:.3f}).  "
+        ),
+        (
+            f"Plurality layer {chosen['layers']['plurality_layer']} "
+            f"({100 * chosen['layers']['plurality_layer_share']:.1f}% of kept weights); MLP share "
+            f"{100 * chosen['layers']['mlp_share']:.1f}%, attention {100 * chosen['layers']['attn_share']:.1f}%; "
+            f"MLP layer 0 holds {100 * chosen['layers']['mlp_layer0_share']:.1f}%."
+        ),
+        "",
+        "## Ablation",
+        "",
+        to_markdown(ablation[["condition", "active_params", "lm_loss_nats", "loss_increase", "r_dropped", "n_tokens"]]),
+        "",
+        f"Loss increase ratio (bigram ablated / random ablated): {result['loss_increase_ratio']:.3g}",
+        "",
+        "## Generations (temperature 1, same seed per condition)",
+        "",
+        to_markdown(pd.DataFrame(result["generations"])[["prompt", "condition", "generation"]]),
+        "",
+        *(
+            [
+                "## Overlap with the optimal subnetwork",
+                "",
+                (
+                    f"Bigram and optimal subnetworks at lambda {result['optimal']['lambda']:g} (optimal: "
+                    f"{result['optimal']['n_params']:,} weights, r with the full model's surprisal "
+                    f"{result['optimal']['r_model']:.3f}, bigram r {result['optimal']['r_bigram']:.3f})."
+                ),
+                "",
+                to_markdown(pd.DataFrame(result["overlap"]), floatfmt=".4g"),
+                "",
+            ]
+            if result.get("optimal")
+            else []
+        ),
+        "## Where each lambda's subnetwork sits",
+        "",
+        to_markdown(
+            pd.DataFrame(result["sweep_layers"]).rename(
+                columns={
+                    "layer0_share": "share in layer 0",
+                    "mlp0_share": "share in MLP 0",
+                    "mlp_share": "share in MLPs",
+                    "mlp0_fraction_kept": "MLP 0 kept (fraction of its units)",
+                    "mlp_mean_fraction_kept": "MLPs kept (mean over layers)",
+                }
+            ),
+            floatfmt=".3g",
+        ),
+        "",
+        f"## Circuits ({result['analysis_tokens']:,} held-out tokens)",
+        "",
+        to_markdown(
+            pd.DataFrame(
+                [
+                    {
+                        "run": run,
+                        "to input, layer 1 (deg)": c["rotation_to_input_deg"][1],
+                        "to input, layer 2 (deg)": c["rotation_to_input_deg"][2],
+                        "to output, layer 1 (deg)": c["rotation_to_output_layer1_deg"],
+                        "similarity layer 0 vs later": c["similarity_layer0_vs_later"],
+                        "similarity among layers >= 1": c["similarity_among_later_layers"],
+                    }
+                    for run, c in result["circuits"].items()
+                ]
+            ),
+            floatfmt=".3g",
+        ),
+        "",
+        "Figures: " + ", ".join(f"`{p}`" for p in result["figures"] if p.endswith(".png")),
+        "",
     ]
     return "\n".join(lines)
 
@@ -254,10 +342,23 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         print(f"full model: r={full['r_dropped']:.4f} loss={full['lm_loss_nats']:.4f}", flush=True)
 
     t = time.perf_counter()
-    table = sweep(bridge, train_windows, Target.bigram(stats), lambdas, granularities, search_config, run.path,
-                  eval_windows=eval_windows, show_progress=show_progress,
-                  metadata={"model": config.model, "corpus": config.corpus, "n_train_windows": len(train_windows),
-                            "n_eval_windows": len(eval_windows)})
+    table = sweep(
+        bridge,
+        train_windows,
+        Target.bigram(stats),
+        lambdas,
+        granularities,
+        search_config,
+        run.path,
+        eval_windows=eval_windows,
+        show_progress=show_progress,
+        metadata={
+            "model": config.model,
+            "corpus": config.corpus,
+            "n_train_windows": len(train_windows),
+            "n_eval_windows": len(eval_windows),
+        },
+    )
     timings["sweep_s"] = time.perf_counter() - t
     if show_progress:
         print(table.to_string(), flush=True)
@@ -267,15 +368,22 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     summary = subnetwork.summary()
     t = time.perf_counter()
     layers = layer_summary(subnetwork)
-    ablation = ablation_table(bridge, stats, eval_windows, subnetwork, seeds=(0,), batch_size=config.batch_size,
-                              show_progress=show_progress)
+    ablation = ablation_table(
+        bridge, stats, eval_windows, subnetwork, seeds=(0,), batch_size=config.batch_size, show_progress=show_progress
+    )
     timings["ablation_s"] = time.perf_counter() - t
     by_condition = ablation.set_index("condition")
     t = time.perf_counter()
     conditions = generation_conditions(subnetwork, random_seed=0)
-    generations = pd.concat([generate_table(bridge, tokenizer, prompt, conditions, temperature=1.0,
-                                            max_new_tokens=config.generation_tokens, seed=0)
-                             for prompt in config.prompts], ignore_index=True)
+    generations = pd.concat(
+        [
+            generate_table(
+                bridge, tokenizer, prompt, conditions, temperature=1.0, max_new_tokens=config.generation_tokens, seed=0
+            )
+            for prompt in config.prompts
+        ],
+        ignore_index=True,
+    )
     timings["generations_s"] = time.perf_counter() - t
 
     # The optimal subnetwork (target: the full model) at one lambda, and its overlap with the
@@ -285,9 +393,18 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         lam = float(config.optimal_lambda)
         optimal_run = RunDir(run).optimal_run()
         t = time.perf_counter()
-        optimal_table = sweep(bridge, train_windows, Target.full_model(vocab), [lam], granularities,
-                              search_config, optimal_run.path, eval_windows=eval_windows, show_progress=show_progress,
-                              metadata={"model": config.model, "corpus": config.corpus, "target": "full_model"})
+        optimal_table = sweep(
+            bridge,
+            train_windows,
+            Target.full_model(vocab),
+            [lam],
+            granularities,
+            search_config,
+            optimal_run.path,
+            eval_windows=eval_windows,
+            show_progress=show_progress,
+            metadata={"model": config.model, "corpus": config.corpus, "target": "full_model"},
+        )
         timings["optimal_search_s"] = time.perf_counter() - t
         optimal_row = optimal_table.iloc[0]
         optimal_sub = Subnetwork.load(optimal_run.optimal_subnetwork_dir(prefer_lambda=lam))
@@ -295,22 +412,27 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         paired_sub = Subnetwork.load(run.lambda_run(lam).path) if paired else subnetwork
         full_s = token_surprisals(bridge, stats, eval_windows, show_progress=False)
         opt_s = token_surprisals(bridge, stats, eval_windows, optimal_sub, show_progress=False)
-        optimal = {"lambda": lam, "n_params": int(optimal_row["n_params"]),
-                   "percent_params": float(optimal_row["percent_params"]), "steps": int(optimal_row["steps"]),
-                   "stop_reason": str(optimal_row["stop_reason"]), "wall_time_s": float(optimal_row["wall_time_s"]),
-                   "r_model": pearson_r(opt_s.model, full_s.model),
-                   "r_bigram": float(metrics_from_surprisals(opt_s)["r_dropped"]),
-                   "paired_bigram_lambda": lam if paired else float(chosen_row["lambda"])}
-        overlap = overlap_table({f"bigram vs optimal (lambda {lam:g})": (paired_sub, optimal_sub)},
-                                n_random=10_000, seed=0)
+        optimal = {
+            "lambda": lam,
+            "n_params": int(optimal_row["n_params"]),
+            "percent_params": float(optimal_row["percent_params"]),
+            "steps": int(optimal_row["steps"]),
+            "stop_reason": str(optimal_row["stop_reason"]),
+            "wall_time_s": float(optimal_row["wall_time_s"]),
+            "r_model": pearson_r(opt_s.model, full_s.model),
+            "r_bigram": float(metrics_from_surprisals(opt_s)["r_dropped"]),
+            "paired_bigram_lambda": lam if paired else float(chosen_row["lambda"]),
+        }
+        overlap = overlap_table(
+            {f"bigram vs optimal (lambda {lam:g})": (paired_sub, optimal_sub)}, n_random=10_000, seed=0
+        )
         timings["overlap_s"] = time.perf_counter() - t - timings["optimal_search_s"]
 
     # Fig 3 / Fig 4: full model, the chosen bigram subnetwork, a random same-shape one.
     t = time.perf_counter()
     runs = {"full": None, "bigram": subnetwork, "random": subnetwork.random_control(0)}
     lens = lens_report(bridge, tokenizer, eval_windows, runs, n_tokens=config.analysis_tokens, progress=show_progress)
-    similarity = similarity_report(bridge, eval_windows, runs, n_tokens=config.analysis_tokens,
-                                   progress=show_progress)
+    similarity = similarity_report(bridge, eval_windows, runs, n_tokens=config.analysis_tokens, progress=show_progress)
     timings["circuits_s"] = time.perf_counter() - t
     circuits = circuits_summary(lens, similarity)
 
@@ -328,31 +450,52 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         summary_row = layer_summary(swept)
         dist = swept.layer_distribution()
         mlp = dist[dist["block"] == "mlp"].set_index("layer")["fraction_kept"]
-        sweep_layers.append({
-            "lambda": lam, "n_params": n_params, "bigram_r": r,
-            "layer0_share": float(summary_row["per_layer_kept_params"].get(0, 0) / max(n_params, 1)),
-            "mlp0_share": summary_row["mlp_layer0_share"], "mlp_share": summary_row["mlp_share"],
-            "mlp0_fraction_kept": float(mlp.get(0, float("nan"))), "mlp_mean_fraction_kept": float(mlp.mean()),
-        })
+        sweep_layers.append(
+            {
+                "lambda": lam,
+                "n_params": n_params,
+                "bigram_r": r,
+                "layer0_share": float(summary_row["per_layer_kept_params"].get(0, 0) / max(n_params, 1)),
+                "mlp0_share": summary_row["mlp_layer0_share"],
+                "mlp_share": summary_row["mlp_share"],
+                "mlp0_fraction_kept": float(mlp.get(0, float("nan"))),
+                "mlp_mean_fraction_kept": float(mlp.mean()),
+            }
+        )
         figures[f"layer_distribution_lambda_{lam:g}"] = fig_layer_distribution(
-            dist, f"{label} bigram subnetwork, lambda {lam:g} (r {r:.3f})")
-    figure_paths = [str(path) for name, figure in figures.items()
-                    for path in save_figure(figure, figures_dir / name, include_plotlyjs="directory")]
+            dist, f"{label} bigram subnetwork, lambda {lam:g} (r {r:.3f})"
+        )
+    figure_paths = [
+        str(path)
+        for name, figure in figures.items()
+        for path in save_figure(figure, figures_dir / name, include_plotlyjs="directory")
+    ]
 
     return {
-        "model": config.model, "label": config.label, "model_id": model_id(bridge),
-        "granularities": list(granularities), "command": _command_line(config),
-        "corpus": config.corpus, "vocab_size": vocab, "seq_len": config.seq_len,
-        "n_train_windows": len(train_windows), "n_eval_windows": len(eval_windows),
-        "config": search_config.to_dict(), "lambdas": lambdas,
+        "model": config.model,
+        "label": config.label,
+        "model_id": model_id(bridge),
+        "granularities": list(granularities),
+        "command": _command_line(config),
+        "corpus": config.corpus,
+        "vocab_size": vocab,
+        "seq_len": config.seq_len,
+        "n_train_windows": len(train_windows),
+        "n_eval_windows": len(eval_windows),
+        "config": search_config.to_dict(),
+        "lambdas": lambdas,
         "full_model": {k: float(v) for k, v in full.items()},
         "sweep": json.loads(table.to_json(orient="records")),
         "converged": bool((table["stop_reason"] == "converged").all()),
         "chosen": {
-            "lambda": float(chosen_row["lambda"]), "steps": int(chosen_row["steps"]),
+            "lambda": float(chosen_row["lambda"]),
+            "steps": int(chosen_row["steps"]),
             "stop_reason": str(chosen_row["stop_reason"]),
-            "n_params": summary["n_params"], "n_params_total": summary["n_params_total"],
-            "percent_params": summary["percent_params"], "n_kept": summary["n_kept"], "n_entries": summary["n_entries"],
+            "n_params": summary["n_params"],
+            "n_params_total": summary["n_params_total"],
+            "percent_params": summary["percent_params"],
+            "n_kept": summary["n_kept"],
+            "n_entries": summary["n_entries"],
             "r_dropped": float(by_condition.loc["bigram only", "r_dropped"]),
             "lm_loss_nats": float(by_condition.loc["bigram only", "lm_loss_nats"]),
             "layers": layers,
@@ -360,11 +503,18 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         "ablation": json.loads(ablation.to_json(orient="records")),
         "loss_increase_ratio": float(ablation.attrs["loss_increase_ratio"]),
         "generations": json.loads(generations.to_json(orient="records")),
-        "optimal": optimal, "overlap": json.loads(overlap.to_json(orient="records")) if overlap is not None else None,
-        "sweep_layers": sweep_layers, "circuits": circuits, "analysis_tokens": config.analysis_tokens,
+        "optimal": optimal,
+        "overlap": json.loads(overlap.to_json(orient="records")) if overlap is not None else None,
+        "sweep_layers": sweep_layers,
+        "circuits": circuits,
+        "analysis_tokens": config.analysis_tokens,
         "figures": figure_paths,
         "paper": {"rows": PAPER_ROWS, "note": PAPER_NOTE},
-        "timings_s": timings, "wall_time_s": time.perf_counter() - started,
-        "torch_threads": config.threads, "device": "cpu", "machine": platform.machine(),
-        "python": platform.python_version(), "torch": torch.__version__,
+        "timings_s": timings,
+        "wall_time_s": time.perf_counter() - started,
+        "torch_threads": config.threads,
+        "device": "cpu",
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
     }

@@ -97,15 +97,11 @@ class Candidate:
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", _pairs(self.heads))
         object.__setattr__(self, "neurons", _pairs(self.neurons))
-        object.__setattr__(
-            self, "weights", {k: torch.as_tensor(v).bool() for k, v in dict(self.weights).items()}
-        )
+        object.__setattr__(self, "weights", {k: torch.as_tensor(v).bool() for k, v in dict(self.weights).items()})
         scores = {}
         for key, value in dict(self.scores).items():
             if len(key) != 3 or key[0] not in ("head", "neuron"):
-                raise MaskError(
-                    f"candidate scores are keyed ('head' | 'neuron', layer, index); got {key!r}"
-                )
+                raise MaskError(f"candidate scores are keyed ('head' | 'neuron', layer, index); got {key!r}")
             scores[(str(key[0]), int(key[1]), int(key[2]))] = float(value)
         object.__setattr__(self, "scores", scores)
         if not (self.heads or self.neurons or self.weights):
@@ -120,9 +116,7 @@ class Candidate:
         rows += [("neuron", layer, neuron) for layer, neuron in self.neurons]
         table = pd.DataFrame(rows, columns=["kind", "layer", "index"])
         table["score"] = [self.scores.get(row, float("nan")) for row in rows]
-        table = table.sort_values(
-            "score", ascending=False, na_position="last", kind="stable", ignore_index=True
-        )
+        table = table.sort_values("score", ascending=False, na_position="last", kind="stable", ignore_index=True)
         table["rank"] = range(1, len(table) + 1)
         return table
 
@@ -179,9 +173,7 @@ class Candidate:
         for layer, head in self.heads:
             out.setdefault(head_key(layer), torch.zeros(cfg.n_heads, dtype=torch.bool))[head] = True
         for layer, neuron in self.neurons:
-            out.setdefault(neuron_key(layer), torch.zeros(cfg.d_mlp, dtype=torch.bool))[neuron] = (
-                True
-            )
+            out.setdefault(neuron_key(layer), torch.zeros(cfg.d_mlp, dtype=torch.bool))[neuron] = True
         for key, mask in self.weights.items():
             out[key] = mask.clone()
         return out
@@ -195,9 +187,7 @@ class Candidate:
         Where a layer has too few free units the rest are drawn from other layers.
         """
         if self.weights:
-            raise MaskError(
-                "random controls are drawn for heads and neurons only; drop the weight entries"
-            )
+            raise MaskError("random controls are drawn for heads and neurons only; drop the weight entries")
         generator = torch.Generator().manual_seed(seed)
         own = self.masks(bridge)
         exclude = dict(exclude or {})
@@ -226,9 +216,7 @@ class Candidate:
             if shortfall:
                 pool = [(layer, int(unit)) for layer in free for unit in free[layer]]
                 if len(pool) < shortfall:
-                    raise MaskError(
-                        f"not enough free {kind} for a random control of size {len(entries)}"
-                    )
+                    raise MaskError(f"not enough free {kind} for a random control of size {len(entries)}")
                 for index in torch.randperm(len(pool), generator=generator)[:shortfall].tolist():
                     chosen.append(pool[index])
             picked[kind] = chosen
@@ -291,9 +279,7 @@ def _unit_as_weight_masks(
             continue
         shape = tuple(masks[weight_key].shape)
         if shape[axis] != selected.numel():
-            raise MaskError(
-                f"weight mask {weight_key} has shape {shape}; expected {selected.numel()} on axis {axis}"
-            )
+            raise MaskError(f"weight mask {weight_key} has shape {shape}; expected {selected.numel()} on axis {axis}")
         grid = torch.zeros(shape, dtype=torch.bool)
         if axis == 0:
             grid[selected] = True
@@ -315,9 +301,7 @@ def add_candidate(base: MaskedSubnetwork, candidate: Candidate, bridge: Transfor
     is already on.
     """
     if not hasattr(base, "masks"):
-        raise MaskError(
-            "the base subnetwork has no masks; pass a Subnetwork (or anything with .masks)"
-        )
+        raise MaskError("the base subnetwork has no masks; pass a Subnetwork (or anything with .masks)")
     if not isinstance(base, MaskedSubnetwork):
         raise MaskError(
             f"the base {type(base).__name__} cannot copy itself with new masks; pass a Subnetwork "
@@ -331,9 +315,7 @@ def add_candidate(base: MaskedSubnetwork, candidate: Candidate, bridge: Transfor
             continue
         unit = MaskKey.try_parse(key)
         if unit is None or not unit.is_unit:
-            raise MaskError(
-                f"the base subnetwork has no mask {key}; use keys of its masks for weight entries"
-            )
+            raise MaskError(f"the base subnetwork has no mask {key}; use keys of its masks for weight entries")
         additions.extend(_unit_as_weight_masks(key, extra, masks, bridge.cfg).items())
         # No weight key either: the base does not gate this component, so it is already on.
     added: dict[str, int] = {}
@@ -547,9 +529,7 @@ def select_heads(
 ) -> list[tuple[int, int]]:
     """(layer, head) pairs whose ``column`` score is >= ``threshold`` and/or among the ``top_k``."""
     if column not in scores.columns:
-        raise MaskError(
-            f"no column {column!r} in the head scores; use one of {list(scores.columns)}"
-        )
+        raise MaskError(f"no column {column!r} in the head scores; use one of {list(scores.columns)}")
     if threshold is None and top_k is None:
         raise MaskError("select_heads needs a threshold or a top_k")
     ranked = scores.sort_values(column, ascending=False)
@@ -588,9 +568,7 @@ def find_induction_heads(
         else select_heads(scores, "induction_score", threshold=induction_threshold)
     )
     if include_previous_token_heads:
-        heads |= set(
-            select_heads(scores, "previous_token_score", threshold=previous_token_threshold)
-        )
+        heads |= set(select_heads(scores, "previous_token_score", threshold=previous_token_threshold))
     if not heads:
         raise MaskError(
             f"no head passes the thresholds (best induction score {scores['induction_score'].max():.3f}); "
@@ -610,9 +588,7 @@ def _measure(bridge: TransformerBridge, run: RunSpec, behaviour: Behaviour) -> d
     return {"behaviour": float(value)}
 
 
-_Row = tuple[
-    RunSpec, "Candidate | None", "int | None"
-]  # run, candidate it adds/removes, new entries
+_Row = tuple[RunSpec, "Candidate | None", "int | None"]  # run, candidate it adds/removes, new entries
 
 
 def _table(bridge: TransformerBridge, runs: Sequence[_Row], behaviour: Behaviour, desc: str) -> pd.DataFrame:

@@ -129,9 +129,7 @@ class _Task:
     corrupted: Integer[torch.Tensor, "n pos"]
     batch_size: int = 16
 
-    def per_example(
-        self, logits: Float[torch.Tensor, "n pos vocab"], index: slice
-    ) -> Float[torch.Tensor, " n"]:
+    def per_example(self, logits: Float[torch.Tensor, "n pos vocab"], index: slice) -> Float[torch.Tensor, " n"]:
         """The metric of each prompt ``index`` from its logits."""
         raise NotImplementedError
 
@@ -144,9 +142,7 @@ class _Task:
 
         return metric
 
-    def extra(
-        self, logits: Float[torch.Tensor, "n pos vocab"], index: slice
-    ) -> dict[str, Float[torch.Tensor, " n"]]:
+    def extra(self, logits: Float[torch.Tensor, "n pos vocab"], index: slice) -> dict[str, Float[torch.Tensor, " n"]]:
         """Further per-prompt values reported next to the metric."""
         return {}
 
@@ -209,7 +205,12 @@ class RepetitionTask(_Task):
             vocab_size, seq_len, n_sequences, seed, prefix_token=prefix_token, low=low, pool=pool
         )
         other = repeated_random_tokens(
-            vocab_size, seq_len, n_sequences, seed + 10_007, prefix_token=prefix_token, low=low,
+            vocab_size,
+            seq_len,
+            n_sequences,
+            seed + 10_007,
+            prefix_token=prefix_token,
+            low=low,
             pool=pool,
         )
         self.corrupted = self.clean.clone()
@@ -245,14 +246,76 @@ class RepetitionTask(_Task):
 
 # Common English first names; a tokenizer's single-token ones (with a leading space) are used.
 NAMES = (
-    "Mary", "John", "Alice", "Bob", "James", "Tom", "Anna", "David", "Sarah", "Michael",
-    "Robert", "William", "George", "Thomas", "Henry", "Paul", "Peter", "Mark", "Lisa", "Emma",
-    "Jack", "Kate", "Susan", "Frank", "Charles", "Edward", "Richard", "Joseph", "Daniel",
-    "Andrew", "Steven", "Kevin", "Brian", "Jason", "Matthew", "Eric", "Stephen", "Scott",
-    "Samuel", "Patrick", "Adam", "Nathan", "Walter", "Carl", "Roger", "Arthur", "Louis",
-    "Philip", "Christian", "Linda", "Barbara", "Elizabeth", "Jennifer", "Maria", "Margaret",
-    "Nancy", "Karen", "Helen", "Laura", "Jessica", "Rachel", "Emily", "Julia", "Diana", "Rose",
-    "Jane", "Anne", "Victoria", "Grace", "Alan",
+    "Mary",
+    "John",
+    "Alice",
+    "Bob",
+    "James",
+    "Tom",
+    "Anna",
+    "David",
+    "Sarah",
+    "Michael",
+    "Robert",
+    "William",
+    "George",
+    "Thomas",
+    "Henry",
+    "Paul",
+    "Peter",
+    "Mark",
+    "Lisa",
+    "Emma",
+    "Jack",
+    "Kate",
+    "Susan",
+    "Frank",
+    "Charles",
+    "Edward",
+    "Richard",
+    "Joseph",
+    "Daniel",
+    "Andrew",
+    "Steven",
+    "Kevin",
+    "Brian",
+    "Jason",
+    "Matthew",
+    "Eric",
+    "Stephen",
+    "Scott",
+    "Samuel",
+    "Patrick",
+    "Adam",
+    "Nathan",
+    "Walter",
+    "Carl",
+    "Roger",
+    "Arthur",
+    "Louis",
+    "Philip",
+    "Christian",
+    "Linda",
+    "Barbara",
+    "Elizabeth",
+    "Jennifer",
+    "Maria",
+    "Margaret",
+    "Nancy",
+    "Karen",
+    "Helen",
+    "Laura",
+    "Jessica",
+    "Rachel",
+    "Emily",
+    "Julia",
+    "Diana",
+    "Rose",
+    "Jane",
+    "Anne",
+    "Victoria",
+    "Grace",
+    "Alan",
 )
 
 # Templates: {a} first name (the answer), {b} second name, repeated as the giver.
@@ -374,19 +437,24 @@ class NameCopyingTask(_Task):
         }
 
 
-def make_task(
-    name: str, tokenizer: Any, vocab_size: int, config: BuildUpConfig | None = None
-) -> _Task:
+def make_task(name: str, tokenizer: Any, vocab_size: int, config: BuildUpConfig | None = None) -> _Task:
     """The task ``"repetition"`` or ``"names"`` with the sizes of ``config``."""
     config = config or BuildUpConfig()
     if name == "repetition":
         return RepetitionTask(
-            vocab_size, config.seq_len, config.n_sequences, config.seed, low=config.low,
+            vocab_size,
+            config.seq_len,
+            config.n_sequences,
+            config.seed,
+            low=config.low,
             batch_size=config.batch_size,
         )
     if name == "names":
         return NameCopyingTask(
-            tokenizer, config.n_prompts, config.seed, vocab_size=vocab_size,
+            tokenizer,
+            config.n_prompts,
+            config.seed,
+            vocab_size=vocab_size,
             batch_size=config.batch_size,
         )
     raise ConfigError(f"unknown task {name!r}; choose 'repetition' or 'names'")
@@ -442,9 +510,7 @@ def build_up(
             jobs.append(("full - candidate", name, None, candidate, RunSpec(candidate, "ablate"), "run"))
             for seed in seeds:
                 control = candidate.random_control(bridge, seed=int(seed))
-                jobs.append(
-                    ("full - random heads", name, int(seed), control, RunSpec(control, "ablate"), "run")
-                )
+                jobs.append(("full - random heads", name, int(seed), control, RunSpec(control, "ablate"), "run"))
 
     rows: list[dict[str, Any]] = []
 
@@ -464,8 +530,7 @@ def build_up(
             }
         )
 
-    bar = tqdm(total=len(jobs) + 2, desc=f"build-up {task_name} ({base_label})", disable=not progress,
-               leave=False)
+    bar = tqdm(total=len(jobs) + 2, desc=f"build-up {task_name} ({base_label})", disable=not progress, leave=False)
     record("base", None, None, None, None, _measure(bridge, RunSpec(base, "keep"), task))
     bar.update()
     full_values = dict(full) if full is not None else _measure(bridge, RunSpec(None), task)
@@ -492,9 +557,7 @@ def build_up(
     table["seed"] = table["seed"].astype("Int64")
     table["added_weights"] = table["added_weights"].astype("Int64")
     order = {c: i for i, c in enumerate(CONDITIONS)}
-    table = table.sort_values(
-        "condition", key=lambda s: s.map(order), kind="stable", ignore_index=True
-    )
+    table = table.sort_values("condition", key=lambda s: s.map(order), kind="stable", ignore_index=True)
     table.attrs.update(base_value=base_value, full_value=full_value, metric=metric)
     return table
 
@@ -723,8 +786,16 @@ class BuildUpConfig:
         unknown = [t for t in self.tasks if t not in ("repetition", "names")]
         if unknown or not self.tasks:
             raise ConfigError(f"tasks must be among 'repetition', 'names'; got {list(self.tasks)}")
-        for name in ("top_k", "seq_len", "n_sequences", "n_score_sequences", "n_prompts",
-                     "n_attribution", "n_patching", "batch_size"):
+        for name in (
+            "top_k",
+            "seq_len",
+            "n_sequences",
+            "n_score_sequences",
+            "n_prompts",
+            "n_attribution",
+            "n_patching",
+            "batch_size",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.wide_k < 0:
@@ -759,7 +830,8 @@ def candidates_from_tables(
                 if label == "attribution" and config.wide_k > k:
                     wide = config.wide_k
                     found[f"{label} top {wide}"] = candidate_from_scores(
-                        part, f"{label} top {wide}", wide, method=method)
+                        part, f"{label} top {wide}", wide, method=method
+                    )
         out[str(task)] = found
     return out
 
@@ -783,8 +855,13 @@ def find_candidates(
     tasks = {name: make_task(name, tokenizer, vocab, config) for name in config.tasks}
     t0 = time.time()
     head_candidates, scores = head_score_candidates(
-        bridge, vocab, n_induction=config.top_k, n_previous=config.n_previous,
-        seq_len=config.seq_len, n_sequences=config.n_score_sequences, seed=config.seed + 1,
+        bridge,
+        vocab,
+        n_induction=config.top_k,
+        n_previous=config.n_previous,
+        seq_len=config.seq_len,
+        n_sequences=config.n_score_sequences,
+        seed=config.seed + 1,
         low=config.low,
     )
     timings["head_scores_s"] = time.time() - t0
@@ -836,8 +913,15 @@ def _candidate_tables(
     ]
     if "previous-token heads" in head_candidates:
         previous = head_candidates["previous-token heads"]
-        rows.append({"task": "all", "candidate": "previous-token heads", "method": previous.method,
-                     "heads": ", ".join(head_label(*h) for h in previous.heads), "n_heads": previous.n_heads})
+        rows.append(
+            {
+                "task": "all",
+                "candidate": "previous-token heads",
+                "method": previous.method,
+                "heads": ", ".join(head_label(*h) for h in previous.heads),
+                "n_heads": previous.n_heads,
+            }
+        )
     table = pd.DataFrame(rows).drop_duplicates(["task", "candidate"]).reset_index(drop=True)
     table.attrs.update(attribution_source=ATTRIBUTION_SOURCE, transformer_lens=transformer_lens_version())
     return {
@@ -895,8 +979,15 @@ def build_up_experiment(
         for index, (label, base) in enumerate(bases.items()):
             t0 = time.time()
             table = build_up(
-                bridge, base, per_task[name], task, seeds=config.seeds, base_label=label,
-                necessity=config.necessity and index == 0, full=full_values, progress=progress,
+                bridge,
+                base,
+                per_task[name],
+                task,
+                seeds=config.seeds,
+                base_label=label,
+                necessity=config.necessity and index == 0,
+                full=full_values,
+                progress=progress,
             )
             timings[f"build_up_{name}_{label}_s"] = time.time() - t0
             if first is None:
@@ -904,18 +995,30 @@ def build_up_experiment(
             elif config.necessity:  # the full model without heads does not depend on the base
                 reused = first[first["condition"].isin(removed)].assign(base=label)
                 reused["recovered"] = [
-                    recovered_fraction(v, table.attrs["base_value"], table.attrs["full_value"])
-                    for v in reused["value"]
+                    recovered_fraction(v, table.attrs["base_value"], table.attrs["full_value"]) for v in reused["value"]
                 ]
                 attrs = dict(table.attrs)
                 table = pd.concat([table, reused], ignore_index=True).sort_values(
-                    "condition", key=lambda c: c.map(order), kind="stable", ignore_index=True)
+                    "condition", key=lambda c: c.map(order), kind="stable", ignore_index=True
+                )
                 table.attrs.update(attrs)
             full_values = {
                 c: float(table.loc[table["condition"] == "full", c].iloc[0])
                 for c in table.columns
-                if c not in ("task", "metric", "base", "condition", "candidate", "seed", "heads",
-                             "neurons", "added_weights", "value", "recovered")
+                if c
+                not in (
+                    "task",
+                    "metric",
+                    "base",
+                    "condition",
+                    "candidate",
+                    "seed",
+                    "heads",
+                    "neurons",
+                    "added_weights",
+                    "value",
+                    "recovered",
+                )
             }
             builds.append(table)
     build = pd.concat(builds, ignore_index=True)
@@ -928,9 +1031,12 @@ def build_up_experiment(
             key = cname if cname in shared else f"{cname} ({name})"
             unique[key] = candidate
     overlaps = pd.concat(
-        [circuit_overlap(base, unique, bridge, base_label=label, n_random=config.n_random_overlap,
-                         seeds=config.seeds)
-         for label, base in bases.items()],
+        [
+            circuit_overlap(
+                base, unique, bridge, base_label=label, n_random=config.n_random_overlap, seeds=config.seeds
+            )
+            for label, base in bases.items()
+        ],
         ignore_index=True,
     )
     placement = pd.concat(
@@ -950,8 +1056,5 @@ def build_up_experiment(
         "placement": placement,
         "tasks": pd.DataFrame([task.describe() for task in tasks.values()]),
         "timings": pd.DataFrame([{"step": k, "seconds": v} for k, v in timings.items()]),
-        "config": pd.DataFrame([{k: json.dumps(v) if isinstance(v, tuple) else v
-                                 for k, v in asdict(config).items()}]),
+        "config": pd.DataFrame([{k: json.dumps(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}]),
     }
-
-

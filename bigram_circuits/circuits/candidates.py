@@ -143,9 +143,7 @@ def head_score_candidates(
     """
     if n_induction < 1 or n_previous < 0:
         raise ConfigError("n_induction must be >= 1 and n_previous >= 0")
-    scores = head_scores(
-        bridge, vocab_size, seq_len, n_sequences, seed, subnetwork=run, low=low, pool=pool
-    )
+    scores = head_scores(bridge, vocab_size, seq_len, n_sequences, seed, subnetwork=run, low=low, pool=pool)
     return head_candidates_from_scores(scores, n_induction, n_previous), scores
 
 
@@ -168,9 +166,7 @@ def head_candidates_from_scores(
             column="previous_token_score",
             method="head scores",
         )
-        both = {
-            key: max(induction.scores[key], previous.scores[key]) for key in induction.scores
-        }
+        both = {key: max(induction.scores[key], previous.scores[key]) for key in induction.scores}
         candidates["previous-token heads"] = previous
         candidates["induction + previous-token"] = Candidate(
             name="induction + previous-token",
@@ -211,9 +207,7 @@ def patching_scores(
     """
     clean, corrupted, index = _pair(task, n_examples)
     metric = task.metric_fn(index)
-    table = patch(
-        bridge, clean, corrupted, "head", metric, "all", clean_run=run, corrupted_run=run
-    )
+    table = patch(bridge, clean, corrupted, "head", metric, "all", clean_run=run, corrupted_run=run)
     out = pd.DataFrame(
         {
             "kind": "head",
@@ -244,9 +238,7 @@ def patching_candidate(
 ) -> Candidate:
     """The ``top_k`` heads whose activation patch recovers the most of ``task``'s gap."""
     scores = patching_scores(bridge, task, n_examples=n_examples, run=run)
-    return candidate_from_scores(
-        scores, name or f"patching top {top_k}", top_k, method="activation patching"
-    )
+    return candidate_from_scores(scores, name or f"patching top {top_k}", top_k, method="activation patching")
 
 
 # --------------------------------------------------------------------------- attribution patching
@@ -331,17 +323,14 @@ def attribution_candidate(
 ) -> Candidate:
     """The ``top_k`` heads with the largest attribution-patching estimate for ``task``."""
     scores = attribution_scores(bridge, task, n_examples=n_examples, run=run)
-    return candidate_from_scores(
-        scores, name or f"attribution top {top_k}", top_k, method="attribution patching"
-    )
+    return candidate_from_scores(scores, name or f"attribution top {top_k}", top_k, method="attribution patching")
 
 
 # --------------------------------------------------------------------------- comparing methods
 
 
 def _head_scores_of(candidate: Candidate) -> pd.Series:
-    pairs = {(layer, index): value for (kind, layer, index), value in candidate.scores.items()
-             if kind == "head"}
+    pairs = {(layer, index): value for (kind, layer, index), value in candidate.scores.items() if kind == "head"}
     return pd.Series(pairs, dtype=float)
 
 
@@ -364,9 +353,7 @@ def candidate_agreement(candidates: Mapping[str, Candidate]) -> pd.DataFrame:
             scores_a, scores_b = _head_scores_of(candidates[a]), _head_scores_of(candidates[b])
             common = scores_a.index.intersection(scores_b.index)
             spearman = (
-                float(scores_a[common].corr(scores_b[common], method="spearman"))
-                if len(common) >= 3
-                else float("nan")
+                float(scores_a[common].corr(scores_b[common], method="spearman")) if len(common) >= 3 else float("nan")
             )
             rows.append(
                 {

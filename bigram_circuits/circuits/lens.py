@@ -237,8 +237,9 @@ def logit_lens_logits(
     """
     tokens = as_token_tensor(tokens, int(bridge.cfg.d_vocab))
     with run_context(bridge, subnetwork, mode):
-        result = _transformer_lens(tl_logit_lens, bridge, tokens.to(input_device(bridge)), positions=None,
-                                   chunk_size=1024)
+        result = _transformer_lens(
+            tl_logit_lens, bridge, tokens.to(input_device(bridge)), positions=None, chunk_size=1024
+        )
     stacked = result.values
     return stacked if vocab_size is None else stacked[..., :vocab_size]
 
@@ -302,9 +303,7 @@ def logit_lens(
             targets = targets.to(final_logp.device)
             for layer, layer_logits in enumerate(logits):
                 logp = torch.log_softmax(layer_logits.float(), -1)
-                kl_sum[layer] += (
-                    (final_logp.exp() * (final_logp - logp)).sum(dtype=torch.float64).item()
-                )
+                kl_sum[layer] += (final_logp.exp() * (final_logp - logp)).sum(dtype=torch.float64).item()
                 agree_sum[layer] += (logp.argmax(-1) == final_top).sum().item()
                 surprisal = -logp[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 loss_sum[layer] += surprisal.sum(dtype=torch.float64).item()
@@ -374,15 +373,11 @@ def logit_lens_top_tokens(
     if tokens.shape[0] != 1:
         raise TokenError("logit_lens_top_tokens takes one prompt; pass a 1-D token array")
     vocab = vocab_size_of(bridge, tokenizer)
-    probs = torch.softmax(
-        logit_lens_logits(bridge, tokens, subnetwork, mode, vocab_size=vocab)[:, 0, position], -1
-    )
+    probs = torch.softmax(logit_lens_logits(bridge, tokens, subnetwork, mode, vocab_size=vocab)[:, 0, position], -1)
     top = probs.topk(min(k, vocab), dim=-1)
     rows = []
     for layer in range(probs.shape[0]):
-        for rank, (p, token_id) in enumerate(
-            zip(top.values[layer].tolist(), top.indices[layer].tolist())
-        ):
+        for rank, (p, token_id) in enumerate(zip(top.values[layer].tolist(), top.indices[layer].tolist())):
             rows.append(
                 {
                     "layer": layer,
@@ -431,9 +426,7 @@ def fit_ridge(
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ConfigError(
-            f"ridge needs X [n, d_in] and Y [n, d_out] with the same n; got {x.shape} and {y.shape}"
-        )
+        raise ConfigError(f"ridge needs X [n, d_in] and Y [n, d_out] with the same n; got {x.shape} and {y.shape}")
     if alpha < 0:
         raise ConfigError(f"ridge alpha must be >= 0, got {alpha}")
     x_mean = x.mean(axis=0) if fit_intercept else np.zeros(x.shape[1])
@@ -531,9 +524,7 @@ def linear_lens(
     n_windows = tokens.shape[0]
     n_train_windows = min(max(round(n_windows * (1 - config.test_fraction)), 1), n_windows - 1)
     if n_train_windows < 1:
-        raise ConfigError(
-            "the linear lens needs at least two windows (one to fit, one to test); pass more tokens"
-        )
+        raise ConfigError("the linear lens needs at least two windows (one to fit, one to test); pass more tokens")
     batches = read_hidden_states(
         bridge,
         tokens,
@@ -651,5 +642,3 @@ def lens_report(
         for label, subnetwork in subnetworks.items()
     ]
     return pd.concat(frames, ignore_index=True)
-
-

@@ -154,9 +154,7 @@ def null_overlap_samples(
     if np.any(kept_a > size) or np.any(kept_b > size) or np.any(kept_a < 0) or np.any(kept_b < 0):
         raise MaskError("kept counts must lie between 0 and the block size")
     if np.any(size >= _MAX_BLOCK_ENTRIES):
-        raise MaskError(
-            f"a block has {int(size.max())} entries; the null supports blocks below 1e9"
-        )
+        raise MaskError(f"a block has {int(size.max())} entries; the null supports blocks below 1e9")
     rng = np.random.default_rng(seed)
     # Blocks where one side keeps nothing or everything have a fixed overlap; skip sampling them.
     fixed = (kept_a == 0) | (kept_b == 0) | (kept_a == size) | (kept_b == size)
@@ -185,9 +183,7 @@ def overlap(a, b, n_random: int = 10_000, seed: int = 0) -> OverlapResult:
     n_a, n_b = int(counts.kept_a.sum()), int(counts.kept_b.sum())
     n_overlap = int(counts.kept_both.sum())
     expected_count = float(np.sum(counts.kept_a * counts.kept_b / np.maximum(counts.size, 1)))
-    null = null_overlap_samples(
-        counts.size, counts.kept_a, counts.kept_b, n_random=n_random, seed=seed
-    )
+    null = null_overlap_samples(counts.size, counts.kept_a, counts.kept_b, n_random=n_random, seed=seed)
     fraction = n_overlap / n_entries
     expected = expected_count / n_entries
     return OverlapResult(
@@ -207,9 +203,7 @@ def overlap(a, b, n_random: int = 10_000, seed: int = 0) -> OverlapResult:
     )
 
 
-def overlap_table(
-    pairs: Mapping[str, tuple[object, object]], n_random: int = 10_000, seed: int = 0
-) -> pd.DataFrame:
+def overlap_table(pairs: Mapping[str, tuple[object, object]], n_random: int = 10_000, seed: int = 0) -> pd.DataFrame:
     """One :func:`overlap` row per named pair ``{name: (A, B)}`` (Table 3 of the paper)."""
     rows = []
     for name, (a, b) in pairs.items():
@@ -252,9 +246,7 @@ def _matrix_counts_expanded(subnetwork) -> list[tuple[int, str, float, float]]:
         gated.setdefault(_layer_of(key), set()).update(_GATED_BY.get(kind, (kind,)))
     rows = []
     for layer in sorted(gated):
-        weights = expand_to_weight_masks(
-            subnetwork.geometry, subnetwork.components, subnetwork.masks, layers=[layer]
-        )
+        weights = expand_to_weight_masks(subnetwork.geometry, subnetwork.components, subnetwork.masks, layers=[layer])
         for key, mask in weights.items():
             kind = _kind_of(key)
             if kind in gated[layer]:
@@ -271,8 +263,7 @@ def _matrix_counts_per_entry(
         kind = _kind_of(key)
         if kind in _GATED_BY and (params_per_entry is None or key not in params_per_entry):
             raise MaskError(
-                f"mask {key!r} is a neuron/head mask; pass params_per_entry (weights gated per entry) "
-                "or a Subnetwork"
+                f"mask {key!r} is a neuron/head mask; pass params_per_entry (weights gated per entry) or a Subnetwork"
             )
         weight = 1.0 if params_per_entry is None else float(params_per_entry.get(key, 1.0))
         mask = torch.as_tensor(mask).bool()
@@ -286,9 +277,7 @@ def _matrix_counts_per_entry(
     return rows
 
 
-def layer_distribution(
-    subnetwork, params_per_entry: Mapping[str, float] | None = None
-) -> pd.DataFrame:
+def layer_distribution(subnetwork, params_per_entry: Mapping[str, float] | None = None) -> pd.DataFrame:
     """Share of kept parameters (paper unit: weights gated) in each layer's MLP and attention.
 
     For a :class:`~bigram_circuits.subnetwork.Subnetwork` the masks are expanded exactly to
@@ -310,12 +299,8 @@ def layer_distribution(
         raise MaskError("the subnetwork has no masks; nothing to distribute over layers")
     matrices = pd.DataFrame(rows, columns=["layer", "kind", "kept_params", "total_params"])
     matrices["component"] = np.where(matrices["kind"].isin(["q", "k", "v", "o"]), "attn", "mlp")
-    matrices["qk_params"] = np.where(
-        matrices["kind"].isin(["q", "k"]), matrices["kept_params"], 0.0
-    )
-    matrices["vo_params"] = np.where(
-        matrices["kind"].isin(["v", "o"]), matrices["kept_params"], 0.0
-    )
+    matrices["qk_params"] = np.where(matrices["kind"].isin(["q", "k"]), matrices["kept_params"], 0.0)
+    matrices["vo_params"] = np.where(matrices["kind"].isin(["v", "o"]), matrices["kept_params"], 0.0)
     table = matrices.groupby(["layer", "component"], as_index=False)[
         ["kept_params", "total_params", "qk_params", "vo_params"]
     ].sum()
@@ -342,9 +327,7 @@ def layer_distribution(
         {
             "mlp_share": float(table.loc[mlp, "share"].sum()),
             "attn_share": float(table.loc[~mlp, "share"].sum()),
-            "qk_share_of_attn": float(table.loc[~mlp, "qk_params"].sum()) / attn_kept
-            if attn_kept
-            else float("nan"),
+            "qk_share_of_attn": float(table.loc[~mlp, "qk_params"].sum()) / attn_kept if attn_kept else float("nan"),
             "plurality": f"layer {int(top['layer'])} {top['component']}",
         }
     )

@@ -121,9 +121,7 @@ def cache_run(
     if names is not None:
         _check_hook_names(bridge, list(names))
     with run.context(bridge):
-        logits, cache = bridge.run_with_cache(
-            tokens, names_filter=list(names) if names is not None else None
-        )
+        logits, cache = bridge.run_with_cache(tokens, names_filter=list(names) if names is not None else None)
     return logits, cache
 
 
@@ -151,9 +149,7 @@ def run_with_patches(
         return replace
 
     with run.context(bridge):
-        return bridge.run_with_hooks(
-            tokens, fwd_hooks=[(name, make_hook(v)) for name, v in patches.items()]
-        )
+        return bridge.run_with_hooks(tokens, fwd_hooks=[(name, make_hook(v)) for name, v in patches.items()])
 
 
 def _patch_setter(axes: tuple[str, ...]):
@@ -180,9 +176,7 @@ def _positions(positions: str | Sequence[int], n_positions: int) -> list[int] | 
             return None
         if positions == "each":
             return list(range(n_positions))
-        raise ConfigError(
-            f"positions must be 'all', 'each' or a list of positions, got {positions!r}"
-        )
+        raise ConfigError(f"positions must be 'all', 'each' or a list of positions, got {positions!r}")
     chosen = [p % n_positions if -n_positions <= p < n_positions else p for p in positions]
     bad = [p for p in chosen if not 0 <= p < n_positions]
     if bad or not chosen:
@@ -217,9 +211,7 @@ def _index_frame(
 def _scalar(value: Any) -> float:
     tensor = torch.as_tensor(value)
     if tensor.numel() != 1:
-        raise ConfigError(
-            f"a patching metric must return a scalar, got shape {tuple(tensor.shape)}; average it"
-        )
+        raise ConfigError(f"a patching metric must return a scalar, got shape {tuple(tensor.shape)}; average it")
     return float(tensor.item())
 
 
@@ -252,11 +244,7 @@ def patch(
     """
     spec = _component(component)
     clean = as_token_tensor(clean_tokens, int(bridge.cfg.d_vocab))
-    corrupted = (
-        clean
-        if corrupted_tokens is None
-        else as_token_tensor(corrupted_tokens, int(bridge.cfg.d_vocab))
-    )
+    corrupted = clean if corrupted_tokens is None else as_token_tensor(corrupted_tokens, int(bridge.cfg.d_vocab))
     if clean.shape != corrupted.shape:
         raise TokenError(
             f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(corrupted.shape)} differ in shape; "
@@ -267,9 +255,7 @@ def patch(
     if not layers or any(not 0 <= layer < n_layers for layer in layers):
         raise ConfigError(f"layers must be in [0, {n_layers}); got {layers}")
     clean_spec, corrupted_spec = RunSpec.coerce(clean_run), RunSpec.coerce(corrupted_run)
-    index_df, axes = _index_frame(
-        spec, bridge.cfg, layers, _positions(positions, clean.shape[1]), units
-    )
+    index_df, axes = _index_frame(spec, bridge.cfg, layers, _positions(positions, clean.shape[1]), units)
 
     hook_names = [spec.hook_name(layer) for layer in layers]
     clean_logits, clean_cache = cache_run(bridge, clean, clean_spec, hook_names)
@@ -329,9 +315,7 @@ def logit_difference(
     return metric
 
 
-def next_token_loss(
-    tokens: Integer[torch.Tensor, "batch pos"], vocab_size: int | None = None
-) -> Metric:
+def next_token_loss(tokens: Integer[torch.Tensor, "batch pos"], vocab_size: int | None = None) -> Metric:
     """Metric: mean cross-entropy (nats) of the actual next tokens of ``tokens``."""
     tokens = as_token_tensor(tokens)
 
@@ -383,5 +367,3 @@ def kl_to_reference(
 
 
 # --------------------------------------------------------------------------- plots
-
-

@@ -30,15 +30,15 @@ from bigram_circuits.runspec import MaskedSubnetwork, RunSpec, SubnetworkLike, r
 # re-exported here, where circuit code has always imported them.
 __all__ = [
     "RUN_MODES",
-    "RunMode",
     "MaskedSubnetwork",
+    "RunMode",
     "RunSpec",
     "SubnetworkLike",
-    "run_context",
     "TokenActivations",
     "as_token_tensor",
     "collect_activations",
     "hidden_state_names",
+    "run_context",
     "select_windows",
 ]
 
@@ -55,9 +55,7 @@ def hidden_state_names(bridge: TransformerBridge) -> list[str]:
     return names
 
 
-def as_token_tensor(
-    tokens: Any, vocab_size: int | None = None
-) -> Integer[torch.Tensor, "batch pos"]:
+def as_token_tensor(tokens: Any, vocab_size: int | None = None) -> Integer[torch.Tensor, "batch pos"]:
     """Validate token ids (numpy or torch, 1-D or 2-D) and return an int64 tensor [batch, pos]."""
     if isinstance(tokens, torch.Tensor):
         tensor = tokens
@@ -67,22 +65,16 @@ def as_token_tensor(
             array = array.copy()
         tensor = torch.as_tensor(array)
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
-        raise TokenError(
-            f"token ids must be integers, got dtype {tensor.dtype}; pass token ids, not text"
-        )
+        raise TokenError(f"token ids must be integers, got dtype {tensor.dtype}; pass token ids, not text")
     if tensor.ndim == 1:
         tensor = tensor.unsqueeze(0)
     if tensor.ndim != 2 or tensor.numel() == 0:
-        raise TokenError(
-            f"tokens must be a non-empty [batch, pos] array, got shape {tuple(tensor.shape)}"
-        )
+        raise TokenError(f"tokens must be a non-empty [batch, pos] array, got shape {tuple(tensor.shape)}")
     tensor = tensor.to(torch.int64)
     if int(tensor.min()) < 0:
         raise TokenError("token ids must be non-negative")
     if vocab_size is not None and int(tensor.max()) >= vocab_size:
-        raise TokenError(
-            f"token id {int(tensor.max())} is outside the model's vocabulary of {vocab_size}"
-        )
+        raise TokenError(f"token id {int(tensor.max())} is outside the model's vocabulary of {vocab_size}")
     return tensor
 
 
@@ -138,24 +130,18 @@ def collect_activations(
     tokens = select_windows(windows, n_tokens)
     vocab = int(bridge.cfg.d_vocab)
     if int(tokens.max()) >= vocab:
-        raise TokenError(
-            f"token id {int(tokens.max())} is outside the model's vocabulary of {vocab}"
-        )
+        raise TokenError(f"token id {int(tokens.max())} is outside the model's vocabulary of {vocab}")
     names = list(hook_names)
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     device = getattr(bridge.cfg, "device", "cpu")
     with run_context(bridge, subnetwork, mode):
-        for start in tqdm(
-            range(0, tokens.shape[0], batch_size), desc=description, disable=not progress
-        ):
+        for start in tqdm(range(0, tokens.shape[0], batch_size), desc=description, disable=not progress):
             batch = tokens[start : start + batch_size].to(device)
             _, cache = bridge.run_with_cache(batch, names_filter=names)
             for name in names:
                 act = cache[name]
                 if act.ndim != 3:
-                    raise MaskError(
-                        f"activation {name} has shape {tuple(act.shape)}; expected [batch, pos, d]"
-                    )
+                    raise MaskError(f"activation {name} has shape {tuple(act.shape)}; expected [batch, pos, d]")
                 chunks[name].append(act.reshape(-1, act.shape[-1]).float().cpu())
     limit = tokens.numel() if n_tokens is None else n_tokens
     next_tokens = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), -1)], dim=1)

@@ -61,15 +61,11 @@ def _similarity_frame(covariances: Sequence[np.ndarray], labels: list) -> pd.Dat
     flat = np.stack([c.reshape(-1) for c in covariances])
     norms = np.linalg.norm(flat, axis=1)
     if np.any(norms == 0):
-        raise ConfigError(
-            "an activation set has zero covariance after deflation (constant or rank-1); use more tokens"
-        )
+        raise ConfigError("an activation set has zero covariance after deflation (constant or rank-1); use more tokens")
     unit = flat / norms[:, None]
     matrix = np.clip(unit @ unit.T, -1.0, 1.0)
     np.fill_diagonal(matrix, 1.0)
-    return pd.DataFrame(
-        matrix, index=pd.Index(labels, name="layer"), columns=pd.Index(labels, name="layer")
-    )
+    return pd.DataFrame(matrix, index=pd.Index(labels, name="layer"), columns=pd.Index(labels, name="layer"))
 
 
 def covariance_similarity(
@@ -114,9 +110,7 @@ def layer_covariance_similarity(
     moments = torch.zeros(len(names), d_model, d_model, dtype=torch.float64)
     n = 0
     with run_context(bridge, subnetwork, mode):
-        for start in tqdm(
-            range(0, tokens.shape[0], batch_size), desc="layer covariances", disable=not progress
-        ):
+        for start in tqdm(range(0, tokens.shape[0], batch_size), desc="layer covariances", disable=not progress):
             batch = tokens[start : start + batch_size].to(input_device(bridge))
             _, cache = bridge.run_with_cache(batch, names_filter=names)
             for layer, name in enumerate(names):
@@ -146,10 +140,6 @@ def similarity_report(
     if not subnetworks:
         raise ConfigError("similarity_report needs at least one run; pass e.g. {'full': None}")
     return {
-        label: layer_covariance_similarity(
-            bridge, windows, subnetwork, mode, n_tokens=n_tokens, progress=progress
-        )
+        label: layer_covariance_similarity(bridge, windows, subnetwork, mode, n_tokens=n_tokens, progress=progress)
         for label, subnetwork in subnetworks.items()
     }
-
-

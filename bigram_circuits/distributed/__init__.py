@@ -72,8 +72,9 @@ class ProcessGroup:
             return batch
         n = len(batch)
         if n % self.world_size:
-            raise SearchError(f"batch_size {n} does not divide over {self.world_size} ranks; "
-                              f"use a multiple of {self.world_size}")
+            raise SearchError(
+                f"batch_size {n} does not divide over {self.world_size} ranks; use a multiple of {self.world_size}"
+            )
         size = n // self.world_size
         return batch[self.rank * size : (self.rank + 1) * size]
 
@@ -181,16 +182,22 @@ def data_parallel(
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else int(world_size)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"rank {rank} is outside a world of {world_size} processes; "
-                          "launch with torchrun --nproc-per-node N")
+        raise ConfigError(
+            f"rank {rank} is outside a world of {world_size} processes; launch with torchrun --nproc-per-node N"
+        )
     if backend is None:
         backend = "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     created = False
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
         created = True
     group = ProcessGroup(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
     _ACTIVE.append(group)

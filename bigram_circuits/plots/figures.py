@@ -30,8 +30,8 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import SupportsFloat
 from pathlib import Path
+from typing import SupportsFloat
 
 import numpy as np
 import pandas as pd
@@ -78,8 +78,18 @@ _RUN_COLORS = {
 }
 
 
-_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-            "#bcbd22", "#7f7f7f", "#ff7f0e"]
+_PALETTE = [
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#7f7f7f",
+    "#ff7f0e",
+]
 
 
 _DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
@@ -155,21 +165,34 @@ def fig1_r_vs_params(sweep: pd.DataFrame, full_model_r: Mapping[str, float] | No
     for i, (model, group) in enumerate(data.groupby("model", sort=False)):
         group = group.sort_values("active_params")
         color = _PALETTE[i % len(_PALETTE)]
-        fig.add_trace(go.Scatter(
-            x=group["active_params"], y=group["r"], mode="lines+markers", name=str(model),
-            line={"color": color, "width": 2}, marker={"size": 8}, legendgroup=str(model),
-            customdata=np.stack([group["lambda"].astype(float)], axis=-1),
-            hovertemplate="λ=%{customdata[0]}<br>%{x:.3s} params<br>r=%{y:.3f}<extra>" + str(model) + "</extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=group["active_params"],
+                y=group["r"],
+                mode="lines+markers",
+                name=str(model),
+                line={"color": color, "width": 2},
+                marker={"size": 8},
+                legendgroup=str(model),
+                customdata=np.stack([group["lambda"].astype(float)], axis=-1),
+                hovertemplate="λ=%{customdata[0]}<br>%{x:.3s} params<br>r=%{y:.3f}<extra>" + str(model) + "</extra>",
+            )
+        )
         if str(model) in reference:
-            fig.add_trace(go.Scatter(
-                x=list(x_range), y=[reference[str(model)]] * 2, mode="lines",
-                name=f"{model} (full model)", legendgroup=str(model),
-                line={"color": color, "width": 1.5, "dash": "dash"},
-                hovertemplate="full model r=%{y:.3f}<extra>" + str(model) + "</extra>",
-            ))
-    fig.update_xaxes(type="log", title_text="Active non-embedding parameters (log scale)",
-                     **_log_ticks(data["active_params"]))
+            fig.add_trace(
+                go.Scatter(
+                    x=list(x_range),
+                    y=[reference[str(model)]] * 2,
+                    mode="lines",
+                    name=f"{model} (full model)",
+                    legendgroup=str(model),
+                    line={"color": color, "width": 1.5, "dash": "dash"},
+                    hovertemplate="full model r=%{y:.3f}<extra>" + str(model) + "</extra>",
+                )
+            )
+    fig.update_xaxes(
+        type="log", title_text="Active non-embedding parameters (log scale)", **_log_ticks(data["active_params"])
+    )
     fig.update_yaxes(title_text="Bigram surprisal correlation (Pearson r)")
     return _style(fig, "Bigram subnetworks: correlation with bigram surprisal vs size")
 
@@ -185,52 +208,89 @@ def fig2_training_dynamics(ckpt: pd.DataFrame, layer_share: pd.DataFrame) -> go.
     Three panels: lines of r vs step (one trace per target size, one for the full model), then a
     heatmap of MLP shares and one of attention shares (layer x step, one shared colour scale).
     """
-    require_columns(ckpt, ["step", "target_params", "r_estimated", "full_model_r"],
-                     "fig2_training_dynamics ckpt")
-    require_columns(layer_share, ["step", "component", "layer", "share"],
-                     "fig2_training_dynamics layer_share")
+    require_columns(ckpt, ["step", "target_params", "r_estimated", "full_model_r"], "fig2_training_dynamics ckpt")
+    require_columns(layer_share, ["step", "component", "layer", "share"], "fig2_training_dynamics layer_share")
     components = set(layer_share["component"].str.lower())
     if not components <= {"mlp", "attn"}:
         raise FigureDataError(
-            f"layer_share component must be 'mlp' or 'attn', got {sorted(components - {'mlp', 'attn'})}")
+            f"layer_share component must be 'mlp' or 'attn', got {sorted(components - {'mlp', 'attn'})}"
+        )
     fig = make_subplots(
-        rows=1, cols=3, column_widths=[0.4, 0.3, 0.3], horizontal_spacing=0.09,
-        subplot_titles=("Bigram r during training", "Share of subnetwork in MLP layers",
-                        "Share of subnetwork in attention layers"),
+        rows=1,
+        cols=3,
+        column_widths=[0.4, 0.3, 0.3],
+        horizontal_spacing=0.09,
+        subplot_titles=(
+            "Bigram r during training",
+            "Share of subnetwork in MLP layers",
+            "Share of subnetwork in attention layers",
+        ),
     )
     for i, (size, group) in enumerate(ckpt.groupby("target_params", sort=True)):
         group = group.sort_values("step")
-        fig.add_trace(go.Scatter(
-            x=group["step"], y=group["r_estimated"], mode="lines+markers",
-            name=f"subnetwork, {human_count(size)} params", line={"color": _PALETTE[i % len(_PALETTE)]},
-            hovertemplate="step %{x}<br>r=%{y:.3f}<extra></extra>",
-        ), row=1, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=group["step"],
+                y=group["r_estimated"],
+                mode="lines+markers",
+                name=f"subnetwork, {human_count(size)} params",
+                line={"color": _PALETTE[i % len(_PALETTE)]},
+                hovertemplate="step %{x}<br>r=%{y:.3f}<extra></extra>",
+            ),
+            row=1,
+            col=1,
+        )
     full = ckpt.groupby("step", as_index=False)["full_model_r"].first().sort_values("step")
-    fig.add_trace(go.Scatter(
-        x=full["step"], y=full["full_model_r"], mode="lines+markers", name="full model",
-        line={"color": _RUN_COLORS["full"], "dash": "dash"},
-        hovertemplate="step %{x}<br>r=%{y:.3f}<extra>full model</extra>",
-    ), row=1, col=1)
+    fig.add_trace(
+        go.Scatter(
+            x=full["step"],
+            y=full["full_model_r"],
+            mode="lines+markers",
+            name="full model",
+            line={"color": _RUN_COLORS["full"], "dash": "dash"},
+            hovertemplate="step %{x}<br>r=%{y:.3f}<extra>full model</extra>",
+        ),
+        row=1,
+        col=1,
+    )
 
     steps = sorted(layer_share["step"].unique())
     layers = sorted(layer_share["layer"].unique())
     zmax = float(layer_share["share"].max()) or 1.0
     for col, component, label in ((2, "mlp", "MLP"), (3, "attn", "attention")):
         part = layer_share[layer_share["component"].str.lower() == component]
-        grid = (part.pivot_table(index="layer", columns="step", values="share", aggfunc="sum")
-                .reindex(index=layers, columns=steps).fillna(0.0))
-        fig.add_trace(go.Heatmap(
-            z=grid.to_numpy(), x=[str(s) for s in steps], y=[str(layer) for layer in layers],
-            zmin=0.0, zmax=zmax, coloraxis="coloraxis", name=label,
-            hovertemplate=f"{label} layer %{{y}}<br>step %{{x}}<br>share %{{z:.1%}}<extra></extra>",
-        ), row=1, col=col)
+        grid = (
+            part.pivot_table(index="layer", columns="step", values="share", aggfunc="sum")
+            .reindex(index=layers, columns=steps)
+            .fillna(0.0)
+        )
+        fig.add_trace(
+            go.Heatmap(
+                z=grid.to_numpy(),
+                x=[str(s) for s in steps],
+                y=[str(layer) for layer in layers],
+                zmin=0.0,
+                zmax=zmax,
+                coloraxis="coloraxis",
+                name=label,
+                hovertemplate=f"{label} layer %{{y}}<br>step %{{x}}<br>share %{{z:.1%}}<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
         fig.update_xaxes(type="category", title_text="Training step", row=1, col=col)
         fig.update_yaxes(type="category", title_text="Layer", row=1, col=col)
     fig.update_xaxes(title_text="Training step", row=1, col=1)
     fig.update_yaxes(title_text="Bigram surprisal correlation (r)", row=1, col=1)
-    fig.update_layout(coloraxis={"colorscale": "Blues", "cmin": 0.0, "cmax": zmax,
-                                 "colorbar": {"title": "share", "tickformat": ".0%", "x": 1.02}},
-                      legend={"orientation": "h", "y": -0.25, "x": 0.0})
+    fig.update_layout(
+        coloraxis={
+            "colorscale": "Blues",
+            "cmin": 0.0,
+            "cmax": zmax,
+            "colorbar": {"title": "share", "tickformat": ".0%", "x": 1.02},
+        },
+        legend={"orientation": "h", "y": -0.25, "x": 0.0},
+    )
     return _style(fig, "Bigram subnetworks across training checkpoints", height=480, width=1250)
 
 
@@ -247,27 +307,48 @@ def fig_layer_distribution(distribution: pd.DataFrame, title: str = "Where the s
     if not blocks <= {"mlp", "attn"}:
         raise FigureDataError(f"block must be 'mlp' or 'attn', got {sorted(blocks - {'mlp', 'attn'})}")
     with_fraction = "fraction_kept" in distribution.columns
-    fig = make_subplots(rows=1, cols=2 if with_fraction else 1, horizontal_spacing=0.1,
-                        subplot_titles=("Share of the subnetwork's weights", "Fraction of each block kept")
-                        if with_fraction else ("Share of the subnetwork's weights",))
+    fig = make_subplots(
+        rows=1,
+        cols=2 if with_fraction else 1,
+        horizontal_spacing=0.1,
+        subplot_titles=("Share of the subnetwork's weights", "Fraction of each block kept")
+        if with_fraction
+        else ("Share of the subnetwork's weights",),
+    )
     colors = {"mlp": _PALETTE[0], "attn": _PALETTE[1]}
     for block, label in (("mlp", "MLP"), ("attn", "attention")):
         part = distribution[distribution["block"].str.lower() == block].sort_values("layer")
         if part.empty:
             continue
-        fig.add_trace(go.Bar(
-            x=part["layer"], y=part["share_of_subnetwork"], name=label, legendgroup=block,
-            marker_color=colors[block], hovertemplate="layer %{x}<br>%{y:.1%}<extra>" + label + "</extra>",
-        ), row=1, col=1)
+        fig.add_trace(
+            go.Bar(
+                x=part["layer"],
+                y=part["share_of_subnetwork"],
+                name=label,
+                legendgroup=block,
+                marker_color=colors[block],
+                hovertemplate="layer %{x}<br>%{y:.1%}<extra>" + label + "</extra>",
+            ),
+            row=1,
+            col=1,
+        )
         if with_fraction:
-            fig.add_trace(go.Scatter(
-                x=part["layer"], y=part["fraction_kept"], mode="lines+markers", name=label,
-                legendgroup=block, showlegend=False, line={"color": colors[block], "width": 2},
-                hovertemplate="layer %{x}<br>%{y:.1%} kept<extra>" + label + "</extra>",
-            ), row=1, col=2)
+            fig.add_trace(
+                go.Scatter(
+                    x=part["layer"],
+                    y=part["fraction_kept"],
+                    mode="lines+markers",
+                    name=label,
+                    legendgroup=block,
+                    showlegend=False,
+                    line={"color": colors[block], "width": 2},
+                    hovertemplate="layer %{x}<br>%{y:.1%} kept<extra>" + label + "</extra>",
+                ),
+                row=1,
+                col=2,
+            )
     for col in range(1, (2 if with_fraction else 1) + 1):
-        fig.update_xaxes(title_text="Layer", dtick=1 if distribution["layer"].nunique() <= 12 else 5,
-                         row=1, col=col)
+        fig.update_xaxes(title_text="Layer", dtick=1 if distribution["layer"].nunique() <= 12 else 5, row=1, col=col)
         fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=1, col=col)
     fig.update_layout(barmode="stack")
     return _style(fig, title, height=420, width=1100 if with_fraction else 650)
@@ -285,8 +366,12 @@ def fig_build_up(summary: pd.DataFrame, title: str = "Circuits built on the base
     require_columns(summary, ["task", "metric", "base", "condition", "candidate", "value"], "fig_build_up")
     tasks = list(dict.fromkeys(summary["task"]))
     metrics = {t: str(summary.loc[summary["task"] == t, "metric"].iloc[0]) for t in tasks}
-    fig = make_subplots(rows=1, cols=len(tasks), horizontal_spacing=0.12,
-                        subplot_titles=[f"{t} ({metrics[t].replace('_', ' ')})" for t in tasks])
+    fig = make_subplots(
+        rows=1,
+        cols=len(tasks),
+        horizontal_spacing=0.12,
+        subplot_titles=[f"{t} ({metrics[t].replace('_', ' ')})" for t in tasks],
+    )
     bases = list(dict.fromkeys(summary["base"]))
     shown: set[str] = set()
 
@@ -301,41 +386,76 @@ def fig_build_up(summary: pd.DataFrame, title: str = "Circuits built on the base
         for index, base in enumerate(bases):
             mine = part[part["base"] == base]
             color = _run_color(base, index)
-            for condition, label, opacity in (("base + candidate", f"{base} + candidate", 1.0),
-                                              ("base + random heads", f"{base} + random heads", 0.4)):
+            for condition, label, opacity in (
+                ("base + candidate", f"{base} + candidate", 1.0),
+                ("base + random heads", f"{base} + random heads", 0.4),
+            ):
                 rows = mine[mine["condition"] == condition].set_index("candidate").reindex(names)
                 if rows["value"].isna().all():
                     continue
                 error = None
                 if "value_std" in rows.columns and rows["value_std"].notna().any():
                     error = {"type": "data", "array": rows["value_std"].fillna(0.0).tolist(), "visible": True}
-                fig.add_trace(go.Bar(
-                    x=names, y=rows["value"].tolist(), name=label, legendgroup=label,
-                    showlegend=legend(label), marker={"color": color, "opacity": opacity},
-                    error_y=error, hovertemplate="%{x}<br>%{y:.3f}<extra>" + label + "</extra>",
-                ), row=1, col=col)
+                fig.add_trace(
+                    go.Bar(
+                        x=names,
+                        y=rows["value"].tolist(),
+                        name=label,
+                        legendgroup=label,
+                        showlegend=legend(label),
+                        marker={"color": color, "opacity": opacity},
+                        error_y=error,
+                        hovertemplate="%{x}<br>%{y:.3f}<extra>" + label + "</extra>",
+                    ),
+                    row=1,
+                    col=col,
+                )
             alone = mine.loc[mine["condition"] == "base", "value"]
             if not alone.empty:
-                fig.add_trace(go.Scatter(
-                    x=names, y=[float(alone.iloc[0])] * len(names), mode="lines", name=f"{base} alone",
-                    legendgroup=f"{base} alone", showlegend=legend(f"{base} alone"),
-                    line={"color": color, "dash": "dash", "width": 2},
-                ), row=1, col=col)
+                fig.add_trace(
+                    go.Scatter(
+                        x=names,
+                        y=[float(alone.iloc[0])] * len(names),
+                        mode="lines",
+                        name=f"{base} alone",
+                        legendgroup=f"{base} alone",
+                        showlegend=legend(f"{base} alone"),
+                        line={"color": color, "dash": "dash", "width": 2},
+                    ),
+                    row=1,
+                    col=col,
+                )
         full = part.loc[part["condition"] == "full", "value"]
         if not full.empty:
-            fig.add_trace(go.Scatter(
-                x=names, y=[float(full.iloc[0])] * len(names), mode="lines", name="full model",
-                legendgroup="full model", showlegend=legend("full model"),
-                line={"color": _RUN_COLORS["full"], "width": 2},
-            ), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=names,
+                    y=[float(full.iloc[0])] * len(names),
+                    mode="lines",
+                    name="full model",
+                    legendgroup="full model",
+                    showlegend=legend("full model"),
+                    line={"color": _RUN_COLORS["full"], "width": 2},
+                ),
+                row=1,
+                col=col,
+            )
         without = part[part["condition"] == "full - candidate"].drop_duplicates("candidate")
         without = without.set_index("candidate").reindex(names)
         if without["value"].notna().any():
-            fig.add_trace(go.Scatter(
-                x=names, y=without["value"].tolist(), mode="markers", name="full - candidate",
-                legendgroup="full - candidate", showlegend=legend("full - candidate"),
-                marker={"symbol": "x", "size": 11, "color": _RUN_COLORS["full"]},
-            ), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=names,
+                    y=without["value"].tolist(),
+                    mode="markers",
+                    name="full - candidate",
+                    legendgroup="full - candidate",
+                    showlegend=legend("full - candidate"),
+                    marker={"symbol": "x", "size": 11, "color": _RUN_COLORS["full"]},
+                ),
+                row=1,
+                col=col,
+            )
         fig.update_yaxes(title_text=metrics[task].replace("_", " "), row=1, col=col)
         fig.update_xaxes(tickangle=-25, row=1, col=col)
     fig.update_layout(barmode="group", legend={"orientation": "h", "y": -0.35, "x": 0.0})
@@ -353,23 +473,41 @@ def fig3_rotation(lens: pd.DataFrame) -> go.Figure:
     targets = set(lens["target"].str.lower())
     if not targets <= {"input", "output"}:
         raise FigureDataError(f"lens target must be 'input' or 'output', got {sorted(targets - {'input', 'output'})}")
-    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
-                        subplot_titles=("Rotation to input (token embeddings)",
-                                        "Rotation to output (last layer)"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        shared_yaxes=True,
+        horizontal_spacing=0.06,
+        subplot_titles=("Rotation to input (token embeddings)", "Rotation to output (last layer)"),
+    )
     runs = ordered(lens["run"], ["full", "bigram", "random", "optimal"])
     for col, target in ((1, "input"), (2, "output")):
         part = lens[lens["target"].str.lower() == target]
         for i, run in enumerate(runs):
             group = part[part["run"] == run].sort_values("layer")
-            fig.add_trace(go.Scatter(
-                x=group["layer"], y=group["rotation_deg"], mode="lines+markers", name=str(run),
-                legendgroup=str(run), showlegend=col == 1,
-                line={"color": _run_color(run, i), "dash": _DASHES[i % len(_DASHES)], "width": 2.5},
-                hovertemplate="layer %{x}<br>%{y:.1f}°<extra>" + str(run) + "</extra>",
-            ), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=group["layer"],
+                    y=group["rotation_deg"],
+                    mode="lines+markers",
+                    name=str(run),
+                    legendgroup=str(run),
+                    showlegend=col == 1,
+                    line={"color": _run_color(run, i), "dash": _DASHES[i % len(_DASHES)], "width": 2.5},
+                    hovertemplate="layer %{x}<br>%{y:.1f}°<extra>" + str(run) + "</extra>",
+                ),
+                row=1,
+                col=col,
+            )
         # One tick per layer for small models; every 5th for deep ones (30 layers are unreadable).
-        fig.update_xaxes(type="linear", dtick=1 if lens["layer"].max() <= 12 else 5, rangemode="tozero",
-                         title_text="Layer (0 = embeddings)", row=1, col=col)
+        fig.update_xaxes(
+            type="linear",
+            dtick=1 if lens["layer"].max() <= 12 else 5,
+            rangemode="tozero",
+            title_text="Layer (0 = embeddings)",
+            row=1,
+            col=col,
+        )
     fig.update_yaxes(title_text="Median rotation (degrees)", rangemode="tozero", row=1, col=1)
     return _style(fig, "Rotation of hidden states towards the input and the output", height=450, width=1000)
 
@@ -386,25 +524,33 @@ def fig4_similarity(matrices: Mapping[str, pd.DataFrame]) -> go.Figure:
     for run, matrix in matrices.items():
         if not isinstance(matrix, pd.DataFrame) or matrix.shape[0] != matrix.shape[1] or matrix.empty:
             shape = getattr(matrix, "shape", None)
-            raise FigureDataError(f"fig4_similarity matrix {run!r} must be a square layer x layer DataFrame, got shape {shape}")
+            raise FigureDataError(
+                f"fig4_similarity matrix {run!r} must be a square layer x layer DataFrame, got shape {shape}"
+            )
     values = np.concatenate([np.asarray(m, dtype=float).ravel() for m in matrices.values()])
     zmin, zmax = float(np.nanmin(values)), float(np.nanmax(values))
     runs = ordered(matrices.keys(), ["full", "bigram", "random", "optimal"])
-    fig = make_subplots(rows=1, cols=len(runs), horizontal_spacing=0.05,
-                        subplot_titles=[str(r) for r in runs])
+    fig = make_subplots(rows=1, cols=len(runs), horizontal_spacing=0.05, subplot_titles=[str(r) for r in runs])
     for col, run in enumerate(runs, start=1):
         matrix = matrices[run]
-        fig.add_trace(go.Heatmap(
-            z=matrix.to_numpy(dtype=float), x=[str(c) for c in matrix.columns],
-            y=[str(i) for i in matrix.index], coloraxis="coloraxis", name=str(run),
-            hovertemplate="layers %{y} and %{x}<br>cosine %{z:.3f}<extra>" + str(run) + "</extra>",
-        ), row=1, col=col)
+        fig.add_trace(
+            go.Heatmap(
+                z=matrix.to_numpy(dtype=float),
+                x=[str(c) for c in matrix.columns],
+                y=[str(i) for i in matrix.index],
+                coloraxis="coloraxis",
+                name=str(run),
+                hovertemplate="layers %{y} and %{x}<br>cosine %{z:.3f}<extra>" + str(run) + "</extra>",
+            ),
+            row=1,
+            col=col,
+        )
         fig.update_xaxes(type="category", title_text="Layer", row=1, col=col)
-        fig.update_yaxes(type="category", autorange="reversed", scaleanchor=f"x{col if col > 1 else ''}",
-                         row=1, col=col)
+        fig.update_yaxes(
+            type="category", autorange="reversed", scaleanchor=f"x{col if col > 1 else ''}", row=1, col=col
+        )
     fig.update_yaxes(title_text="Layer", row=1, col=1)
-    fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": zmin, "cmax": zmax,
-                                 "colorbar": {"title": "cosine"}})
+    fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": zmin, "cmax": zmax, "colorbar": {"title": "cosine"}})
     return _style(fig, "Layer covariance similarity", height=420, width=330 * len(runs) + 120)
 
 
@@ -422,9 +568,16 @@ def fig5_optimal(opt_sweep: pd.DataFrame, ablation: pd.DataFrame) -> go.Figure:
     """
     require_columns(opt_sweep, ["active_params", "r_model", "r_bigram"], "fig5_optimal opt_sweep")
     require_columns(ablation, ["condition", "loss"], "fig5_optimal ablation")
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.12,
-                        subplot_titles=("Optimal subnetworks: correlation with model and bigrams",
-                                        "Eval loss with a subnetwork removed"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.55, 0.45],
+        horizontal_spacing=0.12,
+        subplot_titles=(
+            "Optimal subnetworks: correlation with model and bigrams",
+            "Eval loss with a subnetwork removed",
+        ),
+    )
     data = opt_sweep[opt_sweep["active_params"] > 0]
     several_models = "model" in data.columns and data["model"].nunique() > 1
     groups = data.groupby("model", sort=False) if several_models else [("", data)]
@@ -432,21 +585,37 @@ def fig5_optimal(opt_sweep: pd.DataFrame, ablation: pd.DataFrame) -> go.Figure:
         group = group.sort_values("active_params")
         suffix = f" ({model})" if model != "" else ""
         color = _PALETTE[i % len(_PALETTE)]
-        for column, label, dash, kind in (("r_model", "r with full model", "solid", "optimal"),
-                                          ("r_bigram", "r with bigrams", "dash", "bigram")):
+        for column, label, dash, kind in (
+            ("r_model", "r with full model", "solid", "optimal"),
+            ("r_bigram", "r with bigrams", "dash", "bigram"),
+        ):
             # One model: colour by what is correlated; several: colour by model, dash by target.
             line_color = color if suffix else _RUN_COLORS[kind]
-            fig.add_trace(go.Scatter(
-                x=group["active_params"], y=group[column], mode="lines+markers", name=label + suffix,
-                line={"color": line_color, "dash": dash, "width": 2},
-                hovertemplate="%{x:.3s} params<br>r=%{y:.3f}<extra>" + label + suffix + "</extra>",
-            ), row=1, col=1)
-    fig.update_xaxes(type="log", title_text="Active non-embedding parameters (log scale)", row=1, col=1,
-                     **_log_ticks(data["active_params"]))
+            fig.add_trace(
+                go.Scatter(
+                    x=group["active_params"],
+                    y=group[column],
+                    mode="lines+markers",
+                    name=label + suffix,
+                    line={"color": line_color, "dash": dash, "width": 2},
+                    hovertemplate="%{x:.3s} params<br>r=%{y:.3f}<extra>" + label + suffix + "</extra>",
+                ),
+                row=1,
+                col=1,
+            )
+    fig.update_xaxes(
+        type="log",
+        title_text="Active non-embedding parameters (log scale)",
+        row=1,
+        col=1,
+        **_log_ticks(data["active_params"]),
+    )
     fig.update_yaxes(title_text="Surprisal correlation (Pearson r)", row=1, col=1)
 
-    conditions = ordered(ablation["condition"], ["full model", "full", "random ablated", "random",
-                                                  "bigram ablated", "bigram", "optimal ablated", "optimal"])
+    conditions = ordered(
+        ablation["condition"],
+        ["full model", "full", "random ablated", "random", "bigram ablated", "bigram", "optimal ablated", "optimal"],
+    )
     has_model = "model" in ablation.columns and ablation["model"].nunique() > 1
     for i, condition in enumerate(conditions):
         rows = ablation[ablation["condition"] == condition]
@@ -454,13 +623,23 @@ def fig5_optimal(opt_sweep: pd.DataFrame, ablation: pd.DataFrame) -> go.Figure:
         error = None
         if "loss_std" in rows.columns and rows["loss_std"].notna().any():
             error = {"type": "data", "array": rows["loss_std"].fillna(0.0).to_numpy(), "visible": True}
-        fig.add_trace(go.Bar(
-            x=rows["model"].astype(str) if has_model else [str(condition)], y=rows["loss"],
-            name=str(condition), error_y=error, showlegend=has_model,
-            text=rows["loss"], texttemplate="%{text:.2f}", textposition="outside", cliponaxis=False,
-            marker_color=_RUN_COLORS[kind] if kind else _PALETTE[i % len(_PALETTE)],
-            hovertemplate="%{y:.3f} nats<extra>" + str(condition) + "</extra>",
-        ), row=1, col=2)
+        fig.add_trace(
+            go.Bar(
+                x=rows["model"].astype(str) if has_model else [str(condition)],
+                y=rows["loss"],
+                name=str(condition),
+                error_y=error,
+                showlegend=has_model,
+                text=rows["loss"],
+                texttemplate="%{text:.2f}",
+                textposition="outside",
+                cliponaxis=False,
+                marker_color=_RUN_COLORS[kind] if kind else _PALETTE[i % len(_PALETTE)],
+                hovertemplate="%{y:.3f} nats<extra>" + str(condition) + "</extra>",
+            ),
+            row=1,
+            col=2,
+        )
     fig.update_xaxes(type="category", title_text="Model" if has_model else "", row=1, col=2)
     fig.update_yaxes(title_text="Eval loss (nats per token)", row=1, col=2)
     fig.update_layout(barmode="group")
@@ -521,7 +700,7 @@ def save_figure(
     png_path = base.with_name(base.name + ".png")
     try:
         image = fig.to_image(format="png", scale=scale)
-    except Exception as exc:  # noqa: BLE001 - kaleido raises many unrelated types without a browser
+    except Exception as exc:
         _png_failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         _log.debug("PNG export failed: %s", _png_failure)
         warnings.warn(PNG_HELP, RuntimeWarning, stacklevel=2)
@@ -536,16 +715,12 @@ def patching_heatmap(table: pd.DataFrame, value: str = "metric", title: str | No
     import plotly.graph_objects as go
 
     if value not in table.columns:
-        raise FigureDataError(
-            f"column {value!r} is not in the patching table; use 'metric' or 'recovered'"
-        )
+        raise FigureDataError(f"column {value!r} is not in the patching table; use 'metric' or 'recovered'")
     frame = table.copy()
     unit = "head" if "head" in frame.columns else "neuron" if "neuron" in frame.columns else None
     if "pos" in frame.columns:
         frame["row"] = (
-            "L"
-            + frame["layer"].astype(str)
-            + (("H" + frame["head"].astype(str)) if unit == "head" else "")
+            "L" + frame["layer"].astype(str) + (("H" + frame["head"].astype(str)) if unit == "head" else "")
             if unit != "neuron"
             else "L" + frame["layer"].astype(str) + "N" + frame["neuron"].astype(str)
         )
@@ -581,9 +756,7 @@ def patching_heatmap(table: pd.DataFrame, value: str = "metric", title: str | No
     return figure
 
 
-def similarity_heatmap(
-    matrices: pd.DataFrame | Mapping[str, pd.DataFrame], title: str = "Layer covariance similarity"
-):
+def similarity_heatmap(matrices: pd.DataFrame | Mapping[str, pd.DataFrame], title: str = "Layer covariance similarity"):
     """Plotly heatmap(s) of similarity matrices (one panel per run; paper Fig. 4), drawn by
     :func:`fig4_similarity`."""
     # fig4_similarity is defined above in this module.
