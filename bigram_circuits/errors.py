@@ -34,6 +34,15 @@ class SearchError(BigramCircuitsError, RuntimeError):
     """A search cannot run or diverged (bad config, NaN loss)."""
 
 
+class NonFiniteLoss(SearchError):
+    """The batch loss of a search step was not finite; raised before the backward pass, so the mask
+    logits, optimizer, temperature and step are those of the last good step."""
+
+    def __init__(self, value: float, step: int, lam: float) -> None:
+        super().__init__(f"loss became {value} at step {step} (lambda {lam:g})")
+        self.value, self.step = value, step
+
+
 class UnsafeFileError(BigramCircuitsError, ValueError):
     """A file would need to execute code to be loaded (e.g. a pickle with objects), so it is refused."""
 

@@ -63,7 +63,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from bigram_circuits.data import iterate_batches
 from bigram_circuits.distributed import current as current_group
 from bigram_circuits.distributed import launched_by_torchrun
-from bigram_circuits.errors import SearchError, TokenError
+from bigram_circuits.errors import NonFiniteLoss, SearchError, TokenError
 from bigram_circuits.evaluate import pearson_r
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir, run_directory_lock
 from bigram_circuits.manifest import write_manifest
@@ -557,15 +557,6 @@ def _load_checkpoint(path: Path, config: SearchConfig, granularities, target: Ta
 
 
 # --------------------------------------------------------------------------- one step
-
-
-class NonFiniteLoss(SearchError):
-    """The batch loss of a step was not finite; raised before the backward pass, so the mask
-    logits, optimizer, temperature and step are those of the last good step."""
-
-    def __init__(self, value: float, step: int, lam: float) -> None:
-        super().__init__(f"loss became {value} at step {step} (lambda {lam:g})")
-        self.value, self.step = value, step
 
 
 @dataclass(frozen=True)
