@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bigram_circuits.app.study import StudyConfig, render_markdown, run_study
-from bigram_circuits.cli import _field_comments
+from bigram_circuits.cli import field_comments
 from bigram_circuits.io import atomic_write_bytes
 
 
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
     paths are under the repository."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     hints = typing.get_type_hints(StudyConfig)
-    helps = _field_comments(StudyConfig)
+    helps = field_comments(StudyConfig)
     for field in dataclasses.fields(StudyConfig):
         hint, default = hints[field.name], field.default
         options: dict = {"default": default, "help": helps.get(field.name)}

@@ -250,7 +250,7 @@ def _show(value: object) -> str:
 
 
 @functools.cache
-def _field_comments(config: type) -> dict[str, str]:
+def field_comments(config: type) -> dict[str, str]:
     """``name: type = default  # comment`` lines of a dataclass: the comment is the option's help."""
     try:
         lines = inspect.getsource(config).splitlines()
@@ -284,7 +284,7 @@ def _options_of(source, names: Sequence[str]) -> list[tuple[str, object, object]
 
 def _help_of(source, name: str, helps: dict[str, str] | None) -> str:
     """An option's help: given here, else the dataclass field's comment, else the shared text."""
-    comments = _field_comments(source) if dataclasses.is_dataclass(source) else {}
+    comments = field_comments(source) if dataclasses.is_dataclass(source) else {}
     return (helps or {}).get(name) or comments.get(name) or _HELP.get(name, name.replace("_", " "))
 
 

@@ -21,7 +21,7 @@ from bigram_circuits.circuits.ablation import (
     select_heads,
     sufficiency,
 )
-from bigram_circuits.errors import MaskError, TokenError
+from bigram_circuits.errors import ConfigError, MaskError, TokenError
 
 VOCAB = 300
 
@@ -177,7 +177,7 @@ def test_repeated_sequences_and_loss(tiny_neox):
     assert behaviour["copy_gain"] == pytest.approx(float(first - second))
     pooled = repeated_random_tokens(VOCAB, 6, 4, pool=[7, 9])
     assert set(pooled.unique().tolist()) <= {7, 9}
-    with pytest.raises(TokenError):
+    with pytest.raises(ConfigError, match="seq_len >= 2"):
         repeated_random_tokens(VOCAB, 1, 3)
     with pytest.raises(TokenError, match="pool"):
         repeated_random_tokens(VOCAB, 4, 3, pool=[VOCAB])

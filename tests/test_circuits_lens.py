@@ -217,7 +217,7 @@ def test_lens_report_side_by_side(tiny_neox):
     from bigram_circuits.plots import fig3_rotation
 
     assert len(fig3_rotation(table).data) == 6  # the lens table is the figure's input
-    with pytest.raises(TokenError, match="hold only"):
+    with pytest.raises(ConfigError, match="hold only"):
         lens_report(bridge, tokenizer, _windows(2, 32), runs, n_tokens=4096, progress=False)
 
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.circuits.runs import MaskedSubnetwork, RunSpec, SubnetworkLike, run_context
-from bigram_circuits.errors import MaskError, TokenError
+from bigram_circuits.errors import ConfigError, MaskError, TokenError
 from bigram_circuits.masks import MaskKey, RunMode, apply_binary_masks
 
 __all__ = [
@@ -354,7 +354,7 @@ def repeated_random_tokens(
     or from the ids in ``pool`` (e.g. the frequent tokens, whose embeddings are well trained).
     """
     if seq_len < 2 or n_sequences < 1 or not 0 <= low < vocab_size:
-        raise TokenError("need seq_len >= 2, n_sequences >= 1 and 0 <= low < vocab_size")
+        raise ConfigError("need seq_len >= 2, n_sequences >= 1 and 0 <= low < vocab_size")
     generator = torch.Generator().manual_seed(seed)
     if pool is not None:
         ids = torch.as_tensor(list(pool), dtype=torch.int64)

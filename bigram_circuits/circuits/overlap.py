@@ -15,7 +15,6 @@ sum(a * b / n) over blocks.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -25,6 +24,7 @@ import torch
 from jaxtyping import Integer
 
 from bigram_circuits.errors import ConfigError, MaskError
+from bigram_circuits.masks import MaskKey
 
 __all__ = [
     "BlockCounts",
@@ -211,26 +211,13 @@ def overlap_table(pairs: Mapping[str, tuple[object, object]], n_random: int = 10
     return pd.DataFrame(rows)
 
 
-_LAYER = re.compile(r"blocks\.(\d+)\.")
-
-
 def _kind_of(key: str) -> str:
     """The matrix kind of a mask key: "neuron", "head", or q, k, v, o, in, gate, out."""
-    if key.endswith("mlp.hook_post"):
-        return "neuron"
-    if key.endswith("attn.hook_z"):
-        return "head"
-    match = re.search(r"\.(attn|mlp)\.(q|k|v|o|in|gate|out)\.weight$", key)
-    if match is None:
-        raise MaskError(f"cannot tell which matrix mask {key!r} gates; use the masks.py key names")
-    return match.group(2)
+    return MaskKey.parse(key).kind
 
 
 def _layer_of(key: str) -> int:
-    match = _LAYER.search(key)
-    if match is None:
-        raise MaskError(f"mask {key!r} names no layer (blocks.L.); use the masks.py key names")
-    return int(match.group(1))
+    return MaskKey.parse(key).layer
 
 
 _GATED_BY = {"neuron": ("in", "gate", "out"), "head": ("q", "k", "v", "o")}

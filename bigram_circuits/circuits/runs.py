@@ -22,7 +22,7 @@ from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from bigram_circuits.errors import MaskError, TokenError
+from bigram_circuits.errors import ConfigError, MaskError, TokenError
 from bigram_circuits.masks import RUN_MODES, RunMode
 from bigram_circuits.runspec import MaskedSubnetwork, RunSpec, SubnetworkLike, run_context
 
@@ -84,10 +84,10 @@ def select_windows(windows: Any, n_tokens: int | None) -> Integer[torch.Tensor, 
     if n_tokens is None:
         return tensor
     if n_tokens <= 0:
-        raise TokenError(f"n_tokens must be positive, got {n_tokens}")
+        raise ConfigError(f"n_tokens must be positive, got {n_tokens}")
     n_windows = math.ceil(n_tokens / tensor.shape[1])
     if n_windows > tensor.shape[0]:
-        raise TokenError(
+        raise ConfigError(
             f"need {n_tokens} tokens but the windows hold only {tensor.numel()}; "
             "pass more windows or a smaller n_tokens"
         )
