@@ -127,7 +127,7 @@ def main() -> int:
     train = load_token_dataset(args.corpus, tokenizer, split="train")
     t0 = time.time()
     if run is not None:  # the run's bigram_stats.npz (tokenizer checked), else counted here and not saved
-        stats = RunDir(run).bigram_stats(tokenizer, args.corpus, 128, vocab, save=False)
+        stats = RunDir(run).bigram_stats(tokenizer, args.corpus, 128, vocab, train=train, save=False)
     else:
         stats = BigramStats.from_tokens(train, vocab)
     timings["bigram_stats_s"] = time.time() - t0

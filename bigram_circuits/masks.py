@@ -1063,6 +1063,21 @@ class MaskSet(nn.Module):
 # --------------------------------------------------------------------------- weight-level views
 
 
+def _matrix_shapes(geometry: ModelGeometry) -> dict[str, tuple[int, int]]:
+    """The canonical ``[out, in]`` shape of every weight matrix kind of one layer."""
+    g = geometry
+    d_q, d_kv = g.n_heads * g.d_head, g.n_kv_heads * g.d_head
+    return {
+        "q": (d_q, g.d_model),
+        "k": (d_kv, g.d_model),
+        "v": (d_kv, g.d_model),
+        "o": (g.d_model, d_q),
+        "in": (g.d_mlp, g.d_model),
+        "gate": (g.d_mlp, g.d_model),
+        "out": (g.d_model, g.d_mlp),
+    }
+
+
 def expand_to_weight_masks(
     geometry: ModelGeometry,
     components: Mapping[str, MaskComponent],
@@ -1077,17 +1092,7 @@ def expand_to_weight_masks(
     ``layers`` restricts the result to those layers (bounded memory for large models).
     """
     g = geometry
-    d_q = g.n_heads * g.d_head
-    d_kv = g.n_kv_heads * g.d_head
-    shapes = {
-        "q": (d_q, g.d_model),
-        "k": (d_kv, g.d_model),
-        "v": (d_kv, g.d_model),
-        "o": (g.d_model, d_q),
-        "in": (g.d_mlp, g.d_model),
-        "gate": (g.d_mlp, g.d_model),
-        "out": (g.d_model, g.d_mlp),
-    }
+    shapes = _matrix_shapes(g)
     kinds = (*ATTN_MATRICES, *MLP_MATRICES) if g.gated_mlp else (*ATTN_MATRICES, "in", "out")
     layer_set = set(range(g.n_layers) if layers is None else layers)
     out: dict[str, torch.Tensor] = {}
@@ -1227,7 +1232,7 @@ def author_dict_to_weight_masks(
             raise MaskError(f"mask {name} has shape {arr.shape}, expected {shape}; was it made for another model?")
         return arr.astype(bool)
 
-    d_q, d_kv = g.n_heads * g.d_head, g.n_kv_heads * g.d_head
+    d_q = g.n_heads * g.d_head
     out: dict[str, torch.Tensor] = {}
     for key, name in names.items():
         kind = MaskKey.parse(key).kind
@@ -1241,15 +1246,6 @@ def author_dict_to_weight_masks(
             shape = {"o": (d_q, g.d_model), "in": (g.d_model, g.d_mlp), "out": (g.d_mlp, g.d_model)}[kind]
             arr = fetch(name, shape).T
         else:
-            shape = {
-                "q": (d_q, g.d_model),
-                "k": (d_kv, g.d_model),
-                "v": (d_kv, g.d_model),
-                "o": (g.d_model, d_q),
-                "in": (g.d_mlp, g.d_model),
-                "gate": (g.d_mlp, g.d_model),
-                "out": (g.d_model, g.d_mlp),
-            }[kind]
-            arr = fetch(name, shape)
+            arr = fetch(name, _matrix_shapes(g)[kind])
         out[key] = torch.from_numpy(np.ascontiguousarray(arr))
     return out

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bigram_circuits.data import TokenDataset, load_token_dataset
 from bigram_circuits.errors import MaskError
 from bigram_circuits.ngrams import BigramStats
 
@@ -174,17 +175,18 @@ class RunDir:
         seq_len: int = 128,
         vocab_size: int | None = None,
         *,
+        train: TokenDataset | None = None,
         save: bool = True,
         show_progress: bool = True,
     ) -> BigramStats:
         """The run's bigram statistics: ``bigram_stats.npz`` when it exists (refused with a
         ``StatsError`` line when it was counted with another tokenizer), else counted on the
-        train split of ``corpus`` in windows of ``seq_len`` and, with ``save``, written there."""
+        train split of ``corpus`` (``train``, when the caller has loaded it already) in windows
+        of ``seq_len`` and, with ``save``, written there."""
         if self.stats_file.exists():
             return BigramStats.load(self.stats_file, tokenizer=tokenizer)
-        from bigram_circuits.data import load_token_dataset
-
-        train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
+        if train is None:
+            train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
         stats = BigramStats.from_tokens(
             train,
             vocab_size if vocab_size is not None else len(tokenizer),

@@ -285,14 +285,8 @@ def tiny_neox_on_device(tiny_neox_dir, device):
 
 @pytest.fixture
 def no_runtime_typecheck():
-    """Turn the suite's run-time type checks off for one test: tests of the package's own input
-    validation pass wrongly typed arguments on purpose and expect its one-line errors, which a
-    user without a type checker gets."""
-    import jaxtyping
+    """The suite's run-time type checks off for one test (``typechecks.unchecked``)."""
+    from typechecks import unchecked
 
-    before = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    try:
+    with unchecked():
         yield
-    finally:
-        jaxtyping.config.update("jaxtyping_disable", before)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from circuit_doubles import random_units
+from typechecks import unchecked
 
 from bigram_circuits.circuits.lens import (
     Lens,
@@ -129,24 +130,6 @@ def test_linear_lens_recovers_a_known_linear_map():
     np.testing.assert_allclose(gradient, 0.0, atol=1e-6)
 
 
-def _unchecked():
-    """The suite's run-time type check off for one call (the package's own check is tested)."""
-    import contextlib
-
-    import jaxtyping
-
-    @contextlib.contextmanager
-    def off():
-        before = jaxtyping.config.jaxtyping_disable
-        jaxtyping.config.update("jaxtyping_disable", True)
-        try:
-            yield
-        finally:
-            jaxtyping.config.update("jaxtyping_disable", before)
-
-    return off()
-
-
 def test_rotation_of_known_maps():
     assert rotation_degrees(np.eye(6)) == pytest.approx(0.0)
     angle = np.deg2rad(30.0)
@@ -155,7 +138,7 @@ def test_rotation_of_known_maps():
     assert rotation_degrees(rotation) == pytest.approx(30.0)
     assert rotation_degrees(2.0 * rotation) == pytest.approx(30.0)  # scale does not matter
     assert rotation_degrees(-np.eye(4)) == pytest.approx(180.0)
-    with pytest.raises(ConfigError, match="square"), _unchecked():
+    with pytest.raises(ConfigError, match="square"), unchecked():
         rotation_degrees(np.ones((2, 3)))
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import time
 
-from bigram_circuits.data import load_token_dataset
+from bigram_circuits.data import TokenDataset, load_token_dataset
 from bigram_circuits.evaluate import ablation_table, generate, mean_next_token_loss
 from bigram_circuits.models import input_device, load_model, model_vocab_size
 from bigram_circuits.ngrams import BigramStats
@@ -46,7 +46,8 @@ def run_demo(demo: DemoConfig) -> None:
         f"model {demo.model!r}: {bridge.cfg.n_layers} layers, d_model {bridge.cfg.d_model}, "
         f"{n_weights:,} attention+MLP weights, vocab {len(tokenizer)}"
     )
-    windows = load_token_dataset(demo.corpus, tokenizer, split="eval").windows(128, max_windows=demo.eval_windows)
+    evaluation = load_token_dataset(demo.corpus, tokenizer, split="eval")
+    windows = evaluation.windows(128, max_windows=demo.eval_windows)
     loss = mean_next_token_loss(bridge, windows, device=input_device(bridge), batch_size=8, vocab_size=len(tokenizer))
     count = windows[:, 1:].size
     print(f"eval loss on {count:,} tokens of {demo.corpus!r}: {loss:.3f} nats (perplexity {math.exp(loss):.1f})")
@@ -54,17 +55,16 @@ def run_demo(demo: DemoConfig) -> None:
         text = generate(bridge, tokenizer, prompt, temperature=0, max_new_tokens=20)
         print(f"  {prompt + text!r}")
     if not demo.no_search:
-        _demo_search(demo, bridge, tokenizer)
+        _demo_search(demo, bridge, tokenizer, evaluation)
     print(f"demo finished in {time.time() - started:.0f} s")
 
 
-def _demo_search(demo: DemoConfig, bridge, tokenizer) -> None:
+def _demo_search(demo: DemoConfig, bridge, tokenizer, evaluation: TokenDataset) -> None:
     """A bigram-subnetwork search on the loaded model (weight masks by default), then the
     paper's ablation: remove it vs remove a random subnetwork of the same shape. Every number
     comes from the saved binary mask; rerunning the demo reuses ``demo.out``."""
     vocab = model_vocab_size(bridge, tokenizer)
     train = load_token_dataset(demo.corpus, tokenizer, split="train")
-    evaluation = load_token_dataset(demo.corpus, tokenizer, split="eval")
     stats = BigramStats.from_tokens(train, vocab)
     config = SearchConfig(
         lam=demo.lam,

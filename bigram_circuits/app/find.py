@@ -82,7 +82,13 @@ def find_command(
         train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
         evaluation = load_token_dataset(corpus, tokenizer, split="eval", show_progress=show_progress)
         stats = run.bigram_stats(
-            tokenizer, corpus, config.seq_len, vocab, save=current_group().is_writer, show_progress=show_progress
+            tokenizer,
+            corpus,
+            config.seq_len,
+            vocab,
+            train=train,
+            save=current_group().is_writer,
+            show_progress=show_progress,
         )
         train_windows = train.windows(config.seq_len, max_train_windows)
         eval_windows = evaluation.windows(config.seq_len, max_eval_windows)

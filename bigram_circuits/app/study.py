@@ -329,7 +329,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
 
     run = RunDir(ensure_output_dir(config.out))
     t = time.perf_counter()  # same file and layout as `bigram-circuits find`, so reruns reuse it
-    stats = run.bigram_stats(tokenizer, config.corpus, config.seq_len, vocab, show_progress=show_progress)
+    stats = run.bigram_stats(tokenizer, config.corpus, config.seq_len, vocab, train=train, show_progress=show_progress)
     timings["bigram_stats_s"] = time.perf_counter() - t
 
     train_windows = train.windows(config.seq_len, config.train_windows)
