@@ -790,17 +790,30 @@ class ForwardMasks(Mapping[str, torch.Tensor]):
     Each key's mask is computed the first time the forward pass needs it (so hard concrete
     noise is drawn in the forward pass's order) and reused for the rest of the block. Yielded by
     ``attach``; pass it to :meth:`MaskSet.penalty` to sum the penalty from these very tensors.
+    ``compute(key)`` returns ``(masks, probabilities)``: the forward masks of ``key`` and of any
+    other keys computed in the same pass (a sharded mask set computes a whole layer at once,
+    while FSDP2 has its logits gathered), and, for parameterizations whose forward mask is not
+    its probability, the probabilities of those keys (kept in :attr:`probabilities` for the
+    penalty; empty otherwise).
     """
 
-    def __init__(self, compute: Callable[[str], torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        compute: Callable[[str], tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]],
+        masks: Mapping[str, torch.Tensor] | None = None,
+    ):
         self._compute = compute
         self._masks: dict[str, torch.Tensor] = dict(masks or {})
+        self.probabilities: dict[str, torch.Tensor] = {}
 
     def mask(self, key: str) -> torch.Tensor:
         """``key``'s mask for this block (computed now on first use)."""
         found = self._masks.get(key)
         if found is None:
-            found = self._masks[key] = self._compute(key)
+            masks, probabilities = self._compute(key)
+            self._masks.update(masks)
+            self.probabilities.update(probabilities)
+            found = self._masks[key]
         return found
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -908,7 +921,13 @@ class MaskSet(nn.Module):
     def granularities(self) -> tuple[Granularity, ...]:
         return parse_granularities([c.granularity for c in self.components.values()])
 
+    def parameter(self, key: str) -> nn.Parameter:
+        """The learnable logits of ``key`` (what an optimizer updates; a shard of them when the
+        set is sharded over ranks, :class:`bigram_circuits.distributed.ShardedMaskSet`)."""
+        return self.logits[_safe(key)]
+
     def logit(self, key: str) -> torch.Tensor:
+        """The full logits of ``key`` (the parameter itself here)."""
         return self.logits[_safe(key)]
 
     def seed(self, seed: int) -> None:
@@ -984,9 +1003,10 @@ class MaskSet(nn.Module):
             and self.parameterization.sample_is_probability
             and all(key in forward_masks for key in self.components)
         )
+        computed = getattr(forward_masks, "probabilities", {})  # P(on) computed with the forward masks
         total = None
         for key in self.components:
-            p = forward_masks[key] if reuse else self.probability(key)
+            p = forward_masks[key] if reuse else computed[key] if key in computed else self.probability(key)
             term = (p.sum() * self._penalty_weight[key]).to(self.device)  # masks may span devices
             total = term if total is None else total + term
         return total / self._penalty_total
@@ -1042,20 +1062,36 @@ class MaskSet(nn.Module):
         kept = sum(float(m.float().sum()) for m in masks.values())
         return kept / sum(c.n_entries for c in self.components.values())
 
+    def all_finite(self) -> bool:
+        """Whether every logit is finite (on every rank, for a sharded set)."""
+        with torch.no_grad():
+            return all(bool(torch.isfinite(self.parameter(key)).all()) for key in self.components)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
+        """``optimizer.state_dict()`` for an optimizer over :meth:`parameter` tensors, in the
+        one-process layout (a sharded set gathers the moments; every rank must call it then)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load an :meth:`optimizer_state_dict` (written by any number of ranks) into ``optimizer``."""
+        optimizer.load_state_dict(state)
+
     def forward(self) -> dict[str, Float[torch.Tensor, ...]]:
         """Every key's forward mask (sampled gates while training for hard concrete), in
-        component order. With sharded logits (``distributed.shard_mask_set``) FSDP2 gathers the
-        full logits around this call and reduce-scatters their gradients in the backward pass."""
+        component order."""
         return {key: self.soft_mask(key) for key in self.components}
+
+    def forward_masks_of(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """What a forward pass computes when it first needs ``key``: ``({key: soft mask}, {})``
+        (see :class:`ForwardMasks`; a sharded set computes ``key``'s whole layer)."""
+        return {key: self.soft_mask(key)}, {}
 
     @contextlib.contextmanager
     def attach(self, bridge: TransformerBridge) -> Iterator[ForwardMasks]:
         """Run ``bridge`` with the current soft masks inside the block; yields the
         :class:`ForwardMasks` of the block (each key's mask computed once, on first use by the
         forward pass, and shared by every forward pass in the block)."""
-        # Sharded logits (distributed.shard_mask_set): gather them now, around one self() call.
-        initial = dict(self()) if getattr(self, "gather_masks_in_forward", False) else None
-        used = ForwardMasks(self.soft_mask, initial)
+        used = ForwardMasks(self.forward_masks_of)
         with attach_masks(bridge, list(self.components.values()), used.mask):
             yield used
 

@@ -61,8 +61,8 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.data import iterate_batches
+from bigram_circuits.distributed import ShardedMaskSet, launched_by_torchrun
 from bigram_circuits.distributed import current as current_group
-from bigram_circuits.distributed import launched_by_torchrun
 from bigram_circuits.errors import NonFiniteLoss, SearchError, TokenError
 from bigram_circuits.evaluate import pearson_r
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir, run_directory_lock
@@ -433,14 +433,16 @@ class SearchState:
         seeded with ``seed * 1000 + attempt``, a new AdamW (one parameter group per granularity)."""
         clock = clock or SearchClock()
         grans = run["granularities"]
-        mask_set = MaskSet.for_model(bridge, grans, config.parameterization, config.init, config.penalty_weighting)
+        # Data-parallel with shard_masks: each rank keeps 1/N of the logits (FSDP2).
+        mask_class = ShardedMaskSet if current_group().sharded else MaskSet
+        mask_set = mask_class.for_model(bridge, grans, config.parameterization, config.init, config.penalty_weighting)
         mask_set.temperature = float(config.temperature_init)
         mask_set.seed(config.seed * 1000 + attempt)
         mask_set.train()
         lrs = config.learning_rates(grans)
         groups = [
             {
-                "params": [mask_set.logit(k) for k, c in mask_set.components.items() if c.granularity == g],
+                "params": [mask_set.parameter(k) for k, c in mask_set.components.items() if c.granularity == g],
                 "lr": lrs[g],
                 "name": g,
             }
@@ -468,8 +470,8 @@ class SearchState:
             "step": self.step,
             "history": self.history,
             "attempts": self.previous_attempts,
-            "mask_state": self.mask_set.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "mask_state": self.mask_set.state_dict(),  # full tensors, also when sharded
+            "optimizer": self.mask_set.optimizer_state_dict(self.optimizer),
             "generator": self.generator_state(),
             **self.run,
             "elapsed_s": self.clock.wall(),
@@ -479,13 +481,14 @@ class SearchState:
     def load_state_dict(self, checkpoint: dict) -> None:
         """Continue from ``checkpoint`` (a :meth:`state_dict` of the same attempt)."""
         self.mask_set.load_state_dict(checkpoint["mask_state"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.mask_set.load_optimizer_state_dict(self.optimizer, checkpoint["optimizer"])
         if self.mask_set.generator is not None and checkpoint.get("generator") is not None:
             self.mask_set.generator.set_state(checkpoint["generator"])
         self.step, self.history = int(checkpoint["step"]), list(checkpoint["history"])
 
     def save(self, path: Path) -> None:
-        """Write :meth:`state_dict` atomically to ``path`` (rank 0 only: every rank holds the same state)."""
+        """Write :meth:`state_dict` atomically to ``path``. Data-parallel: every rank calls it (a
+        sharded mask set is gathered into the one-process layout) and rank 0 writes."""
         _save_checkpoint(path, self.state_dict())
 
     @classmethod
@@ -602,7 +605,8 @@ def search_step(
         raise NonFiniteLoss(logged[0].item(), state.step + 1, config.lam)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    group.after_backward(mask_set)  # average the mask-logit gradients over ranks
+    if not isinstance(mask_set, ShardedMaskSet):  # FSDP2 has reduce-scattered sharded gradients already
+        group.after_backward(mask_set)  # average the mask-logit gradients over ranks
     state.optimizer.step()
     mask_set.temperature *= config.temperature_growth
     state.step += 1
@@ -687,7 +691,8 @@ def search(
                             stop_reason = "converged"
                             break
                 except KeyboardInterrupt:
-                    if out_path is not None and consistent:
+                    # A sharded save gathers over ranks, which may already be gone: keep the last periodic one.
+                    if out_path is not None and consistent and not group.sharded:
                         state.save(out_path / CHECKPOINT_FILE)
                     raise
                 finally:
@@ -776,7 +781,7 @@ def _non_finite_error(error: NonFiniteLoss, state: SearchState, generator_before
     """The error for a non-finite loss; first checkpoints the last good step when its logits are finite."""
     where = ""
     if out_path is not None:
-        if all(bool(torch.isfinite(p).all()) for p in state.mask_set.parameters()):
+        if state.mask_set.all_finite():
             _save_checkpoint(out_path / CHECKPOINT_FILE, {**state.state_dict(), "generator": generator_before})
             where = f"; the last good state (step {state.step}) is checkpointed in {out_path}"
         else:
@@ -856,6 +861,8 @@ def _finish(
             "previous_attempts": state.previous_attempts,
         }
     )
+    if group.active:  # how the run was executed (not part of its identity: any layout resumes it)
+        metrics["data_parallel"] = {"world_size": group.world_size, "sharded_masks": group.sharded}
     subnetwork.metadata["metrics"] = metrics
     history_df = pd.DataFrame(state.history)
     if out_path is not None and group.is_writer:

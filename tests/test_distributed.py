@@ -2,7 +2,7 @@
 
 Two ranks, each on half of every batch, with the mask-logit gradients averaged, follow one
 process with the same global batch; a run killed mid-search (SIGKILL to every rank) resumes from
-rank 0's checkpoint to the same result.
+rank 0's checkpoint to the same result; ``--shard-masks`` (FSDP2) follows it too.
 """
 
 from __future__ import annotations
@@ -163,9 +163,27 @@ def test_two_ranks_equal_one_process_and_a_killed_run_resumes(tiny_neox_dir, tin
     assert not list(parallel_out.rglob("*.tmp")) and not (run_dir / "checkpoint.pt").exists()
     stdout = resumed.stdout.decode()
     assert stdout.count("n_params") == 1  # the table printed by rank 0 only
+    # The same run with the mask logits sharded over the two ranks (FSDP2).
+    sharded_out = tmp_path / "sharded"
+    sharded = subprocess.run(
+        _torchrun(["--shard-masks", *_find_args(tiny_neox_dir, corpus, sharded_out)]),
+        env=env,
+        capture_output=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert sharded.returncode == 0, sharded.stderr.decode()[-3000:]
+    three = pd.read_csv(sharded_out / f"lambda_{LAMBDA}" / "history.csv")
+    assert len(three) == len(one)
+    np.testing.assert_allclose(three["loss"], one["loss"], rtol=1e-4)
+    c = Subnetwork.load(sharded_out / f"lambda_{LAMBDA}")
+    assert c.metadata["metrics"]["data_parallel"] == {"world_size": 2, "sharded_masks": True}
+    sharded_agree = sum(int((a.masks[k] == c.masks[k]).sum()) for k in a.masks) / a.n_entries
+    assert sharded_agree >= 0.999
     print(
         f"data-parallel vs one process: {len(one)} steps, max relative loss difference "
-        f"{float(np.max(np.abs(two['loss'] / one['loss'] - 1))):.2e}, mask agreement {agree:.6f}"
+        f"{float(np.max(np.abs(two['loss'] / one['loss'] - 1))):.2e}, mask agreement {agree:.6f}; sharded: "
+        f"{float(np.max(np.abs(three['loss'] / one['loss'] - 1))):.2e}, {sharded_agree:.6f}"
     )
 
 
@@ -204,7 +222,7 @@ def _fsdp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> 
         p.requires_grad_(False)
     with data_parallel("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}") as group:
         mask_set = shard_mask_set(MaskSet.for_model(bridge, "weight"))
-        local = {n: tuple(p.to_local().shape) for n, p in mask_set.named_parameters()}
+        local = {key: tuple(mask_set.parameter(key).to_local().shape) for key in mask_set.keys}
         batches = [torch.as_tensor(group.shard(b.numpy())) for b in _fsdp_batches()]
         _fsdp_steps(bridge, mask_set, batches)
         logits = full_logits(mask_set)
@@ -241,9 +259,17 @@ def test_fsdp2_sharded_weight_masks_match_one_process(tiny_neox, tiny_neox_dir, 
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    for name, logit in reference.named_parameters():
-        assert sharded["local_shapes"][name][0] == (logit.shape[0] + 1) // 2  # half the rows each
+    for key in reference.keys:
+        logit = reference.logit(key)
+        assert sharded["local_shapes"][key][0] == (logit.shape[0] + 1) // 2  # half the rows each
         # AdamW divides by sqrt(v): near-zero gradients turn float-order noise into ~1e-6 steps.
-        torch.testing.assert_close(sharded["logits"][name], logit.detach(), rtol=1e-4, atol=1e-5)
-    worst = max(float((sharded["logits"][n] - p.detach()).abs().max()) for n, p in reference.named_parameters())
+        torch.testing.assert_close(sharded["logits"][key], logit.detach(), rtol=1e-4, atol=1e-5)
+    worst = max(float((sharded["logits"][k] - reference.logit(k).detach()).abs().max()) for k in reference.keys)
     print(f"FSDP2 sharded vs one process after {FSDP_STEPS} steps: max |logit difference| {worst:.2e}")
+
+
+def test_shard_masks_flag_goes_before_the_command(capsys):
+    from bigram_circuits.distributed.__main__ import main
+
+    assert main(["find", "--shard-masks", "--model", "default"]) == 2
+    assert "before the command" in capsys.readouterr().err

@@ -27,18 +27,21 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from jaxtyping import Integer
+from torch import nn
 
-from bigram_circuits.errors import ConfigError, SearchError
+from bigram_circuits.errors import ConfigError, MaskError, SearchError
+from bigram_circuits.masks import ForwardMasks, MaskSet, _safe
 
 __all__ = [
     "SINGLE_PROCESS",
     "ProcessGroup",
+    "ShardedMaskSet",
     "current",
     "data_parallel",
     "full_logits",
@@ -56,6 +59,7 @@ class ProcessGroup:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    shard_masks: bool = False  # searches shard their mask logits over the ranks (ShardedMaskSet)
 
     @property
     def is_writer(self) -> bool:
@@ -65,6 +69,11 @@ class ProcessGroup:
     @property
     def active(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether searches in this group shard their mask logits (asked for, and 2+ ranks)."""
+        return self.shard_masks and self.active
 
     def shard(self, batch: Integer[np.ndarray, "batch seq"]) -> Integer[np.ndarray, "shard seq"]:
         """This rank's contiguous share of a global batch (all shards have the same size)."""
@@ -166,13 +175,16 @@ def data_parallel(
     init_method: str = "env://",
     device: str | torch.device | None = None,
     timeout_s: float = 1800.0,
+    shard_masks: bool = False,
 ) -> Iterator[ProcessGroup]:
     """Join (or start) a process group for the block; searches inside it run data-parallel.
 
     Under torchrun everything comes from the environment (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); tests pass ``rank``, ``world_size`` and a
     ``tcp://`` ``init_method``. ``backend`` defaults to ``nccl`` when ``device`` is CUDA, else
-    ``gloo``. An already initialised default group is reused (and left open).
+    ``gloo``. An already initialised default group is reused (and left open). With
+    ``shard_masks`` (and 2+ ranks) searches keep their mask logits in a :class:`ShardedMaskSet`
+    (FSDP2, one unit per layer) instead of a full copy on every rank.
     """
     import torch.distributed as dist
 
@@ -199,7 +211,9 @@ def data_parallel(
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         created = True
-    group = ProcessGroup(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
+    group = ProcessGroup(
+        rank=rank, world_size=world_size, local_rank=local_rank, backend=backend, shard_masks=bool(shard_masks)
+    )
     _ACTIVE.append(group)
     try:
         yield group
@@ -209,35 +223,272 @@ def data_parallel(
             dist.destroy_process_group()
 
 
-def shard_mask_set(mask_set: torch.nn.Module, mesh=None) -> torch.nn.Module:
-    """Shard a :class:`~bigram_circuits.masks.MaskSet`'s logits over the ranks with FSDP2
-    (``torch.distributed.fsdp.fully_shard``): each rank keeps 1/N of every logit tensor (dim 0),
-    so the logits, their gradients and an optimizer's moments over ``mask_set.parameters()``
-    cost 16/N bytes per masked weight. Inside ``mask_set.attach(bridge)`` the full logits are
-    gathered once per forward pass (FSDP2's pre-forward all-gather around ``mask_set()``) and
-    the gradients reduce-scattered (averaged) in the backward pass, so ranks that each run their
-    shard of a batch follow one process on the whole batch. Needs an initialised process group
-    (:func:`data_parallel`); works on CPU with gloo. Returns the same module, now an
-    ``FSDPModule``. Not yet wired into :func:`bigram_circuits.search.search` (see
-    docs/scale_out.md)."""
+class _LayerMasks(nn.Module):
+    """One layer's mask logits: the unit FSDP2 gathers (forward) and reduce-scatters (backward)
+    at once, so only one layer's full logits exist at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = nn.ParameterDict()
+
+    def forward(self, compute: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict]:
+        # FSDP2's hooks around this call gather the logits before ``compute`` reads them and
+        # reduce-scatter their gradients in the backward pass.
+        return compute()
+
+
+class ShardedMaskSet(MaskSet):
+    """A :class:`~bigram_circuits.masks.MaskSet` whose logits are sharded over the ranks with
+    FSDP2 (``torch.distributed.fsdp.fully_shard``), one FSDP unit per layer.
+
+    Each rank keeps 1/N of the rows of every logit tensor, so the logits, their gradients and an
+    optimizer's moments over :meth:`parameter` tensors cost 16/N bytes per masked weight. When a
+    forward pass inside :meth:`attach` first needs a layer's mask, that layer's logits are
+    all-gathered, its masks computed (and, for hard concrete, its probabilities for the penalty)
+    and the full logits freed again; in the backward pass the layer's gradients are
+    reduce-scattered (averaged), so ranks that each run their shard of a batch follow one
+    process on the whole batch. Outside a forward pass :meth:`logit` gathers a key's full logits
+    (a collective: every rank must make the same calls in the same order), :meth:`decision_counts`
+    counts on the local rows and sums over ranks, and :meth:`state_dict` / :meth:`load_state_dict`
+    and :meth:`optimizer_state_dict` / :meth:`load_optimizer_state_dict` use the one-process
+    layout of full tensors, so a checkpoint written by N ranks resumes on M ranks or on one
+    process, and the other way round.
+
+    Built like a ``MaskSet`` (``ShardedMaskSet.for_model(bridge, "weight")``) inside
+    :func:`data_parallel` with at least two ranks, or from a ``MaskSet`` with
+    :func:`shard_mask_set`. Works on CPU with gloo and on CUDA with NCCL. The logits of all keys
+    must live on one device (no ``device_map`` split).
+    """
+
+    def __init__(self, *args, mesh=None, **kwargs):
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError("sharded masks need a process group; build them inside data_parallel() with 2+ ranks")
+        super().__init__(*args, **kwargs)
+        devices = {p.device for p in self.logits.values()}
+        if len(devices) > 1:
+            raise ConfigError(
+                f"sharded masks need every logit on one device, got {sorted(map(str, devices))}; "
+                "load the model without a device_map"
+            )
+        if mesh is None:
+            mesh = init_device_mesh(devices.pop().type, (dist.get_world_size(),))
+        self.units = nn.ModuleDict()
+        for key, component in self.components.items():  # move each key's logits into its layer's unit
+            name = str(component.layer)
+            if name not in self.units:
+                self.units[name] = _LayerMasks()
+            self.units[name].logits[_safe(key)] = self.logits[_safe(key)]
+            del self.logits[_safe(key)]
+        for unit in self.units.values():
+            fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._local_allowed: dict[str, torch.Tensor] = {}  # always-off buffers cut to this rank's rows
+        for key in self._always_off:
+            self._local_allowed[key] = self._allowed(key)[self._local_rows(key)]
+
+    # ---- layout
+
+    def _unit(self, key: str) -> _LayerMasks:
+        return self.units[str(self.components[key].layer)]
+
+    def parameter(self, key: str) -> nn.Parameter:
+        """This rank's shard of ``key``'s logits (a ``DTensor`` parameter; what the optimizer updates)."""
+        return self._unit(key).logits[_safe(key)]
+
+    def _local_rows(self, key: str) -> slice:
+        """The rows of ``key``'s full logits this rank holds (FSDP2 shards dim 0 like ``torch.chunk``)."""
+        rows = self.components[key].shape[0]
+        size = -(-rows // self.world_size)
+        return slice(min(self.rank * size, rows), min((self.rank + 1) * size, rows))
+
+    def logit(self, key: str) -> torch.Tensor:
+        """``key``'s full logits: inside a layer's forward the gathered tensor, elsewhere gathered
+        now (a collective)."""
+        value = self.parameter(key)
+        return value.full_tensor() if _is_dtensor(value) else value
+
+    def _local(self, key: str) -> torch.Tensor:
+        value = self.parameter(key)
+        return value.to_local() if _is_dtensor(value) else value
+
+    # ---- forward
+
+    def forward_masks_of(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The masks (and, for hard concrete, the probabilities) of ``key``'s whole layer,
+        computed while FSDP2 has that layer's logits gathered."""
+        layer = self.components[key].layer
+        keys = [k for k, c in self.components.items() if c.layer == layer]
+
+        def compute() -> tuple[dict, dict]:
+            masks = {k: self.soft_mask(k) for k in keys}
+            stochastic = not self.parameterization.sample_is_probability  # the penalty needs P(on) too
+            probabilities = {k: self.probability(k) for k in keys} if stochastic else {}
+            return masks, probabilities
+
+        return self._unit(key)(compute)
+
+    def penalty(self, forward_masks: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """As :meth:`MaskSet.penalty`, always from masks computed inside the layers' FSDP units
+        (the layers a forward pass did not reach are computed now)."""
+        if not isinstance(forward_masks, ForwardMasks):
+            forward_masks = ForwardMasks(self.forward_masks_of, forward_masks)
+        for key in self.components:
+            forward_masks.mask(key)
+        return super().penalty(forward_masks)
+
+    # ---- counts, checks
+
+    def decision_counts(self, low: float = 0.1, high: float = 0.9) -> tuple[int, int, int]:
+        """As :meth:`MaskSet.decision_counts`, counted on each rank's rows and summed (a collective)."""
+        lo = self.parameterization.logit_at(low, self.temperature)
+        hi = self.parameterization.logit_at(high, self.temperature)
+        counts = torch.zeros(2, dtype=torch.int64)
+        with torch.no_grad():
+            for key in self.components:
+                logit = self._local(key)
+                above = logit > hi
+                middle = (logit >= lo) & ~above
+                allowed = self._local_allowed.get(key)
+                if allowed is not None:
+                    above &= allowed
+                    middle &= allowed
+                counts += torch.stack([middle.sum(), above.sum()]).cpu()
+        counts = _all_reduced(counts, self._collective_device())
+        return int(counts[0]), int(counts[1]), sum(c.n_entries for c in self.components.values())
+
+    def all_finite(self) -> bool:
+        """Whether every logit is finite on every rank (a collective)."""
+        with torch.no_grad():
+            local = all(bool(torch.isfinite(self._local(key)).all()) for key in self.components)
+        bad = _all_reduced(torch.tensor([0 if local else 1], dtype=torch.int64), self._collective_device())
+        return int(bad[0]) == 0
+
+    def _collective_device(self) -> torch.device:
+        return torch.device("cpu") if self.device.type == "cpu" else self.device
+
+    # ---- state in the one-process layout
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        """The state of an unsharded :class:`MaskSet`: full logits (gathered one key at a time and
+        moved to CPU), the always-off buffers and the temperature. A collective."""
+        state = {}
+        with torch.no_grad():
+            for key in self.components:
+                state[f"logits.{_safe(key)}"] = self.logit(key).detach().cpu()
+        for name in self._always_off.values():
+            state[name] = getattr(self, name)
+        state["_extra_state"] = self.get_extra_state()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """Load a (sharded or unsharded) mask set's :meth:`state_dict`: each rank copies its rows."""
+        expected = {f"logits.{_safe(k)}" for k in self.components} | set(self._always_off.values()) | {"_extra_state"}
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if strict and (missing or unexpected):
+            raise MaskError(
+                f"mask state does not fit this mask set (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                "it belongs to another model or granularity"
+            )
+        with torch.no_grad():
+            for key, component in self.components.items():
+                full = state_dict[f"logits.{_safe(key)}"]
+                if tuple(full.shape) != component.shape:
+                    raise MaskError(f"mask state of {key} has shape {tuple(full.shape)}, expected {component.shape}")
+                local = self._local(key)
+                local.copy_(full[self._local_rows(key)].to(device=local.device, dtype=local.dtype))
+        self.set_extra_state(state_dict["_extra_state"])
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
+        """``optimizer.state_dict()`` with every sharded moment gathered to a full CPU tensor (the
+        one-process layout; a collective)."""
+        state = optimizer.state_dict()
+        state["state"] = {
+            index: {name: _full_cpu(value) for name, value in per_param.items()}
+            for index, per_param in sorted(state["state"].items())
+        }
+        return state
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load an optimizer state in the one-process layout: each moment is cut to this rank's
+        rows of its parameter."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        keys = {id(self.parameter(k)): k for k in self.components}
+        sharded = {}
+        for index, per_param in state["state"].items():
+            param = params[int(index)]
+            key = keys[id(param)]
+            sharded[index] = {
+                name: _shard_like(value, param, self._local_rows(key))
+                if torch.is_tensor(value) and tuple(value.shape) == tuple(param.shape)
+                else value
+                for name, value in per_param.items()
+            }
+        optimizer.load_state_dict({**state, "state": sharded})
+
+
+def _is_dtensor(value) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def _full_cpu(value):
+    """A tensor's full value on CPU (gathered if it is a DTensor); other values as they are."""
+    if _is_dtensor(value):
+        return value.full_tensor().cpu()
+    return value
+
+
+def _shard_like(full: torch.Tensor, param: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``full``'s ``rows`` as a DTensor laid out like the sharded ``param``."""
+    if not _is_dtensor(param):
+        return full
+    from torch.distributed.tensor import DTensor
+
+    local = full[rows].to(device=param.to_local().device, dtype=param.dtype).contiguous()
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+
+
+def _all_reduced(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum over ranks of ``values`` (on CPU afterwards)."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+
+    values = values.to(device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values.cpu()
+
+
+def shard_mask_set(mask_set: MaskSet, mesh=None) -> ShardedMaskSet:
+    """A :class:`ShardedMaskSet` with ``mask_set``'s components, settings, logits, temperature,
+    noise state and mode (a new module; ``mask_set`` is left as it is). Needs an initialised
+    process group (:func:`data_parallel`); every rank must pass the same mask set."""
+    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         raise ConfigError("shard_mask_set needs a process group; call it inside data_parallel()")
-    if mesh is None:
-        device = next(mask_set.parameters()).device
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    fully_shard(mask_set, mesh=mesh, reshard_after_forward=True)
-    mask_set.gather_masks_in_forward = True
-    return mask_set
+    always_off = {key: getattr(mask_set, name) for key, name in mask_set._always_off.items()}
+    sharded = ShardedMaskSet(
+        list(mask_set.components.values()),
+        mask_set.parameterization,
+        0.0,
+        always_off,
+        mask_set.penalty_weighting,
+        mask_set.device,
+        {key: mask_set.parameter(key).device for key in mask_set.components},
+        mesh=mesh,
+    )
+    sharded.load_state_dict(mask_set.state_dict())
+    if mask_set.generator is not None:
+        sharded.generator.set_state(mask_set.generator.get_state())
+    sharded.train(mask_set.training)
+    return sharded
 
 
-def full_logits(mask_set: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full (unsharded) logit tensors of a mask set, keyed like its parameters (a
-    collective: every rank must call it)."""
-    out = {}
-    for name, param in mask_set.named_parameters():
-        out[name] = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
-    return out
+def full_logits(mask_set: MaskSet) -> dict[str, torch.Tensor]:
+    """The full (unsharded) logit tensors of a mask set by key (a collective for a sharded set:
+    every rank must call it)."""
+    return {key: mask_set.logit(key).detach() for key in mask_set.components}

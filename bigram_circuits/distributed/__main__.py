@@ -1,6 +1,7 @@
-"""``torchrun --nproc-per-node N -m bigram_circuits.distributed <command> [options]``: the
-``bigram-circuits`` command line run data-parallel (application layer: it runs the CLI inside
-:func:`bigram_circuits.distributed.data_parallel`)."""
+"""``torchrun --nproc-per-node N -m bigram_circuits.distributed [--shard-masks] <command> [options]``:
+the ``bigram-circuits`` command line run data-parallel (application layer: it runs the CLI inside
+:func:`bigram_circuits.distributed.data_parallel`). ``--shard-masks`` (before the command) keeps
+each search's mask logits sharded over the ranks (FSDP2) instead of a full copy per rank."""
 
 from __future__ import annotations
 
@@ -24,12 +25,26 @@ def _option(argv: list[str], name: str) -> str | None:
     return value
 
 
+SHARD_MASKS = "--shard-masks"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``torchrun ... -m bigram_circuits.distributed <command> [options]``: the ``bigram-circuits``
-    command line run data-parallel. Rank 0 prints and writes; other ranks print only errors."""
+    """``torchrun ... -m bigram_circuits.distributed [--shard-masks] <command> [options]``: the
+    ``bigram-circuits`` command line run data-parallel. Rank 0 prints and writes; other ranks
+    print only errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    shard_masks = bool(argv) and argv[0] == SHARD_MASKS
+    if shard_masks:
+        argv = argv[1:]
+    elif SHARD_MASKS in argv:
+        print(
+            f"error: put {SHARD_MASKS} before the command: torchrun ... -m bigram_circuits.distributed "
+            f"{SHARD_MASKS} find ...",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        with data_parallel(device=_option(argv, "--device")) as group:
+        with data_parallel(device=_option(argv, "--device"), shard_masks=shard_masks) as group:
             if not group.is_writer:
                 with contextlib.redirect_stdout(io.StringIO()):
                     return cli_main(argv)

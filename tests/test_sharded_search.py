@@ -1,0 +1,165 @@
+"""Searches with sharded weight masks (``data_parallel(shard_masks=True)``: FSDP2, gloo on CPU).
+
+Two ranks, each holding half the rows of every mask logit and running half of every batch,
+follow one process with the same global batch; their checkpoints are in the one-process layout,
+so a sharded run resumes as one process and a one-process run resumes sharded.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bigram_circuits.distributed import SINGLE_PROCESS, ProcessGroup
+from bigram_circuits.search import SearchConfig, Target, search
+from bigram_circuits.subnetwork import Subnetwork
+
+STEPS = 24
+STOP_AT = 7  # an interrupted run: its last checkpoint is step 5
+
+
+class _Stop(Exception):
+    """Raised by the callback to stop a run between checkpoints (a crash)."""
+
+
+def _config(parameterization: str = "continuous") -> SearchConfig:
+    return SearchConfig(
+        lam=0.5,
+        lr=0.05,
+        batch_size=8,
+        seq_len=16,
+        max_steps=STEPS,
+        checkpoint_every=5,
+        stability_check=False,
+        eval_batches=2,
+        parameterization=parameterization,
+    )
+
+
+def _windows(vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, vocab, (64, 16)), rng.integers(0, vocab, (8, 16))
+
+
+def _run(bridge, out: Path, stop_at: int | None = None, parameterization: str = "continuous"):
+    """A search into ``out``; with ``stop_at`` it crashes after that step and returns None."""
+    train, held_out = _windows(bridge.cfg.d_vocab)
+
+    def crash(step: int, row: dict) -> None:
+        if stop_at is not None and step == stop_at:
+            raise _Stop
+
+    try:
+        return search(
+            bridge,
+            train,
+            Target.next_token(),
+            "weight",
+            _config(parameterization),
+            out,
+            eval_windows=held_out,
+            show_progress=False,
+            callback=crash,
+        )
+    except _Stop:
+        return None
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, root: str) -> None:
+    """One of two ranks: crash and resume a sharded run (A), crash one for a one-process resume
+    (B), resume a one-process run sharded (C), and run hard concrete sharded (H)."""
+    from bigram_circuits.distributed import ShardedMaskSet, data_parallel
+    from bigram_circuits.models import load_model
+
+    torch.set_num_threads(1)
+    bridge, _ = load_model(model_dir)
+    root = Path(root)
+    with data_parallel("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}", shard_masks=True):
+        assert _run(bridge, root / "A", stop_at=STOP_AT) is None
+        result = _run(bridge, root / "A")
+        mask_set = result.mask_set
+        assert isinstance(mask_set, ShardedMaskSet)
+        local = {key: tuple(mask_set.parameter(key).to_local().shape) for key in mask_set.keys}
+        _run(bridge, root / "B", stop_at=STOP_AT)
+        _run(bridge, root / "C")
+        _run(bridge, root / "H", parameterization="hard_concrete")
+        if rank == 0:
+            (root / "local_shapes.json").write_text(json.dumps(local))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _agreement(a: Subnetwork, b: Subnetwork) -> float:
+    return sum(int((a.masks[k] == b.masks[k]).sum()) for k in a.masks) / a.n_entries
+
+
+def _assert_follows(run: Path, reference: Path) -> float:
+    one, two = pd.read_csv(reference / "history.csv"), pd.read_csv(run / "history.csv")
+    assert len(one) == len(two) == STEPS
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
+    np.testing.assert_allclose(two["soft_density"], one["soft_density"], rtol=1e-4)
+    np.testing.assert_array_equal(two["on"], one["on"])  # the stopping rule's counts, summed over ranks
+    np.testing.assert_array_equal(two["undecided"], one["undecided"])
+    agree = _agreement(Subnetwork.load(run), Subnetwork.load(reference))
+    assert agree >= 0.999, agree
+    assert not (run / "checkpoint.pt").exists()
+    return float(np.max(np.abs(two["loss"] / one["loss"] - 1)))
+
+
+@pytest.mark.slow
+def test_sharded_search_follows_one_process_and_resumes_across_layouts(tiny_neox, tiny_neox_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    bridge = tiny_neox[0]
+    reference = tmp_path / "reference"
+    _run(bridge, reference)
+    assert _run(bridge, tmp_path / "C", stop_at=STOP_AT) is None  # one process crashes; C resumes sharded
+    assert torch.load(tmp_path / "C" / "checkpoint.pt", weights_only=True)["step"] == 5
+    mp.start_processes(
+        _worker, args=(2, _free_port(), str(tiny_neox_dir), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    assert torch.load(tmp_path / "B" / "checkpoint.pt", weights_only=True)["step"] == 5
+    _run(bridge, tmp_path / "B")  # a sharded run's checkpoint resumed by one process
+
+    differences = {name: _assert_follows(tmp_path / name, reference) for name in "ABC"}
+    # Each rank held half the rows (rounded up) of every logit tensor.
+    local = json.loads((tmp_path / "local_shapes.json").read_text())
+    masks = Subnetwork.load(reference).masks
+    assert set(local) == set(masks)
+    for key, shape in local.items():
+        assert shape[0] == (masks[key].shape[0] + 1) // 2 and tuple(shape[1:]) == tuple(masks[key].shape[1:])
+    # Hard concrete: the same noise draws, layer by layer, so the same trajectory.
+    _run(bridge, tmp_path / "H_reference", parameterization="hard_concrete")
+    differences["H"] = _assert_follows(tmp_path / "H", tmp_path / "H_reference")
+    print(f"sharded vs one process, {STEPS} steps: max relative loss difference {differences}")
+    first = pd.read_csv(reference / "history.csv").iloc[0]
+    last = pd.read_csv(reference / "history.csv").iloc[-1]
+    assert last["soft_density"] < first["soft_density"] - 0.01  # the masks moved
+
+
+def test_sharding_needs_two_ranks():
+    assert not SINGLE_PROCESS.sharded
+    assert not ProcessGroup(world_size=1, shard_masks=True).sharded
+    assert ProcessGroup(rank=1, world_size=2, shard_masks=True).sharded
+    assert not ProcessGroup(rank=1, world_size=2).sharded
+
+
+def test_sharded_mask_set_needs_a_process_group(tiny_neox):
+    from bigram_circuits.distributed import ShardedMaskSet, shard_mask_set
+    from bigram_circuits.errors import ConfigError
+    from bigram_circuits.masks import MaskSet
+
+    with pytest.raises(ConfigError, match="data_parallel"):
+        ShardedMaskSet.for_model(tiny_neox[0], "weight")
+    with pytest.raises(ConfigError, match="data_parallel"):
+        shard_mask_set(MaskSet.for_model(tiny_neox[0], "weight"))
