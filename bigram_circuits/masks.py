@@ -867,7 +867,7 @@ class MaskSet(nn.Module):
         placement = {c.key: torch.device((devices or {}).get(c.key, device)) for c in components}
         self.device = torch.device(device)
         self.logits = nn.ParameterDict(
-            {_safe(c.key): nn.Parameter(torch.full(c.shape, float(init), device=placement[c.key])) for c in components}
+            {_safe(c.key): nn.Parameter(self._initial_logits(c, float(init), placement[c.key])) for c in components}
         )
         # A Python float (saved through get_extra_state) so reading it never syncs a GPU.
         self.temperature: float = 1.0
@@ -884,6 +884,11 @@ class MaskSet(nn.Module):
         if self.parameterization.stochastic:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(0)
+
+    def _initial_logits(self, component: MaskComponent, init: float, device: torch.device) -> torch.Tensor:
+        """A new logit tensor of ``component`` filled with ``init`` (a sharded set makes it on
+        ``meta`` and fills only its own rows once sharded)."""
+        return torch.full(component.shape, init, device=device)
 
     def get_extra_state(self) -> dict:
         return {"temperature": self.temperature}

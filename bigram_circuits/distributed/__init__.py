@@ -231,10 +231,24 @@ class _LayerMasks(nn.Module):
         super().__init__()
         self.logits = nn.ParameterDict()
 
-    def forward(self, compute: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict]:
+    def forward(self, compute: Callable[[torch.Tensor], tuple[dict, dict]], anchor: torch.Tensor):
         # FSDP2's hooks around this call gather the logits before ``compute`` reads them and
-        # reduce-scatter their gradients in the backward pass.
-        return compute()
+        # reduce-scatter their gradients in the backward pass, once the gradient of ``anchor``
+        # (an input that requires grad, tied to every logit) says this layer's backward is done.
+        return compute(anchor)
+
+
+class _Tie(torch.autograd.Function):
+    """``logits`` unchanged, made to depend on ``anchor`` (a scalar) for autograd at no cost:
+    the anchor's gradient (zero) is complete only after every tied logit's gradient is."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad.new_zeros(())
 
 
 class ShardedMaskSet(MaskSet):
@@ -267,15 +281,18 @@ class ShardedMaskSet(MaskSet):
 
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError("sharded masks need a process group; build them inside data_parallel() with 2+ ranks")
-        super().__init__(*args, **kwargs)
-        devices = {p.device for p in self.logits.values()}
+        self._fill: dict[str, tuple[float, torch.device]] = {}
+        super().__init__(*args, **kwargs)  # logits on meta (_initial_logits): no rank ever holds them all
+        devices = {device for _, device in self._fill.values()}
         if len(devices) > 1:
             raise ConfigError(
                 f"sharded masks need every logit on one device, got {sorted(map(str, devices))}; "
                 "load the model without a device_map"
             )
+        device = self._fill_device = devices.pop()
+        self._anchor: torch.Tensor | None = None
         if mesh is None:
-            mesh = init_device_mesh(devices.pop().type, (dist.get_world_size(),))
+            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         self.units = nn.ModuleDict()
         for key, component in self.components.items():  # move each key's logits into its layer's unit
             name = str(component.layer)
@@ -285,10 +302,18 @@ class ShardedMaskSet(MaskSet):
             del self.logits[_safe(key)]
         for unit in self.units.values():
             fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+            unit.to_empty(device=device)  # this rank's rows only
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        with torch.no_grad():
+            for key, (init, _) in self._fill.items():
+                self._local(key).fill_(init)
         self._local_allowed: dict[str, torch.Tensor] = {}  # always-off buffers cut to this rank's rows
         for key in self._always_off:
             self._local_allowed[key] = self._allowed(key)[self._local_rows(key)]
+
+    def _initial_logits(self, component, init: float, device: torch.device) -> torch.Tensor:
+        self._fill[component.key] = (init, torch.device(device))
+        return torch.empty(component.shape, device="meta")
 
     # ---- layout
 
@@ -309,7 +334,9 @@ class ShardedMaskSet(MaskSet):
         """``key``'s full logits: inside a layer's forward the gathered tensor, elsewhere gathered
         now (a collective)."""
         value = self.parameter(key)
-        return value.full_tensor() if _is_dtensor(value) else value
+        if _is_dtensor(value):
+            return value.full_tensor()
+        return value if self._anchor is None else _Tie.apply(value, self._anchor)
 
     def _local(self, key: str) -> torch.Tensor:
         value = self.parameter(key)
@@ -323,13 +350,20 @@ class ShardedMaskSet(MaskSet):
         layer = self.components[key].layer
         keys = [k for k, c in self.components.items() if c.layer == layer]
 
-        def compute() -> tuple[dict, dict]:
-            masks = {k: self.soft_mask(k) for k in keys}
-            stochastic = not self.parameterization.sample_is_probability  # the penalty needs P(on) too
-            probabilities = {k: self.probability(k) for k in keys} if stochastic else {}
+        def compute(anchor: torch.Tensor) -> tuple[dict, dict]:
+            self._anchor = anchor  # logit() ties each gathered logit to it
+            try:
+                masks = {k: self.soft_mask(k) for k in keys}
+                stochastic = not self.parameterization.sample_is_probability  # the penalty needs P(on) too
+                probabilities = {k: self.probability(k) for k in keys} if stochastic else {}
+            finally:
+                self._anchor = None
             return masks, probabilities
 
-        return self._unit(key)(compute)
+        # Without an input that requires grad FSDP2 would keep every layer's gathered logits and
+        # gradients until the end of the backward pass; with it each layer is freed as it is done.
+        anchor = torch.zeros((), device=self._fill_device, requires_grad=torch.is_grad_enabled())
+        return self._unit(key)(compute, anchor)
 
     def penalty(self, forward_masks: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """As :meth:`MaskSet.penalty`, always from masks computed inside the layers' FSDP units
