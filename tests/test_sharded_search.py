@@ -163,3 +163,59 @@ def test_sharded_mask_set_needs_a_process_group(tiny_neox):
         ShardedMaskSet.for_model(tiny_neox[0], "weight")
     with pytest.raises(ConfigError, match="data_parallel"):
         shard_mask_set(MaskSet.for_model(tiny_neox[0], "weight"))
+
+
+def _backward_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    """One rank: two sharded search steps, counting the layer units that are gathered for the
+    backward pass at the same time (FSDP2's pre_backward until its post_backward)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_group
+
+    from bigram_circuits.distributed import data_parallel
+    from bigram_circuits.models import frozen_parameters, load_model
+    from bigram_circuits.search import SearchState, search_step
+
+    gathered, most = set(), [0]
+    pre_backward, post_backward = fsdp_group.FSDPParamGroup.pre_backward, fsdp_group.FSDPParamGroup.post_backward
+
+    def counted_pre(self, *args, **kwargs):
+        gathered.add(id(self))
+        most[0] = max(most[0], len(gathered))
+        return pre_backward(self, *args, **kwargs)
+
+    def counted_post(self, *args, **kwargs):
+        gathered.discard(id(self))
+        return post_backward(self, *args, **kwargs)
+
+    fsdp_group.FSDPParamGroup.pre_backward, fsdp_group.FSDPParamGroup.post_backward = counted_pre, counted_post
+    torch.set_num_threads(1)
+    bridge, _ = load_model(model_dir)
+    config = _config()
+    run = {"config": config.to_dict(), "granularities": ["weight"], "target": "next_token", "model_id": "test"}
+    train, _ = _windows(bridge.cfg.d_vocab)
+    init = f"tcp://127.0.0.1:{port}"
+    with data_parallel("gloo", rank=rank, world_size=world, init_method=init, shard_masks=True) as group:
+        with frozen_parameters(bridge):
+            state = SearchState.fresh(bridge, config, run)
+            for step in range(2):
+                tokens = torch.as_tensor(group.shard(train[step * 8 : (step + 1) * 8]))
+                search_step(state, bridge, tokens, Target.next_token(), config)
+        if rank == 0:
+            Path(out).write_text(json.dumps({"most": most[0], "units": len(state.mask_set.units)}))
+
+
+def test_sharded_backward_frees_each_layer_before_the_next(tiny_neox_dir, tmp_path):
+    """Each layer unit is reduce-scattered and freed as its backward finishes: at most one layer's
+    full logits and gradients exist at a time (without an input that requires grad FSDP2 would
+    keep every layer's until the end of the backward pass)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "backward.json"
+    mp.start_processes(
+        _backward_worker,
+        args=(2, _free_port(), str(tiny_neox_dir), str(out)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    seen = json.loads(out.read_text())
+    assert seen["units"] >= 2 and seen["most"] == 1, seen
