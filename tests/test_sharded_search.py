@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bigram_circuits.distributed import SINGLE_PROCESS, ProcessGroup
-from bigram_circuits.search import SearchConfig, Target, search
+from bigram_circuits.search import SearchConfig, Target, search, sweep
 from bigram_circuits.subnetwork import Subnetwork
 
 STEPS = 24
@@ -73,7 +73,7 @@ def _run(bridge, out: Path, stop_at: int | None = None, parameterization: str = 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, root: str) -> None:
     """One of two ranks: crash and resume a sharded run (A), crash one for a one-process resume
-    (B), resume a one-process run sharded (C), and run hard concrete sharded (H)."""
+    (B), resume a one-process run sharded (C), run hard concrete sharded (H) and a sweep (S)."""
     from bigram_circuits.distributed import ShardedMaskSet, data_parallel
     from bigram_circuits.models import load_model
 
@@ -89,6 +89,19 @@ def _worker(rank: int, world: int, port: int, model_dir: str, root: str) -> None
         _run(bridge, root / "B", stop_at=STOP_AT)
         _run(bridge, root / "C")
         _run(bridge, root / "H", parameterization="hard_concrete")
+        train, held_out = _windows(bridge.cfg.d_vocab)
+        table = sweep(
+            bridge,
+            train,
+            Target.next_token(),
+            [0.5, 2.0],
+            "weight",
+            _config(),
+            root / "S",
+            eval_windows=held_out,
+            show_progress=False,
+        )
+        assert len(table) == 2
         if rank == 0:
             (root / "local_shapes.json").write_text(json.dumps(local))
 
@@ -132,6 +145,8 @@ def test_sharded_search_follows_one_process_and_resumes_across_layouts(tiny_neox
     _run(bridge, tmp_path / "B")  # a sharded run's checkpoint resumed by one process
 
     differences = {name: _assert_follows(tmp_path / name, reference) for name in "ABC"}
+    differences["S"] = _assert_follows(tmp_path / "S" / "lambda_0.5", reference)  # a sharded sweep's lambda
+    assert len(pd.read_csv(tmp_path / "S" / "sweep.csv")) == 2
     # Each rank held half the rows (rounded up) of every logit tensor.
     local = json.loads((tmp_path / "local_shapes.json").read_text())
     masks = Subnetwork.load(reference).masks
