@@ -47,7 +47,7 @@ def _windows(vocab: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, vocab, (64, 16)), rng.integers(0, vocab, (8, 16))
 
 
-def _run(bridge, out: Path, stop_at: int | None = None, parameterization: str = "continuous"):
+def _run(bridge, out: Path, stop_at: int | None = None, parameterization: str = "continuous", granularities="weight"):
     """A search into ``out``; with ``stop_at`` it crashes after that step and returns None."""
     train, held_out = _windows(bridge.cfg.d_vocab)
 
@@ -60,7 +60,7 @@ def _run(bridge, out: Path, stop_at: int | None = None, parameterization: str = 
             bridge,
             train,
             Target.next_token(),
-            "weight",
+            granularities,
             _config(parameterization),
             out,
             eval_windows=held_out,
@@ -73,7 +73,8 @@ def _run(bridge, out: Path, stop_at: int | None = None, parameterization: str = 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, root: str) -> None:
     """One of two ranks: crash and resume a sharded run (A), crash one for a one-process resume
-    (B), resume a one-process run sharded (C), run hard concrete sharded (H) and a sweep (S)."""
+    (B), resume a one-process run sharded (C); run hard concrete (H), neuron and head masks (N)
+    and a sweep (S) sharded."""
     from bigram_circuits.distributed import ShardedMaskSet, data_parallel
     from bigram_circuits.models import load_model
 
@@ -89,6 +90,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, root: str) -> None
         _run(bridge, root / "B", stop_at=STOP_AT)
         _run(bridge, root / "C")
         _run(bridge, root / "H", parameterization="hard_concrete")
+        _run(bridge, root / "N", granularities=("neuron", "head"))
         train, held_out = _windows(bridge.cfg.d_vocab)
         table = sweep(
             bridge,
@@ -156,6 +158,8 @@ def test_sharded_search_follows_one_process_and_resumes_across_layouts(tiny_neox
     # Hard concrete: the same noise draws, layer by layer, so the same trajectory.
     _run(bridge, tmp_path / "H_reference", parameterization="hard_concrete")
     differences["H"] = _assert_follows(tmp_path / "H", tmp_path / "H_reference")
+    _run(bridge, tmp_path / "N_reference", granularities=("neuron", "head"))  # unit masks shard too
+    differences["N"] = _assert_follows(tmp_path / "N", tmp_path / "N_reference")
     print(f"sharded vs one process, {STEPS} steps: max relative loss difference {differences}")
     first = pd.read_csv(reference / "history.csv").iloc[0]
     last = pd.read_csv(reference / "history.csv").iloc[-1]
