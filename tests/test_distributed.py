@@ -273,3 +273,12 @@ def test_shard_masks_flag_goes_before_the_command(capsys):
 
     assert main(["find", "--shard-masks", "--model", "default"]) == 2
     assert "before the command" in capsys.readouterr().err
+
+
+def test_shard_masks_in_one_process_says_there_is_nothing_to_shard(capsys, monkeypatch):
+    import bigram_circuits.distributed.__main__ as entry
+
+    monkeypatch.setattr(entry, "cli_main", lambda argv: 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert entry.main(["--shard-masks", "find"]) == 0
+    assert "nothing to shard" in capsys.readouterr().err

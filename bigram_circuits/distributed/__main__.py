@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with data_parallel(device=_option(argv, "--device"), shard_masks=shard_masks) as group:
+            if shard_masks and not group.sharded:
+                print(
+                    f"note: one process, so {SHARD_MASKS} has nothing to shard; launch with torchrun", file=sys.stderr
+                )
             if not group.is_writer:
                 with contextlib.redirect_stdout(io.StringIO()):
                     return cli_main(argv)
