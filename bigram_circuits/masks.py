@@ -47,6 +47,7 @@ import contextlib
 import itertools
 import math
 import re
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -518,10 +519,72 @@ def weight_tensor(bridge: TransformerBridge, component: MaskComponent) -> Float[
 # --------------------------------------------------------------------------- attachment
 
 
+def _storage_address(tensor: torch.Tensor) -> int | None:
+    """The address of ``tensor``'s storage (None for tensors without one: meta, subclasses)."""
+    if tensor.device.type == "meta" or (type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter)):
+        return None
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class _MaskedWeights:
+    """Masked weights ``W * mask`` that autograd need not keep: saved-tensor hooks that store a
+    masked weight (or a view of it) saved for the backward as a recipe, ``(W, mask)``, both of
+    which stay alive anyway (the frozen weight, and the mask its :class:`ForwardMasks` holds),
+    and recompute it when the backward needs it. The same product of the same tensors, so the
+    gradients are bitwise those of keeping it, and a forward pass no longer holds 4 bytes per
+    masked weight of the whole model until its backward."""
+
+    def __init__(self):
+        # storage address -> (weak reference to the product, weight, mask); a dead reference
+        # means the product is gone and the address may belong to another tensor now.
+        self._products: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+
+    def product(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        masked = weight * mask
+        if torch.is_grad_enabled() and masked.requires_grad:
+            self._products[masked.untyped_storage().data_ptr()] = (weakref.ref(masked), weight, mask)
+        return masked
+
+    def pack(self, tensor: torch.Tensor):
+        if not self._products:
+            return tensor
+        address = _storage_address(tensor)
+        found = self._products.get(address) if address is not None else None
+        if found is None:
+            return tensor
+        reference, weight, mask = found
+        product = reference()
+        if product is None or _storage_address(product) != address:  # gone: another tensor's storage now
+            del self._products[address]
+            return tensor
+        return (_MaskedWeights, weight, mask, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+
+    @staticmethod
+    def unpack(packed):
+        if not (isinstance(packed, tuple) and packed and packed[0] is _MaskedWeights):
+            return packed
+        _, weight, mask, shape, stride, offset = packed
+        with torch.no_grad():
+            return torch.as_strided(weight * mask, shape, stride, offset)
+
+    def hooks(self):
+        """The saved-tensor hooks (a context manager) for the forward passes of the block."""
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
 class _WeightMaskParametrization(nn.Module):
     """``weight -> weight * mask`` where the mask is fetched at every forward (soft or fixed)."""
 
-    def __init__(self, mask_for: Callable[[], torch.Tensor], transposed: bool, module: nn.Module | None = None):
+    def __init__(
+        self,
+        mask_for: Callable[[], torch.Tensor],
+        transposed: bool,
+        module: nn.Module | None = None,
+        products: _MaskedWeights | None = None,
+    ):
         super().__init__()
         self._mask_for = mask_for
         self._transposed = transposed
@@ -529,13 +592,15 @@ class _WeightMaskParametrization(nn.Module):
         # the meta device; their hook cannot load a parametrized weight, so it is read here.
         # Held in a tuple: not a submodule (the module holds this parametrization: no cycle for .train()).
         self._offloaded = (module,) if module is not None and _offloaded_weight(module) is not None else ()
+        self._products = products
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.device.type == "meta" and self._offloaded:
             device = _execution_device(self._offloaded[0], torch.device("cpu"))
             weight = _offloaded_weight(self._offloaded[0]).to(device)
         mask = self._mask_for().to(weight.device)
-        return weight * (mask.T if self._transposed else mask)
+        mask = mask.T if self._transposed else mask
+        return weight * mask if self._products is None else self._products.product(weight, mask)
 
 
 def masks_attached(bridge: TransformerBridge) -> bool:
@@ -615,8 +680,11 @@ def attach_masks(
     one raises ``MaskError``.
     """
     level = -next(_HOOK_LEVELS)
+    products = _MaskedWeights()  # masked weights recomputed for the backward instead of kept
     with contextlib.ExitStack() as stack:
         stack.enter_context(_exclusive(bridge))
+        if any(component.granularity == "weight" for component in components):
+            stack.enter_context(products.hooks())
         for component in components:
             key = component.key
 
@@ -626,7 +694,7 @@ def attach_masks(
             if component.granularity == "weight":
                 module, transposed = _weight_module(bridge, component)
                 stack.enter_context(
-                    _weight_parametrization(module, _WeightMaskParametrization(mask_of, transposed, module))
+                    _weight_parametrization(module, _WeightMaskParametrization(mask_of, transposed, module, products))
                 )
                 continue
             hook_name = component.mask_key.hook_name

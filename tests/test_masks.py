@@ -496,3 +496,61 @@ def test_an_eval_mode_bridge_stays_in_eval_mode_under_weight_masks(tiny_neox):
         bridge.train()  # and train()/eval() reach the parametrizations without recursing
         bridge.eval()
     assert not any(m.training for m in bridge.modules())
+
+
+@pytest.mark.parametrize("parameterization", ["continuous", "hard_concrete"])
+def test_masked_weights_are_recomputed_for_the_backward_with_the_same_gradients(model, parameterization, monkeypatch):
+    """Autograd keeps a recipe (weight, mask) instead of any masked weight it saves for the
+    backward, and the gradients are bitwise those of keeping the masked weights."""
+    import weakref
+
+    from bigram_circuits import masks as masks_module
+
+    bridge, _ = model
+    tokens = _tokens(3, batch=2, seq=10)
+    pack, product = masks_module._MaskedWeights.pack, masks_module._MaskedWeights.product
+
+    def gradients(recompute: bool) -> tuple[dict[str, torch.Tensor], int, int]:
+        mask_set = MaskSet.for_model(bridge, "weight", parameterization=parameterization)
+        mask_set.seed(5)
+        mask_set.train()
+        products, seen = [], {"recipes": 0, "kept_products": 0}
+
+        def made(self, weight, mask):
+            out = product(self, weight, mask)
+            products.append(weakref.ref(out))
+            return out
+
+        def counted(self, tensor):
+            packed = pack(self, tensor) if recompute else tensor
+            if packed is not tensor:
+                seen["recipes"] += 1
+            elif any(
+                (live := ref()) is not None and live.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+                for ref in products
+            ):
+                seen["kept_products"] += 1  # autograd holds a masked weight (or a view of one)
+            return packed
+
+        monkeypatch.setattr(masks_module._MaskedWeights, "pack", counted)
+        monkeypatch.setattr(masks_module._MaskedWeights, "product", made)
+        frozen = [p for p in bridge.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with mask_set.attach(bridge) as used:
+                logits = bridge(tokens)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+            (loss + mask_set.penalty(used)).backward()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        grads = {key: mask_set.logit(key).grad.clone() for key in mask_set.keys}
+        return grads, seen["recipes"], seen["kept_products"]
+
+    recomputed, recipes, kept_products = gradients(recompute=True)
+    assert recipes > 0 and kept_products == 0
+    kept, recipes, kept_products = gradients(recompute=False)  # what autograd would hold otherwise
+    assert recipes == 0 and kept_products > 0
+    for key in kept:
+        assert torch.equal(recomputed[key], kept[key]), key
