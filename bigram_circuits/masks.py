@@ -560,15 +560,22 @@ class _MaskedWeights:
         if product is None or _storage_address(product) != address:  # gone: another tensor's storage now
             del self._products[address]
             return tensor
-        return (_MaskedWeights, weight, mask, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+        view = (tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+        return (_MaskedWeights, weight, mask, weight._version, mask._version, view)
 
     @staticmethod
     def unpack(packed):
         if not (isinstance(packed, tuple) and packed and packed[0] is _MaskedWeights):
             return packed
-        _, weight, mask, shape, stride, offset = packed
-        with torch.no_grad():
-            return torch.as_strided(weight * mask, shape, stride, offset)
+        _, weight, mask, weight_version, mask_version, (shape, stride, offset) = packed
+        if weight._version != weight_version or mask._version != mask_version:
+            # What autograd's own version check would have refused for a kept masked weight.
+            raise MaskError(
+                "a masked weight's weight or mask was modified in place between the forward and the "
+                "backward pass; call backward before changing them"
+            )
+        # In the backward's grad mode: no graph, unless it builds one (create_graph=True).
+        return torch.as_strided(weight * mask, shape, stride, offset)
 
     def hooks(self):
         """The saved-tensor hooks (a context manager) for the forward passes of the block."""

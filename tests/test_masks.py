@@ -554,3 +554,24 @@ def test_masked_weights_are_recomputed_for_the_backward_with_the_same_gradients(
     assert recipes == 0 and kept_products > 0
     for key in kept:
         assert torch.equal(recomputed[key], kept[key]), key
+
+
+def test_a_weight_changed_in_place_before_the_backward_is_refused(tiny_neox):
+    """With the masked weights recomputed, an in-place change between forward and backward
+    would silently change the gradients; it is refused as autograd refuses it for kept tensors."""
+    bridge, _ = tiny_neox
+    mask_set = MaskSet.for_model(bridge, "weight")
+    frozen = [p for p in bridge.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with mask_set.attach(bridge):
+            logits = bridge(_tokens(2, batch=2, seq=8))
+        with torch.no_grad():
+            for p in frozen:
+                p.add_(0.0)  # bumps every weight's version, values unchanged
+        with pytest.raises(MaskError, match="modified in place"):
+            logits.sum().backward()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
