@@ -542,10 +542,15 @@ class _MaskedWeights:
         # means the product is gone and the address may belong to another tensor now.
         self._products: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
 
-    def product(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def product(
+        self, weight: torch.Tensor, mask: torch.Tensor, remake: Callable[[], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``weight * mask``, remembered so that autograd saves a recipe for it: ``(weight, mask)``,
+        or ``(weight, remake)`` when ``remake()`` recomputes the mask (then the mask need not be kept)."""
         masked = weight * mask
         if torch.is_grad_enabled() and masked.requires_grad:
-            self._products[masked.untyped_storage().data_ptr()] = (weakref.ref(masked), weight, mask)
+            held = mask if remake is None else remake
+            self._products[masked.untyped_storage().data_ptr()] = (weakref.ref(masked), weight, held)
         return masked
 
     def pack(self, tensor: torch.Tensor):
@@ -561,19 +566,22 @@ class _MaskedWeights:
             del self._products[address]
             return tensor
         view = (tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
-        return (_MaskedWeights, weight, mask, weight._version, mask._version, view)
+        mask_version = None if callable(mask) else mask._version
+        return (_MaskedWeights, weight, mask, weight._version, mask_version, view)
 
     @staticmethod
     def unpack(packed):
         if not (isinstance(packed, tuple) and packed and packed[0] is _MaskedWeights):
             return packed
         _, weight, mask, weight_version, mask_version, (shape, stride, offset) = packed
-        if weight._version != weight_version or mask._version != mask_version:
+        if weight._version != weight_version or (not callable(mask) and mask._version != mask_version):
             # What autograd's own version check would have refused for a kept masked weight.
             raise MaskError(
                 "a masked weight's weight or mask was modified in place between the forward and the "
                 "backward pass; call backward before changing them"
             )
+        if callable(mask):
+            mask = mask()  # recomputed from the logits (checks their version)
         # In the backward's grad mode: no graph, unless it builds one (create_graph=True).
         return torch.as_strided(weight * mask, shape, stride, offset)
 
@@ -605,9 +613,21 @@ class _WeightMaskParametrization(nn.Module):
         if weight.device.type == "meta" and self._offloaded:
             device = _execution_device(self._offloaded[0], torch.device("cpu"))
             weight = _offloaded_weight(self._offloaded[0]).to(device)
-        mask = self._mask_for().to(weight.device)
+        mask = self._mask_for()
+        recompute = getattr(mask, "_recompute", None)  # MaskSet.soft_mask's recipe, if any
+        mask = mask.to(weight.device)
         mask = mask.T if self._transposed else mask
-        return weight * mask if self._products is None else self._products.product(weight, mask)
+        if self._products is None:
+            return weight * mask
+        remake = None
+        if recompute is not None:
+            device, transposed = weight.device, self._transposed
+
+            def remake() -> torch.Tensor:
+                again = recompute().to(device)
+                return again.T if transposed else again
+
+        return self._products.product(weight, mask, remake)
 
 
 def masks_attached(bridge: TransformerBridge) -> bool:
@@ -783,6 +803,25 @@ class MaskParameterization(Protocol):
         ...
 
 
+class _SoftMask(torch.autograd.Function):
+    """``sigmoid(T * logits)`` that saves only the logits (a parameter, alive anyway) and
+    recomputes the sigmoid in the backward: the same kernels as autograd's own
+    (``sigmoid_backward``, then ``x T``), so bitwise the same gradients, without keeping the soft
+    mask (4 bytes per entry) from the forward pass to the backward."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        ctx.save_for_backward(logits)
+        ctx.temperature = temperature
+        return torch.sigmoid(logits * temperature)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (logits,) = ctx.saved_tensors
+        soft = torch.sigmoid(logits * ctx.temperature)
+        return torch.ops.aten.sigmoid_backward(grad, soft) * ctx.temperature, None
+
+
 class ContinuousSparsification:
     """Soft mask ``sigmoid(T * m)`` (Savarese et al. 2020); final mask ``m > 0``."""
 
@@ -797,7 +836,7 @@ class ContinuousSparsification:
     def sample(
         self, logits: torch.Tensor, temperature: float, training: bool, generator: torch.Generator | None
     ) -> torch.Tensor:
-        return torch.sigmoid(logits * temperature)
+        return _SoftMask.apply(logits, float(temperature))
 
     def probability(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         """The soft mask; used for the sparsity penalty, densities and the stopping rule."""
@@ -864,12 +903,15 @@ class ForwardMasks(Mapping[str, torch.Tensor]):
 
     Each key's mask is computed the first time the forward pass needs it (so hard concrete
     noise is drawn in the forward pass's order) and reused for the rest of the block. Yielded by
-    ``attach``; pass it to :meth:`MaskSet.penalty` to sum the penalty from these very tensors.
+    ``attach``; pass it to :meth:`MaskSet.penalty` to sum the penalty from these very tensors:
+    :attr:`sums` holds each key's ``mask.sum()``, taken when the mask was made.
     ``compute(key)`` returns ``(masks, probabilities)``: the forward masks of ``key`` and of any
     other keys computed in the same pass (a sharded mask set computes a whole layer at once,
     while FSDP2 has its logits gathered), and, for parameterizations whose forward mask is not
     its probability, the probabilities of those keys (kept in :attr:`probabilities` for the
-    penalty; empty otherwise).
+    penalty; empty otherwise). After :meth:`release` (``attach`` calls it on exit for
+    deterministic masks) the masks are held weakly, so they are freed rather than kept until the
+    backward; asking for one again recomputes it (the same values).
     """
 
     def __init__(
@@ -878,21 +920,44 @@ class ForwardMasks(Mapping[str, torch.Tensor]):
         masks: Mapping[str, torch.Tensor] | None = None,
     ):
         self._compute = compute
-        self._masks: dict[str, torch.Tensor] = dict(masks or {})
+        self._weak = False
+        self._masks: dict[str, torch.Tensor | weakref.ref] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.probabilities: dict[str, torch.Tensor] = {}
+        self._store(dict(masks or {}))
+
+    def _store(self, masks: Mapping[str, torch.Tensor]) -> None:
+        for key, mask in masks.items():
+            if key not in self.sums:  # the penalty's term, from the first mask of the block
+                self.sums[key] = mask.sum()
+            self._masks[key] = weakref.ref(mask) if self._weak else mask
+
+    def release(self) -> None:
+        """Hold the masks weakly from now on (what the backward needs of them can be recomputed)."""
+        self._weak = True
+        self._masks = {key: weakref.ref(m) if torch.is_tensor(m) else m for key, m in self._masks.items()}
+
+    def _alive(self, key: str) -> torch.Tensor | None:
+        held = self._masks.get(key)
+        return held() if isinstance(held, weakref.ref) else held
 
     def mask(self, key: str) -> torch.Tensor:
-        """``key``'s mask for this block (computed now on first use)."""
-        found = self._masks.get(key)
+        """``key``'s mask for this block (computed now on first use, or again if it was freed)."""
+        found = self._alive(key)
         if found is None:
             masks, probabilities = self._compute(key)
-            self._masks.update(masks)
+            self._store(masks)
             self.probabilities.update(probabilities)
-            found = self._masks[key]
+            found = masks[key]
         return found
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._masks[key]
+        if key not in self._masks:
+            raise KeyError(key)
+        return self.mask(key)
+
+    def __contains__(self, key: object) -> bool:  # without recomputing a freed mask
+        return key in self._masks
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._masks)
@@ -918,6 +983,11 @@ class MaskSet(nn.Module):
     paper's ``sum(soft mask) / |M|`` for weight masks) or the plain mean over entries
     (``"entries"``).
     """
+
+    # Deterministic masks carry a recipe (``mask._recompute``), so the masked weights the backward
+    # needs are recomputed from the logits and the soft masks need not be kept (a sharded set's
+    # logits are gathered only inside its layers' forward, so it keeps its masks).
+    recomputable_masks: bool = True
 
     def __init__(
         self,
@@ -1025,9 +1095,24 @@ class MaskSet(nn.Module):
         """A fresh forward mask of ``key`` (sampled gates while training for hard concrete: each
         call draws new noise). Inside :meth:`attach` the forward pass computes it once per key
         (see :class:`ForwardMasks`)."""
-        mask = self.parameterization.sample(self.logit(key), self.temperature, self.training, self.generator)
+        logit, temperature, training = self.logit(key), self.temperature, self.training
+        mask = self.parameterization.sample(logit, temperature, training, self.generator)
         allowed = self._allowed(key)
-        return mask if allowed is None else mask * allowed
+        mask = mask if allowed is None else mask * allowed
+        if self.recomputable_masks and not self.parameterization.stochastic:
+            version = logit._version
+
+            def recompute() -> torch.Tensor:  # the same mask again (no noise), for the backward
+                if logit._version != version:
+                    raise MaskError(
+                        f"the logits of {key} were modified in place between the forward and the backward pass; "
+                        "call backward before changing them"
+                    )
+                again = self.parameterization.sample(logit, temperature, training, None)
+                return again if allowed is None else again * allowed
+
+            mask._recompute = recompute  # read by the weight parametrization (_MaskedWeights)
+        return mask
 
     def probability(self, key: str) -> torch.Tensor:
         """Soft mask (continuous) or P(gate on) (hard concrete), zero where always off."""
@@ -1084,10 +1169,14 @@ class MaskSet(nn.Module):
             and all(key in forward_masks for key in self.components)
         )
         computed = getattr(forward_masks, "probabilities", {})  # P(on) computed with the forward masks
+        sums = getattr(forward_masks, "sums", {})  # mask.sum() taken as each mask was made
         total = None
         for key in self.components:
-            p = forward_masks[key] if reuse else computed[key] if key in computed else self.probability(key)
-            term = (p.sum() * self._penalty_weight[key]).to(self.device)  # masks may span devices
+            if reuse:
+                p_sum = sums[key] if key in sums else forward_masks[key].sum()
+            else:
+                p_sum = (computed[key] if key in computed else self.probability(key)).sum()
+            term = (p_sum * self._penalty_weight[key]).to(self.device)  # masks may span devices
             total = term if total is None else total + term
         return total / self._penalty_total
 
@@ -1172,8 +1261,12 @@ class MaskSet(nn.Module):
         :class:`ForwardMasks` of the block (each key's mask computed once, on first use by the
         forward pass, and shared by every forward pass in the block)."""
         used = ForwardMasks(self.forward_masks_of)
-        with attach_masks(bridge, list(self.components.values()), used.mask):
-            yield used
+        try:
+            with attach_masks(bridge, list(self.components.values()), used.mask):
+                yield used
+        finally:
+            if self.recomputable_masks and not self.parameterization.stochastic:
+                used.release()  # the weight masks' recipes remake them for the backward
 
 
 # --------------------------------------------------------------------------- weight-level views

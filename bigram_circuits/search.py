@@ -588,6 +588,9 @@ def search_step(
     the backward pass if the batch loss is not finite. No I/O.
     """
     group, mask_set = current_group(), state.mask_set
+    # The last step's gradients are not needed any more: free them before the forward pass
+    # rather than after it (4 bytes per mask entry less at the forward pass's peak).
+    state.optimizer.zero_grad(set_to_none=True)
     reference = None
     if target.needs_reference:
         with torch.no_grad():
@@ -603,7 +606,6 @@ def search_step(
     logged = group.average(torch.stack([loss.detach(), target_loss.detach().to(loss.dtype)]))
     if not torch.isfinite(logged[0]):
         raise NonFiniteLoss(logged[0].item(), state.step + 1, config.lam)
-    state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if not isinstance(mask_set, ShardedMaskSet):  # FSDP2 has reduce-scattered sharded gradients already
         group.after_backward(mask_set)  # average the mask-logit gradients over ranks

@@ -499,9 +499,14 @@ def test_an_eval_mode_bridge_stays_in_eval_mode_under_weight_masks(tiny_neox):
 
 
 @pytest.mark.parametrize("parameterization", ["continuous", "hard_concrete"])
-def test_masked_weights_are_recomputed_for_the_backward_with_the_same_gradients(model, parameterization, monkeypatch):
-    """Autograd keeps a recipe (weight, mask) instead of any masked weight it saves for the
-    backward, and the gradients are bitwise those of keeping the masked weights."""
+def test_masked_weights_are_recomputed_for_the_backward_with_the_same_gradients(
+    model, parameterization, monkeypatch, no_runtime_typecheck
+):
+    """Autograd keeps a recipe instead of any masked weight it saves for the backward; for
+    continuous masks the soft masks are not kept either (the sigmoid is recomputed, and the
+    recipe remakes the mask from the logits). The gradients are bitwise those of keeping it all,
+    and each mask is still computed once per forward pass (run-time type checks off: beartype
+    reads a sample item of a Mapping argument, which would remake a freed mask)."""
     import weakref
 
     from bigram_circuits import masks as masks_module
@@ -510,50 +515,66 @@ def test_masked_weights_are_recomputed_for_the_backward_with_the_same_gradients(
     tokens = _tokens(3, batch=2, seq=10)
     pack, product = masks_module._MaskedWeights.pack, masks_module._MaskedWeights.product
 
-    def gradients(recompute: bool) -> tuple[dict[str, torch.Tensor], int, int]:
-        mask_set = MaskSet.for_model(bridge, "weight", parameterization=parameterization)
-        mask_set.seed(5)
-        mask_set.train()
-        products, seen = [], {"recipes": 0, "kept_products": 0}
+    def gradients(lean: bool) -> tuple[dict[str, torch.Tensor], dict]:
+        with monkeypatch.context() as patch:
+            mask_set = MaskSet.for_model(bridge, "weight", parameterization=parameterization)
+            mask_set.seed(5)
+            mask_set.train()
+            products, seen = [], {"recipes": 0, "kept_products": 0, "remade": 0, "computed": []}
 
-        def made(self, weight, mask):
-            out = product(self, weight, mask)
-            products.append(weakref.ref(out))
-            return out
+            def made(self, weight, mask, remake=None):
+                out = product(self, weight, mask, remake if lean else None)
+                products.append(weakref.ref(out))
+                seen["remade"] += remake is not None and lean
+                return out
 
-        def counted(self, tensor):
-            packed = pack(self, tensor) if recompute else tensor
-            if packed is not tensor:
-                seen["recipes"] += 1
-            elif any(
-                (live := ref()) is not None and live.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
-                for ref in products
-            ):
-                seen["kept_products"] += 1  # autograd holds a masked weight (or a view of one)
-            return packed
+            def counted(self, tensor):
+                packed = pack(self, tensor) if lean else tensor
+                if packed is not tensor:
+                    seen["recipes"] += 1
+                elif any(
+                    (live := ref()) is not None
+                    and live.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+                    for ref in products
+                ):
+                    seen["kept_products"] += 1  # autograd holds a masked weight (or a view of one)
+                return packed
 
-        monkeypatch.setattr(masks_module._MaskedWeights, "pack", counted)
-        monkeypatch.setattr(masks_module._MaskedWeights, "product", made)
-        frozen = [p for p in bridge.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            with mask_set.attach(bridge) as used:
-                logits = bridge(tokens)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-            (loss + mask_set.penalty(used)).backward()
-        finally:
+            patch.setattr(masks_module._MaskedWeights, "pack", counted)
+            patch.setattr(masks_module._MaskedWeights, "product", made)
+            compute = mask_set.forward_masks_of
+            patch.setattr(mask_set, "forward_masks_of", lambda key: (seen["computed"].append(key), compute(key))[1])
+            if not lean:  # the path before: torch's sigmoid, masks kept by the block and by autograd
+                patch.setattr(
+                    masks_module.ContinuousSparsification,
+                    "sample",
+                    lambda self, logits, temperature, training, generator: torch.sigmoid(logits * temperature),
+                )
+                patch.setattr(mask_set, "recomputable_masks", False)
+            frozen = [p for p in bridge.parameters() if p.requires_grad]
             for p in frozen:
-                p.requires_grad_(True)
-        grads = {key: mask_set.logit(key).grad.clone() for key in mask_set.keys}
-        return grads, seen["recipes"], seen["kept_products"]
+                p.requires_grad_(False)
+            try:
+                with mask_set.attach(bridge) as used:
+                    logits = bridge(tokens)
+                seen["masks_alive"] = sum(used._alive(key) is not None for key in used)  # until the backward
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+                (loss + mask_set.penalty(used)).backward()
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
+            return {key: mask_set.logit(key).grad.clone() for key in mask_set.keys}, seen
 
-    recomputed, recipes, kept_products = gradients(recompute=True)
-    assert recipes > 0 and kept_products == 0
-    kept, recipes, kept_products = gradients(recompute=False)  # what autograd would hold otherwise
-    assert recipes == 0 and kept_products > 0
+    lean, seen = gradients(lean=True)
+    assert seen["recipes"] > 0 and seen["kept_products"] == 0
+    assert sorted(seen["computed"]) == sorted(lean)  # one mask per key and forward pass
+    continuous = parameterization == "continuous"
+    assert (seen["remade"] > 0) == continuous  # remade from the logits
+    assert seen["masks_alive"] == (0 if continuous else len(lean))  # hard concrete keeps its noise draws
+    kept, seen = gradients(lean=False)  # what autograd would hold otherwise
+    assert seen["recipes"] == 0 and seen["kept_products"] > 0
     for key in kept:
-        assert torch.equal(recomputed[key], kept[key]), key
+        assert torch.equal(lean[key], kept[key]), key
 
 
 def test_a_weight_changed_in_place_before_the_backward_is_refused(tiny_neox):

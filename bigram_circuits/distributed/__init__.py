@@ -51,6 +51,10 @@ __all__ = [
 ]
 
 
+# Entries per gradient all-reduce (32 MiB of float32): large enough to keep gloo/NCCL efficient.
+ALL_REDUCE_BUCKET = 1 << 23
+
+
 @dataclass(frozen=True)
 class ProcessGroup:
     """This process's place in a data-parallel run (``world_size == 1``: a plain process)."""
@@ -108,26 +112,31 @@ class ProcessGroup:
         return bool(value.item() > 0)
 
     def after_backward(self, module: torch.nn.Module) -> None:
-        """Average the gradients of ``module``'s parameters over ranks (one all-reduce per
-        device, on a flat buffer)."""
+        """Average the gradients of ``module``'s parameters over ranks: one all-reduce per bucket
+        of at most :data:`ALL_REDUCE_BUCKET` entries on one device (a flat buffer of every
+        gradient would add 4 bytes per mask entry to the step's peak memory)."""
         if not self.active:
             return
         import torch.distributed as dist
 
-        by_device: dict[torch.device, list[torch.nn.Parameter]] = {}
+        by_device: dict[torch.device, list[list[torch.nn.Parameter]]] = {}
         for param in module.parameters():
             if param.requires_grad:
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
-                by_device.setdefault(param.grad.device, []).append(param)
-        for params in by_device.values():
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat /= self.world_size
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset : offset + p.grad.numel()].view_as(p.grad))
-                offset += p.grad.numel()
+                buckets = by_device.setdefault(param.grad.device, [[]])
+                if buckets[-1] and sum(p.numel() for p in buckets[-1]) + param.numel() > ALL_REDUCE_BUCKET:
+                    buckets.append([])
+                buckets[-1].append(param)
+        for buckets in by_device.values():
+            for params in buckets:
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                flat /= self.world_size
+                offset = 0
+                for p in params:
+                    p.grad.copy_(flat[offset : offset + p.grad.numel()].view_as(p.grad))
+                    offset += p.grad.numel()
 
     def barrier(self) -> None:
         """Wait for every rank (e.g. until rank 0 has written a result the others will read)."""
@@ -273,6 +282,8 @@ class ShardedMaskSet(MaskSet):
     :func:`shard_mask_set`. Works on CPU with gloo and on CUDA with NCCL. The logits of all keys
     must live on one device (no ``device_map`` split).
     """
+
+    recomputable_masks = False  # the logits are gathered only inside a layer's forward
 
     def __init__(self, *args, mesh=None, **kwargs):
         import torch.distributed as dist
