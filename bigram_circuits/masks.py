@@ -531,11 +531,12 @@ def _storage_address(tensor: torch.Tensor) -> int | None:
 
 class _MaskedWeights:
     """Masked weights ``W * mask`` that autograd need not keep: saved-tensor hooks that store a
-    masked weight (or a view of it) saved for the backward as a recipe, ``(W, mask)``, both of
-    which stay alive anyway (the frozen weight, and the mask its :class:`ForwardMasks` holds),
-    and recompute it when the backward needs it. The same product of the same tensors, so the
-    gradients are bitwise those of keeping it, and a forward pass no longer holds 4 bytes per
-    masked weight of the whole model until its backward."""
+    masked weight (or a view of it) saved for the backward as a recipe and recompute it when the
+    backward needs it. The recipe is ``(W, mask)`` (the frozen weight, alive anyway, and the
+    mask), or ``(W, remake)`` for a mask with a recipe of its own (``MaskSet.soft_mask`` for
+    deterministic masks), so that neither the product nor the mask is kept. The same product of
+    the same tensors, so the gradients are bitwise those of keeping it, and a forward pass no
+    longer holds 4 bytes per masked weight of the whole model until its backward."""
 
     def __init__(self):
         # storage address -> (weak reference to the product, weight, mask); a dead reference
