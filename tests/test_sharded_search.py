@@ -8,7 +8,9 @@ so a sharded run resumes as one process and a one-process run resumes sharded.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +110,24 @@ def _worker(rank: int, world: int, port: int, model_dir: str, root: str) -> None
             (root / "local_shapes.json").write_text(json.dumps(local))
 
 
+def _spawn(worker: Callable, make_args: Callable[[int], tuple], tries: int = 2) -> int:
+    """Run ``worker`` on two spawned gloo ranks; returns the attempt that succeeded. A rank killed
+    by SIGSEGV is retried once with fresh arguments: that happened once in CI (a rank of the
+    sharded-search worker, about one run in ten, not reproduced since; see docs/scale_out.md)."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    for attempt in range(tries):
+        try:
+            mp.start_processes(worker, args=make_args(attempt), nprocs=2, join=True, start_method="spawn")
+            return attempt
+        except ProcessExitedException as error:
+            if error.signal_name != "SIGSEGV" or attempt + 1 == tries:
+                raise
+            print(f"a spawned rank died of SIGSEGV (attempt {attempt}); running the ranks again")
+    raise AssertionError("unreachable")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -133,16 +153,19 @@ def _assert_follows(run: Path, reference: Path) -> float:
 
 @pytest.mark.slow
 def test_sharded_search_follows_one_process_and_resumes_across_layouts(tiny_neox, tiny_neox_dir, tmp_path):
-    import torch.multiprocessing as mp
-
     bridge = tiny_neox[0]
     reference = tmp_path / "reference"
     _run(bridge, reference)
-    assert _run(bridge, tmp_path / "C", stop_at=STOP_AT) is None  # one process crashes; C resumes sharded
-    assert torch.load(tmp_path / "C" / "checkpoint.pt", weights_only=True)["step"] == 5
-    mp.start_processes(
-        _worker, args=(2, _free_port(), str(tiny_neox_dir), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
-    )
+    crashed = tmp_path / "crashed"
+    assert _run(bridge, crashed, stop_at=STOP_AT) is None  # one process crashes; C resumes it sharded
+    assert torch.load(crashed / "checkpoint.pt", weights_only=True)["step"] == 5
+
+    def fresh(attempt: int) -> tuple:
+        root = tmp_path / f"attempt_{attempt}"
+        shutil.copytree(crashed, root / "C")
+        return (2, _free_port(), str(tiny_neox_dir), str(root))
+
+    tmp_path = tmp_path / f"attempt_{_spawn(_worker, fresh)}"  # the directory of the attempt that ran
     assert torch.load(tmp_path / "B" / "checkpoint.pt", weights_only=True)["step"] == 5
     _run(bridge, tmp_path / "B")  # a sharded run's checkpoint resumed by one process
 
@@ -156,10 +179,10 @@ def test_sharded_search_follows_one_process_and_resumes_across_layouts(tiny_neox
     for key, shape in local.items():
         assert shape[0] == (masks[key].shape[0] + 1) // 2 and tuple(shape[1:]) == tuple(masks[key].shape[1:])
     # Hard concrete: the same noise draws, layer by layer, so the same trajectory.
-    _run(bridge, tmp_path / "H_reference", parameterization="hard_concrete")
-    differences["H"] = _assert_follows(tmp_path / "H", tmp_path / "H_reference")
-    _run(bridge, tmp_path / "N_reference", granularities=("neuron", "head"))  # unit masks shard too
-    differences["N"] = _assert_follows(tmp_path / "N", tmp_path / "N_reference")
+    _run(bridge, reference.parent / "H_reference", parameterization="hard_concrete")
+    differences["H"] = _assert_follows(tmp_path / "H", reference.parent / "H_reference")
+    _run(bridge, reference.parent / "N_reference", granularities=("neuron", "head"))  # unit masks shard too
+    differences["N"] = _assert_follows(tmp_path / "N", reference.parent / "N_reference")
     print(f"sharded vs one process, {STEPS} steps: max relative loss difference {differences}")
     first = pd.read_csv(reference / "history.csv").iloc[0]
     last = pd.read_csv(reference / "history.csv").iloc[-1]
@@ -226,15 +249,7 @@ def test_sharded_backward_frees_each_layer_before_the_next(tiny_neox_dir, tmp_pa
     """Each layer unit is reduce-scattered and freed as its backward finishes: at most one layer's
     full logits and gradients exist at a time (without an input that requires grad FSDP2 would
     keep every layer's until the end of the backward pass)."""
-    import torch.multiprocessing as mp
-
     out = tmp_path / "backward.json"
-    mp.start_processes(
-        _backward_worker,
-        args=(2, _free_port(), str(tiny_neox_dir), str(out)),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
-    )
+    _spawn(_backward_worker, lambda attempt: (2, _free_port(), str(tiny_neox_dir), str(out)))
     seen = json.loads(out.read_text())
     assert seen["units"] >= 2 and seen["most"] == 1, seen
