@@ -40,7 +40,7 @@ SEARCH_STEPS = 10
 BOUNDS_MB = {"count": 1536, "search": 2560}
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     with open("/proc/self/status") as handle:
         for line in handle:
             if line.startswith("VmRSS:"):
@@ -48,7 +48,7 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _peak_mb() -> float:
+def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -73,14 +73,14 @@ def child_count(tokens_path: str) -> dict:
     from bigram_circuits.data import TokenDataset
     from bigram_circuits.ngrams import BigramStats
 
-    after_imports = _rss_mb()
+    after_imports = rss_mb()
     tokens = np.load(tokens_path, mmap_mode="r")
     started = time.perf_counter()
     stats = BigramStats.from_tokens(TokenDataset(tokens, COUNT_VOCAB, 0), COUNT_VOCAB, show_progress=False)
     seconds = time.perf_counter() - started
     return {
         "after_imports_mb": after_imports,
-        "peak_mb": _peak_mb(),
+        "peak_mb": peak_mb(),
         "seconds": seconds,
         "tokens": len(tokens),
         "vocab_size": COUNT_VOCAB,
@@ -94,7 +94,7 @@ def child_search(out_dir: str) -> dict:
     from bigram_circuits.app.find import find_command
 
     torch.manual_seed(0)
-    after_imports = _rss_mb()
+    after_imports = rss_mb()
     started = time.perf_counter()
     table = find_command(
         model="default",
@@ -113,7 +113,7 @@ def child_search(out_dir: str) -> dict:
     seconds = time.perf_counter() - started
     return {
         "after_imports_mb": after_imports,
-        "peak_mb": _peak_mb(),
+        "peak_mb": peak_mb(),
         "seconds": seconds,
         "steps": int(table["steps"].iloc[0]),
         "batch": [32, 128],

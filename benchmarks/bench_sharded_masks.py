@@ -31,7 +31,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import socket
 import statistics
 import sys
@@ -53,18 +52,6 @@ def _script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _state_bytes(state) -> int:
@@ -91,11 +78,11 @@ def _rank(rank: int, world: int, port: int, layout: str, args: dict, out: str) -
     from bigram_circuits.search import SearchConfig, SearchState, Target, search_step
 
     torch.set_num_threads(1)
-    gpu_check = _script("gpu_check")
+    gpu_check, memory = _script("gpu_check"), _script("bench_memory")
     with tempfile.TemporaryDirectory() as workdir:
         bridge = _script("bench_masks").random_pythia_bridge(gpu_check.SHAPES[args["size"]], "cpu", Path(workdir))
     bridge.eval()
-    loaded_mb = _rss_mb()
+    loaded_mb = memory.rss_mb()
     windows = gpu_check.synthetic_windows(args["batch"] * args["steps"], args["seq_len"], bridge.cfg.d_vocab)
     config = SearchConfig(lam=1.0, batch_size=args["batch"], seq_len=args["seq_len"], max_steps=args["steps"])
     target = Target.next_token()
@@ -104,7 +91,7 @@ def _rank(rank: int, world: int, port: int, layout: str, args: dict, out: str) -
     with data_parallel("gloo", rank=rank, world_size=world, init_method=init, shard_masks=layout == "sharded") as group:
         with frozen_parameters(bridge):
             state = SearchState.fresh(bridge, config, run)
-            built_peak_mb = _peak_mb()
+            built_peak_mb = memory.peak_mb()
             cpu = []
             for step in range(args["steps"]):
                 batch = windows[step * args["batch"] : (step + 1) * args["batch"]]
@@ -112,7 +99,7 @@ def _rank(rank: int, world: int, port: int, layout: str, args: dict, out: str) -
                 started = time.process_time()
                 search_step(state, bridge, tokens, target, config)
                 cpu.append(time.process_time() - started)
-        steps_peak_mb = _peak_mb()
+        steps_peak_mb = memory.peak_mb()
         logits = {key: state.mask_set.logit(key).detach().clone() for key in state.mask_set.keys}  # collective
         report = {
             "rank": rank,
@@ -120,7 +107,7 @@ def _rank(rank: int, world: int, port: int, layout: str, args: dict, out: str) -
             "loaded_rss_mb": loaded_mb,
             "built_peak_rss_mb": built_peak_mb,
             "steps_peak_rss_mb": steps_peak_mb,
-            "peak_rss_mb": _peak_mb(),
+            "peak_rss_mb": memory.peak_mb(),
             "step_cpu_s": statistics.median(cpu[1:] if len(cpu) > 1 else cpu),
             "masked_weights": sum(c.n_entries for c in state.mask_set.components.values()),
         }

@@ -1097,10 +1097,14 @@ class MaskSet(nn.Module):
         call draws new noise). Inside :meth:`attach` the forward pass computes it once per key
         (see :class:`ForwardMasks`)."""
         logit, temperature, training = self.logit(key), self.temperature, self.training
-        mask = self.parameterization.sample(logit, temperature, training, self.generator)
-        allowed = self._allowed(key)
-        mask = mask if allowed is None else mask * allowed
-        if self.recomputable_masks and not self.parameterization.stochastic:
+        allowed, parameterization = self._allowed(key), self.parameterization
+
+        def make(generator: torch.Generator | None) -> torch.Tensor:
+            mask = parameterization.sample(logit, temperature, training, generator)
+            return mask if allowed is None else mask * allowed
+
+        mask = make(self.generator)
+        if self.recomputable_masks and not parameterization.stochastic:
             version = logit._version
 
             def recompute() -> torch.Tensor:  # the same mask again (no noise), for the backward
@@ -1109,8 +1113,7 @@ class MaskSet(nn.Module):
                         f"the logits of {key} were modified in place between the forward and the backward pass; "
                         "call backward before changing them"
                     )
-                again = self.parameterization.sample(logit, temperature, training, None)
-                return again if allowed is None else again * allowed
+                return make(None)
 
             mask._recompute = recompute  # read by the weight parametrization (_MaskedWeights)
         return mask

@@ -290,3 +290,12 @@ def no_runtime_typecheck():
 
     with unchecked():
         yield
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a gloo process group's ``tcp://`` init method)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

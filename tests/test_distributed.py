@@ -230,23 +230,16 @@ def _fsdp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> 
             torch.save({"logits": logits, "local_shapes": local}, out)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_fsdp2_sharded_weight_masks_match_one_process(tiny_neox, tiny_neox_dir, tmp_path):
     import torch.multiprocessing as mp
+    from conftest import free_port
 
     from bigram_circuits.masks import MaskSet
 
     out = tmp_path / "fsdp.pt"
     mp.start_processes(
-        _fsdp_worker, args=(2, _free_port(), str(tiny_neox_dir), str(out)), nprocs=2, join=True, start_method="spawn"
+        _fsdp_worker, args=(2, free_port(), str(tiny_neox_dir), str(out)), nprocs=2, join=True, start_method="spawn"
     )
     sharded = torch.load(out, weights_only=True)
     bridge = tiny_neox[0]

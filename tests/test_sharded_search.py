@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,12 +127,6 @@ def _spawn(worker: Callable, make_args: Callable[[int], tuple], tries: int = 2) 
     raise AssertionError("unreachable")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _agreement(a: Subnetwork, b: Subnetwork) -> float:
     return sum(int((a.masks[k] == b.masks[k]).sum()) for k in a.masks) / a.n_entries
 
@@ -153,6 +146,8 @@ def _assert_follows(run: Path, reference: Path) -> float:
 
 @pytest.mark.slow
 def test_sharded_search_follows_one_process_and_resumes_across_layouts(tiny_neox, tiny_neox_dir, tmp_path):
+    from conftest import free_port
+
     bridge = tiny_neox[0]
     reference = tmp_path / "reference"
     _run(bridge, reference)
@@ -163,7 +158,7 @@ def test_sharded_search_follows_one_process_and_resumes_across_layouts(tiny_neox
     def fresh(attempt: int) -> tuple:
         root = tmp_path / f"attempt_{attempt}"
         shutil.copytree(crashed, root / "C")
-        return (2, _free_port(), str(tiny_neox_dir), str(root))
+        return (2, free_port(), str(tiny_neox_dir), str(root))
 
     tmp_path = tmp_path / f"attempt_{_spawn(_worker, fresh)}"  # the directory of the attempt that ran
     assert torch.load(tmp_path / "B" / "checkpoint.pt", weights_only=True)["step"] == 5
@@ -249,7 +244,9 @@ def test_sharded_backward_frees_each_layer_before_the_next(tiny_neox_dir, tmp_pa
     """Each layer unit is reduce-scattered and freed as its backward finishes: at most one layer's
     full logits and gradients exist at a time (without an input that requires grad FSDP2 would
     keep every layer's until the end of the backward pass)."""
+    from conftest import free_port
+
     out = tmp_path / "backward.json"
-    _spawn(_backward_worker, lambda attempt: (2, _free_port(), str(tiny_neox_dir), str(out)))
+    _spawn(_backward_worker, lambda attempt: (2, free_port(), str(tiny_neox_dir), str(out)))
     seen = json.loads(out.read_text())
     assert seen["units"] >= 2 and seen["most"] == 1, seen
