@@ -171,6 +171,8 @@ _HELP = {
     "seeds": "comma-separated seeds; several seeds run the sweep once per seed (OUT/seed_N)",
     "paper": "the paper's schedule for weight masks (SearchConfig.paper(): lr 5e-5, T x1.001, batch 32, "
     "15k steps); other options given override it",
+    "schedule": "a named schedule (search.SCHEDULES): fast (the defaults), paper, settle, warm_settle; "
+    "other options given override it",
     "target": "bigram (the paper's), full_model (optimal subnetwork) or next_token",
     "device": "torch device (cpu, cuda, cuda:1, ...)",
     "max_train_windows": "training windows (of seq_len tokens)",
@@ -431,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "target",
                 "seeds",
                 "paper",
+                "schedule",
                 "device",
                 "max_train_windows",
                 "max_eval_windows",

@@ -47,6 +47,7 @@ __all__ = [
     "mean_next_token_loss",
     "metrics_from_surprisals",
     "next_tokens",
+    "noise_ceiling",
     "pearson_r",
     "surprisals_from_logits",
     "token_surprisals",
@@ -262,6 +263,61 @@ def metrics_from_surprisals(surprisals: TokenSurprisals) -> dict[str, float]:
         "perplexity": math.exp(loss) if loss < 700 else float("inf"),
         "n_tokens": int(model.size),
         "n_inf_bigram": int((~finite).sum()),
+    }
+
+
+def _r_dropped_and_clipped(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Pearson r of two surprisal arrays where both are finite, and with each one's infinities
+    clipped to its own largest finite value (the two conventions of ``r_dropped``/``r_clipped``)."""
+    finite = np.isfinite(x) & np.isfinite(y)
+    if not finite.any():
+        return float("nan"), float("nan")
+
+    def clipped(a: np.ndarray) -> np.ndarray:
+        ok = np.isfinite(a)
+        return np.where(ok, a, a[ok].max()) if ok.any() else a
+
+    return pearson_r(x[finite], y[finite]), pearson_r(clipped(x), clipped(y))
+
+
+def noise_ceiling(
+    train_windows: Integer[np.ndarray, "n seq"],
+    eval_windows: Integer[np.ndarray, "m seq"],
+    vocab_size: int,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """How well the bigram target can be predicted at all from this much training text.
+
+    The training windows are split at random into two halves; bigram statistics counted on each
+    half give two surprisals of every actual next token of ``eval_windows``; their Pearson r is
+    the ceiling a subnetwork's r against a table counted on that much text can be held against
+    (a table from half the text is noisier than one from all of it, so this is a conservative
+    ceiling). Returns ``r_dropped`` / ``r_clipped`` (the metrics' two conventions for P = 0),
+    the share of held-out tokens whose bigram was never seen in the whole training split
+    (``unseen_share``) and the split sizes.
+    """
+    train = _check_windows(train_windows, vocab_size)
+    held_out = _check_windows(eval_windows, vocab_size)
+    if len(train) < 2:
+        raise TokenError("the noise ceiling needs at least 2 training windows to split in halves")
+    order = np.random.default_rng(seed).permutation(len(train))
+    halves = [train[np.sort(order[: len(train) // 2])], train[np.sort(order[len(train) // 2 :])]]
+    surprisal_a, surprisal_b = (
+        BigramStats.from_tokens(half, vocab_size, seq_len=train.shape[1], show_progress=show_progress)
+        .next_token_surprisal(held_out)
+        .ravel()
+        for half in halves
+    )
+    whole = BigramStats.from_tokens(train, vocab_size, seq_len=train.shape[1], show_progress=show_progress)
+    r_dropped, r_clipped = _r_dropped_and_clipped(surprisal_a, surprisal_b)
+    return {
+        "r_dropped": r_dropped,
+        "r_clipped": r_clipped,
+        "unseen_share": float(np.isinf(whole.next_token_surprisal(held_out)).mean()),
+        "half_windows": len(halves[0]),
+        "n_tokens": int(surprisal_a.size),
+        "seed": seed,
     }
 
 

@@ -695,7 +695,10 @@ def _unit_hook(granularity: str, mask_of: Callable[[], torch.Tensor]) -> Callabl
 
 @contextlib.contextmanager
 def attach_masks(
-    bridge: TransformerBridge, components: Sequence[MaskComponent], mask_for: Callable[[str], torch.Tensor]
+    bridge: TransformerBridge,
+    components: Sequence[MaskComponent],
+    mask_for: Callable[[str], torch.Tensor],
+    recompute: bool = True,
 ) -> Iterator[None]:
     """Multiply every component's activation or weight by ``mask_for(key)`` inside the block.
 
@@ -705,13 +708,16 @@ def attach_masks(
     hooks see masked activations; permanent, so ``reset_hooks()`` leaves them alone); weight
     masks are ``torch.nn.utils.parametrize`` parametrizations. Everything is removed on exit,
     also when the block raises. Only one mask attachment per bridge at a time: a second (nested)
-    one raises ``MaskError``.
+    one raises ``MaskError``. ``recompute``: masked weights ``W * mask`` are recomputed for the
+    backward instead of kept (:class:`_MaskedWeights`; bitwise the same gradients, 4 bytes per
+    masked weight less until the backward, one more pass over them in it).
     """
     level = -next(_HOOK_LEVELS)
-    products = _MaskedWeights()  # masked weights recomputed for the backward instead of kept
+    # masked weights recomputed for the backward instead of kept
+    products = _MaskedWeights() if recompute else None
     with contextlib.ExitStack() as stack:
         stack.enter_context(_exclusive(bridge))
-        if any(component.granularity == "weight" for component in components):
+        if products is not None and any(component.granularity == "weight" for component in components):
             stack.enter_context(products.hooks())
         for component in components:
             key = component.key
@@ -839,6 +845,11 @@ class ContinuousSparsification:
     ) -> torch.Tensor:
         return _SoftMask.apply(logits, float(temperature))
 
+    def sample_kept(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The same mask through autograd's own sigmoid, which keeps it for the backward (one
+        pass over the logits less there, 4 bytes per entry more until then)."""
+        return torch.sigmoid(logits * float(temperature))
+
     def probability(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         """The soft mask; used for the sparsity penalty, densities and the stopping rule."""
         return torch.sigmoid(logits * temperature)
@@ -930,7 +941,8 @@ class ForwardMasks(Mapping[str, torch.Tensor]):
     def _store(self, masks: Mapping[str, torch.Tensor]) -> None:
         for key, mask in masks.items():
             if key not in self.sums:  # the penalty's term, from the first mask of the block
-                self.sums[key] = mask.sum()
+                penalty_sum = getattr(mask, "_penalty_sum", None)
+                self.sums[key] = mask.sum() if penalty_sum is None else penalty_sum
             self._masks[key] = weakref.ref(mask) if self._weak else mask
 
     def release(self) -> None:
@@ -1017,6 +1029,10 @@ class MaskSet(nn.Module):
         )
         # A Python float (saved through get_extra_state) so reading it never syncs a GPU.
         self.temperature: float = 1.0
+        # Whether the backward recomputes soft masks and masked weights instead of keeping them
+        # (memory against one more pass over them; the search sets it per run).
+        self.recompute: bool = True
+        self._allowed_cache: dict = {}  # key -> (buffer version, ~always_off); ("index", key) -> flat indices
         self._always_off: dict[str, torch.Tensor] = {}
         for key, off in (always_off or {}).items():
             if off.any():
@@ -1089,22 +1105,41 @@ class MaskSet(nn.Module):
     # ---- views
 
     def _allowed(self, key: str) -> torch.Tensor | None:
+        """``~always_off`` of ``key`` (None if every entry may be on), made once per buffer version."""
         name = self._always_off.get(key)
-        return None if name is None else ~getattr(self, name)
+        if name is None:
+            return None
+        off = getattr(self, name)
+        cached = self._allowed_cache.get(key)
+        if cached is None or cached[0] != off._version or cached[1].shape != off.shape:
+            cached = self._allowed_cache[key] = (off._version, ~off)
+        return cached[1]
 
-    def soft_mask(self, key: str) -> torch.Tensor:
+    def soft_mask(self, key: str, zero_always_off: bool = True) -> torch.Tensor:
         """A fresh forward mask of ``key`` (sampled gates while training for hard concrete: each
         call draws new noise). Inside :meth:`attach` the forward pass computes it once per key
-        (see :class:`ForwardMasks`)."""
+        (see :class:`ForwardMasks`).
+
+        ``zero_always_off=False`` (what :meth:`attach` uses) leaves the entries of exactly-zero
+        weights as they are: ``W * mask`` is 0 there anyway, so the forward pass and every other
+        entry's gradient are the same, without a pass over the mask to zero them; the mask then
+        carries ``_penalty_sum``, its sum without those entries, for the penalty."""
         logit, temperature, training = self.logit(key), self.temperature, self.training
-        allowed, parameterization = self._allowed(key), self.parameterization
+        parameterization = self.parameterization
+        allowed = self._allowed(key) if zero_always_off else None
+        recompute = self.recompute and self.recomputable_masks
+        kept = getattr(parameterization, "sample_kept", None) if not recompute else None
 
         def make(generator: torch.Generator | None) -> torch.Tensor:
-            mask = parameterization.sample(logit, temperature, training, generator)
-            return mask if allowed is None else mask * allowed
+            if kept is not None:
+                mask = kept(logit, temperature)
+            else:
+                mask = parameterization.sample(logit, temperature, training, generator)
+            # where() rather than x allowed: one pass, no bool -> float copy; the same values
+            return mask if allowed is None else torch.where(allowed, mask, 0.0)
 
         mask = make(self.generator)
-        if self.recomputable_masks and not parameterization.stochastic:
+        if recompute and not parameterization.stochastic:
             version = logit._version
 
             def recompute() -> torch.Tensor:  # the same mask again (no noise), for the backward
@@ -1116,13 +1151,25 @@ class MaskSet(nn.Module):
                 return make(None)
 
             mask._recompute = recompute  # read by the weight parametrization (_MaskedWeights)
+        if not zero_always_off and key in self._always_off:
+            # The penalty's value counts only entries that may be on; their gradients are those of
+            # the zeroed mask (the off entries' logits drift, but a binary mask never keeps them).
+            mask._penalty_sum = mask.sum() - mask.detach().flatten()[self._off_index(key)].sum()
         return mask
+
+    def _off_index(self, key: str) -> torch.Tensor:
+        """Flat indices of ``key``'s always-off entries, made once per buffer version."""
+        off = getattr(self, self._always_off[key])
+        cached = self._allowed_cache.get(("index", key))
+        if cached is None or cached[0] != off._version:
+            cached = self._allowed_cache[("index", key)] = (off._version, off.flatten().nonzero().flatten())
+        return cached[1]
 
     def probability(self, key: str) -> torch.Tensor:
         """Soft mask (continuous) or P(gate on) (hard concrete), zero where always off."""
         p = self.parameterization.probability(self.logit(key), self.temperature)
         allowed = self._allowed(key)
-        return p if allowed is None else p * allowed
+        return p if allowed is None else torch.where(allowed, p, 0.0)
 
     def soft(self) -> dict[str, Float[torch.Tensor, ...]]:
         """Detached soft masks (probabilities) per key."""
@@ -1194,14 +1241,13 @@ class MaskSet(nn.Module):
         with torch.no_grad():
             for key, c in self.components.items():
                 logit = self.logit(key)
-                allowed = self._allowed(key)
-                above = logit > hi
-                middle = (logit >= lo) & ~above
-                if allowed is not None:  # always-off entries are decided (off)
-                    above &= allowed
-                    middle &= allowed
-                on += int(above.sum())
-                undecided += int(middle.sum())
+                n_above, n_from_low = int((logit > hi).sum()), int((logit >= lo).sum())
+                if key in self._always_off:  # always-off entries are decided (off): count them out
+                    off = logit.flatten()[self._off_index(key)]
+                    off_above, off_from_low = int((off > hi).sum()), int((off >= lo).sum())
+                    n_above, n_from_low = n_above - off_above, n_from_low - off_from_low
+                on += n_above
+                undecided += n_from_low - n_above
                 total += c.n_entries
         return undecided, on, total
 
@@ -1257,7 +1303,7 @@ class MaskSet(nn.Module):
     def forward_masks_of(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """What a forward pass computes when it first needs ``key``: ``({key: soft mask}, {})``
         (see :class:`ForwardMasks`; a sharded set computes ``key``'s whole layer)."""
-        return {key: self.soft_mask(key)}, {}
+        return {key: self.soft_mask(key, zero_always_off=False)}, {}
 
     @contextlib.contextmanager
     def attach(self, bridge: TransformerBridge) -> Iterator[ForwardMasks]:
@@ -1266,10 +1312,11 @@ class MaskSet(nn.Module):
         forward pass, and shared by every forward pass in the block)."""
         used = ForwardMasks(self.forward_masks_of)
         try:
-            with attach_masks(bridge, list(self.components.values()), used.mask):
+            recompute = self.recompute and self.recomputable_masks
+            with attach_masks(bridge, list(self.components.values()), used.mask, recompute=recompute):
                 yield used
         finally:
-            if self.recomputable_masks and not self.parameterization.stochastic:
+            if self.recompute and self.recomputable_masks and not self.parameterization.stochastic:
                 used.release()  # the weight masks' recipes remake them for the backward
 
 

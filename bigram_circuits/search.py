@@ -97,12 +97,34 @@ __all__ = [
 ]
 
 DEFAULT_LR: dict[str, float] = {"neuron": 0.05, "head": 0.05, "weight": 0.01}
+TEMPERATURE_RULES = ("every_step", "after_settle")
+# Named schedules (``SearchConfig.named``, ``find --schedule``): fields that differ from the defaults.
+SCHEDULES: dict[str, dict] = {
+    # T x1.02 from the first step, masks start at 0.5 (the defaults): fast on small models
+    "fast": {},
+    # the paper's weight-mask schedule
+    "paper": {"lr": 5e-5, "temperature_growth": 1.001, "batch_size": 32, "max_steps": 15000},
+    # T held at 1 until the target loss has settled, then x1.03 per step
+    "settle": {"temperature_rule": "after_settle", "temperature_growth": 1.03},
+    # start from (nearly) the full model: masks at sigmoid(2) = 0.88, then as "settle"
+    "warm_settle": {"init": 2.0, "temperature_rule": "after_settle", "temperature_growth": 1.03},
+}
 # The run layout's names (bigram_circuits.rundir owns them; kept here under their old names).
 CHECKPOINT_FILE = RunDir.CHECKPOINT
 HISTORY_FILE = RunDir.HISTORY
 SWEEP_FILE = RunDir.SWEEP
 # Config fields that may change when a run is resumed (they do not change the trajectory).
-_RESUMABLE_FIELDS = {"max_steps", "time_budget_s", "checkpoint_every", "log_every", "eval_batches"}
+_RESUMABLE_FIELDS = {
+    "max_steps",
+    "time_budget_s",
+    "checkpoint_every",
+    "log_every",
+    "eval_batches",
+    "recompute_masked_weights",  # bitwise the same gradients either way
+}
+# "auto" recomputes soft masks and masked weights for the backward only when keeping them (8
+# bytes per mask entry) would take more than this share of the device's memory.
+RECOMPUTE_MEMORY_SHARE = 0.125
 
 
 @dataclass
@@ -114,6 +136,13 @@ class SearchConfig:
     weight_decay: float = 0.01  # torch's AdamW default, as in the authors' code
     temperature_init: float = 1.0
     temperature_growth: float = 1.02
+    temperature_rule: str = (
+        "every_step"  # every_step: T grows from step 1; after_settle: T stays until the target loss has settled
+    )
+    settle_window: int = 25  # steps per window of the settling test (mean target loss of two consecutive windows)
+    settle_tolerance: float = (
+        0.01  # settled: the last window's mean target loss is not below the previous one's by more than this share
+    )
     max_steps: int = 2000
     batch_size: int = 32
     seq_len: int = 128
@@ -132,6 +161,9 @@ class SearchConfig:
     keep_top_k: int | None = None
     eval_batches: int = 8
     log_every: int = 1
+    recompute_masked_weights: str = (
+        "auto"  # auto, always or never: recompute W*mask for the backward (memory) or keep it (speed)
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -158,6 +190,16 @@ class SearchConfig:
             problems.append("max_steps and batch_size must be >= 1 and seq_len >= 2")
         if self.max_attempts < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             problems.append("max_attempts, checkpoint_every and log_every must be >= 1")
+        if self.temperature_rule not in TEMPERATURE_RULES:
+            problems.append(
+                f"temperature_rule must be one of {', '.join(TEMPERATURE_RULES)}, got {self.temperature_rule!r}"
+            )
+        if self.settle_window < 1 or not (math.isfinite(self.settle_tolerance) and self.settle_tolerance >= 0):
+            problems.append("settle_window must be >= 1 and settle_tolerance a finite number >= 0")
+        if self.recompute_masked_weights not in ("auto", "always", "never"):
+            problems.append(
+                f"recompute_masked_weights must be auto, always or never, got {self.recompute_masked_weights!r}"
+            )
         if not 0 <= self.undecided_low < self.undecided_high <= 1:
             problems.append("need 0 <= undecided_low < undecided_high <= 1")
         if problems:
@@ -167,7 +209,14 @@ class SearchConfig:
     def paper(cls, **overrides) -> SearchConfig:
         """The paper's settings for weight masks: lr 5e-5, T x1.001 per step, batch 32, at most
         15k steps."""
-        return cls(**{"lr": 5e-5, "temperature_growth": 1.001, "batch_size": 32, "max_steps": 15000, **overrides})
+        return cls.named("paper", **overrides)
+
+    @classmethod
+    def named(cls, schedule: str, **overrides) -> SearchConfig:
+        """The config of a named schedule (:data:`SCHEDULES`), with ``overrides`` on top."""
+        if schedule not in SCHEDULES:
+            raise SearchError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+        return cls(**{**SCHEDULES[schedule], **overrides})
 
     def learning_rates(self, granularities: Sequence[str]) -> dict[str, float]:
         return {g: (self.lr if self.lr is not None else DEFAULT_LR[g]) for g in granularities}
@@ -437,6 +486,7 @@ class SearchState:
         mask_class = ShardedMaskSet if current_group().sharded else MaskSet
         mask_set = mask_class.for_model(bridge, grans, config.parameterization, config.init, config.penalty_weighting)
         mask_set.temperature = float(config.temperature_init)
+        mask_set.recompute = _recompute(config, mask_set)
         mask_set.seed(config.seed * 1000 + attempt)
         mask_set.train()
         lrs = config.learning_rates(grans)
@@ -448,7 +498,14 @@ class SearchState:
             }
             for g in grans
         ]
-        optimizer = torch.optim.AdamW(groups, lr=max(lrs.values()), weight_decay=config.weight_decay)
+        # One fused kernel per tensor (one pass over the logits instead of about eight) where torch
+        # has one; a sharded set's DTensor logits take the default implementation.
+        fused = not isinstance(mask_set, ShardedMaskSet) and all(
+            p.device.type in ("cpu", "cuda") for group in groups for p in group["params"]
+        )
+        optimizer = torch.optim.AdamW(
+            groups, lr=max(lrs.values()), weight_decay=config.weight_decay, fused=fused or None
+        )
         return cls(
             mask_set, optimizer, run, attempt, 0, [], previous_attempts if previous_attempts is not None else [], clock
         )
@@ -458,6 +515,11 @@ class SearchState:
         appended to ``previous_attempts``; the clock runs on."""
         self.previous_attempts.append(summary)
         return SearchState.fresh(bridge, config, self.run, self.attempt + 1, self.previous_attempts, self.clock)
+
+    @property
+    def settled(self) -> bool:
+        """Whether the target loss has settled by the last recorded step (see :func:`loss_settled`)."""
+        return bool(self.history) and bool(self.history[-1].get("settled", False))
 
     def generator_state(self) -> torch.Tensor | None:
         """The noise generator's state (``None`` without hard-concrete noise)."""
@@ -517,6 +579,26 @@ class SearchState:
         return state
 
 
+def _device_memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device`` (physical RAM for the CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _recompute(config: SearchConfig, mask_set: MaskSet) -> bool:
+    """Whether the backward recomputes masks and masked weights (``recompute_masked_weights``):
+    ``auto`` does when keeping them would take more than :data:`RECOMPUTE_MEMORY_SHARE` of the
+    memory of the device the logits live on (large models), and keeps them otherwise (faster)."""
+    if config.recompute_masked_weights != "auto":
+        return config.recompute_masked_weights == "always"
+    entries = sum(c.n_entries for c in mask_set.components.values())
+    return 8 * entries > RECOMPUTE_MEMORY_SHARE * _device_memory_bytes(mask_set.device)
+
+
 def _run_identity(config: SearchConfig, granularities: Sequence[str], target: Target, model_id: str) -> dict:
     """What a checkpoint records about its run, so that a resume can refuse another run's state."""
     return {
@@ -525,6 +607,13 @@ def _run_identity(config: SearchConfig, granularities: Sequence[str], target: Ta
         "target": target.name,
         "model_id": model_id,
     }
+
+
+def _changed_fields(saved: dict, current: dict) -> list[str]:
+    """Config fields of ``current`` that differ from a ``saved`` config (a field an older release
+    did not save counts as its default, which is how that release ran)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
+    return sorted(k for k in current if k not in _RESUMABLE_FIELDS and saved.get(k, defaults.get(k)) != current[k])
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -545,7 +634,7 @@ def _load_checkpoint(path: Path, config: SearchConfig, granularities, target: Ta
         ) from exc
     saved = state.get("config", {})
     current = config.to_dict()
-    changed = sorted(k for k in current if k not in _RESUMABLE_FIELDS and saved.get(k) != current[k])
+    changed = _changed_fields(saved, current)
     if (
         changed
         or state.get("granularities") != list(granularities)
@@ -584,7 +673,8 @@ def search_step(
     Forward with the soft masks attached (and, for targets that need it, the unmasked model
     without grad first), ``target loss + lam * penalty``, backward, gradients averaged over
     data-parallel ranks (:func:`bigram_circuits.distributed.current`), AdamW step, then
-    ``T *= temperature_growth`` and ``state.step += 1``. Raises :class:`NonFiniteLoss` before
+    ``T *= temperature_growth`` (with ``temperature_rule="after_settle"`` only once the history
+    says the target loss has settled) and ``state.step += 1``. Raises :class:`NonFiniteLoss` before
     the backward pass if the batch loss is not finite. No I/O.
     """
     group, mask_set = current_group(), state.mask_set
@@ -610,7 +700,8 @@ def search_step(
     if not isinstance(mask_set, ShardedMaskSet):  # FSDP2 has reduce-scattered sharded gradients already
         group.after_backward(mask_set)  # average the mask-logit gradients over ranks
     state.optimizer.step()
-    mask_set.temperature *= config.temperature_growth
+    if config.temperature_rule == "every_step" or state.settled:
+        mask_set.temperature *= config.temperature_growth
     state.step += 1
     return StepLosses(logged[0].item(), logged[1].item(), penalty.item())
 
@@ -690,7 +781,8 @@ def search(
                         if callback is not None:
                             callback(state.step, row)
                         if _stopping_rule(state.step, row, config):
-                            stop_reason = "converged"
+                            # Decided before the loss settled: by the temperature (or the init), not by learning.
+                            stop_reason = "converged" if row["settled"] else "hardened_unsettled"
                             break
                 except KeyboardInterrupt:
                     # A sharded save gathers over ranks, which may already be gone: keep the last periodic one.
@@ -791,9 +883,26 @@ def _non_finite_error(error: NonFiniteLoss, state: SearchState, generator_before
     return SearchError(f"{error}; lower the learning rate or check the target{where}")
 
 
+def loss_settled(target_losses: Sequence[float], window: int, tolerance: float) -> bool:
+    """Whether a loss curve has settled: the mean of its last ``window`` values is not below the
+    mean of the ``window`` before by more than ``tolerance`` (a share of that mean). A rising
+    loss counts as settled: it is no longer being learned. Needs ``2 * window`` values."""
+    if len(target_losses) < 2 * window:
+        return False
+    last = float(np.mean(target_losses[-window:]))
+    before = float(np.mean(target_losses[-2 * window : -window]))
+    return before - last <= tolerance * abs(before)
+
+
 def _record(state: SearchState, losses: StepLosses, config: SearchConfig, bar) -> dict:
-    """Append the step's history row (losses, soft density, T, decision counts) and show it."""
+    """Append the step's history row (losses, soft density, T, decision counts, whether the
+    target loss has settled by now) and show it."""
     undecided, on, _ = state.mask_set.decision_counts(config.undecided_low, config.undecided_high)
+    settled = state.settled or loss_settled(
+        [r["target_loss"] for r in state.history[-2 * config.settle_window :]] + [losses.target_loss],
+        config.settle_window,
+        config.settle_tolerance,
+    )
     row = {
         "step": state.step,
         "loss": losses.loss,
@@ -802,6 +911,7 @@ def _record(state: SearchState, losses: StepLosses, config: SearchConfig, bar) -
         "temperature": float(state.mask_set.temperature),
         "undecided": undecided,
         "on": on,
+        "settled": settled,
     }
     state.history.append(row)
     if state.step % config.log_every == 0:
@@ -910,7 +1020,7 @@ def _load_finished(
     subnetwork = Subnetwork.load(out_path)
     saved = subnetwork.metadata.get("config", {})
     current = config.to_dict()
-    changed = sorted(k for k in current if k not in _RESUMABLE_FIELDS and saved.get(k) != current[k])
+    changed = _changed_fields(saved, current)
     if (
         changed
         or subnetwork.model_id != fingerprint

@@ -24,6 +24,7 @@ from bigram_circuits.evaluate import (
     generation_conditions,
     loss_increase_ratio,
     metrics_from_surprisals,
+    noise_ceiling,
     pearson_r,
     surprisals_from_logits,
 )
@@ -264,3 +265,25 @@ def test_evaluate_run_writes_tables_next_to_the_run(tiny_neox_dir, tiny_text, tm
     # the full model row matches a direct evaluation on the same held-out windows
     direct = evaluate_metrics(bridge, stats, held_out, show_progress=False)
     assert tables["metrics"].loc[0, "lm_loss_nats"] == pytest.approx(direct["lm_loss_nats"], rel=1e-5)
+
+
+def test_noise_ceiling_splits_the_training_windows_in_two_halves():
+    rng = np.random.default_rng(0)
+
+    # A strict bigram chain: token t is followed by (t + 1) % 7 or (t + 2) % 7, 3:1
+    def chain(n_windows: int) -> np.ndarray:
+        rows = np.zeros((n_windows, 16), dtype=np.int64)
+        rows[:, 0] = rng.integers(0, 7, n_windows)
+        for i in range(1, 16):
+            rows[:, i] = (rows[:, i - 1] + np.where(rng.random(n_windows) < 0.75, 1, 2)) % 7
+        return rows
+
+    train, held_out = chain(400), chain(20)
+    ceiling = noise_ceiling(train, held_out, vocab_size=8, seed=1)
+    assert ceiling["half_windows"] == 200 and ceiling["n_tokens"] == 20 * 15
+    assert ceiling["unseen_share"] == 0.0 and ceiling["r_dropped"] > 0.98  # plenty of text: the halves agree
+    few = noise_ceiling(chain(4), held_out, vocab_size=8, seed=1)  # two windows per half: noisy tables
+    assert few["r_dropped"] < ceiling["r_dropped"]
+    assert noise_ceiling(train, held_out, vocab_size=8, seed=1) == ceiling  # seeded
+    with pytest.raises(TokenError, match="at least 2"):
+        noise_ceiling(train[:1], held_out, vocab_size=8)

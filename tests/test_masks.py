@@ -544,13 +544,8 @@ def test_masked_weights_are_recomputed_for_the_backward_with_the_same_gradients(
             patch.setattr(masks_module._MaskedWeights, "product", made)
             compute = mask_set.forward_masks_of
             patch.setattr(mask_set, "forward_masks_of", lambda key: (seen["computed"].append(key), compute(key))[1])
-            if not lean:  # the path before: torch's sigmoid, masks kept by the block and by autograd
-                patch.setattr(
-                    masks_module.ContinuousSparsification,
-                    "sample",
-                    lambda self, logits, temperature, training, generator: torch.sigmoid(logits * temperature),
-                )
-                patch.setattr(mask_set, "recomputable_masks", False)
+            if not lean:  # recompute off: torch's sigmoid, masks kept by the block and by autograd
+                mask_set.recompute = False
             frozen = [p for p in bridge.parameters() if p.requires_grad]
             for p in frozen:
                 p.requires_grad_(False)
@@ -572,7 +567,7 @@ def test_masked_weights_are_recomputed_for_the_backward_with_the_same_gradients(
     assert (seen["remade"] > 0) == continuous  # remade from the logits
     assert seen["masks_alive"] == (0 if continuous else len(lean))  # hard concrete keeps its noise draws
     kept, seen = gradients(lean=False)  # what autograd would hold otherwise
-    assert seen["recipes"] == 0 and seen["kept_products"] > 0
+    assert seen["recipes"] == 0 and seen["masks_alive"] == len(kept)  # nothing recomputed, all kept
     for key in kept:
         assert torch.equal(lean[key], kept[key]), key
 

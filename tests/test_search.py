@@ -197,12 +197,65 @@ def test_other_targets_and_exact_size(tiny_gpt2, corpus):
 def test_stopping_rule_stops_a_decided_mask(tiny_neox, corpus):
     bridge, _ = tiny_neox
     train, _, stats = corpus
-    # A huge penalty drives every entry below 0.1 quickly: nothing undecided -> stop.
-    result = search(
-        bridge, train, Target.bigram(stats), ("neuron", "head"), _quick(lam=1000.0, max_steps=400), show_progress=False
-    )
+    # A huge penalty drives every entry below 0.1 quickly: nothing undecided -> stop (the target
+    # loss rises as the masks go off, which the settling test counts as settled).
+    config = _quick(lam=1000.0, max_steps=400, settle_window=3)
+    result = search(bridge, train, Target.bigram(stats), ("neuron", "head"), config, show_progress=False)
     assert result.metrics["stop_reason"] == "converged" and result.metrics["steps"] < 400
     assert result.subnetwork.n_kept == 0
+    assert result.history["settled"].iloc[-1]
+
+
+def test_masks_decided_before_the_loss_settled_are_not_converged(tiny_neox, corpus):
+    """Masks started at sigmoid(3) = 0.95 are 'decided' by the first steps of a growing
+    temperature, before anything was learned: the run stops with its own reason."""
+    bridge, _ = tiny_neox
+    train, _, stats = corpus
+    config = _quick(lam=1.0, max_steps=60, init=3.0, settle_window=10)
+    result = search(bridge, train, Target.bigram(stats), "weight", config, show_progress=False)
+    assert result.metrics["stop_reason"] == "hardened_unsettled" and not result.metrics["converged"]
+    assert result.metrics["steps"] < 20 and not result.history["settled"].any()
+
+
+def test_after_settle_holds_the_temperature_until_the_loss_settles(tiny_neox, corpus):
+    bridge, _ = tiny_neox
+    train, _, stats = corpus
+    config = _quick(lam=1.0, max_steps=40, temperature_rule="after_settle", settle_window=5, temperature_growth=1.1)
+    result = search(bridge, train, Target.bigram(stats), ("neuron", "head"), config, show_progress=False)
+    history = result.history
+    before = history[~history["settled"]]
+    assert len(before) >= 9 and (before["temperature"] == 1.0).all()  # T stays while the loss moves (2 windows - 1)
+    if history["settled"].sum() > 1:  # then it grows by the factor every step after the one that settled
+        after = history[history["settled"]]["temperature"].to_numpy()
+        assert after[0] == 1.0 and after[1] == pytest.approx(1.1) and (after[1:] > after[:-1]).all()
+
+
+def test_loss_settled_window_test():
+    from bigram_circuits.search import loss_settled
+
+    assert not loss_settled([5.0] * 9, window=5, tolerance=0.01)  # too short
+    assert loss_settled([5.0] * 10, window=5, tolerance=0.01)  # flat
+    assert loss_settled([5.0] * 5 + [6.0] * 5, window=5, tolerance=0.01)  # rising
+    assert not loss_settled([5.0] * 5 + [4.0] * 5, window=5, tolerance=0.01)  # still falling by 20%
+
+
+def test_named_schedules_and_recompute_setting(tiny_neox):
+    from bigram_circuits.search import SCHEDULES, SearchState, _run_identity
+
+    assert SearchConfig.named("paper") == SearchConfig.paper()
+    warm = SearchConfig.named("warm_settle", lam=3.0)
+    assert warm.init == 2.0 and warm.temperature_rule == "after_settle" and warm.lam == 3.0
+    assert set(SCHEDULES) >= {"fast", "paper", "settle", "warm_settle"}
+    with pytest.raises(SearchError, match="unknown schedule"):
+        SearchConfig.named("nope")
+    with pytest.raises(SearchError, match="recompute_masked_weights"):
+        SearchConfig(recompute_masked_weights="sometimes")
+    bridge, _ = tiny_neox
+    for setting, expected in (("always", True), ("never", False), ("auto", False)):  # a tiny model fits
+        config = SearchConfig(recompute_masked_weights=setting)
+        state = SearchState.fresh(bridge, config, _run_identity(config, ("weight",), Target.next_token(), "m"))
+        assert state.mask_set.recompute is expected
+        assert state.optimizer.param_groups[0]["fused"]  # one fused AdamW kernel on CPU
 
 
 def test_stability_check():

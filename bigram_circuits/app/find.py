@@ -32,6 +32,7 @@ def find_command(
     target: str = "bigram",
     seeds: Sequence[int] = (0,),
     paper: bool = False,
+    schedule: str = "fast",
     max_train_windows: int | None = 4096,
     max_eval_windows: int | None = 256,
     device: str = "cpu",
@@ -43,7 +44,8 @@ def find_command(
     stats on the train split (cached in ``out_dir/bigram_stats.npz``), run the lambda sweep
     (resumable), save each subnetwork under ``out_dir/lambda_{lam}`` plus ``out_dir/sweep.csv``
     and return the sweep table. ``config_options`` are :class:`SearchConfig` fields;
-    ``paper=True`` starts from :meth:`SearchConfig.paper` instead of the defaults.
+    ``schedule`` names the schedule the config starts from (:meth:`SearchConfig.named`;
+    ``paper=True`` is ``schedule="paper"``).
 
     With several ``seeds`` the sweep runs once per seed in ``out_dir/seed_{s}`` (sharing the
     bigram stats) and the returned table has one row per (seed, lambda); ``out_dir/seeds.csv``
@@ -61,7 +63,7 @@ def find_command(
         raise SearchError(f"seeds must be distinct integers, at least one; got {seeds}")
     if "seed" in config_options:
         raise SearchError("pass seeds=[...] (CLI: --seeds), not seed")
-    config = SearchConfig.paper(**config_options) if paper else SearchConfig(**config_options)
+    config = SearchConfig.named("paper" if paper else schedule, **config_options)
     try:  # every lambda's config is checked before the model and corpus are loaded
         for lam in lambdas:
             dataclasses.replace(config, lam=float(lam))
@@ -145,6 +147,7 @@ def find_command(
                 "max_eval_windows": max_eval_windows,
                 "device": device,
                 "paper_schedule": paper,
+                "schedule": "paper" if paper else schedule,
             },
         )
         return table
