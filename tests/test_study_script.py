@@ -78,10 +78,16 @@ def test_study_script_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_neox_dir, 
     assert saved["label"] == "tiny" and saved["corpus"] == str(corpus)
     assert [row["lambda"] for row in saved["sweep"]] == [0.0, 10.0]
     assert saved["chosen"]["n_params"] <= saved["chosen"]["n_params_total"]
+    assert {"stable", "chosen"} <= set(saved["sweep"][0]) and 0 < saved["noise_ceiling_r"] <= 1
+    assert [row["seed"] for row in saved["seeds"]] == [0, 1, 2]  # the chosen lambda over 3 seeds
+    assert all(row["lambda"] == saved["chosen"]["lambda"] for row in saved["seeds"])
+    assert saved["seeds_summary"]["n_seeds"] == 3 and "bigram_r_sd" in saved["seeds_summary"]
+    assert saved["optimal"]["lambda"] == saved["chosen"]["lambda"]  # the optimal subnetwork at the chosen lambda
+    assert sum(row["condition"] == "random ablated" for row in saved["ablation"]) == 1  # mean over 3 controls
     assert set(saved["circuits"]) == {"full", "bigram", "random"}
     assert {"full model", "bigram ablated", "random ablated"} <= {row["condition"] for row in saved["ablation"]}
     markdown = (tmp_path / "results" / "study.md").read_text()
-    assert "tiny (this run)" in markdown and "## Circuits" in markdown
+    assert "tiny (this run)" in markdown and "## Circuits" in markdown and "Noise ceiling" in markdown
     assert saved["command"] == "python benchmarks/smollm2_study.py " + " ".join(argv)
     assert [row["lambda"] for row in saved["sweep_layers"]] == [0.0, 10.0]
     for name in (

@@ -18,6 +18,7 @@ JSON-ready dict; :func:`render_markdown` turns that dict into the study's report
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -69,8 +70,11 @@ class StudyConfig:
     label: str = "SmolLM2-135M"  # the model's name in tables and figures
     corpus: str = "default"  # any load_token_dataset name or text file
     granularity: str = "weight"  # mask unit(s), comma-separated: weight (the paper's) or neuron,head
-    lambdas: tuple[float, ...] = (0.0, 1.0, 10.0)  # sparsity weights of the bigram sweep
-    optimal_lambda: float = 10.0  # lambda of the optimal subnetwork compared with the bigram one (negative: skip)
+    lambdas: tuple[float, ...] = (0.0, 1.0, 10.0, 100.0)  # sparsity weights of the bigram sweep
+    schedule: str = "fast"  # named search schedule (search.SCHEDULES: fast, paper, settle, warm_settle)
+    seeds: tuple[int, ...] = (1, 2)  # more seeds of the chosen lambda (the sweep is seed 0); empty: none
+    optimal_lambda: float | None = None  # lambda of the optimal subnetwork (default: the chosen one; negative: skip)
+    random_controls: int = 3  # random same-shape subnetworks in the ablation (one per seed)
     max_steps: int = 350  # steps per lambda (fewer when the stopping rule fires)
     lr: float | None = SearchConfig.lr  # mask learning rate (default: per granularity, weight 0.01)
     max_attempts: int = 1  # stability retries (a retry restarts the search; 1 reports stability, no retry)
@@ -81,7 +85,8 @@ class StudyConfig:
     train_windows: int = 1024  # training windows of the search
     eval_windows: int = 32  # held-out windows for r, the ablation and the circuits
     time_budget_s: float = 1500.0  # search time per lambda
-    temperature_growth: float = SearchConfig.temperature_growth  # mask temperature factor per step (paper: 1.001)
+    temperature_growth: float | None = None  # mask temperature factor per step (default: the schedule's)
+    init: float | None = None  # initial mask logit (default: the schedule's)
     checkpoint_every: int = 10  # steps between search checkpoints
     eval_batches: int = 2  # batches for each run's target loss
     analysis_tokens: int = 8192  # held-out tokens for the linear lens (Fig 3) and layer similarity (Fig 4)
@@ -91,17 +96,21 @@ class StudyConfig:
     figures: Path = Path("figures/smollm2")  # folder for the figures (PNG when Chromium is available, HTML always)
 
     def search_config(self) -> SearchConfig:
-        """The :class:`SearchConfig` of every search of the study."""
-        return SearchConfig(
+        """The :class:`SearchConfig` of every search of the study: the named ``schedule`` with
+        the study's sizes on top (the same config ``bigram-circuits find --schedule`` makes from
+        the same options, so runs made by ``find`` in ``out`` are reused)."""
+        optional = {"temperature_growth": self.temperature_growth, "init": self.init}
+        return SearchConfig.named(
+            self.schedule,
             max_steps=self.max_steps,
             batch_size=self.batch_size,
             seq_len=self.seq_len,
             checkpoint_every=self.checkpoint_every,
             time_budget_s=self.time_budget_s,
-            temperature_growth=self.temperature_growth,
             lr=self.lr,
             max_attempts=self.max_attempts,
             eval_batches=self.eval_batches,
+            **{name: value for name, value in optional.items() if value is not None},
         )
 
 
@@ -206,6 +215,38 @@ def render_markdown(result: dict, sweep_table: pd.DataFrame | None = None, ablat
         "",
         f"Converged: {result['converged']} (stop reasons: {', '.join(map(str, sweep_table['stop_reason']))}).",
         "",
+        *(
+            [
+                (
+                    f"Noise ceiling: r {result['noise_ceiling_r']:.3f} between the bigram surprisals of two tables "
+                    f"counted on random halves of the training split ({result['noise_ceiling']['half_windows']:,} "
+                    f"windows each), on the same held-out tokens; "
+                    f"{100 * result['noise_ceiling']['unseen_share']:.1f}% of held-out tokens have no bigram in "
+                    "the whole split. Full model r "
+                    f"{result['full_model']['r_dropped']:.3f}."
+                ),
+                "",
+            ]
+            if "noise_ceiling_r" in result
+            else []
+        ),
+        *(
+            [
+                f"## Chosen lambda over {result['seeds_summary']['n_seeds']} seeds",
+                "",
+                to_markdown(pd.DataFrame(result["seeds"]).drop(columns=["path"], errors="ignore")),
+                "",
+                (
+                    f"r {result['seeds_summary']['bigram_r_mean']:.3f} ± {result['seeds_summary']['bigram_r_sd']:.3f}"
+                    f" at {result['seeds_summary']['percent_params_mean']:.2f} ± "
+                    f"{result['seeds_summary']['percent_params_sd']:.2f}% (mean ± sd); all stable: "
+                    f"{result['seeds_summary']['all_stable']}."
+                ),
+                "",
+            ]
+            if result.get("seeds")
+            else []
+        ),
         "## Chosen subnetwork",
         "",
         (
@@ -286,6 +327,23 @@ def render_markdown(result: dict, sweep_table: pd.DataFrame | None = None, ablat
     return "\n".join(lines)
 
 
+def _sweep_row(row: pd.Series) -> dict:
+    """The JSON-ready fields of one sweep row that a seed table reports."""
+    keys = ("lambda", "n_params", "percent_params", "bigram_r", "steps", "stop_reason", "stable", "cpu_time_s", "path")
+    return json.loads(pd.Series({k: row[k] for k in keys if k in row.index}).to_json())
+
+
+def _seeds_summary(rows: list[dict]) -> dict:
+    """Mean and sample sd over seeds of the chosen lambda's r and size (sd NaN with one seed)."""
+    frame = pd.DataFrame(rows)
+    out: dict = {"n_seeds": len(frame), "all_stable": bool(frame["stable"].all())}
+    for column in ("bigram_r", "percent_params", "n_params"):
+        values = frame[column].astype(float)
+        out[f"{column}_mean"] = float(values.mean())
+        out[f"{column}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+    return out
+
+
 def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     """Run the study of ``config`` (see the module docstring) and return its result, a
     JSON-ready dict: settings, full-model metrics, the sweep, the chosen subnetwork (size, r,
@@ -305,6 +363,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         generate_table,
         generation_conditions,
         metrics_from_surprisals,
+        noise_ceiling,
         pearson_r,
         token_surprisals,
     )
@@ -338,8 +397,17 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     t = time.perf_counter()
     full = evaluate_metrics(bridge, stats, eval_windows, batch_size=config.batch_size, show_progress=show_progress)
     timings["full_model_eval_s"] = time.perf_counter() - t
+    # What r a bigram table from half the training text reaches against the other half's: the
+    # ceiling each subnetwork's r is held against.
+    t = time.perf_counter()
+    ceiling = noise_ceiling(train.windows(config.seq_len), eval_windows, vocab, seed=0)
+    timings["noise_ceiling_s"] = time.perf_counter() - t
     if show_progress:
-        print(f"full model: r={full['r_dropped']:.4f} loss={full['lm_loss_nats']:.4f}", flush=True)
+        print(
+            f"full model: r={full['r_dropped']:.4f} loss={full['lm_loss_nats']:.4f}; "
+            f"noise ceiling r={ceiling['r_dropped']:.4f}",
+            flush=True,
+        )
 
     t = time.perf_counter()
     table = sweep(
@@ -364,12 +432,39 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         print(table.to_string(), flush=True)
 
     chosen_row = table[table["chosen"]].iloc[0]
+    chosen_lambda = float(chosen_row["lambda"])
     subnetwork = Subnetwork.load(run.subnetwork_dir())
     summary = subnetwork.summary()
+
+    # The chosen lambda again with other seeds (OUT/seed_N/lambda_*, as `find --seeds` lays them out).
+    t = time.perf_counter()
+    seed_rows = [{"seed": search_config.seed, **_sweep_row(chosen_row)}]
+    for seed in config.seeds:
+        seed_table = sweep(
+            bridge,
+            train_windows,
+            Target.bigram(stats),
+            [chosen_lambda],
+            granularities,
+            dataclasses.replace(search_config, seed=int(seed)),
+            run.path / f"seed_{seed}",
+            eval_windows=eval_windows,
+            show_progress=show_progress,
+            metadata={"model": config.model, "corpus": config.corpus, "seed": int(seed)},
+        )
+        seed_rows.append({"seed": int(seed), **_sweep_row(seed_table.iloc[0])})
+    timings["seeds_s"] = time.perf_counter() - t
+
     t = time.perf_counter()
     layers = layer_summary(subnetwork)
     ablation = ablation_table(
-        bridge, stats, eval_windows, subnetwork, seeds=(0,), batch_size=config.batch_size, show_progress=show_progress
+        bridge,
+        stats,
+        eval_windows,
+        subnetwork,
+        seeds=tuple(range(config.random_controls)),
+        batch_size=config.batch_size,
+        show_progress=show_progress,
     )
     timings["ablation_s"] = time.perf_counter() - t
     by_condition = ablation.set_index("condition")
@@ -389,8 +484,8 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     # The optimal subnetwork (target: the full model) at one lambda, and its overlap with the
     # bigram subnetwork of the same lambda (the paper's Table 3).
     optimal, overlap = None, None
-    if config.optimal_lambda >= 0:
-        lam = float(config.optimal_lambda)
+    if config.optimal_lambda is None or config.optimal_lambda >= 0:
+        lam = chosen_lambda if config.optimal_lambda is None else float(config.optimal_lambda)
         optimal_run = RunDir(run).optimal_run()
         t = time.perf_counter()
         optimal_table = sweep(
@@ -487,6 +582,12 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         "full_model": {k: float(v) for k, v in full.items()},
         "sweep": json.loads(table.to_json(orient="records")),
         "converged": bool((table["stop_reason"] == "converged").all()),
+        "all_stable": bool(table["stable"].all()),
+        "schedule": config.schedule,
+        "noise_ceiling_r": float(ceiling["r_dropped"]),
+        "noise_ceiling": ceiling,
+        "seeds": seed_rows,
+        "seeds_summary": _seeds_summary(seed_rows),
         "chosen": {
             "lambda": float(chosen_row["lambda"]),
             "steps": int(chosen_row["steps"]),
