@@ -69,3 +69,7 @@ class FigureDataError(BigramCircuitsError, ValueError):
 
 class BaselineError(BigramCircuitsError, ValueError):
     """A baseline cannot be built from the models or data given."""
+
+
+class HubError(BigramCircuitsError, OSError):
+    """A Hugging Face Hub repository cannot be resolved, read from the cache or pushed to."""

@@ -10,6 +10,10 @@ columns) and the kept weights are counted, so neuron/head subnetworks and weight
 compare directly. The total is every attention and MLP weight matrix entry (the paper's mask
 size; embeddings, layernorms and biases are excluded).
 
+:meth:`Subnetwork.save_pretrained` adds a ``README.md`` model card (a Hub-style folder);
+:meth:`Subnetwork.push_to_hub` uploads that folder and :meth:`Subnetwork.from_pretrained` reads it
+back from a folder or a Hub repo id through the HF cache (:mod:`bigram_circuits.hub`).
+
 The authors' released masks (pickles of ``{HF parameter name: numpy bool array}``) are read
 through a restricted unpickler that refuses anything but dicts, strings and numpy arrays.
 """
@@ -55,6 +59,7 @@ __all__ = ["Subnetwork", "load_author_pickle"]
 
 MASKS_FILE = "masks.safetensors"
 META_FILE = "subnetwork.json"
+MODEL_CARD_FILE = "README.md"
 FORMAT = "bigram_circuits.subnetwork"
 FORMAT_VERSION = 1
 AUTHOR_NAME_KEY = "orig_model_name"
@@ -258,14 +263,10 @@ class Subnetwork:
 
     # ---- files
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``masks.safetensors`` and ``subnetwork.json`` into ``directory`` (atomically)."""
+    def _file_bytes(self) -> dict[str, bytes]:
+        """The saved files, name -> bytes (``masks.safetensors``, ``subnetwork.json``)."""
         from safetensors.torch import save as safetensors_bytes
 
-        directory = ensure_output_dir(directory)
-        atomic_write_bytes(
-            directory / MASKS_FILE, safetensors_bytes({k: m.contiguous() for k, m in self.masks.items()})
-        )
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -275,7 +276,16 @@ class Subnetwork:
             "summary": self.summary(),
             "metadata": _jsonable(self.metadata),
         }
-        atomic_write_bytes(directory / META_FILE, json.dumps(meta, indent=2).encode("utf-8"))
+        return {
+            MASKS_FILE: safetensors_bytes({k: m.contiguous() for k, m in self.masks.items()}),
+            META_FILE: json.dumps(meta, indent=2).encode("utf-8"),
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``masks.safetensors`` and ``subnetwork.json`` into ``directory`` (atomically)."""
+        directory = ensure_output_dir(directory)
+        for name, data in self._file_bytes().items():
+            atomic_write_bytes(directory / name, data)
         return directory
 
     @classmethod
@@ -298,6 +308,99 @@ class Subnetwork:
         components = {c["key"]: MaskComponent.from_dict(c) for c in meta["components"]}
         return cls(
             masks, components, ModelGeometry.from_dict(meta["geometry"]), meta["model_id"], meta.get("metadata", {})
+        )
+
+    # ---- Hugging Face Hub
+
+    def model_card(self, repo_id: str | None = None) -> str:
+        """The ``README.md`` that :meth:`save_pretrained` writes (:func:`bigram_circuits.hub.model_card`)."""
+        from bigram_circuits.hub import model_card
+
+        return model_card(
+            model_id=self.model_id,
+            metadata=self.metadata,
+            summary=self.summary(),
+            layer_table=self.layer_distribution(),
+            repo_id=repo_id,
+        )
+
+    def _pretrained_files(self, repo_id: str | None) -> dict[str, bytes]:
+        return {**self._file_bytes(), MODEL_CARD_FILE: self.model_card(repo_id).encode("utf-8")}
+
+    def save_pretrained(self, directory: str | os.PathLike, repo_id: str | None = None) -> Path:
+        """Write a Hub-style folder: :meth:`save`'s ``masks.safetensors`` and ``subnetwork.json``
+        plus a ``README.md`` model card (``repo_id`` goes into its loading example). Each file is
+        written atomically; :meth:`from_pretrained` and :meth:`load` read the folder."""
+        directory = ensure_output_dir(directory)
+        for name, data in self._pretrained_files(repo_id).items():
+            atomic_write_bytes(directory / name, data)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_directory: str | os.PathLike,
+        revision: str | None = None,
+        *,
+        bridge: TransformerBridge | None = None,
+        filename: str | None = None,
+        lam: float | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+    ) -> Subnetwork:
+        """Load a subnetwork from a local folder or a Hugging Face Hub repo id (through the HF
+        cache: with ``HF_HUB_OFFLINE=1`` a cached snapshot loads without the network).
+
+        A folder or repo with ``subnetwork.json`` + ``masks.safetensors`` (:meth:`save_pretrained`)
+        loads as :meth:`load`; with ``bridge`` it is checked against that model at once
+        (:meth:`check_model`, as :meth:`applied` does). A repo in the paper authors' layout
+        (``tylerachang/bigram-subnetworks-*``: mask pickles ``subnetwork_dict_lambda{lambda}.pickle``
+        in the root) needs ``bridge`` and is read through the restricted unpickler: ``filename``
+        picks a pickle, else ``lam`` (e.g. ``lam=1`` for ``..._lambda1.pickle``), else the only
+        one, else the largest lambda, as the authors' loader does
+        (:func:`bigram_circuits.hub.pick_author_file`). Hub failures raise ``HubError``.
+        """
+        from bigram_circuits.hub import pick_author_file, resolve_repo
+
+        files = resolve_repo(repo_id_or_directory, revision, cache_dir=cache_dir, token=token)
+        if META_FILE in files.names and MASKS_FILE in files.names and filename is None:
+            meta_path, masks_path = files.fetch(META_FILE), files.fetch(MASKS_FILE)
+            if meta_path.parent != masks_path.parent:  # both come from one snapshot; be safe anyway
+                raise MaskError(f"{files.source}: {META_FILE} and {MASKS_FILE} resolved to different snapshots")
+            subnetwork = cls.load(meta_path.parent)
+            if bridge is not None:
+                subnetwork.check_model(bridge)
+            return subnetwork
+        name = pick_author_file(files.names, filename, lam)
+        if bridge is None:
+            raise MaskError(
+                f"{files.source} holds the authors' mask pickles ({name}); pass bridge= the model they were made for"
+            )
+        source = {"source_repo": files.source, "source_file": name, "source_revision": files.revision}
+        return cls.from_author_dict(load_author_pickle(files.fetch(name)), bridge, source)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = False,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+    ) -> str:
+        """Upload :meth:`save_pretrained`'s files (``masks.safetensors``, ``subnetwork.json``,
+        ``README.md``) to the Hub model repo ``repo_id`` in one commit, creating the repo if needed
+        (``huggingface_hub.HfApi.create_repo`` + ``create_commit``). ``token`` defaults to the
+        saved login (`hf auth login`) or ``HF_TOKEN``. Returns the commit URL."""
+        from bigram_circuits.hub import push_files
+
+        message = commit_message or f"Upload bigram subnetwork ({self.summary()['percent_params']:.3g}% of weights)"
+        return push_files(
+            repo_id,
+            self._pretrained_files(repo_id),
+            private=private,
+            token=token,
+            commit_message=message,
+            revision=revision,
         )
 
     # ---- authors' mask dicts
