@@ -25,13 +25,14 @@ from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from bigram_circuits.devices import input_device
 from bigram_circuits.errors import BaselineError, ConfigError
 from bigram_circuits.evaluate import (
     TokenSurprisals,
     metrics_from_surprisals,
     surprisals_from_logits,
 )
-from bigram_circuits.models import frozen_parameters, input_device
+from bigram_circuits.models import frozen_parameters
 from bigram_circuits.ngrams import BigramStats
 
 __all__ = [

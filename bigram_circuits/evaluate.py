@@ -28,6 +28,7 @@ from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from bigram_circuits.devices import input_device
 from bigram_circuits.errors import ConfigError, StatsError, TokenError
 from bigram_circuits.models import check_tokens_fit
 from bigram_circuits.ngrams import BigramStats
@@ -69,13 +70,6 @@ class TokenSurprisals:
     bigram: Float[np.ndarray, " n"]
     soft_xent_sum: float
     soft_xent_count: int
-
-
-def _device(bridge: TransformerBridge) -> torch.device:
-    """Where token ids go in: the embedding's device (also under a device_map)."""
-    from bigram_circuits.models import input_device
-
-    return input_device(bridge)
 
 
 def _check_windows(windows, vocab_size: int) -> np.ndarray:
@@ -163,7 +157,13 @@ def token_surprisals(
     label = "full model" if subnetwork is None else f"subnetwork ({mode})"
     with run_context(bridge, subnetwork, mode):
         return surprisals_from_logits(
-            bridge, stats, array, _device(bridge), batch_size, desc=f"evaluate {label}", show_progress=show_progress
+            bridge,
+            stats,
+            array,
+            input_device(bridge),
+            batch_size,
+            desc=f"evaluate {label}",
+            show_progress=show_progress,
         )
 
 
@@ -493,7 +493,7 @@ def generate(
             vocab_size=vocab_size,
             eos=eos,
             context=max_len,
-            device=_device(bridge),
+            device=input_device(bridge),
             seed=seed,
         )
     return tokenizer.decode(new)

@@ -60,6 +60,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformer_lens.model_bridge import TransformerBridge
 
+from bigram_circuits.devices import input_device
 from bigram_circuits.errors import MaskError
 
 __all__ = [
@@ -479,13 +480,6 @@ def _execution_device(module: nn.Module, fallback: torch.device) -> torch.device
     return fallback
 
 
-def _bridge_device(bridge: TransformerBridge) -> torch.device:
-    """The device the bridge takes its inputs on (``cfg.device``: the embedding's device)."""
-    from bigram_circuits.models import input_device
-
-    return input_device(bridge)
-
-
 def component_device(bridge: TransformerBridge, component: MaskComponent) -> torch.device:
     """The device of the tensor a mask component gates: the weight matrix's (its execution
     device when accelerate offloaded it), the MLP output projection's for neurons (its input is
@@ -493,7 +487,7 @@ def component_device(bridge: TransformerBridge, component: MaskComponent) -> tor
 
     With the model on one device this is that device; under a ``device_map`` each layer's masks
     live on that layer's device, so no mask crosses devices in the forward pass."""
-    fallback = _bridge_device(bridge)
+    fallback = input_device(bridge)
     if component.granularity == "weight":
         module, _ = _weight_module(bridge, component)
         return _execution_device(module, fallback)
@@ -1071,7 +1065,7 @@ class MaskSet(nn.Module):
     ) -> MaskSet:
         """Mask logits for every component of ``bridge`` at the given granularities."""
         components = mask_components(bridge, granularities)
-        device = _bridge_device(bridge)
+        device = input_device(bridge)
         devices = {c.key: component_device(bridge, c) for c in components}
         always_off = {}
         for c in components:

@@ -47,6 +47,7 @@ from urllib.parse import urlparse
 import torch
 
 from bigram_circuits.data import cache_dir
+from bigram_circuits.devices import available_devices, input_device, resolve_device
 from bigram_circuits.errors import DeviceError, ModelLoadError
 from bigram_circuits.io import atomic_directory, atomic_write_bytes, sha256_file
 
@@ -105,65 +106,11 @@ _CHECKPOINT_RE = re.compile(r"^step_(\d+)\.safetensors$")
 
 
 # --------------------------------------------------------------------------- devices
+# One device is resolved by bigram_circuits.devices (re-exported here: resolve_device,
+# available_devices, input_device); this module checks multi-device placements.
 
 # device_map strings accelerate resolves itself (by memory), as opposed to explicit maps.
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def available_devices() -> list[str]:
-    """The torch devices present here, e.g. ``["cpu"]`` or ``["cpu", "cuda:0", "cuda:1"]``."""
-    found = ["cpu"]
-    if torch.cuda.is_available():
-        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        found.append("mps")
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        found += [f"xpu:{i}" for i in range(xpu.device_count())]
-    return found
-
-
-def resolve_device(device: str | int | torch.device | None = "cpu") -> torch.device:
-    """Check that ``device`` exists here and return it as a ``torch.device``.
-
-    ``None`` and ``"cpu"`` are the CPU; ``"auto"`` is the first GPU if there is one, else the
-    CPU; an int ``i`` or ``"cuda"`` is a CUDA device (``"cuda"`` = the current one). Call it
-    before long work so a typo or a missing GPU fails at once.
-
-    Raises:
-        DeviceError: an unparseable name, ``meta``, or a device that is not present (the message
-            names the devices that are).
-    """
-    present = available_devices()
-    hint = f"devices present: {', '.join(present)}; pass one of them (e.g. --device cpu)"
-    if device is None:
-        return torch.device("cpu")
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return torch.device(present[1] if len(present) > 1 else "cpu")
-    try:
-        resolved = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise DeviceError(f"unknown device {device!r}; {hint}") from exc
-    kind, index = resolved.type, resolved.index
-    if kind == "cpu":
-        return torch.device("cpu")
-    if kind == "meta":
-        raise DeviceError(f"device 'meta' holds no data and cannot run a model; {hint}")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {str(device)!r} is not available (no CUDA here); {hint}")
-        count = torch.cuda.device_count()
-        index = torch.cuda.current_device() if index is None else index
-        if not 0 <= index < count:
-            raise DeviceError(f"device {str(device)!r} is not available ({count} CUDA devices); {hint}")
-        return torch.device("cuda", index)
-    name = kind if index is None else f"{kind}:{index}"
-    if name in present:
-        return resolved
-    if index is None and any(p.split(":")[0] == kind for p in present):
-        return torch.device(kind, 0)
-    raise DeviceError(f"device {str(device)!r} is not available; {hint}")
 
 
 def _map_target(value, where: str) -> str | int:
@@ -216,18 +163,6 @@ def resolve_device_map(
             raise DeviceError(f"max_memory must be a dict device -> budget, got {type(max_memory).__name__}")
         max_memory = {_map_target(k, "max_memory"): v for k, v in max_memory.items()}
     return device_map, max_memory
-
-
-def input_device(bridge: TransformerBridge) -> torch.device:
-    """The device a bridge takes its token ids on: ``cfg.device`` (the embedding's device, also
-    under a ``device_map``), else its first parameter's device."""
-    cfg_device = getattr(getattr(bridge, "cfg", None), "device", None)
-    if cfg_device is not None:
-        return torch.device(cfg_device)
-    for param in bridge.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -581,7 +516,9 @@ def load_model(
     ``name_or_path`` is ``"default"``, ``"smollm2"``, a local HF directory, a ``.gguf`` file or
     a hub name (see the module docstring). ``checkpoint`` picks a training step saved as
     ``checkpoints/step_{N}.safetensors`` in a local directory (see :func:`available_checkpoints`);
-    its weights are cast to ``dtype``. ``device`` is checked first (:func:`resolve_device`).
+    its weights are cast to ``dtype``. ``device`` is a ``torch.device`` the caller resolved
+    (:func:`bigram_circuits.devices.resolve_device`; it is used as is) or a request such as
+    ``"cuda"`` that is resolved here, before anything loads.
 
     Beyond one device: ``device_map`` (``"auto"``, ``"balanced"``, ... or a dict HF module
     name -> ``"cuda:N"`` / ``"cpu"`` / ``"disk"``), ``max_memory`` (device -> budget),

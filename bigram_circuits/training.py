@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from bigram_circuits.data import load_documents, split_documents, tokenize_documents
+from bigram_circuits.devices import resolve_device
 from bigram_circuits.errors import ModelLoadError
 from bigram_circuits.evaluate import mean_next_token_loss, next_tokens
 from bigram_circuits.io import atomic_directory, atomic_save_into, atomic_write_bytes
@@ -187,6 +188,7 @@ def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = No
     from tqdm.auto import tqdm
 
     cfg = cfg or TrainConfig()
+    device = resolve_device(cfg.device)  # the one resolution of this pipeline, before any work
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -202,7 +204,7 @@ def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = No
     eval_windows = eval_tokens[: n_eval * cfg.seq_len].reshape(n_eval, cfg.seq_len)
 
     model_cfg = neox_config(cfg, tokenizer)
-    model = init_model(cfg, model_cfg).to(cfg.device)
+    model = init_model(cfg, model_cfg).to(device)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -231,11 +233,11 @@ def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = No
             order, cursor = rng.permutation(n_train), 0
         batch = torch.as_tensor(
             np.asarray(train_windows[np.sort(order[cursor : cursor + cfg.batch_size])], dtype=np.int64)
-        ).to(cfg.device)
+        ).to(device)
         cursor += cfg.batch_size
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step - 1, cfg)
-        with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
             logits = model(input_ids=batch).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
@@ -262,7 +264,7 @@ def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = No
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
     metrics = {
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "device": str(device)},
         "n_parameters": n_params,
         "n_non_embedding_parameters": n_params - n_embed,
         "train_tokens_available": len(train_tokens),
@@ -274,7 +276,7 @@ def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = No
         "checkpoints": checkpoints + [cfg.max_steps],
         "step0_sha256": step0_sha256,
         "training_seconds": time.time() - started,
-        "hardware": _hardware(cfg.device),
+        "hardware": _hardware(device),
         "samples_greedy": samples,
         "history": history,
     }
@@ -283,9 +285,9 @@ def train_default_model(out_dir: str | os.PathLike, cfg: TrainConfig | None = No
     return metrics
 
 
-def _hardware(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 

@@ -7,8 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from bigram_circuits.circuits.buildup import BuildUpConfig, build_up_experiment
+from bigram_circuits.devices import resolve_device
 from bigram_circuits.errors import ConfigError
 
 __all__ = ["build_up_command", "save_build_up"]
@@ -30,7 +32,7 @@ def build_up_command(
     *,
     optimal: str | os.PathLike | None = None,
     config: BuildUpConfig | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     png: bool = True,
     progress: bool = True,
 ) -> dict[str, pd.DataFrame]:
@@ -41,6 +43,7 @@ def build_up_command(
     from bigram_circuits.models import load_model
     from bigram_circuits.subnetwork import Subnetwork
 
+    device = resolve_device(device)  # once, before any work
     if not base:
         raise ConfigError("pass --base RUN_DIR: a `bigram-circuits find` run or subnetwork directory")
     if out is not None:

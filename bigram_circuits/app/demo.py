@@ -7,8 +7,9 @@ import math
 import time
 
 from bigram_circuits.data import TokenDataset, load_token_dataset
+from bigram_circuits.devices import input_device
 from bigram_circuits.evaluate import ablation_table, generate, mean_next_token_loss
-from bigram_circuits.models import input_device, load_model, model_vocab_size
+from bigram_circuits.models import load_model, model_vocab_size
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.search import SearchConfig, Target, search
 from bigram_circuits.subnetwork import Subnetwork

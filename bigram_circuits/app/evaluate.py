@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from bigram_circuits.circuits.overlap import layer_distribution, overlap_table
 from bigram_circuits.circuits.runs import load_run
+from bigram_circuits.devices import resolve_device
 from bigram_circuits.errors import MaskError
 from bigram_circuits.evaluate import (
     DEFAULT_PROMPT,
@@ -39,7 +41,7 @@ def evaluate_run(
     temperature: float = 0.8,
     max_new_tokens: int = 30,
     batch_size: int = 16,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     out_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
 ) -> dict[str, pd.DataFrame]:
@@ -55,6 +57,7 @@ def evaluate_run(
     subnetwork, ``overlap``.
     """
 
+    device = resolve_device(device)  # once, before any work
     run_path = Path(run_dir)
     if not run_path.is_dir():
         raise MaskError(f"run directory {run_path} does not exist; run `bigram-circuits find` first")

@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from bigram_circuits.circuits.lens import lens_report, logit_lens_report
+from bigram_circuits.devices import resolve_device
 
 __all__ = ["lens_command"]
 
@@ -17,7 +19,7 @@ def lens_command(
     n_tokens: int = 16384,
     *,
     out: str | os.PathLike | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> pd.DataFrame:
     """``bigram-circuits lens RUN``: linear lens, logit lens and layer covariance similarity of
@@ -34,7 +36,7 @@ def lens_command(
     from bigram_circuits.plots import fig3_rotation, fig4_similarity, save_figure
     from bigram_circuits.rundir import RunDir
 
-    loaded = load_run(run, device=device)
+    loaded = load_run(run, device=resolve_device(device))  # resolved once, before any work
     # An unwritable destination fails now, not after the lens work.
     out_dir = ensure_output_dir(Path(out) if out is not None else RunDir(run).circuits_dir)
     windows = loaded.eval_windows(n_tokens)

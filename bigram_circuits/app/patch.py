@@ -16,6 +16,7 @@ from bigram_circuits.circuits.patching import (
     patch,
 )
 from bigram_circuits.circuits.runs import RunSpec
+from bigram_circuits.devices import resolve_device
 from bigram_circuits.errors import TokenError
 from bigram_circuits.plots import patching_heatmap
 
@@ -30,7 +31,7 @@ def patch_command(
     run: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     *,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
 ) -> pd.DataFrame:
     """``bigram-circuits patch``: patch ``component`` from the clean prompt into the corrupted one.
 
@@ -42,6 +43,7 @@ def patch_command(
     """
     from bigram_circuits.models import load_model, model_vocab_size
 
+    device = resolve_device(device)  # once, before any work
     subnetwork = None
     if run is not None:
         from bigram_circuits.circuits.runs import load_run

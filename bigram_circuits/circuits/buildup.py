@@ -76,6 +76,7 @@ from bigram_circuits.circuits.candidates import (
 )
 from bigram_circuits.circuits.overlap import overlap
 from bigram_circuits.circuits.runs import RunSpec
+from bigram_circuits.devices import input_device
 from bigram_circuits.errors import ConfigError, MaskError
 from bigram_circuits.masks import MaskKey
 
@@ -151,7 +152,7 @@ class _Task:
         """The metric (and extras), averaged over the clean prompts, under the active run."""
         sums: dict[str, float] = {}
         n = self.clean.shape[0]
-        device = getattr(bridge.cfg, "device", None) or "cpu"
+        device = input_device(bridge)
         for start in range(0, n, self.batch_size):
             index = slice(start, min(start + self.batch_size, n))
             logits = bridge(self.clean[index].to(device)).float().cpu()

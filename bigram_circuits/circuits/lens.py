@@ -54,9 +54,9 @@ from bigram_circuits.circuits.runs import (
     run_context,
     select_windows,
 )
+from bigram_circuits.devices import input_device
 from bigram_circuits.errors import BigramCircuitsError, ConfigError, StatsError, TokenError
 from bigram_circuits.evaluate import pearson_r
-from bigram_circuits.models import input_device
 
 __all__ = [
     "Lens",

@@ -22,6 +22,7 @@ from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from bigram_circuits.devices import input_device
 from bigram_circuits.errors import ConfigError, MaskError, TokenError
 from bigram_circuits.masks import RUN_MODES, RunMode
 from bigram_circuits.runspec import MaskedSubnetwork, RunSpec, SubnetworkLike, run_context
@@ -133,7 +134,7 @@ def collect_activations(
         raise TokenError(f"token id {int(tokens.max())} is outside the model's vocabulary of {vocab}")
     names = list(hook_names)
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    device = getattr(bridge.cfg, "device", "cpu")
+    device = input_device(bridge)
     with run_context(bridge, subnetwork, mode):
         for start in tqdm(range(0, tokens.shape[0], batch_size), desc=description, disable=not progress):
             batch = tokens[start : start + batch_size].to(device)
@@ -184,8 +185,9 @@ def subnetwork_dir_of(run_dir: str | os.PathLike) -> Path:
     return RunDir(run_dir).subnetwork_dir()
 
 
-def load_run(run_dir: str | os.PathLike, *, device: str = "cpu") -> LoadedRun:
-    """Load a run's chosen subnetwork and the model and corpus it was found on."""
+def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedRun:
+    """Load a run's chosen subnetwork and the model and corpus it was found on (the model on
+    ``device``, a ``torch.device`` the caller resolved or a request :func:`load_model` resolves)."""
     from bigram_circuits.models import load_model
     from bigram_circuits.subnetwork import Subnetwork
 

@@ -28,8 +28,8 @@ from bigram_circuits.circuits.runs import (
     run_context,
     select_windows,
 )
+from bigram_circuits.devices import input_device
 from bigram_circuits.errors import ConfigError, TokenError
-from bigram_circuits.models import input_device
 
 __all__ = [
     "covariance_similarity",
