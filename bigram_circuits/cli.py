@@ -1,5 +1,5 @@
 """Command line: ``bigram-circuits demo | train-default | find | evaluate | lens | patch |
-figures | build-up``.
+figures | build-up | view | push``.
 
 Each sub-command calls one function of the application layer (:mod:`bigram_circuits.app`).
 Its options are generated from that function's keyword arguments and its config dataclass
@@ -128,6 +128,22 @@ def cmd_build_up(args: argparse.Namespace, build_up: Names, config: Names) -> in
     return 0
 
 
+def cmd_view(args: argparse.Namespace, view: Names) -> int:
+    """``view``: one or two subnetworks as a self-contained offline HTML page."""
+    from bigram_circuits.app.view import view_command
+
+    print(view_command(args.run, args.other, **_given(args, view)))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace, push: Names) -> int:
+    """``push``: a subnetwork with its model card to a Hugging Face Hub model repo."""
+    from bigram_circuits.app.view import push_command
+
+    print(push_command(args.run, **_given(args, push)))
+    return 0
+
+
 # What Ctrl-C leaves behind, per command (every file is written whole, so nothing is half-written).
 _RESUMES = "interrupted: completed steps are checkpointed; rerun the same command to resume"
 _NOTHING_KEPT = "interrupted: files already written are whole, the rest was not written; rerun the command"
@@ -140,6 +156,8 @@ INTERRUPTED = {
     "lens": _NOTHING_KEPT,
     "patch": _NOTHING_KEPT,
     "build-up": _NOTHING_KEPT,
+    "view": _NOTHING_KEPT,
+    "push": "interrupted: a Hub commit is all or nothing; rerun the command to push",
 }
 
 
@@ -353,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bigram_circuits.app.patch import patch_command
     from bigram_circuits.circuits.buildup import BuildUpConfig
     from bigram_circuits.circuits.patching import COMPONENTS
+    from bigram_circuits.app.view import push_command, view_command
     from bigram_circuits.search import SearchConfig
     from bigram_circuits.training import TrainConfig
 
@@ -534,6 +553,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     return parser
 
+    view = command(
+        "view",
+        cmd_view,
+        "one subnetwork, or two compared, as a self-contained offline HTML page",
+        "Kept fraction per layer x matrix, a per-matrix drill-down, kept neurons/heads, the metrics and, for "
+        "two subnetworks, their overlap per block against the random null; plotly inlined (opens offline).",
+        run_argument=True,
+        view=options(
+            view_command,
+            ["out", "n_random"],
+            helps={"out": "the HTML file to write"},
+        ),
+    )
+    view.add_argument("other", nargs="?", default=None, help="a second run or subnetwork directory to compare")
+    command(
+        "push",
+        cmd_push,
+        "upload a run's subnetwork with its model card to a Hugging Face Hub model repo",
+        "Upload the subnetwork (a saved subnetwork or a find run's chosen one) with a generated model card "
+        "(README.md) to the Hub in one commit; the token is your `hf auth login` or HF_TOKEN unless --token.",
+        run_argument=True,
+        push=options(
+            push_command,
+            ["repo", "private", "token", "commit_message"],
+            helps={
+                "repo": "the Hub model repo id (owner/name); created if missing",
+                "private": "create the repo private",
+                "token": "a Hugging Face token (default: the saved login or HF_TOKEN)",
+                "commit_message": "the commit message (default: a summary of the subnetwork)",
+            },
+        ),
+    )
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()

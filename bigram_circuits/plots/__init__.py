@@ -17,6 +17,7 @@ from bigram_circuits.plots.figures import (
     save_figure,
     similarity_heatmap,
 )
+from bigram_circuits.plots.viewer import view, view_html
 
 __all__ = [
     "PNG_HELP",
@@ -31,4 +32,6 @@ __all__ = [
     "patching_heatmap",
     "save_figure",
     "similarity_heatmap",
+    "view",
+    "view_html",
 ]
