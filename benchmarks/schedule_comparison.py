@@ -1,0 +1,121 @@
+"""The schedule comparison on SmolLM2-135M at weight masks: one row per (schedule, lambda).
+
+    bash scripts/schedule_comparison.sh            # the runs (resumable; two lanes, one thread each)
+    python benchmarks/schedule_comparison.py       # this table
+
+Reads the finished runs ``runs/schedules/{schedule}_lambda_{lam}/lambda_{lam}`` (their
+``subnetwork.json`` metrics are measured on the saved binary mask, on the held-out windows) and
+writes ``benchmarks/results/schedule_comparison.{json,md}`` with, per run: bigram r, weights
+kept (% of the attention + MLP weights), steps, stop reason, stability, process CPU seconds,
+the step at which the target loss first settled and the temperature at the end; beside them
+the full model's r and the noise ceiling (``benchmarks/results/noise_ceiling.json``), the
+sanity references every row is held against. Unfinished runs are listed from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bigram_circuits.io import atomic_write_bytes
+from bigram_circuits.tables import to_markdown
+
+RUNS = REPO / "runs" / "schedules"
+RESULTS = REPO / "benchmarks" / "results" / "schedule_comparison"
+
+
+def _first_settled(history: pd.DataFrame) -> int | None:
+    if "settled" not in history or not history["settled"].any():
+        return None
+    return int(history.loc[history["settled"].astype(bool), "step"].iloc[0])
+
+
+def rows(runs: Path) -> list[dict]:
+    out = []
+    for run in sorted(p for p in runs.glob("*_lambda_*") if p.is_dir()):
+        schedule, lam = run.name.rsplit("_lambda_", 1)
+        path = run / f"lambda_{lam}"
+        row = {"schedule": schedule, "lambda": float(lam)}
+        if (path / "subnetwork.json").is_file():
+            meta = json.loads((path / "subnetwork.json").read_text())["metadata"]
+            m, config = meta["metrics"], meta["config"]
+            history = pd.read_csv(path / "history.csv")
+            row |= {
+                "finished": True,
+                "bigram_r": m.get("bigram_r"),
+                "percent_kept": m["percent_params"],
+                "n_params": m["n_params"],
+                "steps": m["steps"],
+                "stop_reason": m["stop_reason"],
+                "stable": m["stable"],
+                "cpu_time_s": m.get("cpu_time_s"),
+                "settled_at_step": _first_settled(history),
+                "final_temperature": float(history["temperature"].iloc[-1]),
+                "final_soft_density": float(history["soft_density"].iloc[-1]),
+                "init": config.get("init"),
+                "temperature_rule": config.get("temperature_rule", "every_step"),
+                "temperature_growth": config.get("temperature_growth"),
+                "lr": config.get("lr"),
+                "batch": f"{config.get('batch_size')} x {config.get('seq_len')}",
+            }
+        elif (path / "checkpoint.pt").is_file():
+            state = torch.load(path / "checkpoint.pt", weights_only=False, map_location="cpu")
+            last = (state.get("history") or [{}])[-1]
+            row |= {"finished": False, "steps": last.get("step"), "stop_reason": "running (checkpoint)"}
+        out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, default=RUNS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    table = pd.DataFrame(rows(args.runs))
+    references: dict = {}
+    ceiling_file = REPO / "benchmarks" / "results" / "noise_ceiling.json"
+    if ceiling_file.is_file():
+        ceiling = pd.DataFrame(json.loads(ceiling_file.read_text())["rows"])
+        part = ceiling[(ceiling["model"] == "smollm2") & (ceiling["seq_len"] == 32)]
+        if len(part):
+            references["noise_ceiling_r"] = float(part["r_dropped"].mean())
+    study_file = REPO / "benchmarks" / "results" / "smollm2_study.json"
+    if study_file.is_file():  # the full model's r on the same held-out windows (256 x 32)
+        study = json.loads(study_file.read_text())
+        if study.get("seq_len") == 32 and study.get("n_eval_windows") == 256:
+            references["full_model_r"] = float(study["full_model"]["r_dropped"])
+    result = {
+        "rows": json.loads(table.to_json(orient="records")),
+        "references": references,
+        "command": "bash scripts/schedule_comparison.sh && python benchmarks/schedule_comparison.py",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.out.with_suffix(".json"), json.dumps(result, indent=2).encode("utf-8"))
+    shown = table.drop(columns=[c for c in ("n_params", "finished") if c in table], errors="ignore")
+    markdown = "\n".join(
+        [
+            "# Schedule comparison: SmolLM2-135M, weight masks, 2 CPU cores",
+            "",
+            f"Command: `{result['command']}`",
+            "",
+            to_markdown(shown, floatfmt=".4g"),
+            "",
+            "References: " + (", ".join(f"{k} {v:.3f}" for k, v in references.items()) or "none measured"),
+            "",
+        ]
+    )
+    atomic_write_bytes(args.out.with_suffix(".md"), markdown.encode("utf-8"))
+    print(markdown)
+    return table
+
+
+if __name__ == "__main__":
+    main()
