@@ -120,8 +120,9 @@ def model_card(
     schedule = _first(metadata, "schedule")
     if schedule is None and isinstance(metadata.get("config"), Mapping):
         config = metadata["config"]
+        lr = "per-granularity default" if config.get("lr") is None else _cell(config["lr"])
         schedule = (
-            f"lr {_cell(config.get('lr'))}, temperature x{_cell(config.get('temperature_growth'))} per step "
+            f"lr {lr}, temperature x{_cell(config.get('temperature_growth'))} per step "
             f"from {_cell(config.get('temperature_init'))}, at most {_cell(config.get('max_steps'))} steps"
         )
     provenance = [
@@ -156,9 +157,9 @@ def model_card(
     body = f"""
 # Bigram subnetwork of `{_cell(model)}`
 
-A binary mask over the attention and MLP weights of `{_cell(model)}`, found with
-[bigram_circuits](https://arxiv.org/abs/{ARXIV_ID}) as in *Bigram Subnetworks: Mapping to Next Tokens
-in Transformer Language Models* (Chang and Bergen, 2025, arXiv:{ARXIV_ID}). It keeps
+A binary mask over the attention and MLP weights of `{_cell(model)}`, found with the
+`bigram_circuits` package as in *Bigram Subnetworks: Mapping to Next Tokens
+in Transformer Language Models* (Chang and Bergen, 2025, [arXiv:{ARXIV_ID}](https://arxiv.org/abs/{ARXIV_ID})). It keeps
 {int(summary.get("n_params", 0)):,} of {int(summary.get("n_params_total", 0)):,} maskable weights
 ({float(summary.get("percent_params", 0.0)):.3f}%); embeddings, layer norms and biases are not masked.
 
