@@ -21,9 +21,12 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/bigram-circuits demo
 
+# two pytest-xdist workers (one per core of the 2-core CI machine), each test file on one worker so
+# its module fixtures are made once; TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= 2
 test: setup lint
 	# one torch thread per test process: tiny models run faster and a busy machine does not stall
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 figures: setup
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium unavailable: figures are written as HTML only"

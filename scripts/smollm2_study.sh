@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The SmolLM2-135M study at weight masks with one named schedule, in resumable stages on two
+# lanes (one torch thread each). Rerun the same command after a stop: every finished search is
+# reused, every running one resumes from its last checkpoint.
+#
+#   bash scripts/smollm2_study.sh warm_settle      # SCHEDULE (search.SCHEDULES)
+#
+# 1. lambdas 0, 1, 10, 100 (runs/schedules/SCHEDULE_lambda_{0,10} from the schedule comparison
+#    are copied in when present: same config, so they are reused, not rerun);
+# 2. the chosen lambda (the paper's rule, from sweep.csv) with seeds 1 and 2;
+# 3. the optimal subnetwork (target: the full model) at the chosen lambda;
+# 4. benchmarks/smollm2_study.py, which reuses all of the above and adds the ablation against 3
+#    random controls, generations, overlap, layers, rotation, similarity and the noise ceiling,
+#    and writes benchmarks/results/smollm2_study.{json,md}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SCHEDULE=${1:?usage: scripts/smollm2_study.sh SCHEDULE}
+OUT=${OUT:-runs/smollm2_weight_$SCHEDULE}
+BC=${BC:-.venv/bin/bigram-circuits}
+SIZES=(--batch-size 4 --seq-len 32 --lr 0.02 --max-steps 300 --max-attempts 1 --checkpoint-every 25)
+COMMON=(--model smollm2 "${SIZES[@]}" --max-train-windows 8192 --max-eval-windows 256 --no-progress
+        --schedule "$SCHEDULE")
+find_() { OMP_NUM_THREADS=1 "$BC" find "${COMMON[@]}" "$@"; }
+mkdir -p "$OUT"
+for lam in 0 10; do  # the comparison's runs of this schedule, if finished
+  from=runs/schedules/${SCHEDULE}_lambda_$lam
+  if [ -f "$from/lambda_$lam/subnetwork.json" ] && [ ! -e "$OUT/lambda_$lam" ]; then
+    cp -r "$from/lambda_$lam" "$OUT/"; cp -n "$from/bigram_stats.npz" "$OUT/" || true
+  fi
+done
+# 1. the sweep, two lambdas per lane, then one call that reuses them all and writes sweep.csv
+{ find_ --lambdas 1 --out "$OUT"; find_ --lambdas 0 --out "$OUT"; } &
+{ find_ --lambdas 100 --out "$OUT"; find_ --lambdas 10 --out "$OUT"; } &
+wait
+find_ --lambdas 0,1,10,100 --out "$OUT"
+CHOSEN=$(.venv/bin/python -c "import pandas as p; t=p.read_csv('$OUT/sweep.csv'); print(f\"{t[t.chosen]['lambda'].iloc[0]:g}\")")
+echo "chosen lambda: $CHOSEN"
+# 2. seeds 1 and 2 of the chosen lambda (OUT/seed_N, as the study lays them out)
+for seed in 1 2; do mkdir -p "$OUT/seed_$seed"; cp -n "$OUT/bigram_stats.npz" "$OUT/seed_$seed/" || true; done
+find_ --lambdas "$CHOSEN" --seeds 1 --out "$OUT/seed_1" &
+find_ --lambdas "$CHOSEN" --seeds 2 --out "$OUT/seed_2" &
+wait
+# 3. the optimal subnetwork at the chosen lambda
+mkdir -p "$OUT/optimal"; cp -n "$OUT/bigram_stats.npz" "$OUT/optimal/" || true
+OMP_NUM_THREADS=2 "$BC" find "${COMMON[@]}" --target full_model --lambdas "$CHOSEN" --out "$OUT/optimal"
+# 4. the study (reuses every search above)
+OMP_NUM_THREADS=2 .venv/bin/python benchmarks/smollm2_study.py --schedule "$SCHEDULE" --threads 2 \
+  --lambdas 0 1 10 100 --seeds 1 2 --max-steps 300 --max-attempts 1 --batch-size 4 --seq-len 32 --lr 0.02 \
+  --train-windows 8192 --eval-windows 256 --checkpoint-every 25 --eval-batches 8 --time-budget-s 1e9 \
+  --out "$OUT"
