@@ -73,3 +73,8 @@ class BaselineError(BigramCircuitsError, ValueError):
 
 class HubError(BigramCircuitsError, OSError):
     """A Hugging Face Hub repository cannot be resolved, read from the cache or pushed to."""
+
+
+class FigureExportWarning(RuntimeWarning):
+    """A figure's PNG was not written (no Chromium, the export failed or did not finish in time);
+    its HTML was."""

@@ -386,6 +386,116 @@ def test_save_figure_writes_png_with_chromium(tmp_path, monkeypatch):
     assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _finish_png_threads() -> None:
+    """Join the export threads a test left blocked (after it released them)."""
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "save_figure-png":
+            thread.join(5)
+
+
+def test_save_figure_gives_up_on_a_hung_png_export_and_keeps_the_html(tmp_path, monkeypatch):
+    """A Chromium that never answers does not hang the caller: after ``png_timeout`` the HTML is
+    there, the PNG is not, one FigureExportWarning says so, and later figures skip PNG."""
+    import threading
+
+    from bigram_circuits.errors import FigureExportWarning
+
+    monkeypatch.setattr(P, "_png_failure", None)
+    release = threading.Event()
+    monkeypatch.setattr(go.Figure, "to_image", lambda *args, **kwargs: release.wait(30) and b"late")
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
+    try:
+        with pytest.warns(FigureExportWarning, match=r"fig\.png not written: .*did not finish in 0\.05 s"):
+            written = P.save_figure(fig, tmp_path / "fig", png_timeout=0.05)
+        assert written == [tmp_path / "fig.html"]
+        assert (tmp_path / "fig.html").read_text().rstrip().endswith("</html>")
+        assert not (tmp_path / "fig.png").exists()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the next figure skips PNG without a second warning
+            assert P.save_figure(fig, tmp_path / "next", png_timeout=0.05) == [tmp_path / "next.html"]
+    finally:
+        release.set()
+        _finish_png_threads()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.html", "next.html"]  # no temp files
+
+
+def test_save_figure_hands_on_the_exporters_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "_png_failure", None)
+
+    def broken(*args, **kwargs):
+        raise ValueError("kaleido broke")
+
+    monkeypatch.setattr(go.Figure, "to_image", broken)
+    with pytest.warns(RuntimeWarning, match="PNG export needs Chromium"):
+        assert P.save_figure(go.Figure(), tmp_path / "fig", png_timeout=5.0) == [tmp_path / "fig.html"]
+    assert P._png_failure == "ValueError: kaleido broke"
+
+
+def test_threads_saving_the_same_figure_path_at_once_each_leave_whole_files(tmp_path, monkeypatch):
+    """Four threads write one path at the same moment: none fails, both files are whole, and no
+    temporary file is left."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(P, "_png_failure", None)
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 50_000
+    monkeypatch.setattr(go.Figure, "to_image", lambda *args, **kwargs: png)
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
+    start = threading.Barrier(4)
+
+    def save(_: int) -> list[Path]:
+        start.wait(5)
+        return P.save_figure(fig, tmp_path / "same", include_plotlyjs="directory", png_timeout=10.0)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(save, range(4)))
+    assert results == [[tmp_path / "same.html", tmp_path / "same.png"]] * 4
+    assert (tmp_path / "same.png").read_bytes() == png
+    html = (tmp_path / "same.html").read_text()
+    assert html.count("<html>") == 1 and html.rstrip().endswith("</html>")  # one whole page
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plotly.min.js", "same.html", "same.png"]
+
+
+_SAVE_IN_A_PROCESS = """
+import sys, time
+from pathlib import Path
+import plotly.graph_objects as go
+from bigram_circuits.plots import figures as P
+go.Figure.to_image = lambda self, **kwargs: b"\\x89PNG\\r\\n\\x1a\\n" + sys.argv[2].encode() * 20_000
+fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0], name=sys.argv[2]))
+ready = Path(sys.argv[3])
+(ready / sys.argv[2]).touch()
+while len(list(ready.iterdir())) < 2:  # start together, once both interpreters are up
+    time.sleep(0.005)
+for _ in range(5):
+    assert len(P.save_figure(fig, sys.argv[1], include_plotlyjs="directory", png_timeout=30.0)) == 2
+"""
+
+
+def test_two_processes_saving_the_same_figure_path_at_once_do_not_crash_each_other(tmp_path):
+    """Two processes write the same figure path five times each, starting together: both exit 0
+    and the files are whole, each process's version of them (per-process temp names, renames)."""
+    import subprocess
+    import sys
+
+    ready = tmp_path.parent / f"{tmp_path.name}_ready"
+    ready.mkdir()
+    base = str(tmp_path / "same")
+    runs = [
+        subprocess.Popen([sys.executable, "-c", _SAVE_IN_A_PROCESS, base, name, str(ready)], stderr=subprocess.PIPE)
+        for name in ("a", "b")
+    ]
+    for run in runs:
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err.decode()[-2000:]
+    assert (tmp_path / "same.png").read_bytes() in {b"\x89PNG\r\n\x1a\n" + c * 20_000 for c in (b"a", b"b")}
+    html = (tmp_path / "same.html").read_text()
+    assert html.rstrip().endswith("</html>") and ('"name":"a"' in html) != ('"name":"b"' in html)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plotly.min.js", "same.html", "same.png"]
+
+
 # ----------------------------------------------------------------------------- figures_command
 
 

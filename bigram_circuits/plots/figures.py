@@ -20,7 +20,8 @@ Fig 5     ``fig5_optimal``             opt_sweep: active_params, r_model, r_bigr
 (15)      ``fig_build_up``             build-up summary (``circuits.buildup``)
 ========  ===========================  ==========================================================
 
-``save_figure`` writes HTML (always) and PNG (when kaleido finds Chromium).
+``save_figure`` writes HTML (always) and PNG (when kaleido finds Chromium and the export
+finishes within ``png_timeout``; otherwise one :class:`~bigram_circuits.errors.FigureExportWarning`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -38,12 +40,13 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from bigram_circuits.errors import FigureDataError
+from bigram_circuits.errors import FigureDataError, FigureExportWarning
 from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.tables import full_model_r_by_model, ordered, require_columns
 
 __all__ = [
     "PNG_HELP",
+    "PNG_TIMEOUT_S",
     "fig1_r_vs_params",
     "fig2_training_dynamics",
     "fig3_rotation",
@@ -648,6 +651,14 @@ def fig5_optimal(opt_sweep: pd.DataFrame, ablation: pd.DataFrame) -> go.Figure:
 
 PNG_HELP = "PNG export needs Chromium: apt-get install chromium (HTML written)"
 
+# Seconds one PNG export (kaleido driving Chromium) may take before save_figure gives up on it.
+# A first export starts the browser, a few seconds on a loaded machine; a hung browser never ends.
+PNG_TIMEOUT_S = 120.0
+
+# One kaleido export at a time per process; an export that has hung keeps it (later figures skip
+# PNG anyway, through _png_failure).
+_export_lock = threading.Lock()
+
 
 _CHROMIUM = Path("/usr/bin/chromium")
 
@@ -663,15 +674,22 @@ def save_figure(
     png: bool = True,
     scale: float = 2.0,
     include_plotlyjs: bool | str = True,
+    png_timeout: float = PNG_TIMEOUT_S,
 ) -> list[Path]:
     """Write ``fig`` as ``<path>.html`` (always) and ``<path>.png`` (when Chromium is usable).
 
-    Both files are written atomically (temp file + rename). ``include_plotlyjs``: True embeds
+    Both files are written atomically (a temp file with a per-process unique name, then a
+    rename), so processes or threads writing the same path at once each leave a whole file and
+    never read or remove another's temp file. ``include_plotlyjs``: True embeds
     plotly.js (opens offline, ~4.7 MB), "cdn" links it (small, needs the internet),
     "directory" links a ``plotly.min.js`` written once next to the HTML (offline, shared by
     every figure of a folder). PNG export uses kaleido, which needs a Chrome/Chromium browser;
     ``BROWSER_PATH`` is pointed at /usr/bin/chromium when unset and that file exists. If the
-    export fails, one warning (:data:`PNG_HELP`) is issued and only the HTML path is returned.
+    export fails, one :class:`~bigram_circuits.errors.FigureExportWarning` (:data:`PNG_HELP`) is
+    issued and only the HTML path is returned. The export runs in a daemon thread that is given
+    ``png_timeout`` seconds (default :data:`PNG_TIMEOUT_S`): after that the HTML is kept, one
+    warning says the PNG was not written, and later figures of this process skip PNG (a hung
+    Chromium is left to exit with the process). Exports within one process run one at a time.
     Returns the paths written.
     """
     global _png_failure
@@ -699,15 +717,54 @@ def save_figure(
         os.environ["BROWSER_PATH"] = str(_CHROMIUM)
     png_path = base.with_name(base.name + ".png")
     try:
-        image = fig.to_image(format="png", scale=scale)
+        image = _export_png(fig, scale, png_timeout)
+    except TimeoutError:
+        _png_failure = f"PNG export did not finish in {png_timeout:g} s"
+        warnings.warn(
+            f"{png_path} not written: Chromium's PNG export did not finish in {png_timeout:g} s "
+            f"(HTML written; later figures skip PNG)",
+            FigureExportWarning,
+            stacklevel=2,
+        )
+        return written
     except Exception as exc:
         _png_failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         _log.debug("PNG export failed: %s", _png_failure)
-        warnings.warn(PNG_HELP, RuntimeWarning, stacklevel=2)
+        warnings.warn(PNG_HELP, FigureExportWarning, stacklevel=2)
         return written
     atomic_write_bytes(png_path, image)
     written.append(png_path)
     return written
+
+
+def _export_png(fig: go.Figure, scale: float, timeout: float) -> bytes:
+    """``fig.to_image(format="png")`` in a daemon thread; ``TimeoutError`` if it (or waiting for an
+    earlier export of this process) takes longer than ``timeout`` seconds, else its bytes or its
+    exception."""
+    if not _export_lock.acquire(timeout=timeout):
+        raise TimeoutError(f"an earlier PNG export is still running after {timeout:g} s")
+    outcome: dict[str, object] = {}
+
+    def export() -> None:
+        try:
+            outcome["image"] = fig.to_image(format="png", scale=scale)
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+        finally:
+            _export_lock.release()
+
+    try:
+        worker = threading.Thread(target=export, name="save_figure-png", daemon=True)
+        worker.start()
+    except BaseException:
+        _export_lock.release()
+        raise
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError(f"PNG export did not finish in {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["image"]  # type: ignore[return-value]
 
 
 def patching_heatmap(table: pd.DataFrame, value: str = "metric", title: str | None = None):
