@@ -56,7 +56,7 @@ from jaxtyping import Float, Integer
 from bigram_circuits.errors import StatsError, TokenError
 from bigram_circuits.io import atomic_write
 
-__all__ = ["STATS_FORMAT_VERSION", "BigramStats", "CountTable", "TargetRows"]
+__all__ = ["PERMUTATION_VARIANTS", "STATS_FORMAT_VERSION", "BigramStats", "CountTable", "TargetRows"]
 
 STATS_FORMAT_VERSION = 1
 _DEFAULT_CHUNK_TOKENS = 1 << 24  # tokens sorted at once while counting (64-128 MB of keys)
@@ -608,6 +608,40 @@ class _SparseSoftCrossEntropy(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+PERMUTATION_VARIANTS = ("contexts", "vocab")
+
+
+def _permute_rows(table: CountTable, vocab_size: int, rng: np.random.Generator) -> CountTable:
+    """The rows of ``table`` moved along one random cycle through its contexts (no fixed point)."""
+    n = len(table.contexts)
+    if n < 2:
+        return table
+    order = rng.permutation(n)
+    source = np.empty(n, dtype=np.int64)
+    source[order] = np.roll(order, -1)  # context order[i] takes the row of context order[i + 1]
+    lengths = np.diff(table.indptr)[source]
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # Entry j of new row i comes from old entry indptr_old[source[i]] + j.
+    starts = np.repeat(table.indptr[:-1][source] - indptr[:-1], lengths)
+    take = np.arange(int(indptr[-1]), dtype=np.int64) + starts
+    return CountTable(table.contexts.copy(), indptr, table.next_ids[take].copy(), table.counts[take].copy())
+
+
+def _permute_vocab_within_rows(table: CountTable, vocab_size: int, rng: np.random.Generator) -> CountTable:
+    """Each row's next-token ids replaced by distinct random ids (one vocabulary permutation per
+    row), entries re-sorted by id within the row; counts travel with their entries."""
+    if table.nnz == 0:
+        return table
+    lengths = np.diff(table.indptr)
+    new_ids = np.empty(table.nnz, dtype=np.int64)
+    for row in range(len(table.contexts)):
+        lo, hi = table.indptr[row], table.indptr[row + 1]
+        new_ids[lo:hi] = rng.choice(vocab_size, size=hi - lo, replace=False)
+    rows = np.repeat(np.arange(len(table.contexts)), lengths)
+    order = np.lexsort((new_ids, rows))
+    return CountTable(table.contexts.copy(), table.indptr.copy(), new_ids[order].astype(np.int32), table.counts[order])
+
+
 def _check_vocab_size(vocab_size: Any) -> int:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
         raise StatsError(f"vocab_size must be a positive integer (len(tokenizer)), got {vocab_size!r}")
@@ -703,6 +737,26 @@ class BigramStats:
     def with_add_k(self, add_k: float) -> BigramStats:
         """The same counts with another add-k smoothing constant."""
         return replace(self, add_k=self._check_add_k(add_k), _cache={})
+
+    def permuted(self, variant: str = "contexts", seed: int = 0) -> BigramStats:
+        """A control target: a copy whose conditional distributions are permuted, seeded.
+
+        ``"contexts"``: the rows (next-token distributions) move to other contexts along one
+        random cycle through every seen context, so no context keeps its own row: the same rows
+        and row entropies, attached to the wrong contexts. ``"vocab"``: within each row the
+        next-token ids are mapped to distinct random token ids (a permutation of the
+        vocabulary drawn per row): every context keeps its row's probabilities and entropy but
+        predicts the wrong tokens. Both variants permute a trigram table the same way, and keep
+        the unigram backoff, ``add_k`` and the tokenizer fingerprint unchanged."""
+        if variant not in PERMUTATION_VARIANTS:
+            raise StatsError(f"unknown permutation variant {variant!r}; use one of {', '.join(PERMUTATION_VARIANTS)}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise StatsError(f"seed must be an integer, got {seed!r}")
+        rng = np.random.default_rng([int(seed), 0 if variant == "contexts" else 1])
+        permute = _permute_rows if variant == "contexts" else _permute_vocab_within_rows
+        bigram = permute(self.bigram, self.vocab_size, rng)
+        trigram = None if self.trigram is None else permute(self.trigram, self.vocab_size, rng)
+        return replace(self, bigram=bigram, trigram=trigram, _cache={})
 
     def merge(self, other: BigramStats) -> BigramStats:
         """Stats of the union of both corpora (counts add up exactly)."""
