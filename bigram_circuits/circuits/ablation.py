@@ -37,7 +37,9 @@ from bigram_circuits.errors import ConfigError, MaskError, TokenError
 from bigram_circuits.masks import MaskKey, RunMode, apply_binary_masks
 
 __all__ = [
+    "PARTIAL_FRACTIONS",
     "Candidate",
+    "MeanAblation",
     "RepeatedSequenceLoss",
     "add_candidate",
     "find_induction_heads",
@@ -45,10 +47,13 @@ __all__ = [
     "head_scores",
     "necessity",
     "neuron_key",
+    "partial_ablation_table",
+    "partial_subnetwork",
     "repeated_random_tokens",
     "repeated_sequence_loss",
     "select_heads",
     "sufficiency",
+    "unit_mean_activations",
 ]
 
 Behaviour = Callable[[Any], "float | Mapping[str, float]"]
@@ -659,3 +664,168 @@ def necessity(
             control = own.random_control(bridge, seed=seed + index)
             runs.append((RunSpec(control, "ablate", f"full - random #{index}"), control, None))
     return _table(bridge, runs, behaviour, "necessity")
+
+
+# --------------------------------------------------------------------------- partial ablation (controls)
+
+PARTIAL_FRACTIONS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+def partial_subnetwork(subnetwork, fraction: float, seed: int = 0):
+    """A random ``fraction`` of ``subnetwork``'s kept entries, drawn per block (each mask key keeps
+    ``round(fraction * kept)`` of its kept entries), as a subnetwork of the same class; seeded."""
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ConfigError(f"fraction must be in [0, 1], got {fraction!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    masks = {}
+    for key in sorted(subnetwork.masks):  # sorted: the draw must not depend on dict order
+        mask = subnetwork.masks[key]
+        kept = torch.nonzero(mask.reshape(-1)).reshape(-1)
+        take = kept[torch.randperm(len(kept), generator=gen)[: round(float(fraction) * len(kept))]]
+        flat = torch.zeros(mask.numel(), dtype=torch.bool)
+        flat[take] = True
+        masks[key] = flat.reshape(mask.shape)
+    meta = {**subnetwork.metadata, "derived": "partial", "fraction": float(fraction), "partial_seed": int(seed)}
+    return subnetwork.with_masks(masks, meta)
+
+
+def _unit_keys(subnetwork) -> list[str]:
+    return [k for k in sorted(subnetwork.masks) if MaskKey.parse(k).kind in ("head", "neuron")]
+
+
+@torch.no_grad()
+def unit_mean_activations(
+    bridge: TransformerBridge, windows: Integer[torch.Tensor, "n seq"] | Any, keys: Sequence[str], batch_size: int = 16
+) -> dict[str, torch.Tensor]:
+    """Mean activation of every unit of the hooks ``keys`` (neuron keys ``blocks.{L}.mlp.hook_post``
+    -> [d_mlp], head keys ``blocks.{L}.attn.hook_z`` -> [n_heads, d_head]) over all positions of
+    ``windows`` in the full model."""
+    from bigram_circuits.circuits.runs import as_token_tensor
+    from bigram_circuits.devices import input_device
+
+    tokens = as_token_tensor(windows)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+
+    def accumulate(key: str):
+        def hook_fn(act, hook):  # keyed by the mask key: a bridge's hook.name may be an alias's target
+            total = act.detach().double().sum(dim=(0, 1)).cpu()
+            sums[key] = sums[key] + total if key in sums else total
+
+        return hook_fn
+
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start : start + batch_size].to(input_device(bridge))
+        bridge.run_with_hooks(batch, fwd_hooks=[(key, accumulate(key)) for key in keys])
+        count += batch.numel()
+    return {key: (sums[key] / max(count, 1)).float() for key in keys}
+
+
+@dataclass
+class MeanAblation:
+    """A neuron/head subnetwork removed by setting its units to their mean activation (``means``
+    from :func:`unit_mean_activations`) instead of zero; usable wherever a subnetwork with
+    ``applied(bridge, mode="ablate")`` is (``evaluate_metrics(..., MeanAblation(sub, means), "ablate")``)."""
+
+    subnetwork: Any
+    means: Mapping[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        keys = _unit_keys(self.subnetwork)
+        if not keys or len(keys) != len(self.subnetwork.masks):
+            raise MaskError("mean ablation needs a neuron/head subnetwork; search with granularity neuron,head")
+        missing = sorted(set(keys) - set(self.means))
+        if missing:
+            raise MaskError(f"no mean activation for {missing[:2]}; compute them with unit_mean_activations")
+
+    def n_params(self) -> int:
+        return int(self.subnetwork.n_params())
+
+    def complement(self):
+        return self.subnetwork.complement()
+
+    @contextlib.contextmanager
+    def applied(self, bridge: TransformerBridge, mode: RunMode = "ablate") -> Iterator[Any]:
+        """Inside the block, the subnetwork's units output their mean activation (only ``ablate``)."""
+        if mode != "ablate":
+            raise MaskError("mean ablation only removes a subnetwork; use mode='ablate' (or the subnetwork to keep)")
+
+        def make_hook(key: str):
+            removed = self.subnetwork.masks[key].to(self._device(bridge))
+            mean = self.means[key].to(self._device(bridge))
+
+            def hook_fn(act, hook):
+                # neurons: act [b, p, d_mlp], removed [d_mlp]; heads: act [b, p, h, d_head], removed [h]
+                return torch.where(removed.reshape(removed.shape + (1,) * (act.dim() - 3)), mean.to(act.dtype), act)
+
+            return hook_fn
+
+        with bridge.hooks(fwd_hooks=[(key, make_hook(key)) for key in _unit_keys(self.subnetwork)]):
+            yield bridge
+
+    @staticmethod
+    def _device(bridge: TransformerBridge) -> torch.device:
+        return next(bridge.parameters()).device
+
+
+def partial_ablation_table(
+    bridge: TransformerBridge,
+    stats,
+    windows: Integer[torch.Tensor, "n seq"] | Any,
+    subnetwork,
+    fractions: Sequence[float] = PARTIAL_FRACTIONS,
+    seeds: Sequence[int] = (0, 1, 2),
+    mean_ablation: bool | None = None,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """Held-out loss and bigram r with random ``fractions`` of ``subnetwork`` removed, beside the
+    same fractions of a random same-shape subnetwork (``random_control(seed)``), one draw per seed.
+
+    Rows: ``condition`` ("bigram" or "random"), ``ablation`` ("zero"; also "mean" for neuron/head
+    subnetworks, or when ``mean_ablation`` is True), ``fraction`` (0 = the full model), ``seed``,
+    ``removed_params`` and the metrics of :func:`bigram_circuits.evaluate.evaluate_metrics`
+    (binary masks, ``mode="ablate"``), plus ``loss_increase`` over the full model."""
+    from bigram_circuits.evaluate import evaluate_metrics
+
+    if not seeds:
+        raise ConfigError("seeds must name at least one draw; pass e.g. seeds=(0, 1, 2)")
+    unit_only = bool(subnetwork.masks) and len(_unit_keys(subnetwork)) == len(subnetwork.masks)
+    if mean_ablation is None:
+        mean_ablation = unit_only
+    if mean_ablation and not unit_only:
+        raise MaskError("mean ablation needs a neuron/head subnetwork; pass mean_ablation=False for weight masks")
+    means = unit_mean_activations(bridge, windows, _unit_keys(subnetwork), batch_size) if mean_ablation else {}
+    full = evaluate_metrics(bridge, stats, windows, None, "keep", batch_size, show_progress=False)
+    ablations = ("zero", "mean") if mean_ablation else ("zero",)
+    jobs = [
+        (condition, ablation, float(fraction), int(seed))
+        for condition in ("bigram", "random")
+        for ablation in ablations
+        for fraction in fractions
+        for seed in seeds
+    ]
+    rows = [
+        {"condition": c, "ablation": a, "fraction": 0.0, "seed": int(s), "removed_params": 0, **full}
+        for c in ("bigram", "random")
+        for a in ablations
+        for s in seeds
+    ]
+    for condition, ablation, fraction, seed in tqdm(jobs, desc="partial ablation", disable=not show_progress):
+        source = subnetwork if condition == "bigram" else subnetwork.random_control(seed)
+        removed = partial_subnetwork(source, fraction, seed)
+        run = MeanAblation(removed, means) if ablation == "mean" else removed
+        metrics = evaluate_metrics(bridge, stats, windows, run, "ablate", batch_size, show_progress=False)
+        rows.append(
+            {
+                "condition": condition,
+                "ablation": ablation,
+                "fraction": fraction,
+                "seed": seed,
+                "removed_params": int(removed.n_params()),
+                **metrics,
+            }
+        )
+    table = pd.DataFrame(rows)
+    table["loss_increase"] = table["lm_loss_nats"] - float(full["lm_loss_nats"])
+    return table
