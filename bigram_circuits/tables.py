@@ -22,6 +22,7 @@ A missing column raises :class:`~bigram_circuits.errors.FigureDataError` naming 
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -42,6 +43,8 @@ __all__ = [
     "table2_bigram_r",
     "table3_overlap",
     "table4_generations",
+    "table_controls",
+    "table_controls_partial",
     "table_fig1",
     "table_headline",
     "to_markdown",
@@ -350,6 +353,108 @@ def table_headline(rows: pd.DataFrame) -> pd.DataFrame:
             number(spread, column) if column == "active_params" else f"{spread:.2g}"
         )
     return pd.concat([shown, pd.DataFrame([summary])], ignore_index=True)
+
+
+def _mean_sd(values: pd.Series, digits: int = 3) -> str:
+    values = values.astype(float)
+    spread = values.std(ddof=1) if len(values) > 1 else float("nan")
+    return f"{values.mean():.{digits}f}" + ("" if math.isnan(spread) else f" ± {spread:.{digits}f}")
+
+
+def table_controls_partial(partial: pd.DataFrame) -> pd.DataFrame:
+    """Partial ablation curves as a table: per granularity, ablation (zero / mean) and fraction
+    removed, the held-out loss increase and bigram r with that fraction of the bigram subnetwork
+    and of random same-shape subnetworks removed (``mean ± sd`` over draws)."""
+    require_columns(
+        partial, ["condition", "ablation", "fraction", "seed", "loss_increase", "r_dropped"], "partial ablation"
+    )
+    data = partial.assign(granularity=partial.get("granularity", ""))
+    rows = []
+    for (granularity, ablation, fraction), group in data.groupby(["granularity", "ablation", "fraction"], sort=True):
+        if fraction == 0:
+            continue
+        row = {"granularity": granularity, "ablation": ablation, "% removed": f"{100 * fraction:g}"}
+        for condition in ("bigram", "random"):
+            part = group[group["condition"] == condition]
+            row[f"{condition}: loss increase (nats)"] = _mean_sd(part["loss_increase"])
+            row[f"{condition}: r"] = _mean_sd(part["r_dropped"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table_controls(
+    sweeps: pd.DataFrame, partial: pd.DataFrame, seed_overlap: pd.DataFrame, headline: pd.DataFrame
+) -> pd.DataFrame:
+    """The faithfulness controls in one table (``control``, ``result`` text per row).
+
+    ``sweeps``: lambda sweeps with ``control`` (``"real bigram target"`` first), active_params,
+    active_percent and r (each against its own target); the real row picks the chosen subnetwork
+    (column ``chosen``), else the best r. For each other control: r read off its curve at the
+    real subnetwork's size (:func:`interpolate_r`; "clamped" when outside its swept sizes), the
+    smallest swept size whose r reaches the real r, and its best r. ``partial``: rows of
+    ``partial_ablation_table`` (100% and 50% removed, mean ± sd over draws). ``seed_overlap``:
+    overlap rows with ``kind`` "seed vs seed" or "bigram vs optimal". ``headline``: the chosen
+    lambda per seed (size, r).
+    """
+    require_columns(sweeps, ["control", "active_params", "active_percent", "r"], "control sweeps")
+    real = sweeps[sweeps["control"] == "real bigram target"]
+    if real.empty:
+        raise FigureDataError("control sweeps need the real bigram target's rows (control 'real bigram target')")
+    pick = real[real["chosen"].astype(bool)] if "chosen" in real and real["chosen"].astype(bool).any() else None
+    chosen = (pick if pick is not None else real.loc[[real["r"].idxmax()]]).iloc[0]
+    size, r_real, percent = float(chosen["active_params"]), float(chosen["r"]), float(chosen["active_percent"])
+    seeds = len(headline)
+    rows = [
+        {
+            "control": f"real bigram target (chosen lambda {chosen['lambda']:g}, {seeds} seeds)",
+            "result": f"{_mean_sd(headline['active_percent'], 3)}% of the weights at r {_mean_sd(headline['r'], 4)}"
+            f" (seed 0: {size:,.0f} weights = {percent:.2f}%, r {r_real:.3f})",
+        }
+    ]
+    for control, group in sweeps[sweeps["control"] != "real bigram target"].groupby("control", sort=False):
+        at_size = interpolate_r(group, [size]).iloc[0]
+        reached = group[group["r"] >= r_real]
+        best = group.loc[group["r"].idxmax()]
+        reach = (
+            f"reaches r {r_real:.3f} at {reached['active_percent'].min():.2f}% of the weights"
+            if len(reached)
+            else f"never reaches r {r_real:.3f} (best r {best['r']:.3f} at {best['active_percent']:.2f}%)"
+        )
+        clamped = " (clamped: outside its swept sizes)" if bool(at_size["extrapolated"]) else ""
+        rows.append(
+            {
+                "control": control,
+                "result": f"r {at_size['r_estimated']:.3f} at the real subnetwork's size{clamped}; {reach}; "
+                f"swept {group['active_percent'].min():.2f}-{group['active_percent'].max():.1f}% "
+                f"(r {group['r'].min():.3f}-{group['r'].max():.3f})",
+            }
+        )
+    data = partial.assign(granularity=partial.get("granularity", ""))
+    for (granularity, ablation), group in data.groupby(["granularity", "ablation"], sort=True):
+        for fraction in (0.5, 1.0):
+            part = group[np.isclose(group["fraction"], fraction)]
+            if part.empty:
+                continue
+            bigram, random = part[part["condition"] == "bigram"], part[part["condition"] == "random"]
+            rows.append(
+                {
+                    "control": f"partial ablation, {granularity}, {ablation} ablation: {100 * fraction:g}% removed "
+                    f"({part['seed'].nunique()} draws)",
+                    "result": f"loss +{_mean_sd(bigram['loss_increase'])} nats (bigram) vs "
+                    f"+{_mean_sd(random['loss_increase'])} (random same-shape); r {_mean_sd(bigram['r_dropped'])}"
+                    f" vs {_mean_sd(random['r_dropped'])}",
+                }
+            )
+    for kind, group in seed_overlap.groupby("kind", sort=False):
+        rows.append(
+            {
+                "control": f"overlap, {kind} ({len(group)} pairs)",
+                "result": f"{_mean_sd(group['ratio'], 2)}x chance; {_mean_sd(group['frac_a_in_b'], 3)} of A in B "
+                f"(chance {_mean_sd(group['expected_frac_a_in_b'], 4)}); largest p {group['p_value'].max():.0e} "
+                f"({int(group['n_random'].iloc[0]):,} null pairs)",
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def _is_whole(column: pd.Series) -> bool:

@@ -53,6 +53,7 @@ __all__ = [
     "fig4_similarity",
     "fig5_optimal",
     "fig_build_up",
+    "fig_controls",
     "fig_layer_distribution",
     "human_count",
     "patching_heatmap",
@@ -665,6 +666,73 @@ _CHROMIUM = Path("/usr/bin/chromium")
 
 # Set after the first failed PNG export, so later figures skip the slow browser start.
 _png_failure: str | None = None
+
+
+def fig_controls(sweeps: pd.DataFrame, partial: pd.DataFrame) -> go.Figure:
+    """Faithfulness controls: bigram r against active weights for the real target and each
+    control (left; ``sweeps``: control, active_params, r, each r against its own target), and
+    the held-out loss increase against the fraction of a subnetwork removed (right; ``partial``:
+    condition "bigram" / "random", ablation "zero" / "mean", optional granularity, fraction,
+    loss_increase; mean and sd over draws as error bars)."""
+    require_columns(sweeps, ["control", "active_params", "r"], "fig_controls sweeps")
+    require_columns(partial, ["condition", "ablation", "fraction", "loss_increase"], "fig_controls partial")
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        horizontal_spacing=0.12,
+        subplot_titles=("Bigram r vs size: real target and controls", "Loss with part of a subnetwork removed"),
+    )
+    data = sweeps[sweeps["active_params"] > 0]
+    for i, (control, group) in enumerate(data.groupby("control", sort=False)):
+        group = group.sort_values("active_params")
+        real = control == "real bigram target"
+        fig.add_trace(
+            go.Scatter(
+                x=group["active_params"],
+                y=group["r"],
+                mode="lines+markers",
+                name=str(control),
+                legendgroup="sweeps",
+                line={"color": "#222222" if real else _PALETTE[i % len(_PALETTE)], "width": 3 if real else 2},
+                hovertemplate="%{x:.3s} weights<br>r=%{y:.3f}<extra>" + str(control) + "</extra>",
+            ),
+            row=1,
+            col=1,
+        )
+    fig.update_xaxes(
+        type="log", title_text="Active weights (log scale)", row=1, col=1, **_log_ticks(data["active_params"])
+    )
+    fig.update_yaxes(title_text="Pearson r with its own target", row=1, col=1)
+    frame = partial.assign(granularity=partial.get("granularity", ""))
+    curves = frame.groupby(["granularity", "ablation", "condition", "fraction"], as_index=False)["loss_increase"].agg(
+        ["mean", "std"]
+    )
+    for j, ((granularity, ablation, condition), group) in enumerate(
+        curves.groupby(["granularity", "ablation", "condition"], sort=True)
+    ):
+        label = f"{condition} removed, {ablation} ablation" + (f" ({granularity})" if granularity else "")
+        fig.add_trace(
+            go.Scatter(
+                x=100 * group["fraction"],
+                y=group["mean"],
+                error_y={"type": "data", "array": group["std"].fillna(0.0), "visible": True},
+                mode="lines+markers",
+                name=label,
+                legendgroup="partial",
+                line={
+                    "color": _RUN_COLORS.get(condition, _PALETTE[j % len(_PALETTE)]),
+                    "dash": "solid" if ablation == "zero" else "dash",
+                    "width": 2 if granularity.startswith("weight") or not granularity else 1,
+                },
+                marker={"symbol": "circle" if granularity.startswith("weight") or not granularity else "square"},
+                hovertemplate="%{x:g}% removed<br>+%{y:.3f} nats<extra>" + label + "</extra>",
+            ),
+            row=1,
+            col=2,
+        )
+    fig.update_xaxes(title_text="% of the subnetwork removed", row=1, col=2)
+    fig.update_yaxes(title_text="Held-out loss increase (nats)", row=1, col=2)
+    return _style(fig, "Faithfulness controls", height=520, width=1250)
 
 
 def save_figure(
