@@ -383,7 +383,11 @@ def table_controls_partial(partial: pd.DataFrame) -> pd.DataFrame:
 
 
 def table_controls(
-    sweeps: pd.DataFrame, partial: pd.DataFrame, seed_overlap: pd.DataFrame, headline: pd.DataFrame
+    sweeps: pd.DataFrame,
+    partial: pd.DataFrame,
+    seed_overlap: pd.DataFrame,
+    seeds: pd.DataFrame,
+    headline: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The faithfulness controls in one table (``control``, ``result`` text per row).
 
@@ -393,8 +397,9 @@ def table_controls(
     real subnetwork's size (:func:`interpolate_r`; "clamped" when outside its swept sizes), the
     smallest swept size whose r reaches the real r, and its best r. ``partial``: rows of
     ``partial_ablation_table`` (100% and 50% removed, mean ± sd over draws). ``seed_overlap``:
-    overlap rows with ``kind`` "seed vs seed" or "bigram vs optimal". ``headline``: the chosen
-    lambda per seed (size, r).
+    overlap rows with ``kind`` (e.g. "seed vs seed"). ``seeds``: the chosen lambda per seed
+    (active_percent, r). ``headline`` (optional): the headline rows, whose ``overlap_ratio`` and
+    ``overlap_p_value`` (each seed against the optimal subnetwork) go beside the seed overlap.
     """
     require_columns(sweeps, ["control", "active_params", "active_percent", "r"], "control sweeps")
     real = sweeps[sweeps["control"] == "real bigram target"]
@@ -403,11 +408,10 @@ def table_controls(
     pick = real[real["chosen"].astype(bool)] if "chosen" in real and real["chosen"].astype(bool).any() else None
     chosen = (pick if pick is not None else real.loc[[real["r"].idxmax()]]).iloc[0]
     size, r_real, percent = float(chosen["active_params"]), float(chosen["r"]), float(chosen["active_percent"])
-    seeds = len(headline)
     rows = [
         {
-            "control": f"real bigram target (chosen lambda {chosen['lambda']:g}, {seeds} seeds)",
-            "result": f"{_mean_sd(headline['active_percent'], 3)}% of the weights at r {_mean_sd(headline['r'], 4)}"
+            "control": f"real bigram target (chosen lambda {chosen['lambda']:g}, {len(seeds)} seeds)",
+            "result": f"{_mean_sd(seeds['active_percent'], 3)}% of the weights at r {_mean_sd(seeds['r'], 4)}"
             f" (seed 0: {size:,.0f} weights = {percent:.2f}%, r {r_real:.3f})",
         }
     ]
@@ -452,6 +456,14 @@ def table_controls(
                 "result": f"{_mean_sd(group['ratio'], 2)}x chance; {_mean_sd(group['frac_a_in_b'], 3)} of A in B "
                 f"(chance {_mean_sd(group['expected_frac_a_in_b'], 4)}); largest p {group['p_value'].max():.0e} "
                 f"({int(group['n_random'].iloc[0]):,} null pairs)",
+            }
+        )
+    if headline is not None and "overlap_ratio" in headline:
+        rows.append(
+            {
+                "control": f"overlap, bigram vs optimal ({len(headline)} seeds, headline stage)",
+                "result": f"{_mean_sd(headline['overlap_ratio'], 2)}x chance; largest p "
+                f"{headline['overlap_p_value'].max():.0e}",
             }
         )
     return pd.DataFrame(rows)

@@ -202,8 +202,10 @@ def test_tables_and_figure_of_the_controls():
             "n_random": [100, 100],
         }
     )
-    headline = pd.DataFrame({"seed": [0, 1], "active_percent": [1.0, 1.2], "r": [0.96, 0.962]})
-    table = table_controls(sweeps, partial, overlap, headline).set_index("control")
+    seeds = pd.DataFrame({"seed": [0, 1], "active_percent": [1.0, 1.2], "r": [0.96, 0.962]})
+    headline = seeds.assign(overlap_ratio=[8.0, 9.0], overlap_p_value=[0.0, 0.0])
+    table = table_controls(sweeps, partial, overlap, seeds, headline).set_index("control")
+    assert table.loc["overlap, bigram vs optimal (2 seeds, headline stage)", "result"].startswith("8.50 ± 0.71x")
     permuted = table.loc["permuted contexts", "result"]
     # r read off the permuted curve at the real size (1000 weights), between its 500 and 8000 points.
     assert permuted.startswith("r 0.") and "never reaches r 0.960 (best r 0.500 at 8.00%)" in permuted
