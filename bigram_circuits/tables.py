@@ -361,6 +361,11 @@ def _mean_sd(values: pd.Series, digits: int = 3) -> str:
     return f"{values.mean():.{digits}f}" + ("" if math.isnan(spread) else f" ± {spread:.{digits}f}")
 
 
+def _p_text(p: float, n_random: int) -> str:
+    """A sampled p-value: ``p < 1/n`` when no null sample reached the actual value."""
+    return f"p < {1 / n_random:.0e}" if p == 0 else f"p = {p:.2g}"
+
+
 def table_controls_partial(partial: pd.DataFrame) -> pd.DataFrame:
     """Partial ablation curves as a table: per granularity, ablation (zero / mean) and fraction
     removed, the held-out loss increase and bigram r with that fraction of the bigram subnetwork
@@ -424,15 +429,19 @@ def table_controls(
             if len(reached)
             else f"never reaches r {r_real:.3f} (best r {best['r']:.3f} at {best['active_percent']:.2f}%)"
         )
-        clamped = " (clamped: outside its swept sizes)" if bool(at_size["extrapolated"]) else ""
-        rows.append(
-            {
-                "control": control,
-                "result": f"r {at_size['r_estimated']:.3f} at the real subnetwork's size{clamped}; {reach}; "
+        if len(group) == 1:  # one search (at the chosen lambda): its own size, no curve to read
+            result = (
+                f"r {best['r']:.3f} at {best['active_percent']:.2f}% of the weights (lambda {best['lambda']:g}, "
+                f"one search); {reach.split(' (')[0]}"
+            )
+        else:
+            clamped = " (clamped: outside its swept sizes)" if bool(at_size["extrapolated"]) else ""
+            result = (
+                f"r {at_size['r_estimated']:.3f} at the real subnetwork's size{clamped}; {reach}; "
                 f"swept {group['active_percent'].min():.2f}-{group['active_percent'].max():.1f}% "
-                f"(r {group['r'].min():.3f}-{group['r'].max():.3f})",
-            }
-        )
+                f"(r {group['r'].min():.3f}-{group['r'].max():.3f})"
+            )
+        rows.append({"control": control, "result": result})
     data = partial.assign(granularity=partial.get("granularity", ""))
     for (granularity, ablation), group in data.groupby(["granularity", "ablation"], sort=True):
         for fraction in (0.5, 1.0):
@@ -450,20 +459,21 @@ def table_controls(
                 }
             )
     for kind, group in seed_overlap.groupby("kind", sort=False):
+        n_null = int(group["n_random"].iloc[0])
         rows.append(
             {
                 "control": f"overlap, {kind} ({len(group)} pairs)",
                 "result": f"{_mean_sd(group['ratio'], 2)}x chance; {_mean_sd(group['frac_a_in_b'], 3)} of A in B "
-                f"(chance {_mean_sd(group['expected_frac_a_in_b'], 4)}); largest p {group['p_value'].max():.0e} "
-                f"({int(group['n_random'].iloc[0]):,} null pairs)",
+                f"(chance {_mean_sd(group['expected_frac_a_in_b'], 4)}); "
+                f"{_p_text(group['p_value'].max(), n_null)} ({n_null:,} null pairs)",
             }
         )
     if headline is not None and "overlap_ratio" in headline:
         rows.append(
             {
                 "control": f"overlap, bigram vs optimal ({len(headline)} seeds, headline stage)",
-                "result": f"{_mean_sd(headline['overlap_ratio'], 2)}x chance; largest p "
-                f"{headline['overlap_p_value'].max():.0e}",
+                "result": f"{_mean_sd(headline['overlap_ratio'], 2)}x chance; "
+                f"{_p_text(headline['overlap_p_value'].max(), 10_000)} (every seed)",
             }
         )
     return pd.DataFrame(rows)
