@@ -189,9 +189,10 @@ _HELP = {
     "seeds": "comma-separated seeds; several seeds run the sweep once per seed (OUT/seed_N)",
     "paper": "the paper's schedule for weight masks (SearchConfig.paper(): lr 5e-5, T x1.001, batch 32, "
     "15k steps); other options given override it",
-    "schedule": "a named schedule (search.SCHEDULES): fast (the defaults), paper, settle, warm_settle; "
+    "schedule": "a named schedule (search.SCHEDULES): fast (the defaults), paper, settle, warm_settle, slow; "
     "other options given override it",
-    "target": "bigram (the paper's), full_model (optimal subnetwork) or next_token",
+    "target": "bigram (the paper's), full_model (optimal subnetwork), next_token, or a control: "
+    "permuted_contexts / permuted_vocab (the bigram table permuted; r is against it; :SEED picks the permutation)",
     "device": "torch device (cpu, cuda, cuda:1, ...)",
     "max_train_windows": "training windows (of seq_len tokens)",
     "max_eval_windows": "held-out windows for r and the target loss",
@@ -205,6 +206,7 @@ _HELP = {
     "out_dir": "output directory",
     "out": "output directory (default RUN/circuits)",
     "cache_dir": "cache of intermediate results (resumable)",
+    "only": "all (every stage) or controls (the faithfulness-controls stage alone; earlier stages from the cache)",
     "resume": "reuse finished runs and continue interrupted ones in the output directory",
     "show_progress": "progress bars",
     "progress": "progress bars",
@@ -369,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bigram_circuits.app.find import find_command
     from bigram_circuits.app.lens import lens_command
     from bigram_circuits.app.patch import patch_command
+    from bigram_circuits.app.view import push_command, view_command
     from bigram_circuits.circuits.buildup import BuildUpConfig
     from bigram_circuits.circuits.patching import COMPONENTS
-    from bigram_circuits.app.view import push_command, view_command
     from bigram_circuits.search import SearchConfig
     from bigram_circuits.training import TrainConfig
 
@@ -518,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         "regenerate every paper figure and table",
         "Regenerate every paper figure and table (weight masks by default; --granularity neuron,head draws "
         "the coarser masks, e.g. into figures/neuron_head).",
-        figures=options(figures_command, ["model", "out_dir", "cache_dir", "device", "png", "show_progress"]),
+        figures=options(figures_command, ["model", "out_dir", "cache_dir", "device", "png", "show_progress", "only"]),
         config=options(FiguresConfig, _fields(FiguresConfig, ("prompts",)), "figure settings (FiguresConfig)"),
     )
     command(
@@ -551,8 +553,6 @@ def build_parser() -> argparse.ArgumentParser:
             },
         ),
     )
-    return parser
-
     view = command(
         "view",
         cmd_view,
@@ -585,10 +585,15 @@ def build_parser() -> argparse.ArgumentParser:
             },
         ),
     )
+    return parser
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command line (the torchrun entry passes ``args.device`` resolved already)."""
     try:
         return int(args.func(args) or 0)
     except BigramCircuitsError as exc:

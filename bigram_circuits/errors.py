@@ -59,8 +59,9 @@ class ManifestError(BigramCircuitsError, ValueError):
     """A run directory's manifest.json is missing or unreadable."""
 
 
-class DeviceError(BigramCircuitsError, ValueError):
-    """A torch device (or device map) names a device that is unknown or not present here."""
+class DeviceError(ConfigError):
+    """A device option (or device map) asks for a device that is unknown, not present here, or
+    impossible for this launch (e.g. one GPU for every torchrun rank); a :class:`ConfigError`."""
 
 
 class FigureDataError(BigramCircuitsError, ValueError):

@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.data import iterate_batches
+from bigram_circuits.devices import input_device
 from bigram_circuits.distributed import ShardedMaskSet, launched_by_torchrun
 from bigram_circuits.distributed import current as current_group
 from bigram_circuits.errors import NonFiniteLoss, SearchError, TokenError
@@ -73,7 +74,8 @@ from bigram_circuits.masks import (
     masks_attached,
     parse_granularities,
 )
-from bigram_circuits.models import frozen_parameters
+from bigram_circuits.models import check_tokens_fit, frozen_parameters
+from bigram_circuits.models import model_id as model_fingerprint
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.rundir import RunDir
 from bigram_circuits.subnetwork import Subnetwork
@@ -108,6 +110,9 @@ SCHEDULES: dict[str, dict] = {
     "settle": {"temperature_rule": "after_settle", "temperature_growth": 1.03},
     # start from (nearly) the full model: masks at sigmoid(2) = 0.88, then as "settle"
     "warm_settle": {"init": 2.0, "temperature_rule": "after_settle", "temperature_growth": 1.03},
+    # half the default learning rate and temperature growth, for about 500-600 steps: T reaches
+    # 20 only at step 300, so masks learn for longer before they harden
+    "slow": {"lr": 0.01, "temperature_growth": 1.01, "max_steps": 600},
 }
 # The run layout's names (bigram_circuits.rundir owns them; kept here under their old names).
 CHECKPOINT_FILE = RunDir.CHECKPOINT
@@ -282,16 +287,29 @@ class Target:
 
     @classmethod
     def from_name(cls, name: str, stats: BigramStats = None, vocab_size: int | None = None) -> Target:
-        """``"bigram"`` (needs ``stats``), ``"full_model"`` or ``"next_token"``."""
+        """``"bigram"`` (needs ``stats``), ``"full_model"`` or ``"next_token"``; or a control:
+        ``"permuted_contexts"`` / ``"permuted_vocab"`` (needs ``stats``), the bigram target on
+        ``stats.permuted("contexts" | "vocab", seed)`` (:meth:`BigramStats.permuted`; seed 0, or
+        ``"permuted_contexts:SEED"``), whose ``stats`` (and so the search's r) are the permuted table."""
         if name == "bigram":
             if stats is None:
                 raise SearchError("the bigram target needs bigram stats; pass stats=BigramStats...")
             return cls.bigram(stats)
+        if name.startswith("permuted_"):
+            variant, _, seed = name.removeprefix("permuted_").partition(":")
+            if stats is None:
+                raise SearchError(f"the {name} target needs bigram stats; pass stats=BigramStats...")
+            if variant not in ("contexts", "vocab") or not (seed == "" or seed.isdigit()):
+                raise SearchError(f"unknown target {name!r}; use permuted_contexts or permuted_vocab[:SEED]")
+            permuted = stats.permuted(variant, int(seed or 0))
+            return dataclasses.replace(cls.bigram(permuted), name=name)
         if name in ("full_model", "full", "optimal"):
             return cls.full_model(vocab_size)
         if name == "next_token":
             return cls.next_token(vocab_size)
-        raise SearchError(f"unknown target {name!r}; use bigram, full_model or next_token")
+        raise SearchError(
+            f"unknown target {name!r}; use bigram, full_model, next_token, permuted_contexts or permuted_vocab"
+        )
 
     def __call__(self, logits, tokens, reference=None) -> torch.Tensor:
         return self.loss_fn(logits, tokens, reference)
@@ -313,13 +331,6 @@ class SearchResult:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _device(bridge: TransformerBridge) -> torch.device:
-    """Where token ids go in: the embedding's device (also under a device_map)."""
-    from bigram_circuits.models import input_device
-
-    return input_device(bridge)
 
 
 def _check_windows(windows, seq_len: int) -> np.ndarray:
@@ -389,7 +400,7 @@ def bigram_correlation(
 
     array = _check_windows(windows, windows.shape[1])
     vocab = int(stats.vocab_size)
-    device = _device(bridge)
+    device = input_device(bridge)
     model_parts, bigram_parts = [], []
     context = subnetwork.applied(bridge) if subnetwork is not None else contextlib.nullcontext()
     with context:
@@ -416,7 +427,7 @@ def _target_loss(
     max_batches: int,
 ) -> float:
     """Mean target loss over the first ``max_batches`` batches, with ``subnetwork`` kept."""
-    device = _device(bridge)
+    device = input_device(bridge)
     total, count = 0.0, 0
     for start in range(0, min(len(windows), batch_size * max_batches), batch_size):
         batch = torch.as_tensor(np.asarray(windows[start : start + batch_size], dtype=np.int64), device=device)
@@ -749,85 +760,73 @@ def search(
                 state = SearchState.load(checkpoint, bridge, config, grans, target, fingerprint)
             else:
                 state = SearchState.fresh(bridge, config, _run_identity(config, grans, target, fingerprint))
-            device = _device(bridge)
-            while True:  # attempts
-                stop_reason = "max_steps"
-                batches = _batches(windows, config, state.attempt, state.step)
-                bar = tqdm(
-                    total=config.max_steps,
-                    initial=state.step,
-                    desc=f"search lam={config.lam:g}",
-                    unit="step",
-                    disable=not show_progress,
-                    leave=False,
-                )
-                consistent = True  # whether the in-memory state is a whole number of steps
-                try:
-                    while state.step < config.max_steps:
-                        if config.time_budget_s is not None and group.any(state.clock.wall() > config.time_budget_s):
-                            stop_reason = "time_budget"
-                            break
-                        tokens = torch.as_tensor(group.shard(next(batches)), device=device)
-                        generator_before = state.generator_state()  # the noise before this step samples
-                        consistent = False
-                        try:
-                            losses = search_step(state, bridge, tokens, target, config)
-                        except NonFiniteLoss as error:
-                            raise _non_finite_error(error, state, generator_before, out_path) from None
-                        consistent = True
-                        row = _record(state, losses, config, bar)
-                        if out_path is not None and state.step % config.checkpoint_every == 0:
-                            state.save(out_path / CHECKPOINT_FILE)
-                        if callback is not None:
-                            callback(state.step, row)
-                        if _stopping_rule(state.step, row, config):
-                            # Decided before the loss settled: by the temperature (or the init), not by learning.
-                            stop_reason = "converged" if row["settled"] else "hardened_unsettled"
-                            break
-                except KeyboardInterrupt:
-                    # A sharded save gathers over ranks, which may already be gone: keep the last periodic one.
-                    if out_path is not None and consistent and not group.sharded:
-                        state.save(out_path / CHECKPOINT_FILE)
-                    raise
-                finally:
-                    bar.close()
+            while True:  # attempts: a new shuffle after an unstable run, up to max_attempts
+                stop_reason = _run_attempt(state, bridge, windows, target, config, out_path, show_progress, callback)
                 stable, stability = stability_check([r["loss"] for r in state.history])
-                if (
-                    stable
-                    or not config.stability_check
-                    or state.attempt + 1 >= config.max_attempts
-                    or stop_reason == "time_budget"
-                ):
+                outcome = {"stop_reason": stop_reason, "stable": stable, "stability": stability}
+                last_attempt = state.attempt + 1 >= config.max_attempts
+                if stable or not config.stability_check or last_attempt or stop_reason == "time_budget":
                     break
-                state = state.next_attempt(
-                    bridge,
-                    config,
-                    {
-                        "attempt": state.attempt,
-                        "steps": state.step,
-                        "stop_reason": stop_reason,
-                        "stable": stable,
-                        "stability": stability,
-                    },
-                )
-        return _finish(
-            bridge,
-            state,
-            target,
-            windows,
-            eval_windows,
-            config,
-            out_path,
-            metadata,
-            {"stop_reason": stop_reason, "stable": stable, "stability": stability},
-        )
+                state = state.next_attempt(bridge, config, {"attempt": state.attempt, "steps": state.step, **outcome})
+        return _finish(bridge, state, target, windows, eval_windows, config, out_path, metadata, outcome)
+
+
+def _run_attempt(
+    state: SearchState,
+    bridge: TransformerBridge,
+    windows: np.ndarray,
+    target: Target,
+    config: SearchConfig,
+    out_path: Path | None,
+    show_progress: bool,
+    callback: Callable[[int, dict], None] | None,
+) -> str:
+    """Step ``state`` until the stopping rule, ``max_steps`` or the time budget; return why it
+    stopped (``converged``, ``hardened_unsettled``, ``max_steps`` or ``time_budget``).
+    Checkpoints every ``checkpoint_every`` steps, and on Ctrl-C when the state is whole."""
+    group, device = current_group(), input_device(bridge)
+    batches = _batches(windows, config, state.attempt, state.step)
+    bar = tqdm(
+        total=config.max_steps,
+        initial=state.step,
+        desc=f"search lam={config.lam:g}",
+        unit="step",
+        disable=not show_progress,
+        leave=False,
+    )
+    consistent = True  # whether the in-memory state is a whole number of steps
+    try:
+        while state.step < config.max_steps:
+            if config.time_budget_s is not None and group.any(state.clock.wall() > config.time_budget_s):
+                return "time_budget"
+            tokens = torch.as_tensor(group.shard(next(batches)), device=device)
+            generator_before = state.generator_state()  # the noise before this step samples
+            consistent = False
+            try:
+                losses = search_step(state, bridge, tokens, target, config)
+            except NonFiniteLoss as error:
+                raise _non_finite_error(error, state, generator_before, out_path) from None
+            consistent = True
+            row = _record(state, losses, config, bar)
+            if out_path is not None and state.step % config.checkpoint_every == 0:
+                state.save(out_path / CHECKPOINT_FILE)
+            if callback is not None:
+                callback(state.step, row)
+            if _stopping_rule(state.step, row, config):
+                # Decided before the loss settled: by the temperature (or the init), not by learning.
+                return "converged" if row["settled"] else "hardened_unsettled"
+        return "max_steps"
+    except KeyboardInterrupt:
+        # A sharded save gathers over ranks, which may already be gone: keep the last periodic one.
+        if out_path is not None and consistent and not group.sharded:
+            state.save(out_path / CHECKPOINT_FILE)
+        raise
+    finally:
+        bar.close()
 
 
 def _validated(bridge: TransformerBridge, windows, eval_windows, granularities, config: SearchConfig, out_dir):
     """Check the inputs before any work: ``(granularities, windows cut to seq_len, out_path, model_id)``."""
-    from bigram_circuits.models import check_tokens_fit
-    from bigram_circuits.models import model_id as model_fingerprint
-
     grans = parse_granularities(granularities)
     windows = _check_windows(windows, config.seq_len)
     check_tokens_fit(bridge, windows)

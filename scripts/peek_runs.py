@@ -1,6 +1,6 @@
 """Print the last history row of every search checkpoint under a folder (default: runs/).
 
-    python scripts/peek_runs.py runs/schedules
+python scripts/peek_runs.py runs/schedules
 """
 
 from __future__ import annotations

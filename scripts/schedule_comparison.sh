@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Schedule comparison on SmolLM2-135M at weight masks (issue: a schedule that learns before it
-# hardens). Each (schedule, lambda) is one resumable `find` run; two lanes run side by side
-# (one torch thread each). Rerun the same command to resume. Aggregate with
-# `python benchmarks/schedule_comparison.py`.
+# hardens). Each (schedule, lambda) is one resumable `find` run in runs/schedules/; two lanes run
+# side by side (one torch thread each). Rerun the same command to resume: finished runs are
+# reused. Aggregate with `python benchmarks/schedule_comparison.py`.
+#
+# Budget: at most 45 min of CPU per run (the study's cap per lambda). fast, settle and
+# warm_settle get 300 steps (lr 0.02); slow gets its own lr (0.01) and 500 steps. settle is run at
+# lambda 10 only: at 300 steps its temperature starts too late to decide the masks (see the table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BC=${BC:-.venv/bin/bigram-circuits}
-COMMON=(--model smollm2 --batch-size 4 --seq-len 32 --lr 0.02 --max-steps 300 --max-attempts 1
+COMMON=(--model smollm2 --batch-size 4 --seq-len 32 --max-attempts 1
         --max-train-windows 8192 --max-eval-windows 256 --checkpoint-every 25 --no-progress)
-run() {  # schedule lambda
-  OMP_NUM_THREADS=1 "$BC" find "${COMMON[@]}" --schedule "$1" --lambdas "$2" --out "runs/schedules/$1_lambda_$2"
+run() {  # schedule lambda [options]
+  local schedule=$1 lam=$2; shift 2
+  OMP_NUM_THREADS=1 "$BC" find "${COMMON[@]}" --schedule "$schedule" --lambdas "$lam" \
+    --out "runs/schedules/${schedule}_lambda_$lam" "$@"
 }
-lane_a() { run fast 0; run fast 10; run settle 0; }
-lane_b() { run settle 10; run warm_settle 0; run warm_settle 10; }
+fixed=(--lr 0.02 --max-steps 300)
+lane_a() { run fast 0 "${fixed[@]}"; run fast 10 "${fixed[@]}"; run slow 0 --max-steps 500; }
+lane_b() { run settle 10 "${fixed[@]}"; run warm_settle 0 "${fixed[@]}"; run warm_settle 10 "${fixed[@]}"; run slow 10 --max-steps 500; }
 case "${1:-both}" in
   a) lane_a ;;
   b) lane_b ;;

@@ -3,7 +3,11 @@
 # lanes (one torch thread each). Rerun the same command after a stop: every finished search is
 # reused, every running one resumes from its last checkpoint.
 #
-#   bash scripts/smollm2_study.sh warm_settle      # SCHEDULE (search.SCHEDULES)
+#   bash scripts/smollm2_study.sh slow             # SCHEDULE (search.SCHEDULES)
+#   LR=0.02 STEPS=300 bash scripts/smollm2_study.sh fast
+#
+# LR and STEPS must be those of the schedule comparison's runs for them to be reused
+# (scripts/schedule_comparison.sh: slow 0.01 / 500, the others 0.02 / 300).
 #
 # 1. lambdas 0, 1, 10, 100 (runs/schedules/SCHEDULE_lambda_{0,10} from the schedule comparison
 #    are copied in when present: same config, so they are reused, not rerun);
@@ -17,7 +21,9 @@ cd "$(dirname "$0")/.."
 SCHEDULE=${1:?usage: scripts/smollm2_study.sh SCHEDULE}
 OUT=${OUT:-runs/smollm2_weight_$SCHEDULE}
 BC=${BC:-.venv/bin/bigram-circuits}
-SIZES=(--batch-size 4 --seq-len 32 --lr 0.02 --max-steps 300 --max-attempts 1 --checkpoint-every 25)
+LR=${LR:-0.01}
+STEPS=${STEPS:-500}
+SIZES=(--batch-size 4 --seq-len 32 --lr "$LR" --max-steps "$STEPS" --max-attempts 1 --checkpoint-every 25)
 COMMON=(--model smollm2 "${SIZES[@]}" --max-train-windows 8192 --max-eval-windows 256 --no-progress
         --schedule "$SCHEDULE")
 find_() { OMP_NUM_THREADS=1 "$BC" find "${COMMON[@]}" "$@"; }
@@ -45,6 +51,6 @@ mkdir -p "$OUT/optimal"; cp -n "$OUT/bigram_stats.npz" "$OUT/optimal/" || true
 OMP_NUM_THREADS=2 "$BC" find "${COMMON[@]}" --target full_model --lambdas "$CHOSEN" --out "$OUT/optimal"
 # 4. the study (reuses every search above)
 OMP_NUM_THREADS=2 .venv/bin/python benchmarks/smollm2_study.py --schedule "$SCHEDULE" --threads 2 \
-  --lambdas 0 1 10 100 --seeds 1 2 --max-steps 300 --max-attempts 1 --batch-size 4 --seq-len 32 --lr 0.02 \
+  --lambdas 0 1 10 100 --seeds 1 2 --max-steps "$STEPS" --max-attempts 1 --batch-size 4 --seq-len 32 --lr "$LR" \
   --train-windows 8192 --eval-windows 256 --checkpoint-every 25 --eval-batches 8 --time-budget-s 1e9 \
   --out "$OUT"

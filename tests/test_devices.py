@@ -15,7 +15,9 @@ from bigram_circuits.circuits.lens import LinearLensConfig, linear_lens, logit_l
 from bigram_circuits.circuits.similarity import deflated_covariance, layer_covariance_similarity
 from bigram_circuits.cli import main
 from bigram_circuits.data import tokenize_documents
-from bigram_circuits.errors import BigramCircuitsError, DeviceError
+from bigram_circuits.devices import SHARE_GPU_ENV
+from bigram_circuits.distributed import data_parallel
+from bigram_circuits.errors import BigramCircuitsError, ConfigError, DeviceError
 from bigram_circuits.evaluate import evaluate_metrics
 from bigram_circuits.masks import MaskSet, component_device
 from bigram_circuits.models import (
@@ -85,6 +87,149 @@ def test_cli_find_on_an_absent_device_prints_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "devices present" in err
     assert "Traceback" not in err and not out.exists()
+
+
+# --------------------------------------------------------------------------- resolution for ranks and GPU counts
+# No GPU is needed: torch.cuda's answers and the torchrun environment are replaced per test.
+
+TORCHRUN_VARIABLES = ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "RANK", SHARE_GPU_ENV)
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """``gpus(n)`` makes torch report ``n`` CUDA devices (none: no CUDA); ``gpus(n, rank=r, ranks=k)``
+    also sets the variables torchrun gives local rank ``r`` of ``k``. Starts outside torchrun."""
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_up(n: int, rank: int | None = None, ranks: int = 1) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+        if rank is not None:
+            monkeypatch.setenv("LOCAL_RANK", str(rank))
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+
+    return set_up
+
+
+def _one_line_config_error(request, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        resolve_device(request, **kwargs)
+    assert isinstance(info.value, DeviceError) and "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("n_gpus", "expected"), [(0, "cpu"), (1, "cuda:0"), (4, "cuda:0")])
+def test_auto_is_cuda_when_available_else_cpu(gpus, n_gpus, expected):
+    gpus(n_gpus)
+    assert resolve_device("auto") == torch.device(expected)
+    if n_gpus:
+        assert resolve_device("cuda") == torch.device("cuda", 0)
+        assert resolve_device(f"cuda:{n_gpus - 1}") == torch.device("cuda", n_gpus - 1)
+
+
+@pytest.mark.parametrize("request_", ["cuda", "auto", "CUDA", torch.device("cuda")])
+@pytest.mark.parametrize(("local_rank", "n_ranks", "n_gpus"), [(0, 2, 2), (1, 2, 2), (3, 4, 8), (0, 1, 1)])
+def test_under_torchrun_each_rank_takes_its_own_local_gpu(gpus, request_, local_rank, n_ranks, n_gpus):
+    gpus(n_gpus, rank=local_rank, ranks=n_ranks)
+    resolved = resolve_device(request_)
+    assert resolved == torch.device("cuda", local_rank)
+    assert resolve_device(resolved) == resolved  # a resolved device passes through unchanged
+
+
+def test_the_torchrun_environment_can_be_passed_explicitly(gpus):
+    gpus(2)
+    assert resolve_device("cuda", environ={"LOCAL_RANK": "1", "WORLD_SIZE": "2"}) == torch.device("cuda", 1)
+    assert resolve_device("cuda", environ={}) == torch.device("cuda", 0)
+
+
+def test_under_torchrun_without_cuda_auto_is_cpu_and_cuda_is_one_error(gpus):
+    gpus(0, rank=1, ranks=2)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert "no CUDA here" in _one_line_config_error("cuda")
+
+
+def test_more_torchrun_ranks_than_gpus_is_one_error(gpus):
+    gpus(2, rank=2, ranks=3)
+    message = _one_line_config_error("auto")
+    assert "LOCAL_RANK is 2" in message and "--nproc-per-node 2" in message
+
+
+@pytest.mark.parametrize("request_", ["cuda:1", 1])
+def test_one_explicit_gpu_for_several_torchrun_ranks_is_one_error_unless_shared(gpus, monkeypatch, request_):
+    gpus(2, rank=0, ranks=2)
+    message = _one_line_config_error(request_)
+    assert "all 2 torchrun ranks" in message and "--device cuda" in message and SHARE_GPU_ENV in message
+    monkeypatch.setenv(SHARE_GPU_ENV, "1")
+    assert resolve_device(request_) == torch.device("cuda", 1)
+
+
+def test_one_explicit_gpu_for_a_single_torchrun_rank_is_fine(gpus, monkeypatch):
+    gpus(2, rank=0, ranks=1)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # the count falls back to WORLD_SIZE
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize(
+    ("request_", "n_gpus", "phrase"),
+    [
+        ("cuda", 0, "no CUDA here"),
+        ("cuda:2", 2, "(2 CUDA devices)"),
+        (torch.device("cuda", 5), 2, "(2 CUDA devices)"),
+        ("mps", 0, "'mps' is not available"),
+        ("tpu", 0, "unknown device"),
+        ("cuda:x", 1, "unknown device"),
+    ],
+)
+def test_an_impossible_request_is_one_config_error_saying_what_to_pass(gpus, monkeypatch, request_, n_gpus, phrase):
+    gpus(n_gpus)
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None:
+        monkeypatch.setattr(mps, "is_available", lambda: False)
+    message = _one_line_config_error(request_)
+    assert phrase in message and "devices present: cpu" in message and "pass one of them" in message
+
+
+def test_bad_torchrun_variables_are_one_error(gpus, monkeypatch):
+    gpus(1)
+    monkeypatch.setenv("LOCAL_RANK", "first")
+    assert "LOCAL_RANK" in _one_line_config_error("cuda")
+
+
+def test_data_parallel_keeps_the_resolved_device(gpus):
+    gpus(0)
+    with data_parallel(device="auto") as group:
+        assert group.device == torch.device("cpu") and group.backend == "gloo"
+    gpus(2, rank=0, ranks=2)
+    with pytest.raises(DeviceError, match="torchrun ranks"), data_parallel(device="cuda:1"):
+        pass
+
+
+@pytest.mark.parametrize("entry", ["cli", "torchrun"])
+def test_cli_refuses_one_gpu_for_every_rank_in_one_line_before_any_output(gpus, tmp_path, capsys, entry):
+    from bigram_circuits.distributed.__main__ import main as torchrun_main
+
+    gpus(2, rank=1, ranks=2)
+    out = tmp_path / "run"
+    run = main if entry == "cli" else torchrun_main
+    assert run(["find", "--device", "cuda:0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "all 2 torchrun ranks" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_the_torchrun_entry_hands_the_command_the_resolved_device(gpus, monkeypatch, tmp_path):
+    import bigram_circuits.distributed.__main__ as entry
+
+    seen = []
+    monkeypatch.setattr(entry, "cli_run", lambda args: seen.append(args.device) or 0)
+    gpus(0, rank=0, ranks=1)
+    assert entry.main(["find", "--device", "auto", "--out", str(tmp_path / "run")]) == 0
+    assert seen == [torch.device("cpu")]
 
 
 # --------------------------------------------------------------------------- on the test device

@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 from tqdm.auto import tqdm
 
+from bigram_circuits.devices import resolve_device
+from bigram_circuits.errors import ConfigError
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir
 from bigram_circuits.masks import DEFAULT_GRANULARITIES
 from bigram_circuits.plots import (
@@ -26,6 +29,7 @@ from bigram_circuits.plots import (
     fig3_rotation,
     fig4_similarity,
     fig5_optimal,
+    fig_controls,
     fig_layer_distribution,
     human_count,
     save_figure,
@@ -38,6 +42,8 @@ from bigram_circuits.tables import (
     table2_bigram_r,
     table3_overlap,
     table4_generations,
+    table_controls,
+    table_controls_partial,
     table_fig1,
     table_headline,
     to_markdown,
@@ -152,7 +158,7 @@ class _FigureRun:
     so a fully cached run only redraws.
     """
 
-    def __init__(self, model: str, config: FiguresConfig, root: Path, device: str, show_progress: bool):
+    def __init__(self, model: str, config: FiguresConfig, root: Path, device: torch.device, show_progress: bool):
         self.model, self.config, self.root = model, config, root
         self.device, self.show_progress = device, show_progress
         self._loaded: dict | None = None
@@ -206,11 +212,14 @@ class _FigureRun:
             }
         return self._loaded
 
-    def _sweep(self, bridge, target_name: str, lambdas, folder: str, seed: int | None = None) -> pd.DataFrame:
+    def _sweep(
+        self, bridge, target_name: str, lambdas, folder: str, seed: int | None = None, granularities=None
+    ) -> pd.DataFrame:
         from bigram_circuits.search import Target, sweep
 
         data = self.loaded
-        target = Target.bigram(data["stats"]) if target_name == "bigram" else Target.full_model(data["vocab"])
+        # "bigram", "full_model" or a control such as "permuted_contexts" (Target.from_name).
+        target = Target.from_name(target_name, stats=data["stats"], vocab_size=data["vocab"])
         config = self.config.search_config()
         if seed is not None:
             config = replace(config, seed=seed)
@@ -219,7 +228,7 @@ class _FigureRun:
             data["train"],
             target,
             [float(x) for x in lambdas],
-            self.config.granularities,
+            granularities or self.config.granularities,
             config,
             self.root / folder,
             eval_windows=data["eval"],
@@ -590,6 +599,173 @@ class _FigureRun:
         # ("table2_rows") is not reused.
         return self._frame("table2_bigram_r", compute)
 
+    # -- faithfulness controls (issue 23)
+
+    def _chosen_row(self) -> pd.Series:
+        rows = self.bigram_sweep()
+        return (rows[rows["chosen"]] if rows["chosen"].any() else rows.loc[[rows["r"].idxmax()]]).iloc[0]
+
+    def control_sweeps(self) -> pd.DataFrame:
+        """Lambda sweeps of the controls beside the real one: the bigram target permuted across
+        contexts and within rows (r against the permuted table; ``checkpoint_lambdas``, the
+        lambdas of every sweep besides Fig 1's), and the real target searched at the chosen lambda
+        in the step-0 (random-init) model with its own and with the trained embeddings (Table 2's
+        searches at that lambda, shared through their cache folders)."""
+
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.baselines import transplant_embeddings
+            from bigram_circuits.models import available_checkpoints, load_model
+
+            data = self.loaded
+            real = self.bigram_sweep()
+            from bigram_circuits.search import SWEEP_FILE
+
+            stops = pd.read_csv(self.root / "final" / "bigram" / SWEEP_FILE)[["lambda", "steps", "stop_reason"]]
+            parts = [real.merge(stops, on="lambda", how="left").assign(control="real bigram target", target="bigram")]
+            suffix = "" if self.config.seed == 0 else f":{self.config.seed}"
+            for variant in ("contexts", "vocab"):
+                name = f"permuted_{variant}{suffix}"
+                table = self._sweep(
+                    data["bridge"], name, self.config.checkpoint_lambdas, f"controls/permuted_{variant}"
+                )
+                parts.append(
+                    from_search_sweep(table, self.model).assign(
+                        control=f"permuted {variant}",
+                        target=name,
+                        path=table["path"].to_numpy(),
+                        steps=table["steps"].to_numpy(),
+                        stop_reason=table["stop_reason"].to_numpy(),
+                    )
+                )
+            if 0 in available_checkpoints(self.model):
+                for label, folder, transplant in (
+                    ("random init", "step_0/bigram", False),
+                    ("random init + trained embeddings", "step_0_trained_embeddings/bigram", True),
+                ):
+                    init_bridge, _ = load_model(self.model, device=self.device, checkpoint=0)
+                    if transplant:
+                        transplant_embeddings(init_bridge, data["bridge"])
+                    # The chosen lambda only, in Table 2's folders (its searches are shared, not redone).
+                    table = self._sweep(init_bridge, "bigram", [float(self._chosen_row()["lambda"])], folder)
+                    parts.append(
+                        from_search_sweep(table, self.model).assign(
+                            control=label,
+                            target="bigram",
+                            path=table["path"].to_numpy(),
+                            steps=table["steps"].to_numpy(),
+                            stop_reason=table["stop_reason"].to_numpy(),
+                        )
+                    )
+                    del init_bridge
+            total = float(real["mask_size"].iloc[0]) if "mask_size" in real else float("nan")
+            table = pd.concat(parts, ignore_index=True)
+            table["active_percent"] = 100.0 * table["active_params"] / total
+            table["chosen"] = table["chosen"].astype("boolean").fillna(False).astype(bool)
+            columns = ["control", "target", "lambda", "active_params", "active_percent", "r", "chosen"]
+            return table[[*columns, "steps", "stop_reason", "path"]]
+
+        return self._frame("controls_sweeps", compute)
+
+    def control_partial_ablation(self) -> pd.DataFrame:
+        """Random fractions of the chosen bigram subnetwork and of random same-shape ones removed
+        (zero ablation; for neuron/head masks also mean ablation), one draw per ``random_seeds``
+        seed. With weight masks, a neuron/head bigram subnetwork at the chosen lambda is searched
+        too (``controls/neuron_head``) for the mean- vs zero-ablation comparison."""
+
+        def compute() -> pd.DataFrame:
+            from bigram_circuits.circuits.ablation import partial_ablation_table
+
+            data = self.loaded
+            seeds = self.config.random_seeds
+            chosen = self.chosen_bigram()
+            units = ("neuron", "head")
+            parts = []
+            is_units = set(self.config.granularities) <= set(units)
+            parts.append(
+                partial_ablation_table(
+                    data["bridge"], data["stats"], data["ablation"], chosen, seeds=seeds, show_progress=False
+                ).assign(granularity="+".join(self.config.granularities))
+            )
+            if not is_units:
+                lam = float(self._chosen_row()["lambda"])
+                table = self._sweep(data["bridge"], "bigram", [lam], "controls/neuron_head", granularities=units)
+                unit_sub = self.subnetwork(table["path"].iloc[0])
+                parts.append(
+                    partial_ablation_table(
+                        data["bridge"], data["stats"], data["ablation"], unit_sub, seeds=seeds, show_progress=False
+                    ).assign(granularity="neuron+head")
+                )
+            return pd.concat(parts, ignore_index=True)
+
+        return self._frame("controls_partial_ablation", compute)
+
+    def control_seed_runs(self) -> pd.DataFrame:
+        """The chosen lambda's bigram subnetwork searched with every ``headline_seeds`` seed (the
+        headline's searches, shared through their folders): seed, lambda, size, r, path."""
+
+        def compute() -> pd.DataFrame:
+            data = self.loaded
+            chosen = self._chosen_row()
+            lam, total = float(chosen["lambda"]), float(chosen["mask_size"])
+            rows = []
+            for seed in self.config.headline_seeds:
+                path = (
+                    str(chosen["path"])
+                    if seed == self.config.seed
+                    else str(
+                        self._sweep(data["bridge"], "bigram", [lam], f"final/bigram_seed_{seed}", seed=seed)[
+                            "path"
+                        ].iloc[0]
+                    )
+                )
+                sub = self.subnetwork(path)
+                rows.append(
+                    {
+                        "seed": seed,
+                        "lambda": lam,
+                        "active_params": int(sub.n_params()),
+                        "active_percent": 100.0 * sub.n_params() / total,
+                        "r": float(sub.metadata.get("metrics", {}).get("bigram_r", float("nan"))),
+                        "path": path,
+                    }
+                )
+            return pd.DataFrame(rows)
+
+        return self._frame("controls_seed_runs", compute)
+
+    def control_seed_overlap(self) -> pd.DataFrame:
+        """Overlap of the chosen lambda's subnetworks of every pair of ``headline_seeds`` seeds
+        against the null of random same-shape pairs (:func:`~bigram_circuits.circuits.overlap.overlap`)."""
+
+        def compute() -> pd.DataFrame:
+            from itertools import combinations
+
+            from bigram_circuits.circuits.overlap import overlap_table
+
+            runs = self.control_seed_runs()
+            subs = {int(row.seed): self.subnetwork(row.path) for row in runs.itertuples()}
+            pairs = {f"seed {a} vs seed {b}": (subs[a], subs[b]) for a, b in combinations(sorted(subs), 2)}
+            table = overlap_table(pairs, n_random=self.config.overlap_samples, seed=self.config.seed)
+            table.insert(1, "kind", "seed vs seed")
+            return table
+
+        return self._frame("controls_seed_overlap", compute)
+
+    def cached_headline(self) -> pd.DataFrame | None:
+        """The headline stage's table if it is cached (its bigram-vs-optimal overlap goes beside
+        the seed-to-seed overlap), else None."""
+        path = self.root / "headline_seeds.csv"
+        return pd.read_csv(path) if path.exists() else None
+
+    def controls(self) -> dict[str, pd.DataFrame]:
+        """Every control table (each cached on its own)."""
+        return {
+            "sweeps": self.control_sweeps(),
+            "partial": self.control_partial_ablation(),
+            "seed_overlap": self.control_seed_overlap(),
+            "seeds": self.control_seed_runs(),
+        }
+
 
 def figures_command(
     model: str = "default",
@@ -597,9 +773,10 @@ def figures_command(
     cache_dir: str | os.PathLike = "runs/figures_cache",
     *,
     config: FiguresConfig | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     png: bool = True,
     show_progress: bool = True,
+    only: str = "all",
 ) -> list[Path]:
     """``bigram-circuits figures``: compute every result of the paper's figures and tables for
     ``model`` and write them to ``out_dir``; returns the paths written.
@@ -611,14 +788,28 @@ def figures_command(
     ``tables.md`` with all tables in Markdown, and the figures' input DataFrames under
     ``out_dir/data/`` (so they can be redrawn without the cache). ``png=False`` skips the PNG
     export.
+
+    ``only="controls"`` runs the faithfulness-controls stage alone (its inputs, the bigram and
+    optimal sweeps and the headline seeds, come from the cache or are computed): it writes
+    ``fig_controls``, ``table_controls*.csv``, ``data/controls_*.csv`` and replaces the
+    controls sections at the end of an existing ``tables.md``.
     """
 
+    if only not in ("all", "controls"):
+        raise ConfigError(f"only must be 'all' or 'controls', got {only!r}")
     config = config or FiguresConfig()
+    device = resolve_device(device)  # once, before any work
     # Unwritable destinations fail now, not after the searches.
     out = ensure_output_dir(out_dir)
     ensure_output_dir(cache_dir)
     root = Path(cache_dir) / f"{_slug(str(model))}-{_model_fingerprint(str(model))}-{config.key()}"
     run = _FigureRun(str(model), config, root, device, show_progress)
+    if only == "controls":
+        # The headline stage's bigram-vs-optimal overlap, from the cache or the last full run's data.
+        headline = run.cached_headline()
+        if headline is None and (out / "data" / "headline_seeds.csv").exists():
+            headline = pd.read_csv(out / "data" / "headline_seeds.csv")
+        return _write_controls(run.controls(), out, png, headline)
 
     stages = [
         ("bigram sweep", run.bigram_sweep),
@@ -631,6 +822,7 @@ def figures_command(
         ("generations", run.generations),
         ("bigram r table", run.bigram_r_rows),
         ("headline over seeds", run.headline),
+        ("controls", run.controls),
     ]
     results = {}
     with tqdm(total=len(stages), desc="figures", unit="stage", disable=not show_progress) as bar:
@@ -721,5 +913,52 @@ def figures_command(
         markdown.append(f"## {title}\n\n{to_markdown(table)}\n")
     md_path = out / "tables.md"
     atomic_write_bytes(md_path, "\n".join(markdown).encode("utf-8"))
+    written.append(md_path)
+    written.extend(_write_controls(results["controls"], out, png, results["headline over seeds"]))
+    return written
+
+
+_CONTROLS_HEADING = "## Controls"
+
+
+def _write_controls(
+    controls: dict[str, pd.DataFrame], out: Path, png: bool, headline: pd.DataFrame | None = None
+) -> list[Path]:
+    """The controls' figure, tables and input data; their sections replace the controls
+    sections at the end of ``out/tables.md`` (appended when it has none). ``headline`` (the
+    headline stage's rows) adds the bigram-vs-optimal overlap beside the seed-to-seed one."""
+    written = save_figure(
+        fig_controls(controls["sweeps"], controls["partial"]),
+        out / "fig_controls",
+        png=png,
+        include_plotlyjs="directory",
+    )
+    tables = {
+        "Controls: can a mask fit a nonsense target, a random model, or survive partial removal as well?": (
+            "table_controls",
+            table_controls(
+                controls["sweeps"], controls["partial"], controls["seed_overlap"], controls["seeds"], headline
+            ),
+        ),
+        "Controls: partial ablation curves (held-out loss increase and bigram r, mean ± sd over draws)": (
+            "table_controls_partial",
+            table_controls_partial(controls["partial"]),
+        ),
+    }
+    data_dir = ensure_output_dir(out / "data")
+    for name in ("sweeps", "partial", "seed_overlap", "seeds"):
+        path = data_dir / f"controls_{ {'partial': 'partial_ablation', 'seeds': 'seed_runs'}.get(name, name) }.csv"
+        atomic_write_bytes(path, controls[name].to_csv(index=False).encode("utf-8"))
+        written.append(path)
+    sections = []
+    for title, (name, table) in tables.items():
+        csv_path = out / f"{name}.csv"
+        atomic_write_bytes(csv_path, table.to_csv(index=False).encode("utf-8"))
+        written.append(csv_path)
+        sections.append(f"{_CONTROLS_HEADING}{title.removeprefix('Controls')}\n\n{to_markdown(table)}\n")
+    md_path = out / "tables.md"
+    text = md_path.read_text(encoding="utf-8") if md_path.exists() else "# Tables\n"
+    head = text.split(f"\n{_CONTROLS_HEADING}", 1)[0].rstrip("\n")
+    atomic_write_bytes(md_path, (head + "\n\n" + "\n".join(sections)).encode("utf-8"))
     written.append(md_path)
     return written

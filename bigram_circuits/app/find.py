@@ -10,7 +10,9 @@ import os
 from collections.abc import Sequence
 
 import pandas as pd
+import torch
 
+from bigram_circuits.devices import resolve_device
 from bigram_circuits.distributed import current as current_group
 from bigram_circuits.errors import SearchError
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir, run_directory_lock
@@ -35,7 +37,7 @@ def find_command(
     schedule: str = "fast",
     max_train_windows: int | None = 4096,
     max_eval_windows: int | None = 256,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     resume: bool = True,
     show_progress: bool = True,
     **config_options,
@@ -50,9 +52,13 @@ def find_command(
     With several ``seeds`` the sweep runs once per seed in ``out_dir/seed_{s}`` (sharing the
     bigram stats) and the returned table has one row per (seed, lambda); ``out_dir/seeds.csv``
     holds mean and sample std over seeds per lambda (``seeds_summary``).
+
+    ``target="permuted_contexts"`` or ``"permuted_vocab"`` (``:SEED`` appended picks another
+    permutation) searches against the bigram table permuted by :meth:`BigramStats.permuted`, the
+    faithfulness control; each run's ``bigram_r`` is then measured against that permuted table.
     """
     from bigram_circuits.data import load_token_dataset
-    from bigram_circuits.models import load_model, model_vocab_size, resolve_device
+    from bigram_circuits.models import load_model, model_vocab_size
 
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     unknown = sorted(set(config_options) - known)
@@ -74,12 +80,12 @@ def find_command(
     if not lambdas:
         raise SearchError("give at least one lambda")
     parse_granularities(granularities)
-    resolve_device(device)  # an absent device is one line now, before any output is written
+    device = resolve_device(device)  # once, rank-aware; an impossible device is one line before any output
     out_path = ensure_output_dir(out_dir)
     run = RunDir(out_path)
     # One writer per run directory: a second `find` on it fails with one line (rank 0 holds it).
     with run_directory_lock(out_path) if current_group().is_writer else contextlib.nullcontext(out_path):
-        bridge, tokenizer = load_model(model, device=current_group().device_for(device))
+        bridge, tokenizer = load_model(model, device=device)
         vocab = model_vocab_size(bridge, tokenizer)
         train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
         evaluation = load_token_dataset(corpus, tokenizer, split="eval", show_progress=show_progress)
@@ -145,7 +151,7 @@ def find_command(
                 "config": config.to_dict(),
                 "max_train_windows": max_train_windows,
                 "max_eval_windows": max_eval_windows,
-                "device": device,
+                "device": str(device),
                 "paper_schedule": paper,
                 "schedule": "paper" if paper else schedule,
             },

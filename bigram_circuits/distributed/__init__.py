@@ -19,7 +19,8 @@ continues exactly (also with another number of ranks, or as a single process).
 
 The search asks :func:`current` for the active group; outside :func:`data_parallel` that is
 :data:`SINGLE_PROCESS`, whose operations do nothing. Backend: ``gloo`` on CPU, ``nccl`` when
-the ranks use CUDA (each rank then takes ``cuda:{LOCAL_RANK}``).
+the ranks use CUDA. The device is resolved once, by :func:`bigram_circuits.devices.resolve_device`
+(``cuda`` and ``auto``: each rank's own ``cuda:{LOCAL_RANK}``), and kept as ``ProcessGroup.device``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from jaxtyping import Integer
 from torch import nn
 
+from bigram_circuits.devices import resolve_device
 from bigram_circuits.errors import ConfigError, MaskError, SearchError
 from bigram_circuits.masks import ForwardMasks, MaskSet, _safe
 
@@ -53,6 +55,7 @@ __all__ = [
 
 # Entries per gradient all-reduce (32 MiB of float32): large enough to keep gloo/NCCL efficient.
 ALL_REDUCE_BUCKET = 1 << 23
+_CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class ProcessGroup:
     local_rank: int = 0
     backend: str | None = None
     shard_masks: bool = False  # searches shard their mask logits over the ranks (ShardedMaskSet)
+    device: torch.device = _CPU  # this rank's device, resolved by data_parallel
 
     @property
     def is_writer(self) -> bool:
@@ -145,17 +149,9 @@ class ProcessGroup:
 
             dist.barrier()
 
-    def device_for(self, device: str | torch.device) -> str:
-        """The device this rank uses when asked for ``device``: ``cuda`` -> ``cuda:{local_rank}``."""
-        text = str(device)
-        if self.active and text == "cuda":
-            return f"cuda:{self.local_rank}"
-        return text
-
     def _device(self) -> torch.device:
-        if self.backend == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        """Where collectives' small tensors live: this rank's GPU under NCCL, else the CPU."""
+        return self.device if self.backend == "nccl" else _CPU
 
 
 SINGLE_PROCESS = ProcessGroup()
@@ -190,7 +186,10 @@ def data_parallel(
 
     Under torchrun everything comes from the environment (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); tests pass ``rank``, ``world_size`` and a
-    ``tcp://`` ``init_method``. ``backend`` defaults to ``nccl`` when ``device`` is CUDA, else
+    ``tcp://`` ``init_method``. ``device`` is this rank's device: a ``torch.device`` resolved by
+    the caller, or a request (``"cuda"``, ``"auto"``, ...) resolved here by
+    :func:`bigram_circuits.devices.resolve_device` (default: the CPU); it becomes
+    ``ProcessGroup.device``. ``backend`` defaults to ``nccl`` when ``device`` is CUDA, else
     ``gloo``. An already initialised default group is reused (and left open). With
     ``shard_masks`` (and 2+ ranks) searches keep their mask logits in a :class:`ShardedMaskSet`
     (FSDP2, one unit per layer) instead of a full copy on every rank.
@@ -206,10 +205,11 @@ def data_parallel(
         raise ConfigError(
             f"rank {rank} is outside a world of {world_size} processes; launch with torchrun --nproc-per-node N"
         )
+    device = resolve_device(device)
     if backend is None:
-        backend = "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device)
     created = False
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
@@ -221,7 +221,12 @@ def data_parallel(
         )
         created = True
     group = ProcessGroup(
-        rank=rank, world_size=world_size, local_rank=local_rank, backend=backend, shard_masks=bool(shard_masks)
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        backend=backend,
+        shard_masks=bool(shard_masks),
+        device=device,
     )
     _ACTIVE.append(group)
     try:
@@ -323,7 +328,7 @@ class ShardedMaskSet(MaskSet):
             self._local_allowed[key] = self._allowed(key)[self._local_rows(key)]
 
     def _initial_logits(self, component, init: float, device: torch.device) -> torch.Tensor:
-        self._fill[component.key] = (init, torch.device(device))
+        self._fill[component.key] = (init, device)
         return torch.empty(component.shape, device="meta")
 
     # ---- layout

@@ -9,21 +9,11 @@ import contextlib
 import io
 import sys
 
-from bigram_circuits.cli import main as cli_main
+from bigram_circuits.cli import build_parser
+from bigram_circuits.cli import run as cli_run
+from bigram_circuits.devices import resolve_device
 from bigram_circuits.distributed import data_parallel
 from bigram_circuits.errors import BigramCircuitsError
-
-
-def _option(argv: list[str], name: str) -> str | None:
-    """The value of ``--name VALUE`` / ``--name=VALUE`` in ``argv`` (the last one), else None."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
 
 SHARD_MASKS = "--shard-masks"
 
@@ -31,7 +21,8 @@ SHARD_MASKS = "--shard-masks"
 def main(argv: list[str] | None = None) -> int:
     """``torchrun ... -m bigram_circuits.distributed [--shard-masks] <command> [options]``: the
     ``bigram-circuits`` command line run data-parallel. Rank 0 prints and writes; other ranks
-    print only errors."""
+    print only errors. ``--device`` is resolved here, once for this rank (``cuda`` and ``auto``:
+    ``cuda:{LOCAL_RANK}``), and the command receives that ``torch.device``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     shard_masks = bool(argv) and argv[0] == SHARD_MASKS
     if shard_masks:
@@ -43,16 +34,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    args = build_parser().parse_args(argv)
     try:
-        with data_parallel(device=_option(argv, "--device"), shard_masks=shard_masks) as group:
+        device = resolve_device(getattr(args, "device", "cpu"))  # every command's default device is the CPU
+        if hasattr(args, "device"):
+            args.device = device
+        with data_parallel(device=device, shard_masks=shard_masks) as group:
             if shard_masks and not group.sharded:
                 print(
                     f"note: one process, so {SHARD_MASKS} has nothing to shard; launch with torchrun", file=sys.stderr
                 )
             if not group.is_writer:
                 with contextlib.redirect_stdout(io.StringIO()):
-                    return cli_main(argv)
-            return cli_main(argv)
+                    return cli_run(args)
+            return cli_run(args)
     except BigramCircuitsError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
