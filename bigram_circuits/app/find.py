@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import os
 from collections.abc import Sequence
@@ -63,7 +64,13 @@ def find_command(
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     unknown = sorted(set(config_options) - known)
     if unknown:
-        raise SearchError(f"unknown search option(s) {unknown}; valid: {', '.join(sorted(known))}")
+        # The closest valid names, not the whole list: SearchConfig has too many fields for one line.
+        close = sorted({m for name in unknown for m in difflib.get_close_matches(name, known, n=3, cutoff=0.5)})
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise SearchError(
+            f"unknown search option(s) {unknown}; {hint}"
+            "the options are SearchConfig's fields (bigram-circuits find --help)"
+        )
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise SearchError(f"seeds must be distinct integers, at least one; got {seeds}")
