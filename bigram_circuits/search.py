@@ -15,7 +15,9 @@ Schedule and stopping: temperature ``T`` starts at 1 and is multiplied by ``temp
 ``max_steps`` / ``time_budget_s``.
 The paper's stability check then looks for loss spikes (a step above the previous 10 steps'
 mean by +0.25 or x1.25); a run with a spike in its last 100 steps, or whose loss does not
-regain the pre-spike mean 100 steps before the end, is retried on a new data shuffle (up to
+regain the pre-spike mean 100 steps before the end, is retried (at batches smaller than the
+paper's 32 x 128 tokens a "step" of the check is the mean of enough steps to cover that many
+tokens, :func:`steps_per_check_point`, so batch noise is not read as a spike) on a new data shuffle (up to
 ``max_attempts`` runs).
 
 Defaults converge in a few hundred steps at every granularity: learning rate per granularity
@@ -90,12 +92,17 @@ __all__ = [
     "SearchState",
     "StepLosses",
     "Target",
+    "TargetSpec",
     "bigram_correlation",
     "choose_subnetwork",
+    "register_target",
     "search",
     "search_step",
     "stability_check",
+    "steps_per_check_point",
+    "PAPER_TOKENS_PER_STEP",
     "sweep",
+    "target_spec",
 ]
 
 DEFAULT_LR: dict[str, float] = {"neuron": 0.05, "head": 0.05, "weight": 0.01}
@@ -361,29 +368,56 @@ def _batches(windows: np.ndarray, config: SearchConfig, attempt: int, start_step
             step += 1
 
 
+# The paper's batch: its stability thresholds are for the mean loss over this many tokens.
+PAPER_TOKENS_PER_STEP = 32 * 128
+
+
+def steps_per_check_point(batch_size: int, seq_len: int) -> int:
+    """How many consecutive steps of ``batch_size x seq_len`` tokens make one point of the
+    stability check: as close to the paper's 32 x 128 tokens as whole steps allow (1 at the
+    paper's batch). At 4 x 32 a single step's loss has a batch-noise sd of about 0.14 nats, so
+    the paper's +0.25 threshold would call noise a spike."""
+    return max(1, round(PAPER_TOKENS_PER_STEP / (batch_size * seq_len)))
+
+
 def stability_check(
-    losses: Sequence[float], window: int = 10, abs_spike: float = 0.25, rel_spike: float = 1.25, tail: int = 100
+    losses: Sequence[float],
+    window: int = 10,
+    abs_spike: float = 0.25,
+    rel_spike: float = 1.25,
+    tail: int = 100,
+    steps_per_point: int = 1,
 ) -> tuple[bool, str]:
     """The paper's check: ``(stable, reason)``. A spike is a loss above the previous ``window``
-    steps' mean by ``+abs_spike`` or ``x rel_spike``; a run is unstable if a spike falls in the
-    last ``tail`` steps or the loss does not regain a spike's reference mean ``tail`` steps
-    before the end."""
-    values = np.asarray(losses, dtype=np.float64)
+    points' mean by ``+abs_spike`` or ``x rel_spike``; a run is unstable if a spike falls in the
+    last ``tail`` points or the loss does not regain a spike's reference mean ``tail`` points
+    before the end. A point is the mean loss of ``steps_per_point`` consecutive steps
+    (:func:`steps_per_check_point`; the earliest steps that do not fill a point are left out),
+    so every point covers about the paper's tokens; messages give step numbers."""
+    k = max(1, int(steps_per_point))
+    raw = np.asarray(losses, dtype=np.float64)
+    offset = len(raw) % k  # leave out the earliest steps, so the last point ends at the last step
+    values = raw[offset:].reshape(-1, k).mean(axis=1)
     n = len(values)
     if n <= window:
         return True, "too short to check"
     csum = np.concatenate([[0.0], np.cumsum(values)])
-    means = (csum[window:n] - csum[: n - window]) / window  # mean of the `window` steps before i
+    means = (csum[window:n] - csum[: n - window]) / window  # mean of the `window` points before i
     idx = np.arange(window, n)
     spikes = idx[(values[window:] > means + abs_spike) | (values[window:] > means * rel_spike)]
-    for i in spikes:
+    unit = "steps" if k == 1 else f"points of {k} steps"
+
+    def step_of(i: int) -> int:  # the last step of point i, 1-based
+        return offset + (i + 1) * k
+
+    for i in spikes.tolist():  # Python ints
         ref = means[i - window]
         if i >= n - tail:
-            return False, f"loss spike at step {i + 1} within the last {tail} steps"
+            return False, f"loss spike at step {step_of(i)} within the last {tail} {unit}"
         after = np.nonzero(values[i + 1 :] <= ref)[0]
         if len(after) == 0 or i + 1 + after[0] > n - 1 - tail:
-            return False, f"loss did not recover from the spike at step {i + 1} {tail} steps before the end"
-    return True, f"{len(spikes)} spikes, all recovered"
+            return False, f"loss did not recover from the spike at step {step_of(i)} {tail} {unit} before the end"
+    return True, f"{len(spikes)} spikes, all recovered" + ("" if k == 1 else f" (points of {k} steps)")
 
 
 @torch.no_grad()
@@ -762,13 +796,19 @@ def search(
                 state = SearchState.fresh(bridge, config, _run_identity(config, grans, target, fingerprint))
             while True:  # attempts: a new shuffle after an unstable run, up to max_attempts
                 stop_reason = _run_attempt(state, bridge, windows, target, config, out_path, show_progress, callback)
-                stable, stability = stability_check([r["loss"] for r in state.history])
+                stable, stability = _stability(state.history, config)
                 outcome = {"stop_reason": stop_reason, "stable": stable, "stability": stability}
                 last_attempt = state.attempt + 1 >= config.max_attempts
                 if stable or not config.stability_check or last_attempt or stop_reason == "time_budget":
                     break
                 state = state.next_attempt(bridge, config, {"attempt": state.attempt, "steps": state.step, **outcome})
         return _finish(bridge, state, target, windows, eval_windows, config, out_path, metadata, outcome)
+
+
+def _stability(history: Sequence[dict], config: SearchConfig) -> tuple[bool, str]:
+    """The paper's check on a run's loss history, at the paper's tokens per point."""
+    points = steps_per_check_point(config.batch_size, config.seq_len)
+    return stability_check([float(r["loss"]) for r in history], steps_per_point=points)
 
 
 def _run_attempt(
@@ -966,6 +1006,7 @@ def _finish(
             "converged": outcome["stop_reason"] == "converged",
             "stable": outcome["stable"],
             "stability": outcome["stability"],
+            "stability_steps_per_point": steps_per_check_point(config.batch_size, config.seq_len),
             "wall_time_s": wall_time,
             "cpu_time_s": cpu_time,
             "final_temperature": float(mask_set.temperature),
@@ -1031,10 +1072,22 @@ def _load_finished(
             "use another out_dir or resume=False"
         )
     history = pd.read_csv(out_path / HISTORY_FILE)
-    return SearchResult(subnetwork, history, dict(subnetwork.metadata.get("metrics", {})), config, out_path)
+    metrics = dict(subnetwork.metadata.get("metrics", {}))
+    if "stability_steps_per_point" not in metrics and "loss" in history:
+        # Saved before the check measured points of the paper's tokens: recheck the saved history
+        # (the check reads nothing else), and say so.
+        metrics["stable"], metrics["stability"] = _stability(history.to_dict("records"), config)
+        metrics["stability_steps_per_point"] = steps_per_check_point(config.batch_size, config.seq_len)
+        metrics["stability_rechecked"] = True
+        subnetwork.metadata["metrics"] = metrics
+    return SearchResult(subnetwork, history, metrics, config, out_path)
 
 
 # --------------------------------------------------------------------------- sweeps
+
+
+# Columns of a sweep table that a target may select on (``Target.selection_metric``; higher is better).
+SELECTION_METRICS = ("bigram_r",)
 
 
 def sweep(

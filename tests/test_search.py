@@ -24,6 +24,7 @@ from bigram_circuits.search import (
     search,
     search_step,
     stability_check,
+    steps_per_check_point,
     sweep,
 )
 from bigram_circuits.subnetwork import Subnetwork
@@ -267,6 +268,21 @@ def test_stability_check():
     assert stability_check(recovered)[0]
     never_recovers = flat[:100] + [5.0] + [3.5] * 199
     assert not stability_check(never_recovers)[0]
+
+
+def test_stability_check_reads_points_of_the_papers_tokens():
+    """At 4 x 32 tokens a step's loss has batch noise (sd ~0.14 nats) that the paper's +0.25
+    threshold calls a spike; means over 32 steps (the paper's 32 x 128 tokens) do not, while a
+    real late rise still fails."""
+    assert steps_per_check_point(32, 128) == 1 and steps_per_check_point(4, 32) == 32
+    rng = np.random.default_rng(0)
+    noisy = list(5.5 + 0.14 * rng.standard_normal(2000))
+    assert not stability_check(noisy)[0]  # per step: noise reads as spikes
+    stable, reason = stability_check(noisy, steps_per_point=32)
+    assert stable and "points of 32 steps" in reason
+    rise = noisy[:-320] + [x + 1.0 for x in noisy[-320:]]
+    stable, reason = stability_check(rise, steps_per_point=32)
+    assert not stable and "step " in reason
 
 
 def test_choose_subnetwork_picks_sparsest_within_tolerance():
