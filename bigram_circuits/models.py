@@ -30,6 +30,7 @@ seconds instead of the ~20 s of dequantisation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -356,6 +357,17 @@ def _load_hf_dir_model(model_dir: Path, dtype: torch.dtype, checkpoint: int | No
         return _from_pretrained_checked(Path(tmp), dtype, checkpoints[checkpoint])
 
 
+def _freshly_initialised(trained: torch.nn.Module, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """A new model of ``trained``'s config, initialised by HF's own per-architecture scheme."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(trained.config)
+    del trained  # only its config is needed
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def _gguf_as_hf_dir(gguf_path: Path) -> Path:
     """A cached Hugging Face directory holding the dequantised GGUF model and its tokenizer."""
     if importlib.util.find_spec("gguf") is None:
@@ -510,13 +522,17 @@ def load_model(
     max_memory: dict | None = None,
     offload_folder: str | os.PathLike | None = None,
     n_devices: int | None = None,
+    random_init: int | None = None,
 ) -> tuple[TransformerBridge, PreTrainedTokenizerBase]:
     """Load a model as a ``TransformerBridge`` and its tokenizer: ``(bridge, tokenizer)``.
 
     ``name_or_path`` is ``"default"``, ``"smollm2"``, a local HF directory, a ``.gguf`` file or
     a hub name (see the module docstring). ``checkpoint`` picks a training step saved as
     ``checkpoints/step_{N}.safetensors`` in a local directory (see :func:`available_checkpoints`);
-    its weights are cast to ``dtype``. ``device`` is a ``torch.device`` the caller resolved
+    its weights are cast to ``dtype``. ``random_init=SEED`` gives the same architecture freshly
+    initialised by its own HF initialiser under ``torch.manual_seed(SEED)`` (Table 2's "random
+    init" for a model without saved checkpoints; labelled ``NAME@init{SEED}``; one device only).
+    ``device`` is a ``torch.device`` the caller resolved
     (:func:`bigram_circuits.devices.resolve_device`; it is used as is) or a request such as
     ``"cuda"`` that is resolved here, before anything loads.
 
@@ -553,7 +569,11 @@ def load_model(
     source = resolve_source(name_or_path)
     if checkpoint is not None and source.kind != "hf_dir":
         raise ModelLoadError(f"checkpoint= needs a local model directory with checkpoints/, not {source.label!r}")
+    if random_init is not None and (checkpoint is not None or dispatched):
+        raise ModelLoadError("random_init= loads one freshly initialised model; drop checkpoint= and device_map=")
     label = source.label if checkpoint is None else f"{source.label}@step{checkpoint}"
+    if random_init is not None:
+        label = f"{source.label}@init{int(random_init)}"
     if dispatched:
         if source.kind == "hub":
             tokenizer_dir, _ = _load_hub(source.location, dtype, tokenizer_only=True)
@@ -587,6 +607,8 @@ def load_model(
             tokenizer_dir = model_dir
             hf_model = _load_hf_dir_model(model_dir, dtype, checkpoint)
             boot_name = str(model_dir)
+        if random_init is not None:
+            hf_model = _freshly_initialised(hf_model, dtype, int(random_init))
         tokenizer = _load_tokenizer(tokenizer_dir)
         _check_vocab(hf_model, tokenizer, source.label)
         # dtype was applied at load time, which keeps float32 buffers such as rotary frequencies.

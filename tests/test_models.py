@@ -142,6 +142,20 @@ def test_checkpoints_of_a_local_directory(tiny_neox_dir, tmp_path, tiny_model_fa
     _assert_one_line_error(excinfo, "step 5", "available: 8, 64")
 
 
+def test_random_init_is_the_same_architecture_freshly_initialised(tiny_neox_dir):
+    trained, _ = load_model(tiny_neox_dir)
+    fresh, _ = load_model(tiny_neox_dir, random_init=3)
+    again, _ = load_model(tiny_neox_dir, random_init=3)
+    assert fresh.cfg.model_name == f"{tiny_neox_dir}@init3"
+    assert model_id(fresh) == model_id(trained)  # masks made on one fit the other
+    weights = dict(trained.named_parameters())
+    assert any(not torch.equal(p, weights[n]) for n, p in fresh.named_parameters())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), again.parameters()))
+    with pytest.raises(ModelLoadError) as excinfo:
+        load_model(tiny_neox_dir, random_init=0, checkpoint=0)
+    _assert_one_line_error(excinfo, "random_init")
+
+
 def test_default_model_from_environment_override(tiny_neox_dir, monkeypatch):
     monkeypatch.setenv(models.DEFAULT_MODEL_ENV, str(tiny_neox_dir))
     assert default_model_dir() == Path(tiny_neox_dir)
