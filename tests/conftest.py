@@ -299,3 +299,57 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- the figures pipeline
+
+
+@pytest.fixture
+def tiny_figures_model(tmp_path, tiny_model_factory, tiny_text, monkeypatch) -> tuple[Path, Path]:
+    """A tiny GPT-NeoX directory with two training checkpoints (steps 0 and 4), and a corpus
+    file for it; the cache goes to tmp_path."""
+    import shutil
+
+    monkeypatch.setenv("BIGRAM_CIRCUITS_CACHE", str(tmp_path / "cache"))
+    model_dir = tiny_model_factory("neox", tmp_path / "model")
+    (model_dir / "checkpoints").mkdir()
+    for step in (0, 4):
+        shutil.copy(model_dir / "model.safetensors", model_dir / "checkpoints" / f"step_{step}.safetensors")
+    (model_dir / "metrics.json").write_text('{"config": {"max_steps": 8}}')
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(list(tiny_text) * 3))
+    return model_dir, corpus
+
+
+@pytest.fixture
+def tiny_figures_config():
+    """``FiguresConfig`` for the tiny figures model: every stage in seconds."""
+    from bigram_circuits.app.figures import FiguresConfig
+
+    def make(corpus: Path, **changes) -> FiguresConfig:
+        return FiguresConfig(
+            **{
+                "corpus": str(corpus),
+                "seq_len": 16,
+                "batch_size": 4,
+                "max_steps": 3,
+                "bigram_lambdas": (0.0, 10.0),
+                "optimal_lambdas": (10.0,),
+                "checkpoint_lambdas": (1.0, 10.0),
+                "max_checkpoints": 2,
+                "train_windows": 64,
+                "eval_windows": 8,
+                "analysis_seq_len": 32,
+                "analysis_tokens": 256,
+                "ablation_windows": 4,
+                "random_seeds": (0, 1),
+                "overlap_samples": 100,
+                "prompts": ("the",),
+                "generation_tokens": 3,
+                "linear_map_steps": 3,
+                "headline_seeds": (0, 1),
+                **changes,
+            }
+        )
+
+    return make

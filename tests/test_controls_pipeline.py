@@ -33,43 +33,16 @@ def test_target_from_name_builds_the_permuted_control(stats):
         Target.from_name("permuted_rows", stats=stats)
 
 
-@pytest.fixture
-def tiny_figures_model(tmp_path, tiny_model_factory, tiny_text, monkeypatch):
-    """A tiny GPT-NeoX directory with a step-0 checkpoint, and a corpus file for it."""
-    import shutil
-
-    monkeypatch.setenv("BIGRAM_CIRCUITS_CACHE", str(tmp_path / "cache"))
-    model_dir = tiny_model_factory("neox", tmp_path / "model")
-    (model_dir / "checkpoints").mkdir()
-    shutil.copy(model_dir / "model.safetensors", model_dir / "checkpoints" / "step_0.safetensors")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(list(tiny_text) * 3))
-    return model_dir, corpus
-
-
 @pytest.mark.slow
-def test_controls_stage_runs_alone_and_replaces_its_sections(tmp_path, tiny_figures_model, monkeypatch):
+def test_controls_stage_runs_alone_and_replaces_its_sections(
+    tmp_path, tiny_figures_model, tiny_figures_config, monkeypatch
+):
     import pandas as pd
 
     from bigram_circuits.app import figures as A
 
     model_dir, corpus = tiny_figures_model
-    config = A.FiguresConfig(
-        corpus=str(corpus),
-        seq_len=16,
-        batch_size=4,
-        max_steps=3,
-        bigram_lambdas=(0.0, 10.0),
-        optimal_lambdas=(10.0,),
-        checkpoint_lambdas=(1.0, 10.0),
-        train_windows=64,
-        eval_windows=8,
-        analysis_seq_len=32,
-        ablation_windows=2,
-        random_seeds=(0, 1),
-        overlap_samples=50,
-        headline_seeds=(0, 1),
-    )
+    config = tiny_figures_config(corpus, ablation_windows=2, overlap_samples=50)
     out, cache = tmp_path / "figures", tmp_path / "cache_dir"
     out.mkdir()
     (out / "tables.md").write_text("# Tables\n\n## Table 1\n\nkept\n")

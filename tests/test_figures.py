@@ -499,50 +499,12 @@ def test_two_processes_saving_the_same_figure_path_at_once_do_not_crash_each_oth
 # ----------------------------------------------------------------------------- figures_command
 
 
-def _tiny_figures_config(corpus: Path) -> A.FiguresConfig:
-    return A.FiguresConfig(
-        corpus=str(corpus),
-        seq_len=16,
-        batch_size=4,
-        max_steps=3,
-        bigram_lambdas=(0.0, 10.0),
-        optimal_lambdas=(10.0,),
-        checkpoint_lambdas=(1.0, 10.0),
-        max_checkpoints=2,
-        train_windows=64,
-        eval_windows=8,
-        analysis_seq_len=32,
-        analysis_tokens=256,
-        ablation_windows=4,
-        random_seeds=(0, 1),
-        overlap_samples=100,
-        prompts=("the",),
-        generation_tokens=3,
-        linear_map_steps=3,
-        headline_seeds=(0, 1),
-    )
-
-
-@pytest.fixture
-def tiny_figures_model(tmp_path, tiny_model_factory, tiny_text, monkeypatch):
-    """A tiny GPT-NeoX directory with two training checkpoints, and a corpus file for it."""
-    import shutil
-
-    monkeypatch.setenv("BIGRAM_CIRCUITS_CACHE", str(tmp_path / "cache"))
-    model_dir = tiny_model_factory("neox", tmp_path / "model")
-    (model_dir / "checkpoints").mkdir()
-    for step in (0, 4):
-        shutil.copy(model_dir / "model.safetensors", model_dir / "checkpoints" / f"step_{step}.safetensors")
-    (model_dir / "metrics.json").write_text('{"config": {"max_steps": 8}}')
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(list(tiny_text) * 3))
-    return model_dir, corpus
-
-
 @pytest.mark.slow
-def test_figures_command_writes_everything_then_redraws_from_cache(tmp_path, tiny_figures_model, monkeypatch):
+def test_figures_command_writes_everything_then_redraws_from_cache(
+    tmp_path, tiny_figures_model, tiny_figures_config, monkeypatch
+):
     model_dir, corpus = tiny_figures_model
-    config = _tiny_figures_config(corpus)
+    config = tiny_figures_config(corpus)
     out, cache = tmp_path / "figures", tmp_path / "figures_cache"
     written = A.figures_command(str(model_dir), out, cache, config=config, png=False, show_progress=False)
     names = {p.name for p in written}

@@ -321,25 +321,11 @@ class _FigureRun:
             from bigram_circuits.evaluate import ablation_table
 
             data = self.loaded
-            sweep_rows = self.bigram_sweep()
-            chosen = (
-                sweep_rows[sweep_rows["chosen"]]
-                if sweep_rows["chosen"].any()
-                else sweep_rows.loc[[sweep_rows["r"].idxmax()]]
-            )
-            lam, chosen_path = float(chosen["lambda"].iloc[0]), str(chosen["path"].iloc[0])
+            lam = float(self._chosen_row()["lambda"])
             optimal = self.paired_optimal()
             rows = []
             for seed in self.config.headline_seeds:
-                path = (
-                    chosen_path
-                    if seed == self.config.seed
-                    else str(
-                        self._sweep(data["bridge"], "bigram", [lam], f"final/bigram_seed_{seed}", seed=seed)[
-                            "path"
-                        ].iloc[0]
-                    )
-                )
+                path = self._seed_path(seed)
                 sub = self.subnetwork(path)
                 metrics = sub.metadata.get("metrics", {})
                 ablation = ablation_table(
@@ -605,6 +591,17 @@ class _FigureRun:
         rows = self.bigram_sweep()
         return (rows[rows["chosen"]] if rows["chosen"].any() else rows.loc[[rows["r"].idxmax()]]).iloc[0]
 
+    def _seed_path(self, seed: int) -> str:
+        """The folder of the chosen lambda's bigram subnetwork searched with ``seed``: the Fig 1
+        sweep's run for the pipeline's own seed, else ``final/bigram_seed_{seed}`` (searched
+        once, shared by the headline and the controls)."""
+        chosen = self._chosen_row()
+        if seed == self.config.seed:
+            return str(chosen["path"])
+        lam = float(chosen["lambda"])
+        runs = self._sweep(self.loaded["bridge"], "bigram", [lam], f"final/bigram_seed_{seed}", seed=seed)
+        return str(runs["path"].iloc[0])
+
     def control_sweeps(self) -> pd.DataFrame:
         """Lambda sweeps of the controls beside the real one: the bigram target permuted across
         contexts and within rows (r against the permuted table; ``checkpoint_lambdas``, the
@@ -645,8 +642,12 @@ class _FigureRun:
                     init_bridge, _ = load_model(self.model, device=self.device, checkpoint=0)
                     if transplant:
                         transplant_embeddings(init_bridge, data["bridge"])
-                    # The chosen lambda only, in Table 2's folders (its searches are shared, not redone).
-                    table = self._sweep(init_bridge, "bigram", [float(self._chosen_row()["lambda"])], folder)
+                    # Table 2's / Fig 2's sweep in its folder (shared, not redone, and its sweep.csv
+                    # kept whole), of which the chosen lambda's row is the control.
+                    lam = float(self._chosen_row()["lambda"])
+                    lambdas = sorted({*map(float, self.config.checkpoint_lambdas), lam})
+                    table = self._sweep(init_bridge, "bigram", lambdas, folder)
+                    table = table[table["lambda"] == lam].reset_index(drop=True)
                     parts.append(
                         from_search_sweep(table, self.model).assign(
                             control=label,
@@ -704,20 +705,11 @@ class _FigureRun:
         headline's searches, shared through their folders): seed, lambda, size, r, path."""
 
         def compute() -> pd.DataFrame:
-            data = self.loaded
             chosen = self._chosen_row()
             lam, total = float(chosen["lambda"]), float(chosen["mask_size"])
             rows = []
             for seed in self.config.headline_seeds:
-                path = (
-                    str(chosen["path"])
-                    if seed == self.config.seed
-                    else str(
-                        self._sweep(data["bridge"], "bigram", [lam], f"final/bigram_seed_{seed}", seed=seed)[
-                            "path"
-                        ].iloc[0]
-                    )
-                )
+                path = self._seed_path(seed)
                 sub = self.subnetwork(path)
                 rows.append(
                     {
