@@ -71,6 +71,8 @@ def test_study_script_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_neox_dir, 
         str(tmp_path / "results" / "study"),
         "--figures",
         str(tmp_path / "figures"),
+        "--linear-map-steps",
+        "3",
     ]
     result = study.main(argv)
 
@@ -85,6 +87,24 @@ def test_study_script_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_neox_dir, 
     assert saved["optimal"]["lambda"] == saved["chosen"]["lambda"]  # the optimal subnetwork at the chosen lambda
     assert sum(row["condition"] == "random ablated" for row in saved["ablation"]) == 1  # mean over 3 controls
     assert set(saved["circuits"]) == {"full", "bigram", "random"}
+    # Table 2 and the controls: the chosen lambda searched at random init (with and without the
+    # trained embeddings) and on the permuted table, the partial ablation and seed-vs-seed overlap.
+    conditions = [row["condition"] for row in saved["table2"]]
+    assert conditions == [
+        "full model",
+        "bigram subnetwork",
+        "subnetwork at random init",
+        "random init + trained embeddings",
+        "empty subnetwork + embeddings",
+        "embeddings + linear map",
+    ]
+    searches = saved["controls"]["searches"]
+    assert [row["control"] for row in searches] == ["random_init", "random_init_trained_embeddings", "permuted_contexts"]
+    assert all(row["lambda"] == saved["chosen"]["lambda"] for row in searches)
+    assert (tmp_path / "run" / "controls" / "random_init" / "sweep.csv").exists()
+    assert {row["condition"] for row in saved["controls"]["partial_ablation"]} == {"bigram", "random"}
+    assert len(saved["controls"]["seed_overlap"]) == 3  # seed pairs (0,1), (0,2), (1,2)
+    assert "## Table 2" in (tmp_path / "results" / "study.md").read_text()
     assert {"full model", "bigram ablated", "random ablated"} <= {row["condition"] for row in saved["ablation"]}
     markdown = (tmp_path / "results" / "study.md").read_text()
     assert "tiny (this run)" in markdown and "## Circuits" in markdown and "Noise ceiling" in markdown

@@ -75,6 +75,11 @@ class StudyConfig:
     seeds: tuple[int, ...] = (1, 2)  # more seeds of the chosen lambda (the sweep is seed 0); empty: none
     optimal_lambda: float | None = None  # lambda of the optimal subnetwork (default: the chosen one; negative: skip)
     random_controls: int = 3  # random same-shape subnetworks in the ablation (one per seed)
+    # searches at the chosen lambda beside the real one (OUT/controls/NAME): random_init,
+    # random_init_trained_embeddings, permuted_contexts, permuted_vocab; "none" for none
+    controls: tuple[str, ...] = ("random_init", "random_init_trained_embeddings", "permuted_contexts")
+    linear_map_steps: int = 300  # steps of Table 2's embeddings + linear map baseline
+    partial_seeds: tuple[int, ...] = (0, 1)  # draws per fraction of the partial ablation
     max_steps: int = 350  # steps per lambda (fewer when the stopping rule fires)
     lr: float | None = SearchConfig.lr  # mask learning rate (default: per granularity, weight 0.01)
     max_attempts: int = 1  # stability retries (a retry restarts the search; 1 reports stability, no retry)
@@ -287,6 +292,7 @@ def render_markdown(result: dict, sweep_table: pd.DataFrame | None = None, ablat
             if result.get("optimal")
             else []
         ),
+        *_controls_markdown(result),
         "## Where each lambda's subnetwork sits",
         "",
         to_markdown(
@@ -327,9 +333,66 @@ def render_markdown(result: dict, sweep_table: pd.DataFrame | None = None, ablat
     return "\n".join(lines)
 
 
+def _controls_markdown(result: dict) -> list[str]:
+    """Table 2 and the controls sections of the report (empty for results made before them)."""
+    if "table2" not in result:
+        return []
+    controls = result["controls"]
+    lines = [
+        "## Table 2: bigram r of the subnetwork and its baselines",
+        "",
+        to_markdown(pd.DataFrame(result["table2"]), floatfmt=".4g"),
+        "",
+        "## Faithfulness controls",
+        "",
+        "The chosen lambda searched with the same schedule under each control (r of a permuted target is",
+        "against the permuted table):",
+        "",
+        to_markdown(pd.DataFrame(controls["searches"]).drop(columns=["path"], errors="ignore"), floatfmt=".4g"),
+        "",
+    ]
+    partial = pd.DataFrame(controls["partial_ablation"])
+    if len(partial):
+        summary = (
+            partial.groupby(["condition", "fraction"])[["loss_increase", "r_dropped"]]
+            .agg(["mean", "std"])
+            .reset_index()
+        )
+        summary.columns = [" ".join(c for c in col if c).replace(" mean", "") for col in summary.columns]
+        lines += [
+            "Partial ablation: a random fraction of the bigram subnetwork removed from the full model, beside",
+            f"the same fraction of a random same-shape subnetwork (mean and sd over {partial['seed'].nunique()} draws):",
+            "",
+            to_markdown(summary, floatfmt=".4g"),
+            "",
+        ]
+    if controls["seed_overlap"]:
+        lines += [
+            "Seed-to-seed overlap of the chosen lambda's subnetworks (exact null):",
+            "",
+            to_markdown(
+                pd.DataFrame(controls["seed_overlap"])[["pair", "n_overlap", "expected", "ratio", "frac_a_in_b"]],
+                floatfmt=".4g",
+            ),
+            "",
+        ]
+    return lines
+
+
 def _sweep_row(row: pd.Series) -> dict:
     """The JSON-ready fields of one sweep row that a seed table reports."""
-    keys = ("lambda", "n_params", "percent_params", "bigram_r", "steps", "stop_reason", "stable", "cpu_time_s", "path")
+    keys = (
+        "lambda",
+        "n_params",
+        "percent_params",
+        "bigram_r",
+        "steps",
+        "stop_reason",
+        "stable",
+        "stability",
+        "cpu_time_s",
+        "path",
+    )
     return json.loads(pd.Series({k: row[k] for k in keys if k in row.index}).to_json())
 
 
@@ -342,6 +405,63 @@ def _seeds_summary(rows: list[dict]) -> dict:
         out[f"{column}_mean"] = float(values.mean())
         out[f"{column}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
     return out
+
+
+CONTROL_SEARCHES = ("random_init", "random_init_trained_embeddings", "permuted_contexts", "permuted_vocab")
+CONTROL_LABELS = {
+    "random_init": "subnetwork at random init",
+    "random_init_trained_embeddings": "random init + trained embeddings",
+    "permuted_contexts": "permuted contexts (r against the permuted table)",
+    "permuted_vocab": "permuted vocabulary (r against the permuted table)",
+}
+
+
+def _control_names(config: StudyConfig) -> tuple[str, ...]:
+    names = tuple(name for name in config.controls if name != "none")
+    unknown = sorted(set(names) - set(CONTROL_SEARCHES))
+    if unknown:
+        from bigram_circuits.errors import ConfigError
+
+        raise ConfigError(f"unknown control {unknown[0]!r}; use {', '.join(CONTROL_SEARCHES)} or none")
+    return names
+
+
+def control_searches(
+    config: StudyConfig, bridge, stats, train_windows, eval_windows, lam: float, out: Path, show_progress: bool
+) -> list[dict]:
+    """The chosen lambda searched under each of ``config.controls`` (``OUT/controls/NAME``, the
+    layout of ``bigram-circuits find --out OUT/controls/NAME``, so a run made there is reused):
+    the real bigram target in the same architecture freshly initialised (``load_model(...,
+    random_init=0)``), with the trained embeddings copied in, or the trained model with the
+    bigram table permuted across contexts or within rows (r against the permuted table)."""
+    from bigram_circuits.baselines import transplant_embeddings
+    from bigram_circuits.masks import parse_granularities
+    from bigram_circuits.models import load_model
+    from bigram_circuits.search import Target, sweep
+
+    rows = []
+    for name in _control_names(config):
+        model = bridge
+        if name.startswith("random_init"):
+            model, _ = load_model(config.model, random_init=0)
+            if name == "random_init_trained_embeddings":
+                transplant_embeddings(model, bridge)
+        target = Target.from_name(name if name.startswith("permuted_") else "bigram", stats=stats)
+        table = sweep(
+            model,
+            train_windows,
+            target,
+            [lam],
+            parse_granularities(config.granularity.split(",")),
+            config.search_config(),
+            out / "controls" / name,
+            eval_windows=eval_windows,
+            show_progress=show_progress,
+            metadata={"model": config.model, "corpus": config.corpus, "control": name},
+        )
+        rows.append({"control": name, "condition": CONTROL_LABELS[name], **_sweep_row(table.iloc[0])})
+        del model
+    return rows
 
 
 def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
@@ -371,6 +491,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     from bigram_circuits.models import load_model, model_id, model_vocab_size
     from bigram_circuits.search import Target, sweep
 
+    _control_names(config)  # a typo fails now, not after the sweep
     torch.set_num_threads(config.threads)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -523,6 +644,65 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         )
         timings["overlap_s"] = time.perf_counter() - t - timings["optimal_search_s"]
 
+    # Table 2 and the faithfulness controls: can the same search fit a random model or a
+    # nonsense target as well, and how much do the embeddings alone explain?
+    from bigram_circuits.baselines import LinearMapConfig, fit_linear_map
+    from bigram_circuits.circuits.ablation import partial_ablation_table
+    from bigram_circuits.search import bigram_correlation
+
+    t = time.perf_counter()
+    controls = control_searches(
+        config, bridge, stats, train_windows, eval_windows, chosen_lambda, run.path, show_progress
+    )
+    timings["control_searches_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    empty = Subnetwork.empty(bridge, granularities)
+    linear_map = fit_linear_map(
+        bridge,
+        stats,
+        train_windows,
+        LinearMapConfig(steps=config.linear_map_steps, batch_size=config.batch_size, seed=0),
+        show_progress=show_progress,
+    )
+    table2 = [
+        {"condition": "full model", "r": float(full["r_dropped"]), "percent_params": 100.0},
+        {"condition": "bigram subnetwork", "r": float(chosen_row["bigram_r"]), "percent_params": summary["percent_params"]},
+        *(
+            {"condition": row["condition"], "r": row["bigram_r"], "percent_params": row["percent_params"]}
+            for row in controls
+            if row["control"].startswith("random_init")
+        ),
+        {
+            "condition": "empty subnetwork + embeddings",
+            "r": bigram_correlation(bridge, stats, eval_windows, empty, batch_size=config.batch_size),
+            "percent_params": 0.0,
+        },
+        {
+            "condition": "embeddings + linear map",
+            "r": float(linear_map.evaluate(bridge, stats, eval_windows)["r_dropped"]),
+            "percent_params": 0.0,
+        },
+    ]
+    timings["table2_baselines_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    partial = partial_ablation_table(
+        bridge,
+        stats,
+        eval_windows,
+        subnetwork,
+        seeds=config.partial_seeds,
+        batch_size=config.batch_size,
+        show_progress=show_progress,
+    )
+    timings["partial_ablation_s"] = time.perf_counter() - t
+    seed_subs = {int(row["seed"]): Subnetwork.load(row["path"]) for row in seed_rows if row.get("path")}
+    seed_pairs = {
+        f"seed {a} vs seed {b}": (seed_subs[a], seed_subs[b])
+        for i, a in enumerate(sorted(seed_subs))
+        for b in sorted(seed_subs)[i + 1 :]
+    }
+    seed_overlap = overlap_table(seed_pairs, n_random=10_000, seed=0) if seed_pairs else pd.DataFrame()
+
     # Fig 3 / Fig 4: full model, the chosen bigram subnetwork, a random same-shape one.
     t = time.perf_counter()
     runs = {"full": None, "bigram": subnetwork, "random": subnetwork.random_control(0)}
@@ -606,6 +786,12 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         "generations": json.loads(generations.to_json(orient="records")),
         "optimal": optimal,
         "overlap": json.loads(overlap.to_json(orient="records")) if overlap is not None else None,
+        "table2": table2,
+        "controls": {
+            "searches": controls,
+            "partial_ablation": json.loads(partial.to_json(orient="records")),
+            "seed_overlap": json.loads(seed_overlap.to_json(orient="records")),
+        },
         "sweep_layers": sweep_layers,
         "circuits": circuits,
         "analysis_tokens": config.analysis_tokens,
