@@ -15,6 +15,9 @@ comparison with a random same-shape subnetwork, sample generations, an optimal s
 ``--optimal-lambda`` with its overlap (exact null), and the linear-lens rotation (Fig 3) and
 covariance similarity (Fig 4) of full, bigram and random.
 
+``--only-control NAME`` (one of ``--controls``) runs that control's search alone, at the lambda the
+finished sweep in ``--out`` chose, and writes nothing else: the study then reuses it.
+
 Writes ``benchmarks/results/smollm2_study.json`` and ``.md``. The search is far shorter than the
 paper's (up to 15k steps): the result says whether it converged. Re-running with the same
 ``--out`` resumes the sweep from its checkpoints.
@@ -32,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bigram_circuits.app.study import StudyConfig, render_markdown, run_study
+from bigram_circuits.app.study import StudyConfig, render_markdown, run_control, run_study
 from bigram_circuits.cli import field_comments
 from bigram_circuits.io import atomic_write_bytes
 
@@ -60,9 +63,16 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--only-control" in argv:  # one control search, for running the study's searches side by side
+        at = argv.index("--only-control")
+        name, rest = argv[at + 1], argv[:at] + argv[at + 2 :]
+        row = run_control(parse_args(rest), name)
+        print(json.dumps(row, indent=2, default=str))
+        return row
     config = parse_args(argv)
     result = run_study(config)
-    result["command"] = "python benchmarks/smollm2_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result["command"] = "python benchmarks/smollm2_study.py " + " ".join(argv)
     result["figures"] = [
         str(Path(p).relative_to(REPO)) if Path(p).is_relative_to(REPO) else p for p in result["figures"]
     ]

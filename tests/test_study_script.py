@@ -99,7 +99,8 @@ def test_study_script_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_neox_dir, 
         "embeddings + linear map",
     ]
     searches = saved["controls"]["searches"]
-    assert [row["control"] for row in searches] == ["random_init", "random_init_trained_embeddings", "permuted_contexts"]
+    names = ["random_init", "random_init_trained_embeddings", "permuted_contexts"]
+    assert [row["control"] for row in searches] == names
     assert all(row["lambda"] == saved["chosen"]["lambda"] for row in searches)
     assert (tmp_path / "run" / "controls" / "random_init" / "sweep.csv").exists()
     assert {row["condition"] for row in saved["controls"]["partial_ablation"]} == {"bigram", "random"}
@@ -122,3 +123,9 @@ def test_study_script_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_neox_dir, 
     # A second run resumes the finished sweep instead of searching again.
     again = study.main(argv)
     assert again["sweep"] == result["sweep"]
+    assert again["controls"]["searches"] == result["controls"]["searches"]  # reused too
+
+    # One control alone (to run the study's searches side by side), at the sweep's chosen lambda.
+    row = study.main([*argv, "--only-control", "permuted_vocab"])
+    assert row["control"] == "permuted_vocab" and row["lambda"] == saved["chosen"]["lambda"]
+    assert (tmp_path / "run" / "controls" / "permuted_vocab" / "sweep.csv").exists()

@@ -43,6 +43,7 @@ __all__ = [
     "circuits_summary",
     "layer_summary",
     "render_markdown",
+    "run_control",
     "run_study",
 ]
 
@@ -361,7 +362,8 @@ def _controls_markdown(result: dict) -> list[str]:
         summary.columns = [" ".join(c for c in col if c).replace(" mean", "") for col in summary.columns]
         lines += [
             "Partial ablation: a random fraction of the bigram subnetwork removed from the full model, beside",
-            f"the same fraction of a random same-shape subnetwork (mean and sd over {partial['seed'].nunique()} draws):",
+            "the same fraction of a random same-shape subnetwork "
+            f"(mean and sd over {partial['seed'].nunique()} draws):",
             "",
             to_markdown(summary, floatfmt=".4g"),
             "",
@@ -464,6 +466,65 @@ def control_searches(
     return rows
 
 
+@dataclass
+class _Inputs:
+    bridge: object
+    tokenizer: object
+    vocab: int
+    train: object
+    stats: object
+    run: RunDir
+    train_windows: np.ndarray
+    eval_windows: np.ndarray
+
+
+def _study_inputs(config: StudyConfig, show_progress: bool) -> _Inputs:
+    """The model, its tokenizer, the bigram statistics (``OUT/bigram_stats.npz``, the file
+    ``bigram-circuits find`` uses, so reruns reuse it) and the study's windows."""
+    from bigram_circuits.data import load_token_dataset
+    from bigram_circuits.models import load_model, model_vocab_size
+
+    bridge, tokenizer = load_model(config.model)
+    vocab = model_vocab_size(bridge, tokenizer)
+    train = load_token_dataset(config.corpus, tokenizer, split="train", show_progress=show_progress)
+    evaluation = load_token_dataset(config.corpus, tokenizer, split="eval", show_progress=show_progress)
+    run = RunDir(ensure_output_dir(config.out))
+    stats = run.bigram_stats(tokenizer, config.corpus, config.seq_len, vocab, train=train, show_progress=show_progress)
+    return _Inputs(
+        bridge,
+        tokenizer,
+        vocab,
+        train,
+        stats,
+        run,
+        train.windows(config.seq_len, config.train_windows),
+        evaluation.windows(config.seq_len, config.eval_windows),
+    )
+
+
+def run_control(config: StudyConfig, name: str, *, show_progress: bool = True) -> dict:
+    """One control search of the study on its own (``OUT/controls/NAME``), at the lambda the
+    finished sweep in ``OUT`` chose: for running the study's searches side by side, one process
+    each; :func:`run_study` then reuses the result. Returns its row."""
+    from bigram_circuits.errors import ConfigError
+    from bigram_circuits.search import SWEEP_FILE
+
+    _control_names(dataclasses.replace(config, controls=(name,)))
+    sweep_file = Path(config.out) / SWEEP_FILE
+    if not sweep_file.exists():
+        raise ConfigError(f"{sweep_file} does not exist; run the sweep first (bigram-circuits find --out {config.out})")
+    table = pd.read_csv(sweep_file)
+    if not table["chosen"].any():
+        raise ConfigError(f"{sweep_file} has no chosen lambda; rerun the sweep with every lambda of the study")
+    lam = float(table.loc[table["chosen"], "lambda"].iloc[0])
+    torch.set_num_threads(config.threads)
+    inputs = _study_inputs(config, show_progress)
+    config = dataclasses.replace(config, controls=(name,))
+    windows = (inputs.train_windows, inputs.eval_windows)
+    rows = control_searches(config, inputs.bridge, inputs.stats, *windows, lam, inputs.run.path, show_progress)
+    return rows[0]
+
+
 def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     """Run the study of ``config`` (see the module docstring) and return its result, a
     JSON-ready dict: settings, full-model metrics, the sweep, the chosen subnetwork (size, r,
@@ -476,7 +537,6 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     from bigram_circuits.circuits.lens import lens_report
     from bigram_circuits.circuits.overlap import overlap_table
     from bigram_circuits.circuits.similarity import similarity_report
-    from bigram_circuits.data import load_token_dataset
     from bigram_circuits.evaluate import (
         ablation_table,
         evaluate_metrics,
@@ -488,7 +548,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         token_surprisals,
     )
     from bigram_circuits.masks import parse_granularities
-    from bigram_circuits.models import load_model, model_id, model_vocab_size
+    from bigram_circuits.models import model_id
     from bigram_circuits.search import Target, sweep
 
     _control_names(config)  # a typo fails now, not after the sweep
@@ -501,19 +561,10 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     search_config = config.search_config()
 
     t = time.perf_counter()
-    bridge, tokenizer = load_model(config.model)
-    vocab = model_vocab_size(bridge, tokenizer)
-    train = load_token_dataset(config.corpus, tokenizer, split="train", show_progress=show_progress)
-    evaluation = load_token_dataset(config.corpus, tokenizer, split="eval", show_progress=show_progress)
+    inputs = _study_inputs(config, show_progress)
+    bridge, tokenizer, vocab, stats = inputs.bridge, inputs.tokenizer, inputs.vocab, inputs.stats
+    train, run, train_windows, eval_windows = inputs.train, inputs.run, inputs.train_windows, inputs.eval_windows
     timings["load_s"] = time.perf_counter() - t
-
-    run = RunDir(ensure_output_dir(config.out))
-    t = time.perf_counter()  # same file and layout as `bigram-circuits find`, so reruns reuse it
-    stats = run.bigram_stats(tokenizer, config.corpus, config.seq_len, vocab, train=train, show_progress=show_progress)
-    timings["bigram_stats_s"] = time.perf_counter() - t
-
-    train_windows = train.windows(config.seq_len, config.train_windows)
-    eval_windows = evaluation.windows(config.seq_len, config.eval_windows)
 
     t = time.perf_counter()
     full = evaluate_metrics(bridge, stats, eval_windows, batch_size=config.batch_size, show_progress=show_progress)
@@ -666,7 +717,11 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     )
     table2 = [
         {"condition": "full model", "r": float(full["r_dropped"]), "percent_params": 100.0},
-        {"condition": "bigram subnetwork", "r": float(chosen_row["bigram_r"]), "percent_params": summary["percent_params"]},
+        {
+            "condition": "bigram subnetwork",
+            "r": float(chosen_row["bigram_r"]),
+            "percent_params": summary["percent_params"],
+        },
         *(
             {"condition": row["condition"], "r": row["bigram_r"], "percent_params": row["percent_params"]}
             for row in controls
