@@ -12,10 +12,12 @@
 # 1. lambdas 0, 1, 10, 100 (runs/schedules/SCHEDULE_lambda_{0,10} from the schedule comparison
 #    are copied in when present: same config, so they are reused, not rerun);
 # 2. the chosen lambda (the paper's rule, from sweep.csv) with seeds 1 and 2;
-# 3. the optimal subnetwork (target: the full model) at the chosen lambda;
+# 3. the optimal subnetwork (target: the full model) and the control searches (CONTROLS, by
+#    default random_init random_init_trained_embeddings permuted_contexts) at the chosen lambda;
 # 4. benchmarks/smollm2_study.py, which reuses all of the above and adds the ablation against 3
-#    random controls, generations, overlap, layers, rotation, similarity and the noise ceiling,
-#    and writes benchmarks/results/smollm2_study.{json,md}.
+#    random controls, generations, overlap, Table 2, partial ablation, seed-vs-seed overlap,
+#    layers, rotation, similarity and the noise ceiling, and writes
+#    benchmarks/results/smollm2_study.{json,md}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCHEDULE=${1:?usage: scripts/smollm2_study.sh SCHEDULE}
@@ -23,6 +25,7 @@ OUT=${OUT:-runs/smollm2_weight_$SCHEDULE}
 BC=${BC:-.venv/bin/bigram-circuits}
 LR=${LR:-0.01}
 STEPS=${STEPS:-500}
+read -r -a CONTROLS <<< "${CONTROLS:-random_init random_init_trained_embeddings permuted_contexts}"
 SIZES=(--batch-size 4 --seq-len 32 --lr "$LR" --max-steps "$STEPS" --max-attempts 1 --checkpoint-every 25)
 COMMON=(--model smollm2 "${SIZES[@]}" --max-train-windows 8192 --max-eval-windows 256 --no-progress
         --schedule "$SCHEDULE")
@@ -41,16 +44,26 @@ wait
 find_ --lambdas 0,1,10,100 --out "$OUT"
 CHOSEN=$(.venv/bin/python -c "import pandas as p; t=p.read_csv('$OUT/sweep.csv'); print(f\"{t[t.chosen]['lambda'].iloc[0]:g}\")")
 echo "chosen lambda: $CHOSEN"
-# 2. seeds 1 and 2 of the chosen lambda (OUT/seed_N, as the study lays them out)
-for seed in 1 2; do mkdir -p "$OUT/seed_$seed"; cp -n "$OUT/bigram_stats.npz" "$OUT/seed_$seed/" || true; done
-find_ --lambdas "$CHOSEN" --seeds 1 --out "$OUT/seed_1" &
-find_ --lambdas "$CHOSEN" --seeds 2 --out "$OUT/seed_2" &
-wait
-# 3. the optimal subnetwork at the chosen lambda
-mkdir -p "$OUT/optimal"; cp -n "$OUT/bigram_stats.npz" "$OUT/optimal/" || true
-OMP_NUM_THREADS=2 "$BC" find "${COMMON[@]}" --target full_model --lambdas "$CHOSEN" --out "$OUT/optimal"
+STUDY=(.venv/bin/python benchmarks/smollm2_study.py --schedule "$SCHEDULE"
+  --lambdas 0 1 10 100 --seeds 1 2 --max-steps "$STEPS" --max-attempts 1 --batch-size 4 --seq-len 32 --lr "$LR"
+  --train-windows 8192 --eval-windows 256 --checkpoint-every 25 --eval-batches 8 --time-budget-s 1e9
+  --controls "${CONTROLS[@]}" --out "$OUT")
+# 2-3. every other search at the chosen lambda, from one queue on two lanes (a finished one is
+# reused in seconds): seeds 1 and 2 (OUT/seed_N, as the study lays them out), the optimal
+# subnetwork (target: the full model; OUT/optimal) and the controls (OUT/controls/NAME).
+job() {
+  case $1 in
+    seed_*) mkdir -p "$OUT/$1"; cp -n "$OUT/bigram_stats.npz" "$OUT/$1/" || true
+            find_ --lambdas "$CHOSEN" --seeds "${1#seed_}" --out "$OUT/$1" ;;
+    optimal) mkdir -p "$OUT/optimal"; cp -n "$OUT/bigram_stats.npz" "$OUT/optimal/" || true
+             find_ --target full_model --lambdas "$CHOSEN" --out "$OUT/optimal" ;;
+    *) OMP_NUM_THREADS=1 "${STUDY[@]}" --threads 1 --only-control "$1" ;;
+  esac
+}
+JOBS=(seed_1 seed_2 optimal "${CONTROLS[@]}")
+CLAIMS=$(mktemp -d)
+lane() { for j in "${JOBS[@]}"; do if mkdir "$CLAIMS/$j" 2>/dev/null; then job "$j"; fi; done; }
+lane & lane & wait
+rm -rf "$CLAIMS"
 # 4. the study (reuses every search above)
-OMP_NUM_THREADS=2 .venv/bin/python benchmarks/smollm2_study.py --schedule "$SCHEDULE" --threads 2 \
-  --lambdas 0 1 10 100 --seeds 1 2 --max-steps "$STEPS" --max-attempts 1 --batch-size 4 --seq-len 32 --lr "$LR" \
-  --train-windows 8192 --eval-windows 256 --checkpoint-every 25 --eval-batches 8 --time-budget-s 1e9 \
-  --out "$OUT"
+OMP_NUM_THREADS=2 "${STUDY[@]}" --threads 2
