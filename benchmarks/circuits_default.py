@@ -72,7 +72,7 @@ def random_units(bridge, density: float, seed: int) -> Subnetwork:
     """A neuron/head subnetwork keeping ``density`` of every layer's neurons and heads."""
     generator = torch.Generator().manual_seed(seed)
     masks = {}
-    for key, mask in Subnetwork.full(bridge).masks.items():
+    for key, mask in Subnetwork.full(bridge, ("neuron", "head")).masks.items():
         flat = torch.zeros(mask.numel(), dtype=torch.bool)
         flat[torch.randperm(mask.numel(), generator=generator)[: max(1, round(density * mask.numel()))]] = True
         masks[key] = flat.reshape(mask.shape)

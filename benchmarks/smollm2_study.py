@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    torch.set_flush_denormal(True)  # before the thread pool exists (see bigram_circuits.search.flush_denormals)
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--only-control" in argv:  # one control search, for running the study's searches side by side
         at = argv.index("--only-control")

@@ -191,8 +191,6 @@ _HELP = {
     "15k steps); other options given override it",
     "schedule": "a named schedule (search.SCHEDULES): fast (the defaults), paper, settle, warm_settle, slow; "
     "other options given override it",
-    "target": "bigram (the paper's), full_model (optimal subnetwork), next_token, or a control: "
-    "permuted_contexts / permuted_vocab (the bigram table permuted; r is against it; :SEED picks the permutation)",
     "device": "torch device (cpu, cuda, cuda:1, ...)",
     "max_train_windows": "training windows (of seq_len tokens)",
     "max_eval_windows": "held-out windows for r and the target loss",
@@ -317,10 +315,13 @@ def _add_options(
     required: Sequence[str] = (),
     helps: dict[str, str] | None = None,
     choices: dict[str, Sequence[str]] | None = None,
+    parsers: dict[str, collections.abc.Callable[[str], object]] | None = None,
 ) -> list[str]:
     """Add one ``--flag`` per option (defaults suppressed, so unset options are not passed);
     returns the option names, for :func:`_given`. ``required`` names options the CLI needs
-    although the function has a default (e.g. ``find --out``)."""
+    although the function has a default (e.g. ``find --out``); ``parsers`` replace the parser
+    of the option's type hint (e.g. ``find --target``: a registered target; its ``metavar``
+    attribute, if any, is shown)."""
     group = parser.add_argument_group(title) if title else parser
     for name, hint, default in options:
         flag = "--" + _RENAMED.get(name, name).replace("_", "-")
@@ -338,6 +339,9 @@ def _add_options(
                 group.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=text)
             continue
         kind, metavar = _parser_for(hint)
+        if name in (parsers or {}):
+            kind = parsers[name]
+            metavar = getattr(kind, "metavar", metavar)
         needed = default is inspect.Parameter.empty or name in required
         help_text = text if needed or "default" in text else f"{text} (default {_show(default)})"
         allowed = (choices or {}).get(name) or _literal_choices(hint)
@@ -352,6 +356,22 @@ def _add_options(
             help=help_text,
         )
     return [name for name, _, _ in options]
+
+
+def _target_name(text: str) -> str:
+    """``find --target``: a registered target name, alias or ``NAME:N`` (the registry of
+    :mod:`bigram_circuits.targets`); an unknown one is the registry's one-line error."""
+    from bigram_circuits.errors import SearchError
+    from bigram_circuits.targets import target_spec
+
+    try:
+        target_spec(text)
+    except SearchError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+_target_name.metavar = "TARGET"  # type: ignore[attr-defined]
 
 
 def _given(args: argparse.Namespace, names: Sequence[str]) -> dict:
@@ -375,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bigram_circuits.circuits.buildup import BuildUpConfig
     from bigram_circuits.circuits.patching import COMPONENTS
     from bigram_circuits.search import SearchConfig
+    from bigram_circuits.targets import target_help
     from bigram_circuits.training import TrainConfig
 
     parser = _OneLineParser(prog="bigram-circuits", description=__doc__.splitlines()[0])
@@ -462,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "show_progress",
             ],
             required=("out_dir",),
+            helps={"target": target_help()},  # the registered targets (bigram_circuits.targets)
+            parsers={"target": _target_name},
         ),
         search=options(SearchConfig, _fields(SearchConfig, ("lam", "seed")), "search settings (SearchConfig)"),
     )
@@ -589,6 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before torch's CPU thread pool exists, so its threads inherit it: subnormal floats flush to
+    # zero (a hardening mask's subnormal weights slow CPU matrix products ~200x; search.flush_denormals).
+    import torch
+
+    torch.set_flush_denormal(True)
     return run(build_parser().parse_args(argv))
 
 

@@ -11,9 +11,16 @@ Granularities (combine freely, e.g. ``("neuron", "head")``):
   ``blocks.{L}.mlp.{in,gate,out}.weight``. Embeddings, unembedding, layernorms and biases are
   never masked, and weights that are exactly zero are never kept (as in the paper).
 
-Mask keys are built and parsed only by :class:`MaskKey` (``str(MaskKey.head(0)) ==
-"blocks.0.attn.hook_z"``, ``MaskKey.parse("blocks.0.mlp.in.weight")``); mask dicts and saved
-files hold its strings.
+Each granularity is a :class:`GranularitySpec` in a registry (:func:`register_granularity`,
+:data:`GRANULARITY_REGISTRY`): its components for a model, how its masks attach, how its entries
+expand to weight masks, its default learning rate and its typed key. The three above are
+:class:`NeuronGranularity`, :class:`HeadGranularity` and :class:`WeightGranularity`; code that
+handles masks asks the registry (:func:`get_granularity`, :func:`granularity_of_key`) instead of
+branching on names.
+
+The built-in keys are built and parsed only by :class:`MaskKey` (``str(MaskKey.head(0)) ==
+"blocks.0.attn.hook_z"``, ``MaskKey.parse("blocks.0.mlp.in.weight")``); any registered key by
+:func:`parse_mask_key`. Mask dicts and saved files hold the keys' strings.
 
 Weight masks are stored in one canonical layout, ``[out_features, in_features]`` (the
 ``nn.Linear`` convention), whatever the module's own layout (GPT-2's ``Conv1D`` is transposed).
@@ -43,10 +50,12 @@ columns of O.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import itertools
 import math
 import re
+import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -66,15 +75,21 @@ from bigram_circuits.errors import MaskError
 __all__ = [
     "ATTN_MATRICES",
     "DEFAULT_GRANULARITIES",
+    "DEFAULT_LEARNING_RATES",
     "GRANULARITIES",
+    "GRANULARITY_REGISTRY",
     "MLP_MATRICES",
     "PARAMETERIZATIONS",
     "RUN_MODES",
+    "Attachment",
     "Block",
+    "BuiltinGranularity",
     "ContinuousSparsification",
     "ForwardMasks",
     "Granularity",
+    "GranularitySpec",
     "HardConcrete",
+    "HeadGranularity",
     "MaskComponent",
     "MaskKey",
     "MaskKind",
@@ -82,28 +97,40 @@ __all__ = [
     "MaskSet",
     "Matrix",
     "ModelGeometry",
+    "NeuronGranularity",
     "ParameterizationName",
     "PenaltyWeighting",
     "RunMode",
+    "TypedMaskKey",
     "UnitGranularity",
+    "WeightGranularity",
     "apply_binary_masks",
     "attach_masks",
     "author_dict_to_weight_masks",
     "author_parameter_names",
     "component_device",
     "expand_to_weight_masks",
+    "get_granularity",
+    "granularity_of_key",
     "make_parameterization",
     "mask_components",
     "masks_attached",
     "model_geometry",
     "parse_granularities",
+    "parse_mask_key",
+    "register_granularity",
+    "registered_granularities",
+    "unregister_granularity",
     "weight_masks_to_author_dict",
     "weight_tensor",
 ]
 
 # --------------------------------------------------------------------------- vocabulary
 
-Granularity = Literal["neuron", "head", "weight"]
+# A granularity's registered name (``GranularitySpec.name``): the built-ins "neuron", "head" and
+# "weight", or any name given to :func:`register_granularity`.
+Granularity = str
+BuiltinGranularity = Literal["neuron", "head", "weight"]
 UnitGranularity = Literal["neuron", "head"]
 ParameterizationName = Literal["continuous", "hard_concrete"]
 PenaltyWeighting = Literal["params", "entries"]
@@ -112,7 +139,8 @@ Block = Literal["attn", "mlp"]
 Matrix = Literal["q", "k", "v", "o", "in", "gate", "out"]
 MaskKind = Literal["head", "neuron", "q", "k", "v", "o", "in", "gate", "out"]
 
-GRANULARITIES: tuple[Granularity, ...] = ("neuron", "head", "weight")
+# The built-in granularities (:func:`registered_granularities` adds any registered since).
+GRANULARITIES: tuple[BuiltinGranularity, ...] = ("neuron", "head", "weight")
 # The paper's unit: what searches, sweeps, ``find`` and ``figures`` use unless told otherwise.
 DEFAULT_GRANULARITIES: tuple[Granularity, ...] = ("weight",)
 PARAMETERIZATIONS: tuple[ParameterizationName, ...] = ("continuous", "hard_concrete")
@@ -284,15 +312,17 @@ class MaskComponent:
     """One masked tensor: where it applies, its canonical shape and its size per entry.
 
     ``kind`` is ``neuron``, ``head`` or a matrix name (``q``, ``k``, ``v``, ``o``, ``in``,
-    ``gate``, ``out``); ``block`` is ``attn`` or ``mlp`` (used for per-layer shares).
-    ``key`` is ``str(mask_key)`` (a string, as in mask dicts and saved files).
+    ``gate``, ``out``) for the built-in granularities, and what its granularity says otherwise;
+    ``block`` is ``attn`` or ``mlp`` (used for per-layer shares). ``key`` is ``str(mask_key)``
+    (a string, as in mask dicts and saved files); ``granularity`` names its
+    :class:`GranularitySpec` in the registry.
     """
 
     key: str
     granularity: Granularity
     layer: int
-    block: Block
-    kind: MaskKind
+    block: str
+    kind: str
     shape: tuple[int, ...]
     params_per_entry: float
 
@@ -310,9 +340,10 @@ class MaskComponent:
         )
 
     @property
-    def mask_key(self) -> MaskKey:
-        """The typed key of this component (from its layer, block and kind)."""
-        return MaskKey(self.layer, self.block, self.kind)
+    def mask_key(self) -> TypedMaskKey:
+        """The typed key of this component (its granularity's key type; :class:`MaskKey` for
+        the built-in ones)."""
+        return get_granularity(self.granularity).parse_key_or_raise(self.key)
 
     @property
     def n_entries(self) -> int:
@@ -342,15 +373,15 @@ class MaskComponent:
 
 def parse_granularities(granularities: str | Sequence[str]) -> tuple[Granularity, ...]:
     """Normalise ``"neuron,head"`` or ``["head", "neuron"]`` to a canonical ordered tuple of
-    :data:`Granularity` names (any case in; ``MaskError`` for an unknown name)."""
+    registered granularity names (registry order; any case in; ``MaskError`` for a name that is
+    not registered, see :func:`register_granularity`)."""
     items = granularities.split(",") if isinstance(granularities, str) else list(granularities)
     names = {str(g).strip().lower() for g in items if str(g).strip()}
-    unknown = names - set(GRANULARITIES)
+    known = registered_granularities()
+    unknown = names - set(known)
     if unknown or not names:
-        raise MaskError(
-            f"unknown granularity {sorted(unknown) or granularities!r}; use any of {', '.join(GRANULARITIES)}"
-        )
-    return tuple(g for g in GRANULARITIES if g in names)
+        raise MaskError(f"unknown granularity {sorted(unknown) or granularities!r}; use any of {', '.join(known)}")
+    return tuple(g for g in known if g in names)
 
 
 def _linear_bridges(bridge: TransformerBridge, layer: int) -> dict[str, tuple[str, nn.Module]]:
@@ -416,28 +447,21 @@ def model_geometry(bridge: TransformerBridge) -> ModelGeometry:
     )
 
 
+# Within a layer, the built-in granularities' components come in this (historical) order;
+# registered ones follow in registration order.
+_COMPONENT_ORDER = ("head", "neuron", "weight")
+
+
 def mask_components(
-    bridge: TransformerBridge, granularities: str | Sequence[str] = ("neuron", "head")
+    bridge: TransformerBridge, granularities: str | Sequence[str] = DEFAULT_GRANULARITIES
 ) -> list[MaskComponent]:
-    """All mask components of a bridge for the given granularities, in a fixed order."""
+    """All mask components of a bridge for the given granularities, in a fixed order: by layer,
+    then by granularity, then as each granularity lists them (:meth:`GranularitySpec.components`)."""
     grans = parse_granularities(granularities)
     geo = model_geometry(bridge)
-    n_in_matrices = 2 if geo.gated_mlp else 1
-    head_params = geo.d_model * geo.d_head * (2 + 2 * geo.n_kv_heads / geo.n_heads)
-    components: list[MaskComponent] = []
-    for layer in range(geo.n_layers):
-        if "head" in grans:
-            components.append(MaskComponent.of(MaskKey.head(layer), (geo.n_heads,), head_params))
-        if "neuron" in grans:
-            components.append(
-                MaskComponent.of(MaskKey.neuron(layer), (geo.d_mlp,), float(geo.d_model * (n_in_matrices + 1)))
-            )
-        if "weight" in grans:
-            for kind, (_, module) in _linear_bridges(bridge, layer).items():
-                weight = module.original_component.weight
-                shape = tuple(weight.shape[::-1]) if _weight_layout(module) else tuple(weight.shape)
-                components.append(MaskComponent.of(MaskKey.weight(layer, kind), shape, 1.0))
-    return components
+    names = [*_COMPONENT_ORDER, *(g for g in registered_granularities() if g not in _COMPONENT_ORDER)]
+    components = [c for g in grans for c in get_granularity(g).components(bridge, geo)]
+    return sorted(components, key=lambda c: (c.layer, names.index(c.granularity)))  # stable
 
 
 def _weight_module(bridge: TransformerBridge, component: MaskComponent) -> tuple[nn.Module, bool]:
@@ -487,15 +511,7 @@ def component_device(bridge: TransformerBridge, component: MaskComponent) -> tor
 
     With the model on one device this is that device; under a ``device_map`` each layer's masks
     live on that layer's device, so no mask crosses devices in the forward pass."""
-    fallback = input_device(bridge)
-    if component.granularity == "weight":
-        module, _ = _weight_module(bridge, component)
-        return _execution_device(module, fallback)
-    kind = "out" if component.granularity == "neuron" else "o"
-    modules = _linear_bridges(bridge, component.layer)
-    if kind not in modules:
-        return fallback
-    return _execution_device(modules[kind][1].original_component, fallback)
+    return get_granularity(component.granularity).device(bridge, component)
 
 
 def weight_tensor(bridge: TransformerBridge, component: MaskComponent) -> Float[torch.Tensor, "out in"]:
@@ -706,31 +722,17 @@ def attach_masks(
     backward instead of kept (:class:`_MaskedWeights`; bitwise the same gradients, 4 bytes per
     masked weight less until the backward, one more pass over them in it).
     """
-    level = -next(_HOOK_LEVELS)
-    # masked weights recomputed for the backward instead of kept
-    products = _MaskedWeights() if recompute else None
     with contextlib.ExitStack() as stack:
         stack.enter_context(_exclusive(bridge))
-        if products is not None and any(component.granularity == "weight" for component in components):
-            stack.enter_context(products.hooks())
+        # masked weights recomputed for the backward instead of kept
+        attachment = Attachment(bridge, stack, -next(_HOOK_LEVELS), _MaskedWeights() if recompute else None)
         for component in components:
             key = component.key
 
             def mask_of(key: str = key) -> torch.Tensor:  # bound per component
                 return mask_for(key)
 
-            if component.granularity == "weight":
-                module, transposed = _weight_module(bridge, component)
-                stack.enter_context(
-                    _weight_parametrization(module, _WeightMaskParametrization(mask_of, transposed, module, products))
-                )
-                continue
-            hook_name = component.mask_key.hook_name
-            if hook_name not in bridge.hook_dict:
-                raise MaskError(f"hook {hook_name!r} does not exist on this model; check the granularity")
-            stack.enter_context(
-                _activation_hook(bridge.hook_dict[hook_name], _unit_hook(component.granularity, mask_of), level)
-            )
+            stack.enter_context(get_granularity(component.granularity).attach(component, mask_of, attachment))
         yield
 
 
@@ -751,8 +753,8 @@ def apply_binary_masks(
     if mode not in RUN_MODES:
         raise MaskError(f"mode must be 'keep' or 'ablate', got {mode!r}")
     if components is None:
-        keys = {str(MaskKey.parse(key)) for key in masks}
-        grans = parse_granularities(sorted({MaskKey.parse(key).granularity for key in masks})) if masks else ()
+        keys = {str(parse_mask_key(key)) for key in masks}
+        grans = parse_granularities(sorted({granularity_of_key(key).name for key in masks})) if masks else ()
         components = [c for c in mask_components(bridge, grans) if c.key in keys] if grans else []
         missing = sorted(keys - {c.key for c in components})
         if missing:
@@ -766,6 +768,303 @@ def apply_binary_masks(
         floats[key] = (mask if mode == "keep" else ~mask).to(device=component_device(bridge, by_key[key]), dtype=dtype)
     with attach_masks(bridge, list(components), floats.__getitem__):
         yield bridge
+
+
+# --------------------------------------------------------------------------- granularities
+#
+# A granularity is one :class:`GranularitySpec` in a registry: what it masks in a model of a
+# given geometry (its components), how a mask attaches (a hook or a weight parametrization), how
+# its entries expand to weight masks (sizes, overlap, layer shares, the authors' format), its
+# learning rate and its key type. Everything that handles masks asks the registry; adding a
+# granularity is one subclass and one :func:`register_granularity` call.
+
+
+@runtime_checkable
+class TypedMaskKey(Protocol):
+    """A granularity's typed mask key: ``str(key)`` is the string mask dicts and saved files
+    hold, ``layer`` the layer its component belongs to (:class:`MaskKey` for the built-ins; a
+    future ``EdgeKey(src, dst)`` would be another)."""
+
+    @property
+    def layer(self) -> int: ...
+
+
+class Attachment:
+    """What one :func:`attach_masks` call lends each granularity's :meth:`GranularitySpec.attach`:
+    the bridge, a forward hook on a HookPoint (:meth:`hook`) and a weight parametrization
+    (:meth:`weight`), both removed when the attachment ends."""
+
+    def __init__(
+        self, bridge: TransformerBridge, stack: contextlib.ExitStack, level: int, products: _MaskedWeights | None
+    ):
+        self.bridge = bridge
+        self._stack = stack
+        self._level = level
+        self._products = products
+        self._saving_recipes = False
+
+    def hook(self, hook_name: str, hook_fn: Callable) -> contextlib.AbstractContextManager:
+        """``hook_fn(activation, hook)`` as a forward hook on the HookPoint ``hook_name`` (added
+        first, so caches and user hooks see its output; permanent, so ``reset_hooks()`` leaves it)."""
+        if hook_name not in self.bridge.hook_dict:
+            raise MaskError(f"hook {hook_name!r} does not exist on this model; check the granularity")
+        return _activation_hook(self.bridge.hook_dict[hook_name], hook_fn, self._level)
+
+    def weight(
+        self, module: nn.Module, mask_of: Callable[[], torch.Tensor], transposed: bool
+    ) -> contextlib.AbstractContextManager:
+        """``module.weight * mask_of()`` (``mask_of()`` in the canonical ``[out, in]`` layout;
+        ``transposed``: the module stores ``[in, out]``), recomputed for the backward instead
+        of kept when the attachment recomputes (:class:`_MaskedWeights`)."""
+        if self._products is not None and not self._saving_recipes:
+            self._stack.enter_context(self._products.hooks())
+            self._saving_recipes = True
+        parametrization = _WeightMaskParametrization(mask_of, transposed, module, self._products)
+        return _weight_parametrization(module, parametrization)
+
+
+class GranularitySpec(abc.ABC):
+    """One granularity of masks (subclass it and :func:`register_granularity` an instance).
+
+    ``name`` is what ``--granularity``, saved components and :func:`parse_granularities` call
+    it (lower case); ``default_lr`` the search's learning rate for its logits when none is given.
+    Its keys must not parse as another granularity's keys, and each component's expansion
+    (:meth:`expand`) stays within the component's layer.
+    """
+
+    name: str
+    default_lr: float
+
+    @abc.abstractmethod
+    def components(self, bridge: TransformerBridge, geometry: ModelGeometry) -> list[MaskComponent]:
+        """Every component of ``bridge`` at this granularity (a fixed order, layer by layer)."""
+
+    @abc.abstractmethod
+    def parse_key(self, text: str) -> TypedMaskKey | None:
+        """The typed key ``text`` names if it is a key of this granularity, else ``None``."""
+
+    @abc.abstractmethod
+    def attach(
+        self, component: MaskComponent, mask_of: Callable[[], torch.Tensor], attachment: Attachment
+    ) -> contextlib.AbstractContextManager:
+        """A context manager that applies ``mask_of()`` (called at every forward pass; the
+        component's shape) to ``attachment.bridge`` while it is entered."""
+
+    @abc.abstractmethod
+    def expand(
+        self, key: TypedMaskKey, mask: Bool[torch.Tensor, "*shape"], geometry: ModelGeometry
+    ) -> dict[str, Bool[torch.Tensor, "..."]]:
+        """The weight masks equivalent to ``key``'s ``mask``: weight mask key (``MaskKey.weight``)
+        -> a boolean tensor that broadcasts to that matrix's canonical ``[out, in]`` shape (True
+        where a kept entry gates the weight). Matrices the model lacks are ignored."""
+
+    @abc.abstractmethod
+    def weight_kinds(self, key: TypedMaskKey) -> tuple[Matrix, ...]:
+        """The kinds of weight matrix (``q`` ... ``out``) of ``key.layer`` its entries can gate."""
+
+    def parse_key_or_raise(self, text: str) -> TypedMaskKey:
+        """:meth:`parse_key`, with ``MaskError`` for a string that is not one of its keys."""
+        found = self.parse_key(text)
+        if found is None:
+            raise MaskError(f"{text!r} is not a {self.name} mask key")
+        return found
+
+    def always_off(self, bridge: TransformerBridge, component: MaskComponent) -> Bool[torch.Tensor, "*shape"] | None:
+        """Entries never kept (a search's binary mask excludes them), or ``None`` for none."""
+        return None
+
+    def device(self, bridge: TransformerBridge, component: MaskComponent) -> torch.device:
+        """Where the component's mask lives: the device of the last matrix it gates (where its
+        output is read), else the model's input device."""
+        modules = _linear_bridges(bridge, component.layer)
+        kinds = [k for k in self.weight_kinds(self.parse_key_or_raise(component.key)) if k in modules]
+        fallback = input_device(bridge)
+        return _execution_device(modules[kinds[-1]][1].original_component, fallback) if kinds else fallback
+
+
+class _UnitGranularity(GranularitySpec):
+    """Neurons or heads: one entry per unit, a forward hook on the HookPoint that carries them."""
+
+    def parse_key(self, text: str) -> MaskKey | None:
+        found = MaskKey.try_parse(text)
+        return found if found is not None and found.kind == self.name else None
+
+    def attach(
+        self, component: MaskComponent, mask_of: Callable[[], torch.Tensor], attachment: Attachment
+    ) -> contextlib.AbstractContextManager:
+        hook_name = MaskKey.parse(component.key).hook_name
+        return attachment.hook(hook_name, _unit_hook(self.name, mask_of))
+
+
+class NeuronGranularity(_UnitGranularity):
+    """One entry per MLP neuron (``blocks.{L}.mlp.hook_post``); gates its MLP input row(s) and
+    output column."""
+
+    name = "neuron"
+    default_lr = 0.05
+
+    def components(self, bridge: TransformerBridge, geometry: ModelGeometry) -> list[MaskComponent]:
+        g = geometry
+        size = float(g.d_model * ((2 if g.gated_mlp else 1) + 1))
+        return [MaskComponent.of(MaskKey.neuron(layer), (g.d_mlp,), size) for layer in range(g.n_layers)]
+
+    def expand(
+        self, key: TypedMaskKey, mask: Bool[torch.Tensor, " d_mlp"], geometry: ModelGeometry
+    ) -> dict[str, Bool[torch.Tensor, "..."]]:
+        rows = {str(MaskKey.weight(key.layer, kind)): mask[:, None] for kind in ("in", "gate")}
+        return {**rows, str(MaskKey.weight(key.layer, "out")): mask[None, :]}
+
+    def weight_kinds(self, key: TypedMaskKey) -> tuple[Matrix, ...]:
+        return MLP_MATRICES
+
+
+class HeadGranularity(_UnitGranularity):
+    """One entry per attention head (``blocks.{L}.attn.hook_z``); gates its Q rows (and its K/V
+    group's rows) and its O columns."""
+
+    name = "head"
+    default_lr = 0.05
+
+    def components(self, bridge: TransformerBridge, geometry: ModelGeometry) -> list[MaskComponent]:
+        g = geometry
+        size = g.d_model * g.d_head * (2 + 2 * g.n_kv_heads / g.n_heads)
+        return [MaskComponent.of(MaskKey.head(layer), (g.n_heads,), size) for layer in range(g.n_layers)]
+
+    def expand(
+        self, key: TypedMaskKey, mask: Bool[torch.Tensor, " n_heads"], geometry: ModelGeometry
+    ) -> dict[str, Bool[torch.Tensor, "..."]]:
+        g = geometry
+        rows_q = mask.repeat_interleave(g.d_head)
+        rows_kv = mask.view(g.n_kv_heads, g.n_heads // g.n_kv_heads).any(dim=1).repeat_interleave(g.d_head)
+        rows = {"q": rows_q[:, None], "k": rows_kv[:, None], "v": rows_kv[:, None], "o": rows_q[None, :]}
+        return {str(MaskKey.weight(key.layer, kind)): gate for kind, gate in rows.items()}
+
+    def weight_kinds(self, key: TypedMaskKey) -> tuple[Matrix, ...]:
+        return ATTN_MATRICES
+
+
+class WeightGranularity(GranularitySpec):
+    """One entry per weight of every attention and MLP matrix (``blocks.{L}.attn.q.weight`` ...),
+    a ``torch.nn.utils.parametrize`` parametrization; exactly-zero weights are always off."""
+
+    name = "weight"
+    default_lr = 0.01
+
+    def components(self, bridge: TransformerBridge, geometry: ModelGeometry) -> list[MaskComponent]:
+        found = []
+        for layer in range(geometry.n_layers):
+            for kind, (_, module) in _linear_bridges(bridge, layer).items():
+                weight = module.original_component.weight
+                shape = tuple(weight.shape[::-1]) if _weight_layout(module) else tuple(weight.shape)
+                found.append(MaskComponent.of(MaskKey.weight(layer, kind), shape, 1.0))
+        return found
+
+    def parse_key(self, text: str) -> MaskKey | None:
+        found = MaskKey.try_parse(text)
+        return found if found is not None and not found.is_unit else None
+
+    def attach(
+        self, component: MaskComponent, mask_of: Callable[[], torch.Tensor], attachment: Attachment
+    ) -> contextlib.AbstractContextManager:
+        module, transposed = _weight_module(attachment.bridge, component)
+        return attachment.weight(module, mask_of, transposed)
+
+    def expand(
+        self, key: TypedMaskKey, mask: Bool[torch.Tensor, "out in"], geometry: ModelGeometry
+    ) -> dict[str, Bool[torch.Tensor, "out in"]]:
+        return {str(key): mask}
+
+    def weight_kinds(self, key: TypedMaskKey) -> tuple[Matrix, ...]:
+        return (key.kind,)
+
+    def always_off(self, bridge: TransformerBridge, component: MaskComponent) -> Bool[torch.Tensor, "out in"]:
+        return weight_tensor(bridge, component) == 0
+
+    def device(self, bridge: TransformerBridge, component: MaskComponent) -> torch.device:
+        module, _ = _weight_module(bridge, component)
+        return _execution_device(module, input_device(bridge))
+
+
+_REGISTRY: dict[str, GranularitySpec] = {}
+# The registry, read-only (register through register_granularity).
+GRANULARITY_REGISTRY: Mapping[str, GranularitySpec] = types.MappingProxyType(_REGISTRY)
+
+
+def register_granularity(spec: GranularitySpec) -> GranularitySpec:
+    """Add ``spec`` to the registry (its ``name`` must be new and lower case); returns it."""
+    if not isinstance(spec, GranularitySpec):
+        raise MaskError(f"{type(spec).__name__} is not a GranularitySpec; subclass masks.GranularitySpec")
+    name = getattr(spec, "name", None)
+    if not isinstance(name, str) or not name or name != name.strip().lower() or "," in name:
+        raise MaskError(f"a granularity's name must be a lower-case word without commas, got {name!r}")
+    if name in _REGISTRY:
+        raise MaskError(f"granularity {name!r} is already registered; pick another name or unregister it first")
+    if not isinstance(getattr(spec, "default_lr", None), (int, float)):
+        raise MaskError(f"granularity {name!r} needs a float default_lr (the search's learning rate)")
+    _REGISTRY[name] = spec
+    return spec
+
+
+def unregister_granularity(name: str) -> None:
+    """Remove a registered granularity (the built-in ones stay)."""
+    if name in GRANULARITIES:
+        raise MaskError(f"the built-in granularity {name!r} cannot be unregistered")
+    if _REGISTRY.pop(name, None) is None:
+        raise MaskError(f"no granularity {name!r} is registered; registered: {', '.join(_REGISTRY)}")
+
+
+class _DefaultLearningRates(Mapping[str, float]):
+    """Each registered granularity's ``default_lr`` by name (a live view of the registry)."""
+
+    def __getitem__(self, name: str) -> float:
+        if name not in _REGISTRY:
+            raise KeyError(name)
+        return float(_REGISTRY[name].default_lr)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(_REGISTRY))
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+# The search's learning rate per granularity when none is given (registered ones included).
+DEFAULT_LEARNING_RATES: Mapping[str, float] = _DefaultLearningRates()
+
+
+def registered_granularities() -> tuple[Granularity, ...]:
+    """Every registered granularity's name, in registration order (the built-ins first)."""
+    return tuple(_REGISTRY)
+
+
+def get_granularity(name: str) -> GranularitySpec:
+    """The registered granularity called ``name`` (``MaskError`` for an unknown one)."""
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        raise MaskError(f"unknown granularity {name!r}; use any of {', '.join(_REGISTRY)}")
+    return spec
+
+
+def granularity_of_key(key: str | TypedMaskKey) -> GranularitySpec:
+    """The granularity whose keys include ``key`` (``MaskError`` for no mask key)."""
+    text = str(key)
+    for spec in _REGISTRY.values():
+        if spec.parse_key(text) is not None:
+            return spec
+    raise MaskError(_UNKNOWN_KEY.format(text))
+
+
+def parse_mask_key(key: str | TypedMaskKey) -> TypedMaskKey:
+    """The typed key a mask-key string names, of whichever granularity it belongs to."""
+    return granularity_of_key(key).parse_key_or_raise(str(key))
+
+
+for _spec in (NeuronGranularity(), HeadGranularity(), WeightGranularity()):
+    register_granularity(_spec)
+del _spec
 
 
 # --------------------------------------------------------------------------- parameterisations
@@ -1058,7 +1357,7 @@ class MaskSet(nn.Module):
     def for_model(
         cls,
         bridge: TransformerBridge,
-        granularities: str | Sequence[str] = ("neuron", "head"),
+        granularities: str | Sequence[str] = DEFAULT_GRANULARITIES,
         parameterization: ParameterizationName | MaskParameterization = "continuous",
         init: float = 0.0,
         penalty_weighting: PenaltyWeighting = "params",
@@ -1069,9 +1368,10 @@ class MaskSet(nn.Module):
         devices = {c.key: component_device(bridge, c) for c in components}
         always_off = {}
         for c in components:
-            if c.granularity == "weight":
-                with torch.no_grad():
-                    always_off[c.key] = weight_tensor(bridge, c) == 0
+            with torch.no_grad():
+                off = get_granularity(c.granularity).always_off(bridge, c)
+            if off is not None:
+                always_off[c.key] = off
         return cls(components, parameterization, init, always_off, penalty_weighting, device, devices)
 
     @property
@@ -1339,7 +1639,8 @@ def expand_to_weight_masks(
     masks: Mapping[str, torch.Tensor],
     layers: Sequence[int] | None = None,
 ) -> dict[str, Bool[torch.Tensor, "out in"]]:
-    """Weight-level masks (canonical layout) equivalent to any mix of neuron/head/weight masks.
+    """Weight-level masks (canonical layout) equivalent to any mix of masks of any granularities
+    (each expanded by its :meth:`GranularitySpec.expand`, within its component's layer).
 
     A neuron keeps its row of each MLP input matrix and its column of the output matrix; a head
     keeps its rows of Q, K, V (for grouped K/V heads: if any of its query heads is kept) and its
@@ -1358,26 +1659,10 @@ def expand_to_weight_masks(
         c = components[key]
         if c.layer not in layer_set:
             continue
-        mask = mask.to(torch.bool).cpu()
-
-        def matrix(kind: Matrix, layer: int = c.layer) -> str:
-            return str(MaskKey.weight(layer, kind))
-
-        if c.granularity == "weight":
-            out[key] &= mask
-        elif c.granularity == "neuron":
-            out[matrix("in")] &= mask[:, None]
-            if g.gated_mlp:
-                out[matrix("gate")] &= mask[:, None]
-            out[matrix("out")] &= mask[None, :]
-        else:
-            rows_q = mask.repeat_interleave(g.d_head)
-            kv_heads = mask.view(g.n_kv_heads, g.n_heads // g.n_kv_heads).any(dim=1)
-            rows_kv = kv_heads.repeat_interleave(g.d_head)
-            out[matrix("q")] &= rows_q[:, None]
-            out[matrix("k")] &= rows_kv[:, None]
-            out[matrix("v")] &= rows_kv[:, None]
-            out[matrix("o")] &= rows_q[None, :]
+        spec = get_granularity(c.granularity)
+        for weight_key, gate in spec.expand(spec.parse_key_or_raise(key), mask.to(torch.bool).cpu(), g).items():
+            if weight_key in out:  # a matrix this model lacks (an ungated MLP's gate) gates nothing
+                out[weight_key] &= gate
     return out
 
 

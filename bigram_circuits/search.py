@@ -7,7 +7,8 @@ plain mean for weight masks.
 
 Targets (:class:`Target`): the bigram distribution (sparse soft cross-entropy of
 :class:`~bigram_circuits.ngrams.BigramStats`), the full model's own output distribution (the
-paper's "optimal subnetwork"), the true next token, or any callable.
+paper's "optimal subnetwork"), the true next token, or any callable; named targets are
+registered in :mod:`bigram_circuits.targets` (:func:`register_target`), where :class:`Target` lives.
 
 Schedule and stopping: temperature ``T`` starts at 1 and is multiplied by ``temperature_growth``
 (paper: 1.001) after every optimizer step; a run stops once the undecided entries (soft mask in
@@ -51,7 +52,7 @@ import io
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,7 @@ from bigram_circuits.io import atomic_write_bytes, ensure_output_dir, run_direct
 from bigram_circuits.manifest import write_manifest
 from bigram_circuits.masks import (
     DEFAULT_GRANULARITIES,
+    DEFAULT_LEARNING_RATES,
     MaskSet,
     masks_attached,
     parse_granularities,
@@ -82,9 +84,11 @@ from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.rundir import RunDir
 from bigram_circuits.subnetwork import Subnetwork
 from bigram_circuits.tables import sparsest_within
+from bigram_circuits.targets import Target, TargetSpec, register_target, target_spec
 
 __all__ = [
     "DEFAULT_LR",
+    "PAPER_TOKENS_PER_STEP",
     "NonFiniteLoss",
     "SearchClock",
     "SearchConfig",
@@ -95,17 +99,18 @@ __all__ = [
     "TargetSpec",
     "bigram_correlation",
     "choose_subnetwork",
+    "flush_denormals",
     "register_target",
     "search",
     "search_step",
     "stability_check",
     "steps_per_check_point",
-    "PAPER_TOKENS_PER_STEP",
     "sweep",
     "target_spec",
 ]
 
-DEFAULT_LR: dict[str, float] = {"neuron": 0.05, "head": 0.05, "weight": 0.01}
+# Each registered granularity's ``GranularitySpec.default_lr``: neuron 0.05, head 0.05, weight 0.01.
+DEFAULT_LR: Mapping[str, float] = DEFAULT_LEARNING_RATES
 TEMPERATURE_RULES = ("every_step", "after_settle")
 # Named schedules (``SearchConfig.named``, ``find --schedule``): fields that differ from the defaults.
 SCHEDULES: dict[str, dict] = {
@@ -235,91 +240,6 @@ class SearchConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------- targets
-
-
-def _soft_xent(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of -sum_j softmax(reference)_j log_softmax(logits)_j."""
-    probs = torch.softmax(reference.float(), dim=-1)
-    return -(probs * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
-
-
-@dataclass
-class Target:
-    """What the masked model must reproduce. Build with :meth:`bigram`, :meth:`full_model`,
-    :meth:`next_token` or :meth:`custom`; call as ``target(logits, tokens, reference_logits)``.
-    ``needs_reference``: the search also runs the unmasked model (no grad) for each batch."""
-
-    name: str
-    loss_fn: Callable[..., torch.Tensor]
-    needs_reference: bool = False
-    stats: object | None = None
-    vocab_size: int | None = None
-
-    @classmethod
-    def bigram(cls, stats: BigramStats) -> Target:
-        """Soft cross-entropy against P(next | current) of bigram stats (the paper's target)."""
-        return cls(
-            "bigram",
-            lambda logits, tokens, ref: stats.soft_cross_entropy(logits, tokens),
-            stats=stats,
-            vocab_size=int(stats.vocab_size),
-        )
-
-    @classmethod
-    def full_model(cls, vocab_size: int | None = None) -> Target:
-        """Soft cross-entropy against the full model's own next-token distribution."""
-
-        def loss(logits, tokens, ref):
-            return _soft_xent(logits[..., :vocab_size], ref[..., :vocab_size])
-
-        return cls("full_model", loss, needs_reference=True, vocab_size=vocab_size)
-
-    @classmethod
-    def next_token(cls, vocab_size: int | None = None) -> Target:
-        """Cross-entropy of the true next token (language-modelling loss)."""
-
-        def loss(logits, tokens, ref):
-            cut = logits[:, :-1, :vocab_size].float()
-            return torch.nn.functional.cross_entropy(cut.flatten(0, 1), tokens[:, 1:].flatten())
-
-        return cls("next_token", loss, vocab_size=vocab_size)
-
-    @classmethod
-    def custom(cls, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], name: str = "custom") -> Target:
-        """Any ``fn(logits [batch, pos, vocab], tokens [batch, pos]) -> scalar tensor``."""
-        return cls(name, lambda logits, tokens, ref: fn(logits, tokens))
-
-    @classmethod
-    def from_name(cls, name: str, stats: BigramStats = None, vocab_size: int | None = None) -> Target:
-        """``"bigram"`` (needs ``stats``), ``"full_model"`` or ``"next_token"``; or a control:
-        ``"permuted_contexts"`` / ``"permuted_vocab"`` (needs ``stats``), the bigram target on
-        ``stats.permuted("contexts" | "vocab", seed)`` (:meth:`BigramStats.permuted`; seed 0, or
-        ``"permuted_contexts:SEED"``), whose ``stats`` (and so the search's r) are the permuted table."""
-        if name == "bigram":
-            if stats is None:
-                raise SearchError("the bigram target needs bigram stats; pass stats=BigramStats...")
-            return cls.bigram(stats)
-        if name.startswith("permuted_"):
-            variant, _, seed = name.removeprefix("permuted_").partition(":")
-            if stats is None:
-                raise SearchError(f"the {name} target needs bigram stats; pass stats=BigramStats...")
-            if variant not in ("contexts", "vocab") or not (seed == "" or seed.isdigit()):
-                raise SearchError(f"unknown target {name!r}; use permuted_contexts or permuted_vocab[:SEED]")
-            permuted = stats.permuted(variant, int(seed or 0))
-            return dataclasses.replace(cls.bigram(permuted), name=name)
-        if name in ("full_model", "full", "optimal"):
-            return cls.full_model(vocab_size)
-        if name == "next_token":
-            return cls.next_token(vocab_size)
-        raise SearchError(
-            f"unknown target {name!r}; use bigram, full_model, next_token, permuted_contexts or permuted_vocab"
-        )
-
-    def __call__(self, logits, tokens, reference=None) -> torch.Tensor:
-        return self.loss_fn(logits, tokens, reference)
 
 
 # --------------------------------------------------------------------------- results
@@ -754,6 +674,25 @@ def search_step(
 # --------------------------------------------------------------------------- the search
 
 
+@contextlib.contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Flush subnormal floats to zero on this thread while the block runs (then back to IEEE).
+
+    A mask that hardens towards 0 makes ``W * sigmoid(T * logit)`` subnormal (below 1.2e-38), and
+    x86 CPUs multiply subnormal matrices about 200x slower (an sgemm on SmolLM2's 1536 x 576 MLP
+    matrix: 0.09 s per 50 products, 19 s with subnormal weights): a weight-mask search slowed
+    from ~4 s to ~19 s per step as its masks hardened. Flushing changes only values below 1.2e-38,
+    whose Adam updates underflow to 0 anyway. Threads of torch's CPU pool keep the mode they were
+    created with: :func:`bigram_circuits.cli.main` sets it before the pool exists; in a notebook
+    with several threads call ``torch.set_flush_denormal(True)`` before the first torch op."""
+    changed = torch.set_flush_denormal(True)  # False where the CPU cannot flush (a no-op then)
+    try:
+        yield
+    finally:
+        if changed:
+            torch.set_flush_denormal(False)
+
+
 def search(
     bridge: TransformerBridge,
     windows: Integer[np.ndarray, "n seq"],
@@ -795,7 +734,10 @@ def search(
             else:
                 state = SearchState.fresh(bridge, config, _run_identity(config, grans, target, fingerprint))
             while True:  # attempts: a new shuffle after an unstable run, up to max_attempts
-                stop_reason = _run_attempt(state, bridge, windows, target, config, out_path, show_progress, callback)
+                with flush_denormals():
+                    stop_reason = _run_attempt(
+                        state, bridge, windows, target, config, out_path, show_progress, callback
+                    )
                 stable, stability = _stability(state.history, config)
                 outcome = {"stop_reason": stop_reason, "stable": stable, "stability": stability}
                 last_attempt = state.attempt + 1 >= config.max_attempts
@@ -1107,10 +1049,17 @@ def sweep(
 ) -> pd.DataFrame:
     """Run :func:`search` for every lambda (each in ``out_dir/lambda_{lam}``; finished ones are
     reused) and return one row per lambda, with a ``chosen`` column from
-    :func:`choose_subnetwork`. Writes ``out_dir/sweep.csv``."""
+    :func:`choose_subnetwork` on the target's ``selection_metric`` (none: no run is chosen).
+    Writes ``out_dir/sweep.csv``."""
     config = config or SearchConfig()
     if not lambdas:
         raise SearchError("give at least one lambda")
+    metric = target.selection_metric
+    if metric is not None and metric not in SELECTION_METRICS:
+        raise SearchError(
+            f"target {target.name!r} selects on {metric!r}, which a sweep does not record; "
+            f"use one of {', '.join(SELECTION_METRICS)} or None"
+        )
     rows = []
     for lam in tqdm(list(lambdas), desc="lambda sweep", unit="lambda", disable=not show_progress or len(lambdas) < 2):
         run_dir = RunDir(out_dir).lambda_run(lam).path if out_dir is not None else None
@@ -1145,9 +1094,8 @@ def sweep(
             }
         )
     table = pd.DataFrame(rows)
-    metric = "bigram_r" if table["bigram_r"].notna().any() else None
     table["chosen"] = False
-    if metric is not None:
+    if metric is not None and table[metric].notna().any():
         chosen = choose_subnetwork(table, tolerance=tolerance, metric=metric)
         table.loc[chosen.name, "chosen"] = True
     if out_dir is not None and current_group().is_writer:

@@ -39,6 +39,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from bigram_circuits.errors import MaskError, UnsafeFileError
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir
 from bigram_circuits.masks import (
+    DEFAULT_GRANULARITIES,
     Granularity,
     MaskComponent,
     MaskKey,
@@ -48,6 +49,7 @@ from bigram_circuits.masks import (
     author_dict_to_weight_masks,
     author_parameter_names,
     expand_to_weight_masks,
+    granularity_of_key,
     mask_components,
     masks_attached,
     model_geometry,
@@ -126,13 +128,13 @@ class Subnetwork:
         return cls(dict(masks), components, model_geometry(bridge), model_id(bridge), dict(metadata or {}))
 
     @classmethod
-    def full(cls, bridge: TransformerBridge, granularities: str | Sequence[str] = ("neuron", "head")) -> Subnetwork:
+    def full(cls, bridge: TransformerBridge, granularities: str | Sequence[str] = DEFAULT_GRANULARITIES) -> Subnetwork:
         """Every entry kept (the full model; the paper's lambda = -inf reference)."""
         comps = mask_components(bridge, granularities)
         return cls.from_masks(bridge, {c.key: torch.ones(c.shape, dtype=torch.bool) for c in comps}, {"kind": "full"})
 
     @classmethod
-    def empty(cls, bridge: TransformerBridge, granularities: str | Sequence[str] = ("neuron", "head")) -> Subnetwork:
+    def empty(cls, bridge: TransformerBridge, granularities: str | Sequence[str] = DEFAULT_GRANULARITIES) -> Subnetwork:
         """No entry kept (embeddings, layernorms and biases only; lambda = +inf reference)."""
         comps = mask_components(bridge, granularities)
         return cls.from_masks(bridge, {c.key: torch.zeros(c.shape, dtype=torch.bool) for c in comps}, {"kind": "empty"})
@@ -220,8 +222,9 @@ class Subnetwork:
         return self._with_masks({k: ~m for k, m in self.masks.items()}, {"derived": "complement"})
 
     def random_control(self, seed: int = 0) -> Subnetwork:
-        """A random subnetwork with the same kept count in every block: each weight matrix
-        (Q, K, V, O, MLP in/out of each layer) for weight masks, each layer's neurons or heads."""
+        """A random subnetwork with the same kept count in every block, one block per mask key
+        at any granularity: each weight matrix (Q, K, V, O, MLP in/out of each layer) for
+        weight masks, each layer's neurons or heads."""
         gen = torch.Generator().manual_seed(int(seed))
         masks = {}
         # Sorted keys: the draw must not depend on dict order (a loaded file's order varies).
@@ -444,9 +447,8 @@ class Subnetwork:
 
 
 def _granularity_of(key: str) -> str:
-    found = MaskKey.try_parse(key)
-    if found is not None:
-        return found.granularity
+    with contextlib.suppress(MaskError):
+        return granularity_of_key(key).name
     # Not a mask key, but shaped like one of a granularity: reported as not matching the components.
     for granularity, suffix in (("neuron", ".mlp.hook_post"), ("head", ".attn.hook_z"), ("weight", ".weight")):
         if key.endswith(suffix):

@@ -83,7 +83,7 @@ def test_add_candidate_needs_the_masked_subnetwork_interface(tiny_neox):
 
     bridge, _ = tiny_neox
     assert isinstance(random_units(bridge), MaskedSubnetwork)
-    assert isinstance(Subnetwork.empty(bridge), MaskedSubnetwork)
+    assert isinstance(Subnetwork.empty(bridge, ("neuron", "head")), MaskedSubnetwork)
 
     class MasksOnly:
         def __init__(self):
@@ -131,7 +131,7 @@ def test_add_candidate_to_a_weight_subnetwork(tiny_neox):
     candidate = Candidate("c", heads=[(1, 2)], neurons=[(0, 5)])
     combined = add_candidate(base, candidate, bridge)
     assert isinstance(combined, Subnetwork) and combined.granularities == ("weight",)
-    unit_masks = {**Subnetwork.empty(bridge).masks, **candidate.masks(bridge)}
+    unit_masks = {**Subnetwork.empty(bridge, ("neuron", "head")).masks, **candidate.masks(bridge)}
     units = Subnetwork.from_masks(bridge, unit_masks).to_weight_masks()
     for key in (
         "blocks.1.attn.q.weight",
@@ -291,7 +291,10 @@ def test_sufficiency_with_a_real_subnetwork(tiny_neox):
     generator = torch.Generator().manual_seed(0)
     base = Subnetwork.from_masks(
         bridge,
-        {k: torch.rand(m.shape, generator=generator) < 0.3 for k, m in Subnetwork.full(bridge).masks.items()},
+        {
+            k: torch.rand(m.shape, generator=generator) < 0.3
+            for k, m in Subnetwork.full(bridge, ("neuron", "head")).masks.items()
+        },
     )
     candidate = Candidate("heads", heads=[(0, 3), (1, 1)])
     behaviour = RepeatedSequenceLoss(VOCAB, seq_len=6, n_sequences=4)

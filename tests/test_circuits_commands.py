@@ -22,7 +22,10 @@ def tiny_run(tmp_path, monkeypatch, tiny_neox, tiny_neox_dir, tiny_text):
     corpus.write_text("\n".join(json.dumps({"text": doc}) for doc in tiny_text * 3), encoding="utf-8")
     bridge, _ = tiny_neox
     generator = torch.Generator().manual_seed(0)
-    masks = {k: torch.rand(m.shape, generator=generator) < 0.4 for k, m in Subnetwork.full(bridge).masks.items()}
+    masks = {
+        k: torch.rand(m.shape, generator=generator) < 0.4
+        for k, m in Subnetwork.full(bridge, ("neuron", "head")).masks.items()
+    }
     run_dir = tmp_path / "run"
     metadata = {"model": str(tiny_neox_dir), "corpus": str(corpus), "config": {"seq_len": 32}}
     Subnetwork.from_masks(bridge, masks, metadata).save(run_dir / "lambda_10")

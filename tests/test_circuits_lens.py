@@ -190,7 +190,10 @@ def test_lens_report_side_by_side(tiny_neox):
     generator = torch.Generator().manual_seed(0)
     sub = Subnetwork.from_masks(
         bridge,
-        {k: torch.rand(m.shape, generator=generator) < 0.2 for k, m in Subnetwork.full(bridge).masks.items()},
+        {
+            k: torch.rand(m.shape, generator=generator) < 0.2
+            for k, m in Subnetwork.full(bridge, ("neuron", "head")).masks.items()
+        },
     )
     runs = {"full": None, "bigram": sub, "random": sub.random_control(seed=5)}
     table = lens_report(bridge, tokenizer, _windows(8, 32, seed=6), runs, n_tokens=256, progress=False)

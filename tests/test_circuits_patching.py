@@ -179,7 +179,10 @@ def test_full_model_into_a_real_subnetwork(tiny_neox):
     generator = torch.Generator().manual_seed(3)
     sub = Subnetwork.from_masks(
         bridge,
-        {k: torch.rand(m.shape, generator=generator) < 0.5 for k, m in Subnetwork.full(bridge).masks.items()},
+        {
+            k: torch.rand(m.shape, generator=generator) < 0.5
+            for k, m in Subnetwork.full(bridge, ("neuron", "head")).masks.items()
+        },
     )
     tokens = _tokens(8)
     with torch.no_grad():

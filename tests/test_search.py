@@ -21,6 +21,7 @@ from bigram_circuits.search import (
     Target,
     bigram_correlation,
     choose_subnetwork,
+    flush_denormals,
     search,
     search_step,
     stability_check,
@@ -268,6 +269,15 @@ def test_stability_check():
     assert stability_check(recovered)[0]
     never_recovers = flat[:100] + [5.0] + [3.5] * 199
     assert not stability_check(never_recovers)[0]
+
+
+def test_flush_denormals_zeroes_subnormals_inside_the_block_only():
+    tiny = torch.tensor([1e-40])  # subnormal in float32
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    with flush_denormals():
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() > 0.0  # IEEE again after the block
 
 
 def test_stability_check_reads_points_of_the_papers_tokens():

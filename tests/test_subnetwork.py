@@ -41,7 +41,7 @@ def test_keep_and_ablate(tiny_neox):
     assert torch.equal(kept, by_hand)
     assert torch.equal(ablated, complement)
     assert not torch.allclose(kept, full) and not torch.allclose(ablated, full)
-    with Subnetwork.full(bridge).applied(bridge), torch.no_grad():
+    with Subnetwork.full(bridge, ("neuron", "head")).applied(bridge), torch.no_grad():
         assert torch.equal(bridge(tokens), full)
 
 
@@ -67,7 +67,7 @@ def test_sizes_in_paper_unit(tiny_neox):
     assert sub.n_params() == neurons * 2 * d_model + heads * 4 * d_model * d_head
     assert sub.n_params_total() == matrix_total
     assert Subnetwork.full(bridge, "weight").n_params() == matrix_total
-    assert Subnetwork.empty(bridge).n_params() == 0
+    assert Subnetwork.empty(bridge, ("neuron", "head")).n_params() == 0
     table = sub.layer_distribution()
     assert set(zip(table.layer, table.block)) == {(0, "attn"), (0, "mlp"), (1, "attn"), (1, "mlp")}
     assert abs(table.share_of_subnetwork.sum() - 1.0) < 1e-9

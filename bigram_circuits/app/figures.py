@@ -218,7 +218,8 @@ class _FigureRun:
         from bigram_circuits.search import Target, sweep
 
         data = self.loaded
-        # "bigram", "full_model" or a control such as "permuted_contexts" (Target.from_name).
+        # Any registered target (bigram_circuits.targets): "bigram", "full_model", a control such as
+        # "permuted_contexts". The stats are loaded whatever the target: every figure's r needs them.
         target = Target.from_name(target_name, stats=data["stats"], vocab_size=data["vocab"])
         config = self.config.search_config()
         if seed is not None:

@@ -21,6 +21,7 @@ from bigram_circuits.manifest import write_manifest
 from bigram_circuits.masks import DEFAULT_GRANULARITIES, parse_granularities
 from bigram_circuits.rundir import RunDir
 from bigram_circuits.search import SearchConfig, Target, sweep
+from bigram_circuits.targets import target_spec
 
 __all__ = ["find_command", "seeds_summary"]
 
@@ -44,7 +45,8 @@ def find_command(
     **config_options,
 ) -> pd.DataFrame:
     """``bigram-circuits find``: load the model and the corpus's train/eval splits, count bigram
-    stats on the train split (cached in ``out_dir/bigram_stats.npz``), run the lambda sweep
+    stats on the train split when the target needs them (cached in ``out_dir/bigram_stats.npz``;
+    :class:`~bigram_circuits.targets.TargetSpec` ``needs_stats``), run the lambda sweep
     (resumable), save each subnetwork under ``out_dir/lambda_{lam}`` plus ``out_dir/sweep.csv``
     and return the sweep table. ``config_options`` are :class:`SearchConfig` fields;
     ``schedule`` names the schedule the config starts from (:meth:`SearchConfig.named`;
@@ -54,6 +56,7 @@ def find_command(
     bigram stats) and the returned table has one row per (seed, lambda); ``out_dir/seeds.csv``
     holds mean and sample std over seeds per lambda (``seeds_summary``).
 
+    ``target`` is any registered target name (:func:`bigram_circuits.targets.register_target`).
     ``target="permuted_contexts"`` or ``"permuted_vocab"`` (``:SEED`` appended picks another
     permutation) searches against the bigram table permuted by :meth:`BigramStats.permuted`, the
     faithfulness control; each run's ``bigram_r`` is then measured against that permuted table.
@@ -87,6 +90,7 @@ def find_command(
     if not lambdas:
         raise SearchError("give at least one lambda")
     parse_granularities(granularities)
+    spec = target_spec(target)  # an unknown target is one line before the model and corpus load
     device = resolve_device(device)  # once, rank-aware; an impossible device is one line before any output
     out_path = ensure_output_dir(out_dir)
     run = RunDir(out_path)
@@ -96,14 +100,21 @@ def find_command(
         vocab = model_vocab_size(bridge, tokenizer)
         train = load_token_dataset(corpus, tokenizer, split="train", show_progress=show_progress)
         evaluation = load_token_dataset(corpus, tokenizer, split="eval", show_progress=show_progress)
-        stats = run.bigram_stats(
-            tokenizer,
-            corpus,
-            config.seq_len,
-            vocab,
-            train=train,
-            save=current_group().is_writer,
-            show_progress=show_progress,
+        # Counted only for a target that needs them: the sweep's bigram_r is measured against the
+        # target's own stats (Target.stats), so a target without them reports no r and nothing
+        # else here reads the table; evaluate and lens count them on demand (RunDir.bigram_stats).
+        stats = (
+            run.bigram_stats(
+                tokenizer,
+                corpus,
+                config.seq_len,
+                vocab,
+                train=train,
+                save=current_group().is_writer,
+                show_progress=show_progress,
+            )
+            if spec.needs_stats
+            else None
         )
         train_windows = train.windows(config.seq_len, max_train_windows)
         eval_windows = evaluation.windows(config.seq_len, max_eval_windows)

@@ -34,7 +34,14 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.circuits.runs import MaskedSubnetwork, RunSpec, SubnetworkLike, run_context
 from bigram_circuits.errors import ConfigError, MaskError, TokenError
-from bigram_circuits.masks import MaskKey, RunMode, apply_binary_masks
+from bigram_circuits.masks import (
+    MaskKey,
+    ModelGeometry,
+    RunMode,
+    apply_binary_masks,
+    granularity_of_key,
+    model_geometry,
+)
 
 __all__ = [
     "PARTIAL_FRACTIONS",
@@ -263,34 +270,24 @@ class Candidate:
 
 
 def _unit_as_weight_masks(
-    key: str, units: torch.Tensor, masks: Mapping[str, torch.Tensor], cfg: Any
+    key: str, units: torch.Tensor, masks: Mapping[str, torch.Tensor], geometry: ModelGeometry
 ) -> dict[str, torch.Tensor]:
-    """The weight entries a head/neuron mask switches on, in the canonical ``[out, in]``
-    layout of :mod:`bigram_circuits.masks`: a head's Q/K/V rows and O columns, a neuron's
-    MLP input row(s) and output column. Only keys present in ``masks`` are returned."""
-    unit = MaskKey.parse(key)
+    """The weight entries a mask of any granularity switches on, in the canonical ``[out, in]``
+    layout of :mod:`bigram_circuits.masks` (its granularity's ``expand``): a head's Q/K/V rows
+    and O columns, a neuron's MLP input row(s) and output column. Only keys present in
+    ``masks`` are returned."""
+    spec = granularity_of_key(key)
     out: dict[str, torch.Tensor] = {}
-    if unit.kind == "head":
-        d_head, n_heads = int(cfg.d_head), int(cfg.n_heads)
-        n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
-        rows_q = units.repeat_interleave(d_head)
-        rows_kv = units.view(n_kv, n_heads // n_kv).any(dim=1).repeat_interleave(d_head)
-        lines = {"q": (rows_q, 0), "k": (rows_kv, 0), "v": (rows_kv, 0), "o": (rows_q, 1)}
-    else:
-        lines = {"in": (units, 0), "gate": (units, 0), "out": (units, 1)}
-    for kind, (selected, axis) in lines.items():
-        weight_key = str(MaskKey.weight(unit.layer, kind))
+    for weight_key, gate in spec.expand(spec.parse_key_or_raise(key), units.bool().cpu(), geometry).items():
         if weight_key not in masks:
             continue
         shape = tuple(masks[weight_key].shape)
-        if shape[axis] != selected.numel():
-            raise MaskError(f"weight mask {weight_key} has shape {shape}; expected {selected.numel()} on axis {axis}")
-        grid = torch.zeros(shape, dtype=torch.bool)
-        if axis == 0:
-            grid[selected] = True
-        else:
-            grid[:, selected] = True
-        out[weight_key] = grid
+        try:
+            out[weight_key] = gate.expand(shape).clone()
+        except RuntimeError:
+            raise MaskError(
+                f"weight mask {weight_key} has shape {shape}; the {key} mask gates {tuple(gate.shape)}"
+            ) from None
     return out
 
 
@@ -321,7 +318,7 @@ def add_candidate(base: MaskedSubnetwork, candidate: Candidate, bridge: Transfor
         unit = MaskKey.try_parse(key)
         if unit is None or not unit.is_unit:
             raise MaskError(f"the base subnetwork has no mask {key}; use keys of its masks for weight entries")
-        additions.extend(_unit_as_weight_masks(key, extra, masks, bridge.cfg).items())
+        additions.extend(_unit_as_weight_masks(key, extra, masks, model_geometry(bridge)).items())
         # No weight key either: the base does not gate this component, so it is already on.
     added: dict[str, int] = {}
     for key, extra in additions:

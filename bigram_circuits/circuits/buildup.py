@@ -78,7 +78,7 @@ from bigram_circuits.circuits.overlap import overlap
 from bigram_circuits.circuits.runs import RunSpec
 from bigram_circuits.devices import input_device
 from bigram_circuits.errors import ConfigError, MaskError
-from bigram_circuits.masks import MaskKey
+from bigram_circuits.masks import MaskKey, granularity_of_key, model_geometry
 
 __all__ = [
     "CONDITIONS",
@@ -637,11 +637,12 @@ def candidate_weight_masks(
     (canonical ``[out, in]`` layout): a head's W_Q rows and W_O columns and its K/V group's
     W_K/W_V rows; a neuron's MLP input row(s) and output column; plus ``candidate.weights``."""
     out = {key: torch.zeros(tuple(mask.shape), dtype=torch.bool) for key, mask in reference.items()}
+    geometry = model_geometry(bridge)
     for key, units in candidate.masks(bridge).items():
         if key in out and not MaskKey.is_unit_key(key):
             out[key] |= units.cpu()
             continue
-        for weight_key, grid in _unit_as_weight_masks(key, units.cpu(), reference, bridge.cfg).items():
+        for weight_key, grid in _unit_as_weight_masks(key, units.cpu(), reference, geometry).items():
             out[weight_key] |= grid
     return out
 
@@ -650,7 +651,7 @@ def _base_weight_masks(base: Any) -> dict[str, torch.Tensor]:
     if hasattr(base, "to_weight_masks"):
         return base.to_weight_masks()
     masks = dict(base.masks)
-    if any(MaskKey.is_unit_key(key) for key in masks):
+    if any(granularity_of_key(key).name != "weight" for key in masks):
         raise MaskError("the base holds head/neuron masks; pass a Subnetwork (it expands to weights)")
     return masks
 

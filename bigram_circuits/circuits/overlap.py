@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Integer
 
 from bigram_circuits.errors import ConfigError, MaskError
-from bigram_circuits.masks import MaskKey
+from bigram_circuits.masks import MaskKey, granularity_of_key, parse_mask_key
 
 __all__ = [
     "BlockCounts",
@@ -212,15 +212,15 @@ def overlap_table(pairs: Mapping[str, tuple[object, object]], n_random: int = 10
 
 
 def _kind_of(key: str) -> str:
-    """The matrix kind of a mask key: "neuron", "head", or q, k, v, o, in, gate, out."""
+    """The matrix kind of a weight mask key: q, k, v, o, in, gate, out."""
     return MaskKey.parse(key).kind
 
 
-def _layer_of(key: str) -> int:
-    return MaskKey.parse(key).layer
-
-
-_GATED_BY = {"neuron": ("in", "gate", "out"), "head": ("q", "k", "v", "o")}
+def _gated_kinds(key: str) -> tuple[int, tuple[str, ...]]:
+    """The layer of any registered mask key and the kinds of weight matrix its entries gate."""
+    spec = granularity_of_key(key)
+    typed = spec.parse_key_or_raise(key)
+    return typed.layer, tuple(spec.weight_kinds(typed))
 
 
 def _matrix_counts_expanded(subnetwork) -> list[tuple[int, str, float, float]]:
@@ -229,8 +229,8 @@ def _matrix_counts_expanded(subnetwork) -> list[tuple[int, str, float, float]]:
 
     gated: dict[int, set[str]] = {}
     for key in subnetwork.masks:
-        kind = _kind_of(key)
-        gated.setdefault(_layer_of(key), set()).update(_GATED_BY.get(kind, (kind,)))
+        layer, kinds = _gated_kinds(key)
+        gated.setdefault(layer, set()).update(kinds)
     rows = []
     for layer in sorted(gated):
         weights = expand_to_weight_masks(subnetwork.geometry, subnetwork.components, subnetwork.masks, layers=[layer])
@@ -244,23 +244,32 @@ def _matrix_counts_expanded(subnetwork) -> list[tuple[int, str, float, float]]:
 def _matrix_counts_per_entry(
     masks: Mapping[str, torch.Tensor], params_per_entry: Mapping[str, float] | None
 ) -> list[tuple[int, str, float, float]]:
-    """(layer, kind, kept, total) weights from per-entry sizes; a head counts equally for Q, K, V, O."""
+    """(layer, kind, kept, total) weights from per-entry sizes. An entry's weights are shared
+    between the blocks of the matrices it gates in proportion to their number; within attention
+    equally between those matrices (a head: Q, K, V, O), within the MLP on its first one."""
     rows = []
     for key, mask in masks.items():
-        kind = _kind_of(key)
-        if kind in _GATED_BY and (params_per_entry is None or key not in params_per_entry):
+        layer, kinds = _gated_kinds(key)
+        if str(parse_mask_key(key)) != str(MaskKey.weight(layer, kinds[0])) and (
+            params_per_entry is None or key not in params_per_entry
+        ):
             raise MaskError(
                 f"mask {key!r} is a neuron/head mask; pass params_per_entry (weights gated per entry) or a Subnetwork"
             )
         weight = 1.0 if params_per_entry is None else float(params_per_entry.get(key, 1.0))
         mask = torch.as_tensor(mask).bool()
         kept, total = float(mask.sum()) * weight, float(mask.numel()) * weight
-        if kind == "head":
-            rows += [(_layer_of(key), part, kept / 4, total / 4) for part in ("q", "k", "v", "o")]
-        elif kind == "neuron":
-            rows.append((_layer_of(key), "in", kept, total))
-        else:
-            rows.append((_layer_of(key), kind, kept, total))
+        blocks: dict[str, list[str]] = {}
+        for kind in kinds:
+            blocks.setdefault(MaskKey.weight(layer, kind).block, []).append(kind)
+        for block, in_block in blocks.items():
+            share = len(in_block) / len(kinds)
+            if block == "attn":
+                rows += [
+                    (layer, part, kept * share / len(in_block), total * share / len(in_block)) for part in in_block
+                ]
+            else:
+                rows.append((layer, in_block[0], kept * share, total * share))
     return rows
 
 
