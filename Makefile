@@ -26,7 +26,7 @@ demo: setup
 TEST_WORKERS ?= 2
 test: setup lint
 	# one torch thread per test process: tiny models run faster and a busy machine does not stall
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 figures: setup
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium unavailable: figures are written as HTML only"

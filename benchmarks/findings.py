@@ -174,6 +174,12 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
         return f"r {mean_sd(s['r'])} at {mean_sd(s['percent'], '.2f')}% (lambda {s['lambda']:g})"
 
     smol_size = cell(S, lambda c: f"r {c['r_dropped']:.3f} at {c['percent_params']:.2f}% (lambda {c['lambda']:g})")
+    seeds = (smol or {}).get("seeds_summary") or {}
+    if S is not None and seeds.get("n_seeds", 0) > 1:
+        smol_size = (
+            f"r {seeds['bigram_r_mean']:.3f} ± {seeds['bigram_r_sd']:.3f} at {seeds['percent_params_mean']:.2f} ± "
+            f"{seeds['percent_params_sd']:.2f}% (lambda {S['lambda']:g}, {seeds['n_seeds']} seeds)"
+        )
     verdict = MISSING
     if W is not None:
         r, pct = float(np.mean(W["r"])), float(np.mean(W["percent"]))
@@ -337,8 +343,8 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
     )
 
     # 7. Table 2
-    def table2(src: Source) -> str:
-        rows2 = src.table("bigram_r_rows")
+    def table2(src: Source | pd.DataFrame | None) -> str:
+        rows2 = src if isinstance(src, pd.DataFrame) or src is None else src.table("bigram_r_rows")
         if rows2 is None:
             return MISSING
         short = {
@@ -358,7 +364,11 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
     add(
         "Table 2: the trained subnetwork beats random-init and embedding-only baselines",
         "no numbers in our summary of the paper",
-        [table2(weight), table2(neuron_head), MISSING],
+        [
+            table2(weight),
+            table2(neuron_head),
+            table2(pd.DataFrame(smol["table2"]) if smol and smol.get("table2") else None),
+        ],
         verdict,
     )
 
@@ -443,6 +453,30 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
                 parts.append(f"{kind} overlap {mean_sd(group['ratio'], '.1f')}x chance")
         return "; ".join(parts)
 
+    def smol_controls() -> str:
+        controls_ = (smol or {}).get("controls")
+        if not controls_ or S is None:
+            return MISSING
+        parts = [
+            f"at {S['percent_params']:.2f}% (real r {S['r_dropped']:.3f}): "
+            + "; ".join(
+                f"{row['control'].replace('_', ' ')} r {row['bigram_r']:.3f} (at {row['percent_params']:.2f}%)"
+                for row in controls_["searches"]
+            )
+        ]
+        partial = pd.DataFrame(controls_["partial_ablation"])
+        if len(partial):
+            zero = partial[partial["ablation"] == "zero"]
+            for fraction, label in ((0.5, "half"), (1.0, "all")):
+                by = zero[zero["fraction"] == fraction].groupby("condition")["loss_increase"]
+                bigram, random = mean_sd(by.get_group("bigram")), mean_sd(by.get_group("random"))
+                parts.append(f"{label} removed +{bigram} vs random +{random} nats")
+        if controls_["seed_overlap"]:
+            parts.append(
+                f"seed vs seed overlap {mean_sd(pd.DataFrame(controls_['seed_overlap'])['ratio'], '.1f')}x chance"
+            )
+        return "; ".join(parts)
+
     verdict = MISSING
     found = control_r(weight)
     if found is not None:
@@ -457,7 +491,7 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
     add(
         "controls: permuted targets and random-init models fit at the same size; partial removal; seed agreement",
         "not in the paper (random same-shape ablation and random-init search only)",
-        [controls(weight), controls(neuron_head), MISSING],
+        [controls(weight), controls(neuron_head), smol_controls()],
         verdict,
     )
     return pd.DataFrame(rows)
