@@ -457,13 +457,11 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
         controls_ = (smol or {}).get("controls")
         if not controls_ or S is None:
             return MISSING
-        parts = [
-            f"at {S['percent_params']:.2f}% (real r {S['r_dropped']:.3f}): "
-            + "; ".join(
-                f"{row['control'].replace('_', ' ')} r {row['bigram_r']:.3f} (at {row['percent_params']:.2f}%)"
-                for row in controls_["searches"]
-            )
-        ]
+        searches = "; ".join(
+            f"{row['control'].replace('_', ' ')} r {row['bigram_r']:.3f} (at {row['percent_params']:.2f}%)"
+            for row in controls_["searches"]
+        )
+        parts = [f"at {S['percent_params']:.2f}% (real r {S['r_dropped']:.3f})" + (f": {searches}" if searches else "")]
         partial = pd.DataFrame(controls_["partial_ablation"])
         if len(partial):
             zero = partial[partial["ablation"] == "zero"]
