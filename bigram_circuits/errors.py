@@ -43,6 +43,18 @@ class NonFiniteLoss(SearchError):
         self.value, self.step = value, step
 
 
+class GradientOverflow(NonFiniteLoss):
+    """The mask-logit gradients overflowed float32 at every loss scale a search step tried; raised
+    before the optimizer step, so the mask logits, optimizer, temperature and step are those of the
+    last good step."""
+
+    def __init__(self, step: int, lam: float, scale: float) -> None:
+        SearchError.__init__(
+            self, f"the mask-logit gradients overflowed float32 at step {step} (lambda {lam:g}), the loss scaled down to {scale:g}"
+        )
+        self.value, self.step = float("inf"), step
+
+
 class UnsafeFileError(BigramCircuitsError, ValueError):
     """A file would need to execute code to be loaded (e.g. a pickle with objects), so it is refused."""
 

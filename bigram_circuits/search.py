@@ -60,6 +60,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Integer
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -67,7 +68,7 @@ from bigram_circuits.data import iterate_batches
 from bigram_circuits.devices import input_device
 from bigram_circuits.distributed import ShardedMaskSet, launched_by_torchrun
 from bigram_circuits.distributed import current as current_group
-from bigram_circuits.errors import NonFiniteLoss, SearchError, TokenError
+from bigram_circuits.errors import GradientOverflow, NonFiniteLoss, SearchError, TokenError
 from bigram_circuits.evaluate import pearson_r
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir, run_directory_lock
 from bigram_circuits.manifest import write_manifest
@@ -142,6 +143,13 @@ _RESUMABLE_FIELDS = {
 # "auto" recomputes soft masks and masked weights for the backward only when keeping them (8
 # bytes per mask entry) would take more than this share of the device's memory.
 RECOMPUTE_MEMORY_SHARE = 0.125
+# A step whose mask-logit gradients overflow float32 (seen in SmolLM2 at random init: once its
+# masks thin out, the residual stream is small and each RMSNorm's backward multiplies the gradient
+# by 1 / rms, ~1e37 by layer 2) is redone with the loss scaled by this factor, up to this many
+# times; the smaller scale is kept for the rest of the run (AdamW's update does not depend on a
+# constant gradient scale, up to its eps).
+GRADIENT_BACKOFF = 2.0**-16
+MAX_GRADIENT_RESCALES = 4
 
 
 @dataclass
@@ -432,6 +440,7 @@ class SearchState:
     history: list[dict] = field(default_factory=list)
     previous_attempts: list[dict] = field(default_factory=list)
     clock: SearchClock = field(default_factory=SearchClock)
+    grad_scale: float = 1.0  # the loss's scale for the backward (< 1 only after a gradient overflow)
 
     @classmethod
     def fresh(
@@ -500,6 +509,7 @@ class SearchState:
             "mask_state": self.mask_set.state_dict(),  # full tensors, also when sharded
             "optimizer": self.mask_set.optimizer_state_dict(self.optimizer),
             "generator": self.generator_state(),
+            "grad_scale": self.grad_scale,
             **self.run,
             "elapsed_s": self.clock.wall(),
             "cpu_s": self.clock.cpu(),
@@ -512,6 +522,7 @@ class SearchState:
         if self.mask_set.generator is not None and checkpoint.get("generator") is not None:
             self.mask_set.generator.set_state(checkpoint["generator"])
         self.step, self.history = int(checkpoint["step"]), list(checkpoint["history"])
+        self.grad_scale = float(checkpoint.get("grad_scale", 1.0))  # absent before scaling existed
 
     def save(self, path: Path) -> None:
         """Write :meth:`state_dict` atomically to ``path``. Data-parallel: every rank calls it (a
@@ -640,35 +651,56 @@ def search_step(
     data-parallel ranks (:func:`bigram_circuits.distributed.current`), AdamW step, then
     ``T *= temperature_growth`` (with ``temperature_rule="after_settle"`` only once the history
     says the target loss has settled) and ``state.step += 1``. Raises :class:`NonFiniteLoss` before
-    the backward pass if the batch loss is not finite. No I/O.
+    the backward pass if the batch loss is not finite. If the mask-logit gradients overflow, the
+    step is redone with the loss scaled by :data:`GRADIENT_BACKOFF` (kept in ``state.grad_scale``
+    for the rest of the run), and :class:`GradientOverflow` is raised after
+    :data:`MAX_GRADIENT_RESCALES` tries, before the optimizer step. No I/O.
     """
     group, mask_set = current_group(), state.mask_set
-    # The last step's gradients are not needed any more: free them before the forward pass
-    # rather than after it (4 bytes per mask entry less at the forward pass's peak).
-    state.optimizer.zero_grad(set_to_none=True)
     reference = None
     if target.needs_reference:
         with torch.no_grad():
             reference = bridge(tokens)
-    with mask_set.attach(bridge) as forward_masks:
-        logits = bridge(tokens)
-    target_loss = target(logits, tokens, reference)
-    # The penalty of the very masks this forward used (the same hard-concrete noise draw).
-    penalty = mask_set.penalty(forward_masks).to(target_loss.device)
-    del forward_masks  # not kept alive into the next step
-    loss = target_loss + config.lam * penalty
-    # Loss of the whole batch (the mean over ranks' equal shards) for logs and checks.
-    logged = group.average(torch.stack([loss.detach(), target_loss.detach().to(loss.dtype)]))
-    if not torch.isfinite(logged[0]):
-        raise NonFiniteLoss(logged[0].item(), state.step + 1, config.lam)
-    loss.backward()
-    if not isinstance(mask_set, ShardedMaskSet):  # FSDP2 has reduce-scattered sharded gradients already
-        group.after_backward(mask_set)  # average the mask-logit gradients over ranks
+    for _ in range(MAX_GRADIENT_RESCALES + 1):
+        # The last step's (or try's) gradients are not needed any more: free them before the
+        # forward pass rather than after it (4 bytes per mask entry less at its peak).
+        state.optimizer.zero_grad(set_to_none=True)
+        with mask_set.attach(bridge) as forward_masks:
+            logits = bridge(tokens)
+        target_loss = target(logits, tokens, reference)
+        # The penalty of the very masks this forward used (the same hard-concrete noise draw).
+        penalty = mask_set.penalty(forward_masks).to(target_loss.device)
+        del forward_masks, logits  # not kept alive into the next step
+        loss = target_loss + config.lam * penalty
+        # Loss of the whole batch (the mean over ranks' equal shards) for logs and checks.
+        logged = group.average(torch.stack([loss.detach(), target_loss.detach().to(loss.dtype)]))
+        if not torch.isfinite(logged[0]):
+            raise NonFiniteLoss(logged[0].item(), state.step + 1, config.lam)
+        (loss if state.grad_scale == 1.0 else loss * state.grad_scale).backward()
+        if not isinstance(mask_set, ShardedMaskSet):  # FSDP2 has reduce-scattered sharded gradients already
+            group.after_backward(mask_set)  # average the mask-logit gradients over ranks
+        if _gradients_finite(state.optimizer, group):
+            break
+        state.grad_scale *= GRADIENT_BACKOFF
+    else:
+        state.optimizer.zero_grad(set_to_none=True)
+        raise GradientOverflow(state.step + 1, config.lam, state.grad_scale / GRADIENT_BACKOFF)
     state.optimizer.step()
     if config.temperature_rule == "every_step" or state.settled:
         mask_set.temperature *= config.temperature_growth
     state.step += 1
     return StepLosses(logged[0].item(), logged[1].item(), penalty.item())
+
+
+def _gradients_finite(optimizer: torch.optim.Optimizer, group) -> bool:
+    """Whether every mask-logit gradient is finite and its square too (AdamW squares it), on every
+    rank: one fused pass (an L2 norm per tensor; it overflows exactly when a square sum does)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grads = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # a sharded set's own shard
+    if not grads:
+        return True
+    largest = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads)]).max()
+    return not group.any(not bool(torch.isfinite(largest)))
 
 
 # --------------------------------------------------------------------------- the search
@@ -952,6 +984,7 @@ def _finish(
             "wall_time_s": wall_time,
             "cpu_time_s": cpu_time,
             "final_temperature": float(mask_set.temperature),
+            "grad_scale": state.grad_scale,
             "previous_attempts": state.previous_attempts,
         }
     )

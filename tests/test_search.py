@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from bigram_circuits.data import tokenize_documents
-from bigram_circuits.errors import SearchError
+from bigram_circuits.errors import GradientOverflow, SearchError
 from bigram_circuits.models import frozen_parameters, model_id
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.search import (
     CHECKPOINT_FILE,
+    GRADIENT_BACKOFF,
     NonFiniteLoss,
     SearchConfig,
     SearchState,
@@ -39,6 +40,7 @@ CHECKPOINT_KEYS = {
     "mask_state",
     "optimizer",
     "generator",
+    "grad_scale",
     "config",
     "granularities",
     "target",
@@ -379,6 +381,59 @@ def test_search_step_refuses_a_non_finite_loss_before_stepping(tiny_neox, corpus
                 Target.custom(lambda logits, tokens: logits.float().mean() * math.nan),
                 config,
             )
+    assert state.step == 0 and state.mask_set.temperature == config.temperature_init
+    assert all(torch.equal(before[key], logit) for key, logit in _logits(state).items())
+
+
+class _OverflowAtScale(torch.autograd.Function):
+    """Identity forward; the backward overflows float32 while the incoming gradient is at least
+    ``limit`` (a loss whose gradients overflow unless the loss is scaled down)."""
+
+    @staticmethod
+    def forward(ctx, x, limit):
+        ctx.limit = limit
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * torch.where(grad.abs().max() * grad.numel() >= ctx.limit, math.inf, 1.0), None
+
+
+def _overflowing_target(limit: float) -> Target:
+    return Target.custom(lambda logits, tokens: _OverflowAtScale.apply(logits.float(), limit).mean())
+
+
+def test_search_step_redoes_an_overflowing_step_at_a_smaller_loss_scale(tiny_neox, corpus, tmp_path):
+    bridge, _ = tiny_neox
+    train, _, _stats = corpus
+    config = _quick()
+    tokens = torch.as_tensor(train[:8], dtype=torch.long)
+    with frozen_parameters(bridge):
+        state = _fresh_state(bridge, config, grans=("head",))
+        before = _logits(state)
+        losses = search_step(state, bridge, tokens, _overflowing_target(limit=0.5), config)
+        assert math.isfinite(losses.loss) and state.step == 1
+        assert state.grad_scale == GRADIENT_BACKOFF  # one redo, and the scale is kept
+        assert any(not torch.equal(before[key], logit) for key, logit in _logits(state).items())
+        assert all(torch.isfinite(logit).all() for logit in _logits(state).values())
+        search_step(state, bridge, tokens, _overflowing_target(limit=0.5), config)
+        assert state.grad_scale == GRADIENT_BACKOFF  # no second backoff at the kept scale
+        state.save(tmp_path / "checkpoint.pt")
+        again = _fresh_state(bridge, config, grans=("head",))
+        again.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
+        assert again.grad_scale == GRADIENT_BACKOFF  # resumed at the same scale
+
+
+def test_search_step_raises_when_every_loss_scale_overflows(tiny_neox, corpus):
+    bridge, _ = tiny_neox
+    train, _, _stats = corpus
+    config = _quick()
+    with frozen_parameters(bridge):
+        state = _fresh_state(bridge, config, grans=("head",))
+        before = _logits(state)
+        with pytest.raises(GradientOverflow, match=r"overflowed float32 at step 1 \(lambda 1\)"):
+            search_step(state, bridge, torch.as_tensor(train[:8], dtype=torch.long), _overflowing_target(0.0), config)
+    assert isinstance(GradientOverflow(1, 1.0, 1.0), NonFiniteLoss)  # the driver's checkpoint-and-stop path
     assert state.step == 0 and state.mask_set.temperature == config.temperature_init
     assert all(torch.equal(before[key], logit) for key, logit in _logits(state).items())
 
