@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from bigram_circuits.data import load_token_dataset
 from bigram_circuits.io import atomic_write_bytes
-from bigram_circuits.masks import _weight_module, mask_components
+from bigram_circuits.masks import mask_components
+from bigram_circuits.masks.granularities import _weight_module
 from bigram_circuits.models import frozen_parameters, load_model, model_vocab_size
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.search import SearchConfig, SearchState, Target, _run_identity, search_step

@@ -15,13 +15,13 @@ size; embeddings, layernorms and biases are excluded).
 back from a folder or a Hub repo id through the HF cache (:mod:`bigram_circuits.hub`).
 
 The authors' released masks (pickles of ``{HF parameter name: numpy bool array}``) are read
-through a restricted unpickler that refuses anything but dicts, strings and numpy arrays.
+through a restricted unpickler that refuses anything but dicts, strings and numpy arrays
+(:mod:`bigram_circuits.masks.authors`, the authors' format).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Bool
 from transformer_lens.model_bridge import TransformerBridge
 
-from bigram_circuits.errors import MaskError, UnsafeFileError
+from bigram_circuits.errors import MaskError
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir
 from bigram_circuits.masks import (
     DEFAULT_GRANULARITIES,
@@ -46,14 +46,18 @@ from bigram_circuits.masks import (
     ModelGeometry,
     RunMode,
     apply_binary_masks,
-    author_dict_to_weight_masks,
-    author_parameter_names,
     expand_to_weight_masks,
     granularity_of_key,
     mask_components,
     masks_attached,
     model_geometry,
     parse_granularities,
+)
+from bigram_circuits.masks.authors import (
+    AUTHOR_NAME_KEY,
+    author_dict_to_weight_masks,
+    author_parameter_names,
+    load_author_pickle,
     weight_masks_to_author_dict,
 )
 
@@ -64,7 +68,6 @@ META_FILE = "subnetwork.json"
 MODEL_CARD_FILE = "README.md"
 FORMAT = "bigram_circuits.subnetwork"
 FORMAT_VERSION = 1
-AUTHOR_NAME_KEY = "orig_model_name"
 
 
 def _jsonable(obj):
@@ -454,59 +457,3 @@ def _granularity_of(key: str) -> str:
         if key.endswith(suffix):
             return granularity
     return MaskKey.parse(key).granularity  # raises MaskError("unknown mask key ...")
-
-
-# Globals a pickle of plain numpy arrays needs; everything else is refused.
-_ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): lambda: np._core.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): lambda: np._core.multiarray._reconstruct,
-    ("numpy.core.numeric", "_frombuffer"): lambda: np._core.numeric._frombuffer,
-    ("numpy._core.numeric", "_frombuffer"): lambda: np._core.numeric._frombuffer,
-}
-
-
-class _MaskDictUnpickler(pickle.Unpickler):
-    """Unpickler that can build only builtin containers/strings and numpy arrays."""
-
-    def __init__(self, handle, label: str):
-        super().__init__(handle)
-        self._label = label
-
-    def find_class(self, module: str, name: str):
-        resolve = _ALLOWED_GLOBALS.get((module, name))
-        if resolve is None:
-            raise UnsafeFileError(
-                f"{self._label} asks to load {module}.{name}, which could run code; only mask dicts of "
-                "numpy arrays are accepted (re-save it as a dict of numpy bool arrays)"
-            )
-        return resolve()
-
-    def persistent_load(self, pid):
-        raise UnsafeFileError(f"{self._label} uses persistent ids; only plain mask dicts are accepted")
-
-
-def load_author_pickle(path: str | os.PathLike) -> dict:
-    """Read an authors'-format mask pickle: a dict of strings to numpy arrays (and the
-    ``orig_model_name`` string). Anything else raises ``UnsafeFileError``."""
-    path = Path(path)
-    if not path.exists():
-        raise MaskError(f"mask file {path} does not exist")
-    try:
-        with open(path, "rb") as handle:
-            data = _MaskDictUnpickler(io.BufferedReader(handle), str(path)).load()
-    except UnsafeFileError:
-        raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise MaskError(f"{path} is not a readable mask pickle ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(data, dict):
-        raise UnsafeFileError(f"{path} holds a {type(data).__name__}, not a dict of masks")
-    for key, value in data.items():
-        if not isinstance(key, str) or not isinstance(value, (np.ndarray, str)):
-            raise UnsafeFileError(
-                f"{path} holds {type(value).__name__} under {key!r}; only numpy arrays and strings are accepted"
-            )
-        if isinstance(value, np.ndarray) and value.dtype == object:
-            raise UnsafeFileError(f"{path} holds an object array under {key!r}; only numeric masks are accepted")
-    return data

@@ -509,11 +509,11 @@ def test_masked_weights_are_recomputed_for_the_backward_with_the_same_gradients(
     reads a sample item of a Mapping argument, which would remake a freed mask)."""
     import weakref
 
-    from bigram_circuits import masks as masks_module
+    from bigram_circuits.masks.hooks import _MaskedWeights
 
     bridge, _ = model
     tokens = _tokens(3, batch=2, seq=10)
-    pack, product = masks_module._MaskedWeights.pack, masks_module._MaskedWeights.product
+    pack, product = _MaskedWeights.pack, _MaskedWeights.product
 
     def gradients(lean: bool) -> tuple[dict[str, torch.Tensor], dict]:
         with monkeypatch.context() as patch:
@@ -540,8 +540,8 @@ def test_masked_weights_are_recomputed_for_the_backward_with_the_same_gradients(
                     seen["kept_products"] += 1  # autograd holds a masked weight (or a view of one)
                 return packed
 
-            patch.setattr(masks_module._MaskedWeights, "pack", counted)
-            patch.setattr(masks_module._MaskedWeights, "product", made)
+            patch.setattr(_MaskedWeights, "pack", counted)
+            patch.setattr(_MaskedWeights, "product", made)
             compute = mask_set.forward_masks_of
             patch.setattr(mask_set, "forward_masks_of", lambda key: (seen["computed"].append(key), compute(key))[1])
             if not lean:  # recompute off: torch's sigmoid, masks kept by the block and by autograd

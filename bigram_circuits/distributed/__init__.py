@@ -38,7 +38,8 @@ from torch import nn
 
 from bigram_circuits.devices import resolve_device
 from bigram_circuits.errors import ConfigError, MaskError, SearchError
-from bigram_circuits.masks import ForwardMasks, MaskSet, _safe
+from bigram_circuits.masks import ForwardMasks, MaskSet
+from bigram_circuits.masks.maskset import _safe
 
 __all__ = [
     "SINGLE_PROCESS",
