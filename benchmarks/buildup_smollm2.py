@@ -38,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bigram_circuits.circuits.buildup import (
+from bigram_circuits.app.buildup import (
     BuildUpConfig,
     build_up_experiment,
     find_candidates,

@@ -103,8 +103,7 @@ def cmd_figures(args: argparse.Namespace, figures: Names, config: Names) -> int:
 
 def cmd_build_up(args: argparse.Namespace, build_up: Names, config: Names) -> int:
     """``build-up``: candidates from three methods added to the bigram base (and an optimal base)."""
-    from bigram_circuits.app.buildup import build_up_command
-    from bigram_circuits.circuits.buildup import BuildUpConfig
+    from bigram_circuits.app.buildup import BuildUpConfig, build_up_command
 
     tables = build_up_command(config=BuildUpConfig(**_given(args, config)), **_given(args, build_up))
     print(tables["candidates"].to_string(index=False))
@@ -384,7 +383,7 @@ def _fields(config: type, exclude: Sequence[str] = ()) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``bigram-circuits`` parser; each sub-command's ``func`` takes the parsed namespace."""
-    from bigram_circuits.app.buildup import build_up_command
+    from bigram_circuits.app.buildup import BuildUpConfig, build_up_command
     from bigram_circuits.app.demo import DemoConfig
     from bigram_circuits.app.evaluate import evaluate_run
     from bigram_circuits.app.figures import FiguresConfig, figures_command
@@ -392,7 +391,6 @@ def build_parser() -> argparse.ArgumentParser:
     from bigram_circuits.app.lens import lens_command
     from bigram_circuits.app.patch import patch_command
     from bigram_circuits.app.view import push_command, view_command
-    from bigram_circuits.circuits.buildup import BuildUpConfig
     from bigram_circuits.circuits.patching import COMPONENTS
     from bigram_circuits.search import SearchConfig
     from bigram_circuits.targets import target_help

@@ -45,15 +45,15 @@ import numpy as np
 import torch
 
 from bigram_circuits.errors import ConfigError, CorpusError, StatsError, TokenError
-from bigram_circuits.ngrams import (
-    _DEFAULT_CHUNK_TOKENS,
-    BigramStats,
+from bigram_circuits.ngrams import BigramStats
+from bigram_circuits.ngrams.counting import (
+    DEFAULT_CHUNK_TOKENS,
     CountTable,
-    _as_int_array,
-    _check_range,
-    _check_vocab_size,
-    _is_token_dataset,
-    _NgramCounter,
+    NgramCounter,
+    as_int_array,
+    check_range,
+    check_vocab_size,
+    is_token_dataset,
 )
 
 __all__ = ["count_bigrams_on_cluster", "plan_shards"]
@@ -81,7 +81,7 @@ class _NoProgress:
 # --------------------------------------------------------------------------------------------
 
 
-def _stats_from_counter(counter: _NgramCounter, vocab_size: int, order: int, add_k: float) -> BigramStats:
+def _stats_from_counter(counter: NgramCounter, vocab_size: int, order: int, add_k: float) -> BigramStats:
     """The same construction as the end of ``BigramStats.from_tokens``."""
     V = vocab_size
     bigram = CountTable.from_keys(*counter.bigram.result(), V, V + 1)
@@ -118,18 +118,18 @@ def _count_shard(
     V = vocab_size
     if isinstance(data, (str, os.PathLike)):
         data = _open_source(data, as_windows, seq_len)[shard.lo : shard.hi]
-    counter = _NgramCounter(V, order, chunk_tokens, 1)
+    counter = NgramCounter(V, order, chunk_tokens, 1)
     if shard.rows:
         counter.add(data, _NoProgress())
         return _stats_from_counter(counter, V, order, add_k)
-    # A piece of one long sequence: the same loop as _NgramCounter.add for 1-D arrays, but the
+    # A piece of one long sequence: the same loop as NgramCounter.add for 1-D arrays, but the
     # carried context starts from the tokens before the shard, and only the shard holding the
     # sequence's first token counts the sequence.
     assert prefix is not None
     for start in range(0, data.shape[0], counter.chunk_tokens):
         piece = np.asarray(data[start : start + counter.chunk_tokens])
-        _check_range(piece, V, "tokens", f"vocab_size {V}; count with the tokenizer's vocab size")
-        counter._count_block(piece.reshape(1, -1), prefix)
+        check_range(piece, V, "tokens", f"vocab_size {V}; count with the tokenizer's vocab size")
+        counter.count_block(piece.reshape(1, -1), prefix)
         tail = piece[-(order - 1) :].astype(np.int64).reshape(1, -1)
         prefix = np.concatenate([prefix, tail], axis=1)[:, -(order - 1) :]
     counter.n_sequences += 1 if shard.lo == 0 else 0
@@ -154,7 +154,7 @@ def _check_positive_int(value: Any, name: str, hint: str) -> int:
 def _check_array(arr: Any, what: str) -> np.ndarray:
     if isinstance(arr, torch.Tensor):
         arr = arr.detach().cpu().numpy()
-    arr = _as_int_array(arr, what)
+    arr = as_int_array(arr, what)
     if arr.ndim not in (1, 2):
         raise TokenError(f"{what} must be 1-D (one sequence) or 2-D [n_seq, seq_len], got shape {tuple(arr.shape)}")
     if arr.ndim == 2 and arr.shape[1] == 0:
@@ -165,7 +165,7 @@ def _check_array(arr: Any, what: str) -> np.ndarray:
 def _resolve_sources(tokens_or_paths: Any, vocab_size: int, seq_len: int) -> tuple[list, list[np.ndarray]]:
     """(sources, header arrays): each source is an in-memory array or a path; the header arrays
     (memmaps for paths) give shapes and dtypes without reading the data."""
-    if _is_token_dataset(tokens_or_paths):
+    if is_token_dataset(tokens_or_paths):
         if int(tokens_or_paths.vocab_size) != vocab_size:
             raise StatsError(
                 f"token dataset has vocab_size {tokens_or_paths.vocab_size} but the stats use {vocab_size}; "
@@ -264,7 +264,7 @@ def count_bigrams_on_cluster(
     add_k: float = 0.0,
     seq_len: int = 128,
     as_windows: bool = False,
-    chunk_tokens: int = _DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     out: str | os.PathLike | None = None,
     tokenizer=None,
     connect_timeout: float = 10.0,
@@ -279,7 +279,7 @@ def count_bigrams_on_cluster(
     use more shards when one shard would not fit a worker's memory. ``out`` saves the merged stats
     (``BigramStats.save``,
     with ``tokenizer``'s fingerprint when given)."""
-    vocab_size = _check_vocab_size(vocab_size)
+    vocab_size = check_vocab_size(vocab_size)
     order = BigramStats._check_order(order, vocab_size)
     add_k = BigramStats._check_add_k(add_k)
     n_workers = _check_positive_int(n_workers, "n_workers", "worker processes of the local cluster")
@@ -309,7 +309,7 @@ def count_bigrams_on_cluster(
             if not shard.rows:
                 before = np.asarray(view[max(0, shard.lo - (order - 1)) : shard.lo], dtype=np.int64)
                 if before.size:
-                    _check_range(
+                    check_range(
                         before, vocab_size, "tokens", f"vocab_size {vocab_size}; count with the tokenizer's vocab size"
                     )
                 prefix = np.full((1, order - 1), vocab_size, dtype=np.int64)

@@ -225,7 +225,7 @@ bigram.summary()"""),
 `RepetitionTask`: clean = random tokens repeated twice, corrupted = the same second half after a
 different first half (nothing to copy). `NameCopyingTask`: "When A and B went to the store, B
 gave a drink to" -> " A"; corrupted = the first two names replaced by two others."""),
-    new_code_cell("""from bigram_circuits.circuits.buildup import RepetitionTask, NameCopyingTask
+    new_code_cell("""from bigram_circuits.circuits.tasks import RepetitionTask, NameCopyingTask
 repetition = RepetitionTask(V, seq_len=16, n_sequences=8, batch_size=8)
 names = NameCopyingTask(tokenizer, n_prompts=12)
 print(names.texts[0], "| names usable as one token:", names.names)
@@ -274,7 +274,7 @@ fig_build_up(summarize_build_up(pd.concat([table, name_table], ignore_index=True
     new_markdown_cell("""## Does the bigram subnetwork already hold these circuits?
 Weight-level overlap (a head = its W_Q/W_K/W_V rows and W_O columns) with the exact per-matrix
 null, and where the candidates sit per layer."""),
-    new_code_cell("""from bigram_circuits.circuits.buildup import circuit_overlap, circuit_placement
+    new_code_cell("""from bigram_circuits.circuits.overlap import circuit_overlap, circuit_placement
 circuit_overlap(bigram, candidates, bridge, n_random=1000)[
     ["candidate", "circuit_weights", "circuit_in_base", "expected_circuit_in_base", "random_heads_in_base", "p_value_text"]].round(3)"""),
     new_code_cell("""placement = circuit_placement(bigram, candidates, bridge)

@@ -10,19 +10,12 @@ import pytest
 import torch
 from circuit_doubles import random_units
 
+from bigram_circuits.app.buildup import BuildUpConfig, build_up_experiment, candidates_from_tables
 from bigram_circuits.circuits.ablation import Candidate, add_candidate, repeated_sequence_losses
 from bigram_circuits.circuits.buildup import (
     CONDITIONS,
-    BuildUpConfig,
-    NameCopyingTask,
-    RepetitionTask,
     build_up,
-    build_up_experiment,
     build_up_report,
-    candidate_weight_masks,
-    candidates_from_tables,
-    circuit_overlap,
-    circuit_placement,
     recovered_fraction,
     summarize_build_up,
 )
@@ -36,7 +29,9 @@ from bigram_circuits.circuits.candidates import (
     patching_scores,
     transformer_lens_version,
 )
+from bigram_circuits.circuits.overlap import candidate_weight_masks, circuit_overlap, circuit_placement
 from bigram_circuits.circuits.patching import patch
+from bigram_circuits.circuits.tasks import NameCopyingTask, RepetitionTask
 from bigram_circuits.errors import ConfigError, MaskError
 from bigram_circuits.subnetwork import Subnetwork
 
@@ -51,7 +46,7 @@ def _single_token_words(tokenizer, count: int = 6) -> list[str]:
     """Words of the tiny vocabulary that are one token and occur in no name template."""
     from conftest import _WORDS
 
-    from bigram_circuits.circuits.buildup import TEMPLATES
+    from bigram_circuits.circuits.tasks import TEMPLATES
 
     used = {t for template in TEMPLATES for t in tokenizer.encode(template.format(a=" x", b=" y"))}
     words = [w for w in _WORDS if len(ids := tokenizer.encode(" " + w)) == 1 and ids[0] not in used]

@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 
 from bigram_circuits import cli
+from bigram_circuits.app.buildup import BuildUpConfig
 from bigram_circuits.app.demo import DemoConfig
 from bigram_circuits.app.figures import FiguresConfig
-from bigram_circuits.circuits.buildup import BuildUpConfig
 from bigram_circuits.search import SearchConfig
 from bigram_circuits.training import TrainConfig
 

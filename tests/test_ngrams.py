@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from bigram_circuits import data, ngrams
+from bigram_circuits import data
 from bigram_circuits.errors import StatsError, TokenError
-from bigram_circuits.ngrams import BigramStats, CountTable, _chunk_plan
+from bigram_circuits.ngrams import BigramStats, CountTable, counting
+from bigram_circuits.ngrams.loss import _chunk_plan
 
 # ------------------------------------------------------------------------------ naive reference
 
@@ -148,7 +149,7 @@ def assert_tables_equal(got: BigramStats, want: BigramStats) -> None:
 @pytest.mark.parametrize("order", [2, 3])
 def test_threaded_counting_matches_one_thread(corpus, monkeypatch, order):
     windows, V = corpus
-    monkeypatch.setattr(ngrams, "_MIN_THREADED_KEYS", 16)  # small data through the threaded path
+    monkeypatch.setattr(counting, "_MIN_THREADED_KEYS", 16)  # small data through the threaded path
     serial = BigramStats.from_tokens(windows, V, order=order, n_threads=1, show_progress=False)
     for n_threads in (2, 5):
         threaded = BigramStats.from_tokens(

@@ -17,28 +17,28 @@
   per prompt pair.
 
 A *task* supplies ``clean`` and ``corrupted`` token batches of equal shape and
-``metric_fn(index) -> (logits -> scalar)`` for the prompts ``index`` (see
-:mod:`bigram_circuits.circuits.buildup`). Every score is oriented so that larger means "restores
+``metric_fn(index) -> (logits -> scalar)`` for the prompts ``index`` (:class:`PairTask`; see
+:mod:`bigram_circuits.circuits.tasks`). Every score is oriented so that larger means "restores
 more of the clean behaviour"; candidates keep the scores of every head, so
 ``candidate.top_k(k)`` cuts them and :func:`candidate_agreement` compares methods.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Integer
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.circuits.ablation import Candidate, head_scores
 from bigram_circuits.circuits.patching import patch
 from bigram_circuits.circuits.runs import RunSpec, SubnetworkLike
+from bigram_circuits.circuits.tasks import PairTask
 from bigram_circuits.errors import ConfigError, MaskError, TokenError
 
 __all__ = [
@@ -59,19 +59,6 @@ __all__ = [
 
 # Where attribution patching comes from (recorded in results next to the installed version).
 ATTRIBUTION_SOURCE = "transformer_lens.tools.analysis.attribution_patch (node granularity)"
-
-
-@runtime_checkable
-class PairTask(Protocol):
-    """What the patching methods need from a task: paired prompts and a metric."""
-
-    name: str
-    clean: Integer[torch.Tensor, "n pos"]
-    corrupted: Integer[torch.Tensor, "n pos"]
-
-    def metric_fn(self, index: slice = slice(None)) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``logits [len(index), pos, vocab] -> scalar`` for the prompts ``index``."""
-        ...
 
 
 def transformer_lens_version() -> str:

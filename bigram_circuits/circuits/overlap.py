@@ -11,25 +11,37 @@ overlap of two independent uniform random subsets of sizes a and b follows the h
 distribution (b draws from n entries of which a are "good"); blocks are independent, so a
 random pair's total overlap is a sum of per-block hypergeometric draws. Its mean is
 sum(a * b / n) over blocks.
+
+A candidate circuit (heads and neurons, a :class:`~bigram_circuits.circuits.ablation.Candidate`)
+is compared with a base subnetwork the same way, as the weights it uses
+(:func:`candidate_weight_masks`): :func:`circuit_overlap` (overlap, null, and the share of the
+circuit the base keeps against random heads) and :func:`circuit_placement` (per layer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Integer
+from jaxtyping import Bool, Integer
+from transformer_lens.model_bridge import TransformerBridge
 
+from bigram_circuits.circuits.ablation import Candidate, _unit_as_weight_masks
+from bigram_circuits.circuits.candidates import head_label
 from bigram_circuits.errors import ConfigError, MaskError
-from bigram_circuits.masks import MaskKey, granularity_of_key, parse_mask_key
+from bigram_circuits.masks import MaskKey, granularity_of_key, model_geometry, parse_mask_key
 
 __all__ = [
     "BlockCounts",
     "OverlapResult",
     "block_counts",
+    "candidate_weight_masks",
+    "circuit_overlap",
+    "circuit_placement",
     "layer_distribution",
     "null_overlap_samples",
     "overlap",
@@ -328,3 +340,136 @@ def layer_distribution(subnetwork, params_per_entry: Mapping[str, float] | None 
         }
     )
     return table
+
+
+# --------------------------------------------------------------------------- candidate circuits vs a base
+
+
+def candidate_weight_masks(
+    candidate: Candidate, bridge: TransformerBridge, reference: Mapping[str, torch.Tensor]
+) -> dict[str, Bool[torch.Tensor, "out in"]]:
+    """The weights a candidate uses, as masks over the weight keys of ``reference``
+    (canonical ``[out, in]`` layout): a head's W_Q rows and W_O columns and its K/V group's
+    W_K/W_V rows; a neuron's MLP input row(s) and output column; plus ``candidate.weights``."""
+    out = {key: torch.zeros(tuple(mask.shape), dtype=torch.bool) for key, mask in reference.items()}
+    geometry = model_geometry(bridge)
+    for key, units in candidate.masks(bridge).items():
+        if key in out and not MaskKey.is_unit_key(key):
+            out[key] |= units.cpu()
+            continue
+        for weight_key, grid in _unit_as_weight_masks(key, units.cpu(), reference, geometry).items():
+            out[weight_key] |= grid
+    return out
+
+
+def _base_weight_masks(base: Any) -> dict[str, torch.Tensor]:
+    if hasattr(base, "to_weight_masks"):
+        return base.to_weight_masks()
+    masks = dict(base.masks)
+    if any(granularity_of_key(key).name != "weight" for key in masks):
+        raise MaskError("the base holds head/neuron masks; pass a Subnetwork (it expands to weights)")
+    return masks
+
+
+def circuit_overlap(
+    base: Any,
+    candidates: Mapping[str, Candidate],
+    bridge: TransformerBridge,
+    *,
+    base_label: str = "bigram",
+    n_random: int = 10_000,
+    seeds: Sequence[int] = (0, 1, 2),
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Weight-level overlap of the base subnetwork with each candidate circuit.
+
+    The candidate's weights (:func:`candidate_weight_masks`) are compared with the base's
+    weight masks by :func:`~bigram_circuits.circuits.overlap.overlap` (exact per-matrix null).
+    Columns: base, candidate, heads, circuit_weights, base_weights, shared_weights,
+    fraction_overlap, expected, ratio, p_value, p_value_text, circuit_in_base (share of the
+    circuit's weights the base keeps), expected_circuit_in_base (under the null: the base's
+    density in the circuit's matrices), random_heads_in_base / _std (the same share for random
+    heads, same count per layer, over ``seeds``).
+    """
+    reference = _base_weight_masks(base)
+    rows = []
+    for name, candidate in candidates.items():
+        circuit = candidate_weight_masks(candidate, bridge, reference)
+        result = overlap(reference, circuit, n_random=n_random, seed=seed)
+        shares = []
+        for control_seed in seeds:
+            control = candidate.random_control(bridge, seed=int(control_seed))
+            control_masks = candidate_weight_masks(control, bridge, reference)
+            kept = sum(int((control_masks[k] & reference[k]).sum()) for k in reference)
+            total = sum(int(control_masks[k].sum()) for k in reference)
+            shares.append(kept / total if total else float("nan"))
+        n_circuit = result.n_kept_b
+        rows.append(
+            {
+                "base": base_label,
+                "candidate": name,
+                "heads": candidate.n_heads,
+                "circuit_weights": n_circuit,
+                "base_weights": result.n_kept_a,
+                "shared_weights": result.n_overlap,
+                "fraction_overlap": result.fraction_overlap,
+                "expected": result.expected,
+                "ratio": result.ratio,
+                "p_value": result.p_value,
+                "p_value_text": result.p_value_text,
+                "circuit_in_base": result.n_overlap / n_circuit if n_circuit else float("nan"),
+                "expected_circuit_in_base": result.expected * result.n_entries / n_circuit
+                if n_circuit
+                else float("nan"),
+                "random_heads_in_base": float(np.mean(shares)) if shares else float("nan"),
+                "random_heads_in_base_std": float(np.std(shares, ddof=1)) if len(shares) > 1 else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def circuit_placement(
+    base: Any, candidates: Mapping[str, Candidate], bridge: TransformerBridge, *, base_label: str = "bigram"
+) -> pd.DataFrame:
+    """Per layer: where the base subnetwork's attention weights sit and where each candidate's
+    heads sit, with the share of the candidate's weights in that layer that the base keeps.
+
+    Columns: base, layer, base_attn_share (share of the base's kept weights in that layer's
+    attention), base_attn_fraction_kept, base_mlp_share, candidate, heads (in that layer),
+    head_labels, circuit_weights, circuit_in_base.
+    """
+    reference = _base_weight_masks(base)
+    if hasattr(base, "layer_distribution"):
+        distribution = base.layer_distribution()
+    else:
+        raise MaskError("the base needs layer_distribution(); pass a Subnetwork")
+    by_block = distribution.set_index(["layer", "block"])
+    n_layers = int(bridge.cfg.n_layers)
+    rows = []
+    for name, candidate in candidates.items():
+        circuit = candidate_weight_masks(candidate, bridge, reference)
+        for layer in range(n_layers):
+            heads = [h for h in candidate.heads if h[0] == layer]
+            keys = [k for k in reference if getattr(MaskKey.try_parse(k), "layer", None) == layer]
+            n_circuit = sum(int(circuit[k].sum()) for k in keys)
+            kept = sum(int((circuit[k] & reference[k]).sum()) for k in keys)
+
+            def share(block: str, column: str, layer: int = layer) -> float:
+                key = (layer, block)
+                return float(by_block.loc[key, column]) if key in by_block.index else float("nan")
+
+            rows.append(
+                {
+                    "base": base_label,
+                    "layer": layer,
+                    "base_attn_share": share("attn", "share_of_subnetwork"),
+                    "base_attn_fraction_kept": share("attn", "fraction_kept"),
+                    "base_mlp_share": share("mlp", "share_of_subnetwork"),
+                    "candidate": name,
+                    "heads": len(heads),
+                    "head_labels": ", ".join(head_label(*h) for h in heads),
+                    "circuit_weights": n_circuit,
+                    "circuit_in_base": kept / n_circuit if n_circuit else float("nan"),
+                }
+            )
+    return pd.DataFrame(rows)
