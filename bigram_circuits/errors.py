@@ -50,7 +50,9 @@ class GradientOverflow(NonFiniteLoss):
 
     def __init__(self, step: int, lam: float, scale: float) -> None:
         SearchError.__init__(
-            self, f"the mask-logit gradients overflowed float32 at step {step} (lambda {lam:g}), the loss scaled down to {scale:g}"
+            self,
+            f"the mask-logit gradients overflowed float32 at step {step} (lambda {lam:g}) "
+            f"with the loss scaled down to {scale:g}",
         )
         self.value, self.step = float("inf"), step
 

@@ -120,10 +120,26 @@ def test_study_script_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_neox_dir, 
     ):
         assert (tmp_path / "figures" / f"{name}.html").exists()
 
-    # A second run resumes the finished sweep instead of searching again.
-    again = study.main(argv)
+    # A second run resumes the finished sweep instead of searching again, and reads every analysis
+    # from its cached stage (OUT/study_stages) instead of computing it again.
+    import bigram_circuits.circuits.ablation as circuits_ablation
+    import bigram_circuits.circuits.lens as lens_module
+    import bigram_circuits.evaluate as evaluate_module
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("a cached stage was computed again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(evaluate_module, "ablation_table", recomputed)
+        patched.setattr(circuits_ablation, "partial_ablation_table", recomputed)
+        patched.setattr(lens_module, "lens_report", recomputed)
+        again = study.main(argv)
     assert again["sweep"] == result["sweep"]
     assert again["controls"]["searches"] == result["controls"]["searches"]  # reused too
+    for key in ("ablation", "generations", "optimal", "overlap", "table2", "controls", "circuits", "full_model"):
+        assert json.loads(json.dumps(again[key])) == json.loads(json.dumps(result[key])), key
+    cached = {k: v for k, v in result["timings_s"].items() if k.startswith(("ablation_", "partial_ablation_"))}
+    assert cached and all(again["timings_s"][k] == v for k, v in cached.items())  # the time it took when computed
 
     # One control alone (to run the study's searches side by side), at the sweep's chosen lambda.
     row = study.main([*argv, "--only-control", "permuted_vocab"])

@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from bigram_circuits.app.stages import StageCache
 from bigram_circuits.devices import resolve_device
 from bigram_circuits.errors import ConfigError
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir
@@ -163,26 +164,14 @@ class _FigureRun:
         self.device, self.show_progress = device, show_progress
         self._loaded: dict | None = None
         root.mkdir(parents=True, exist_ok=True)
+        self.cache = StageCache(root)
         settings = {"model": model, "config": asdict(config)}
         atomic_write_bytes(root / "settings.json", json.dumps(settings, indent=2).encode("utf-8"))
 
     # -- cache helpers
 
     def _frame(self, name: str, compute) -> pd.DataFrame:
-        path = self.root / f"{name}.csv"
-        if path.exists():
-            return pd.read_csv(path)
-        table = compute()
-        atomic_write_bytes(path, table.to_csv(index=False).encode("utf-8"))
-        return table
-
-    def _json(self, name: str, compute) -> dict:
-        path = self.root / f"{name}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        value = compute()
-        atomic_write_bytes(path, json.dumps(value, indent=2).encode("utf-8"))
-        return value
+        return self.cache.frame(name, compute)
 
     # -- model and data (loaded lazily, once)
 

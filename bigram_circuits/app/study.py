@@ -19,6 +19,7 @@ JSON-ready dict; :func:`render_markdown` turns that dict into the study's report
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import platform
 import time
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bigram_circuits.app.stages import StageCache
 from bigram_circuits.io import ensure_output_dir
 from bigram_circuits.plots import fig1_r_vs_params, fig3_rotation, fig4_similarity, fig_layer_distribution, save_figure
 from bigram_circuits.rundir import RunDir
@@ -118,6 +120,30 @@ class StudyConfig:
             eval_batches=self.eval_batches,
             **{name: value for name, value in optional.items() if value is not None},
         )
+
+
+# Fields that do not change any analysis of the study (where it writes, how fast, which controls).
+_NOT_IN_STAGE_KEY = {"controls", "threads", "out", "results", "figures", "time_budget_s", "checkpoint_every"}
+
+
+def _stage_key(config: StudyConfig, model_identity: str) -> dict:
+    """What every cached stage of the study depends on besides the runs it names."""
+    settings = {f.name: getattr(config, f.name) for f in fields(StudyConfig) if f.name not in _NOT_IN_STAGE_KEY}
+    return {"model_id": model_identity, "study": settings}
+
+
+def _run_identity(row) -> dict:
+    """A finished search as its sweep row identifies it (a rerun search differs in one of these)."""
+    keys = ("lambda", "n_params", "bigram_r", "target_loss", "steps", "path")
+    return {key: (row[key].item() if isinstance(row[key], np.generic) else row[key]) for key in keys if key in row}
+
+
+def _tag(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:10]
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    return json.loads(table.to_json(orient="records"))
 
 
 def _command_line(config: StudyConfig) -> str:
@@ -566,14 +592,23 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     train, run, train_windows, eval_windows = inputs.train, inputs.run, inputs.train_windows, inputs.eval_windows
     timings["load_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    full = evaluate_metrics(bridge, stats, eval_windows, batch_size=config.batch_size, show_progress=show_progress)
-    timings["full_model_eval_s"] = time.perf_counter() - t
+    # Every analysis below is a cached stage (OUT/study_stages/<digest of the study's inputs>):
+    # a rerun, e.g. after one more control search, recomputes only what is missing or changed.
+    cache = StageCache.keyed(run.path / "study_stages", _stage_key(config, model_id(bridge)))
+    full = cache.json(
+        "full_model",
+        lambda: {
+            k: float(v)
+            for k, v in evaluate_metrics(
+                bridge, stats, eval_windows, batch_size=config.batch_size, show_progress=show_progress
+            ).items()
+        },
+    )
     # What r a bigram table from half the training text reaches against the other half's: the
     # ceiling each subnetwork's r is held against.
-    t = time.perf_counter()
-    ceiling = noise_ceiling(train.windows(config.seq_len), eval_windows, vocab, seed=0)
-    timings["noise_ceiling_s"] = time.perf_counter() - t
+    ceiling = cache.json(
+        "noise_ceiling", lambda: noise_ceiling(train.windows(config.seq_len), eval_windows, vocab, seed=0)
+    )
     if show_progress:
         print(
             f"full model: r={full['r_dropped']:.4f} loss={full['lm_loss_nats']:.4f}; "
@@ -607,6 +642,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     chosen_lambda = float(chosen_row["lambda"])
     subnetwork = Subnetwork.load(run.subnetwork_dir())
     summary = subnetwork.summary()
+    chosen_tag = _tag(_run_identity(chosen_row))  # stages of the chosen subnetwork are named by it
 
     # The chosen lambda again with other seeds (OUT/seed_N/lambda_*, as `find --seeds` lays them out).
     t = time.perf_counter()
@@ -627,31 +663,45 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         seed_rows.append({"seed": int(seed), **_sweep_row(seed_table.iloc[0])})
     timings["seeds_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
     layers = layer_summary(subnetwork)
-    ablation = ablation_table(
-        bridge,
-        stats,
-        eval_windows,
-        subnetwork,
-        seeds=tuple(range(config.random_controls)),
-        batch_size=config.batch_size,
-        show_progress=show_progress,
-    )
-    timings["ablation_s"] = time.perf_counter() - t
+
+    def compute_ablation() -> dict:
+        table = ablation_table(
+            bridge,
+            stats,
+            eval_windows,
+            subnetwork,
+            seeds=tuple(range(config.random_controls)),
+            batch_size=config.batch_size,
+            show_progress=show_progress,
+        )
+        return {"rows": _records(table), "loss_increase_ratio": float(table.attrs["loss_increase_ratio"])}
+
+    ablation_stage = cache.json(f"ablation_{chosen_tag}", compute_ablation)
+    ablation = pd.DataFrame(ablation_stage["rows"])
     by_condition = ablation.set_index("condition")
-    t = time.perf_counter()
-    conditions = generation_conditions(subnetwork, random_seed=0)
-    generations = pd.concat(
-        [
-            generate_table(
-                bridge, tokenizer, prompt, conditions, temperature=1.0, max_new_tokens=config.generation_tokens, seed=0
+
+    def compute_generations() -> list[dict]:
+        conditions = generation_conditions(subnetwork, random_seed=0)
+        return _records(
+            pd.concat(
+                [
+                    generate_table(
+                        bridge,
+                        tokenizer,
+                        prompt,
+                        conditions,
+                        temperature=1.0,
+                        max_new_tokens=config.generation_tokens,
+                        seed=0,
+                    )
+                    for prompt in config.prompts
+                ],
+                ignore_index=True,
             )
-            for prompt in config.prompts
-        ],
-        ignore_index=True,
-    )
-    timings["generations_s"] = time.perf_counter() - t
+        )
+
+    generations = cache.json(f"generations_{chosen_tag}", compute_generations)
 
     # The optimal subnetwork (target: the full model) at one lambda, and its overlap with the
     # bigram subnetwork of the same lambda (the paper's Table 3).
@@ -674,26 +724,33 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         )
         timings["optimal_search_s"] = time.perf_counter() - t
         optimal_row = optimal_table.iloc[0]
-        optimal_sub = Subnetwork.load(optimal_run.optimal_subnetwork_dir(prefer_lambda=lam))
         paired = bool((table["lambda"] == lam).any())  # else the chosen bigram subnetwork
-        paired_sub = Subnetwork.load(run.lambda_run(lam).path) if paired else subnetwork
-        full_s = token_surprisals(bridge, stats, eval_windows, show_progress=False)
-        opt_s = token_surprisals(bridge, stats, eval_windows, optimal_sub, show_progress=False)
-        optimal = {
-            "lambda": lam,
-            "n_params": int(optimal_row["n_params"]),
-            "percent_params": float(optimal_row["percent_params"]),
-            "steps": int(optimal_row["steps"]),
-            "stop_reason": str(optimal_row["stop_reason"]),
-            "wall_time_s": float(optimal_row["wall_time_s"]),
-            "r_model": pearson_r(opt_s.model, full_s.model),
-            "r_bigram": float(metrics_from_surprisals(opt_s)["r_dropped"]),
-            "paired_bigram_lambda": lam if paired else float(chosen_row["lambda"]),
-        }
-        overlap = overlap_table(
-            {f"bigram vs optimal (lambda {lam:g})": (paired_sub, optimal_sub)}, n_random=10_000, seed=0
-        )
-        timings["overlap_s"] = time.perf_counter() - t - timings["optimal_search_s"]
+        paired_row = table[table["lambda"] == lam].iloc[0] if paired else chosen_row
+
+        def compute_optimal() -> dict:
+            optimal_sub = Subnetwork.load(optimal_run.optimal_subnetwork_dir(prefer_lambda=lam))
+            paired_sub = Subnetwork.load(run.lambda_run(lam).path) if paired else subnetwork
+            full_s = token_surprisals(bridge, stats, eval_windows, show_progress=False)
+            opt_s = token_surprisals(bridge, stats, eval_windows, optimal_sub, show_progress=False)
+            optimal = {
+                "lambda": lam,
+                "n_params": int(optimal_row["n_params"]),
+                "percent_params": float(optimal_row["percent_params"]),
+                "steps": int(optimal_row["steps"]),
+                "stop_reason": str(optimal_row["stop_reason"]),
+                "wall_time_s": float(optimal_row["wall_time_s"]),
+                "r_model": pearson_r(opt_s.model, full_s.model),
+                "r_bigram": float(metrics_from_surprisals(opt_s)["r_dropped"]),
+                "paired_bigram_lambda": lam if paired else float(chosen_row["lambda"]),
+            }
+            overlap = overlap_table(
+                {f"bigram vs optimal (lambda {lam:g})": (paired_sub, optimal_sub)}, n_random=10_000, seed=0
+            )
+            return {"optimal": optimal, "overlap": _records(overlap)}
+
+        optimal_tag = _tag([_run_identity(optimal_row), _run_identity(paired_row)])
+        optimal_stage = cache.json(f"optimal_overlap_{optimal_tag}", compute_optimal)
+        optimal, overlap = optimal_stage["optimal"], optimal_stage["overlap"]
 
     # Table 2 and the faithfulness controls: can the same search fit a random model or a
     # nonsense target as well, and how much do the embeddings alone explain?
@@ -706,15 +763,22 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         config, bridge, stats, train_windows, eval_windows, chosen_lambda, run.path, show_progress
     )
     timings["control_searches_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    empty = Subnetwork.empty(bridge, granularities)
-    linear_map = fit_linear_map(
-        bridge,
-        stats,
-        train_windows,
-        LinearMapConfig(steps=config.linear_map_steps, batch_size=config.batch_size, seed=0),
-        show_progress=show_progress,
-    )
+
+    def compute_baselines() -> dict:
+        empty = Subnetwork.empty(bridge, granularities)
+        linear_map = fit_linear_map(
+            bridge,
+            stats,
+            train_windows,
+            LinearMapConfig(steps=config.linear_map_steps, batch_size=config.batch_size, seed=0),
+            show_progress=show_progress,
+        )
+        return {
+            "empty_r": bigram_correlation(bridge, stats, eval_windows, empty, batch_size=config.batch_size),
+            "linear_map_r": float(linear_map.evaluate(bridge, stats, eval_windows)["r_dropped"]),
+        }
+
+    baselines = cache.json("table2_baselines", compute_baselines)
     table2 = [
         {"condition": "full model", "r": float(full["r_dropped"]), "percent_params": 100.0},
         {
@@ -727,43 +791,58 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
             for row in controls
             if row["control"].startswith("random_init")
         ),
-        {
-            "condition": "empty subnetwork + embeddings",
-            "r": bigram_correlation(bridge, stats, eval_windows, empty, batch_size=config.batch_size),
-            "percent_params": 0.0,
-        },
-        {
-            "condition": "embeddings + linear map",
-            "r": float(linear_map.evaluate(bridge, stats, eval_windows)["r_dropped"]),
-            "percent_params": 0.0,
-        },
+        {"condition": "empty subnetwork + embeddings", "r": baselines["empty_r"], "percent_params": 0.0},
+        {"condition": "embeddings + linear map", "r": baselines["linear_map_r"], "percent_params": 0.0},
     ]
-    timings["table2_baselines_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    partial = partial_ablation_table(
-        bridge,
-        stats,
-        eval_windows,
-        subnetwork,
-        seeds=config.partial_seeds,
-        batch_size=config.batch_size,
-        show_progress=show_progress,
+    partial = cache.json(
+        f"partial_ablation_{chosen_tag}",
+        lambda: _records(
+            partial_ablation_table(
+                bridge,
+                stats,
+                eval_windows,
+                subnetwork,
+                seeds=config.partial_seeds,
+                batch_size=config.batch_size,
+                show_progress=show_progress,
+            )
+        ),
     )
-    timings["partial_ablation_s"] = time.perf_counter() - t
     seed_subs = {int(row["seed"]): Subnetwork.load(row["path"]) for row in seed_rows if row.get("path")}
     seed_pairs = {
         f"seed {a} vs seed {b}": (seed_subs[a], seed_subs[b])
         for i, a in enumerate(sorted(seed_subs))
         for b in sorted(seed_subs)[i + 1 :]
     }
-    seed_overlap = overlap_table(seed_pairs, n_random=10_000, seed=0) if seed_pairs else pd.DataFrame()
+    seed_overlap = (
+        cache.json(
+            f"seed_overlap_{_tag([_run_identity(row) for row in seed_rows])}",
+            lambda: _records(overlap_table(seed_pairs, n_random=10_000, seed=0)),
+        )
+        if seed_pairs
+        else []
+    )
 
     # Fig 3 / Fig 4: full model, the chosen bigram subnetwork, a random same-shape one.
-    t = time.perf_counter()
     runs = {"full": None, "bigram": subnetwork, "random": subnetwork.random_control(0)}
-    lens = lens_report(bridge, tokenizer, eval_windows, runs, n_tokens=config.analysis_tokens, progress=show_progress)
-    similarity = similarity_report(bridge, eval_windows, runs, n_tokens=config.analysis_tokens, progress=show_progress)
-    timings["circuits_s"] = time.perf_counter() - t
+    lens = cache.frame(
+        f"lens_{chosen_tag}",
+        lambda: lens_report(
+            bridge, tokenizer, eval_windows, runs, n_tokens=config.analysis_tokens, progress=show_progress
+        ),
+    )
+    similarity = {
+        name: pd.DataFrame(**split)
+        for name, split in cache.json(
+            f"similarity_{chosen_tag}",
+            lambda: {
+                name: json.loads(matrix.to_json(orient="split"))
+                for name, matrix in similarity_report(
+                    bridge, eval_windows, runs, n_tokens=config.analysis_tokens, progress=show_progress
+                ).items()
+            },
+        ).items()
+    }
     circuits = circuits_summary(lens, similarity)
 
     figures_dir = ensure_output_dir(config.figures)
@@ -836,23 +915,24 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
             "lm_loss_nats": float(by_condition.loc["bigram only", "lm_loss_nats"]),
             "layers": layers,
         },
-        "ablation": json.loads(ablation.to_json(orient="records")),
-        "loss_increase_ratio": float(ablation.attrs["loss_increase_ratio"]),
-        "generations": json.loads(generations.to_json(orient="records")),
+        "ablation": ablation_stage["rows"],
+        "loss_increase_ratio": ablation_stage["loss_increase_ratio"],
+        "generations": generations,
         "optimal": optimal,
-        "overlap": json.loads(overlap.to_json(orient="records")) if overlap is not None else None,
+        "overlap": overlap,
         "table2": table2,
         "controls": {
             "searches": controls,
-            "partial_ablation": json.loads(partial.to_json(orient="records")),
-            "seed_overlap": json.loads(seed_overlap.to_json(orient="records")),
+            "partial_ablation": partial,
+            "seed_overlap": seed_overlap,
         },
         "sweep_layers": sweep_layers,
         "circuits": circuits,
         "analysis_tokens": config.analysis_tokens,
         "figures": figure_paths,
         "paper": {"rows": PAPER_ROWS, "note": PAPER_NOTE},
-        "timings_s": timings,
+        # Each cached stage's time when it was computed (this run, or the one that cached it).
+        "timings_s": {**timings, **{f"{name}_s": seconds for name, seconds in cache.seconds.items()}},
         "wall_time_s": time.perf_counter() - started,
         "torch_threads": config.threads,
         "device": "cpu",
