@@ -26,6 +26,7 @@ machine (``--threads 1``, the default). The candidates depend on the full model 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -43,6 +44,7 @@ from bigram_circuits.app.buildup import (
     build_up_experiment,
     find_candidates,
 )
+from bigram_circuits.app.options import add_options, build, given, options_of
 from bigram_circuits.circuits.candidates import (
     ATTRIBUTION_SOURCE,
     transformer_lens_version,
@@ -223,21 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=str(REPO / "runs" / "smollm2_weight"))
     parser.add_argument("--optimal", default=None, help="default: BASE/optimal when it exists")
     parser.add_argument("--label", default="smollm2", help="names the results files")
-    parser.add_argument("--tasks", default="repetition,names")
-    parser.add_argument("--top-k", type=int, default=BuildUpConfig.top_k)
-    parser.add_argument("--n-previous", type=int, default=BuildUpConfig.n_previous)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--seq-len", type=int, default=BuildUpConfig.seq_len)
-    parser.add_argument("--n-sequences", type=int, default=BuildUpConfig.n_sequences)
-    parser.add_argument("--n-prompts", type=int, default=BuildUpConfig.n_prompts)
-    parser.add_argument("--n-attribution", type=int, default=BuildUpConfig.n_attribution)
-    parser.add_argument("--n-patching", type=int, default=BuildUpConfig.n_patching)
-    parser.add_argument(
-        "--wide-k",
-        type=int,
-        default=20,
-        help="also the top k heads by attribution (0: off; at most a third of the heads)",
-    )
+    # BuildUpConfig's options, generated as the CLI's; here 20 wide heads by default (at most a third of
+    # the heads), and the head scores use as many sequences as the repetition task.
+    sizes = BuildUpConfig(wide_k=20)
+    names = ("tasks", "top_k", "n_previous", "seeds", "seq_len", "n_sequences", "n_prompts", "n_attribution")
+    helps = {"wide_k": "also the top wide_k heads by attribution patching (0: off; at most a third of the heads)"}
+    build_up = add_options(parser, options_of(sizes, (*names, "n_patching", "wide_k"), helps=helps))
     parser.add_argument(
         "--candidates-cache",
         default=None,
@@ -257,18 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     bridge, tokenizer = load_model(args.model)
     load_s = time.time() - t0
     n_heads = int(bridge.cfg.n_layers) * int(bridge.cfg.n_heads)
-    config = BuildUpConfig(
-        tasks=tuple(t for t in args.tasks.split(",") if t),
-        top_k=args.top_k,
-        n_previous=args.n_previous,
-        seeds=tuple(int(s) for s in args.seeds.split(",") if s),
-        seq_len=args.seq_len,
-        n_sequences=args.n_sequences,
-        n_score_sequences=args.n_sequences,
-        n_prompts=args.n_prompts,
-        n_attribution=args.n_attribution,
-        n_patching=args.n_patching,
-        wide_k=min(args.wide_k, n_heads // 3),  # random controls need free heads
+    config = build(sizes, given(args, build_up))
+    config = dataclasses.replace(
+        config,
+        n_score_sequences=config.n_sequences,
+        wide_k=min(config.wide_k, n_heads // 3),  # random controls need free heads
     )
     found = None
     if cache.exists():

@@ -5,9 +5,10 @@
 
 ``--granularity neuron,head`` runs the coarser neuron + head masks instead.
 
-The command line of :func:`bigram_circuits.app.study.run_study`: one option per
-:class:`~bigram_circuits.app.study.StudyConfig` field (same name, same default, the field's
-comment is the help; paths default under the repository). The study loads SmolLM2-135M and its
+The command line of :func:`bigram_circuits.app.study.run_study`, generated like the CLI's
+(:mod:`bigram_circuits.app.options`): one option per :class:`~bigram_circuits.app.study.StudyConfig`
+field and per search setting it exposes (same name, same default, the field's comment is the
+help; paths default under the repository). The study loads SmolLM2-135M and its
 tokenizer, counts (or reuses) bigram statistics of the default corpus's train split, runs a
 short, resumable lambda sweep (checkpoints under ``--out``), and reports the chosen
 subnetwork's r, size (attention + MLP weight entries), layer distribution, an ablation
@@ -29,37 +30,26 @@ import argparse
 import dataclasses
 import json
 import sys
-import typing
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bigram_circuits.app.study import StudyConfig, render_markdown, run_control, run_study
-from bigram_circuits.cli import field_comments
+from bigram_circuits.app.options import add_options, build, given
+from bigram_circuits.app.study import StudyConfig, render_markdown, run_control, run_study, study_options
 from bigram_circuits.io import atomic_write_bytes
 
 
 def parse_args(argv: list[str] | None = None) -> StudyConfig:
-    """``--option`` per :class:`StudyConfig` field; tuple fields take several values, relative
-    paths are under the repository."""
+    """``--option`` per :class:`StudyConfig` field (its search settings flattened: ``--lr``);
+    tuple fields take several values; a search setting not given is the ``--schedule``'s (or
+    the study's size); paths not given are under the repository."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    hints = typing.get_type_hints(StudyConfig)
-    helps = field_comments(StudyConfig)
-    for field in dataclasses.fields(StudyConfig):
-        hint, default = hints[field.name], field.default
-        options: dict = {"default": default, "help": helps.get(field.name)}
-        if typing.get_origin(hint) is tuple:
-            options.update(type=typing.get_args(hint)[0], nargs="+", default=list(default))
-        elif hint is Path:
-            options.update(type=Path, default=REPO / default)
-        else:  # int, float, str, or float | None
-            options["type"] = next(kind for kind in (typing.get_args(hint) or (hint,)) if kind is not type(None))
-        parser.add_argument("--" + field.name.replace("_", "-"), **options)
-    args = parser.parse_args(argv)
-    return StudyConfig(
-        **{name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()}
-    )
+    dests = add_options(parser, study_options(), lists="spaces")
+    values = given(parser.parse_args(argv), dests)
+    config = build(StudyConfig(schedule=values.get("schedule", StudyConfig.schedule)), values)
+    paths = [f.name for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), Path)]
+    return dataclasses.replace(config, **{name: REPO / getattr(config, name) for name in paths if name not in values})
 
 
 def main(argv: list[str] | None = None) -> dict:

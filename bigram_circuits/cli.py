@@ -2,26 +2,24 @@
 figures | build-up | view | push``.
 
 Each sub-command calls one function of the application layer (:mod:`bigram_circuits.app`).
-Its options are generated from that function's keyword arguments and its config dataclass
-(``SearchConfig``, ``FiguresConfig``, ``DemoConfig``, ``BuildUpConfig``, ``TrainConfig``), so
-``--help`` shows the Python API's defaults and no default is written twice; an option the user
-does not give is not passed at all. Errors from the package, OS errors (missing files, disk
-full, permission denied) and bad arguments are printed as one line (``error: ...``) with exit
-status 2, never as a traceback; Ctrl-C prints what the interrupted command kept.
+Its options are generated (:mod:`bigram_circuits.app.options`) from that function's keyword
+arguments and its config dataclass (``SearchConfig``, ``FiguresConfig``, ``DemoConfig``,
+``BuildUpConfig``, ``TrainConfig``; a nested config's fields are options of their own), so
+``--help`` shows the Python API's defaults and no default is written twice, and each help text
+is the comment on its field or parameter; an option the user does not give is not passed at all.
+Errors from the package, OS errors (missing files, disk full, permission denied) and bad
+arguments are printed as one line (``error: ...``) with exit status 2, never as a traceback;
+Ctrl-C prints what the interrupted command kept.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections.abc
-import dataclasses
 import functools
-import inspect
 import sys
-import types
-import typing
 from collections.abc import Sequence
 
+from bigram_circuits.app.options import add_options, build, given, options_of
 from bigram_circuits.errors import BigramCircuitsError
 
 
@@ -42,14 +40,14 @@ Names = tuple[str, ...]
 def cmd_demo(args: argparse.Namespace, demo: Names) -> int:
     from bigram_circuits.app.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(**_given(args, demo)))
+    run_demo(build(DemoConfig, given(args, demo)))
     return 0
 
 
 def cmd_train_default(args: argparse.Namespace, train: Names) -> int:
     from bigram_circuits.training import TrainConfig, install_default_model, train_default_model
 
-    metrics = train_default_model(args.out, TrainConfig(**_given(args, train)))
+    metrics = train_default_model(args.out, build(TrainConfig, given(args, train)))
     print(
         f"eval loss {metrics['final_eval_loss_nats']:.3f} nats vs unigram entropy "
         f"{metrics['eval_unigram_entropy_nats']:.3f}; model card: {args.out}/MODEL_CARD.md"
@@ -62,7 +60,7 @@ def cmd_train_default(args: argparse.Namespace, train: Names) -> int:
 def cmd_find(args: argparse.Namespace, find: Names, search: Names) -> int:
     from bigram_circuits.app.find import find_command
 
-    table = find_command(**_given(args, find), **_given(args, search))
+    table = find_command(**given(args, find), **given(args, search))
     print(table.to_string(index=False))
     return 0
 
@@ -70,7 +68,7 @@ def cmd_find(args: argparse.Namespace, find: Names, search: Names) -> int:
 def cmd_evaluate(args: argparse.Namespace, evaluate: Names) -> int:
     from bigram_circuits.app.evaluate import evaluate_run
 
-    tables = evaluate_run(args.run, **_given(args, evaluate))
+    tables = evaluate_run(args.run, **given(args, evaluate))
     for name, table in tables.items():
         print(f"\n## {name}\n{table.to_string()}")
     return 0
@@ -79,7 +77,7 @@ def cmd_evaluate(args: argparse.Namespace, evaluate: Names) -> int:
 def cmd_lens(args: argparse.Namespace, lens: Names) -> int:
     from bigram_circuits.app.lens import lens_command
 
-    table = lens_command(args.run, **_given(args, lens))
+    table = lens_command(args.run, **given(args, lens))
     print(table.to_string(index=False))
     return 0
 
@@ -87,7 +85,7 @@ def cmd_lens(args: argparse.Namespace, lens: Names) -> int:
 def cmd_patch(args: argparse.Namespace, patch: Names) -> int:
     from bigram_circuits.app.patch import patch_command
 
-    table = patch_command(**_given(args, patch))
+    table = patch_command(**given(args, patch))
     print(table.to_string(index=False))
     return 0
 
@@ -95,7 +93,7 @@ def cmd_patch(args: argparse.Namespace, patch: Names) -> int:
 def cmd_figures(args: argparse.Namespace, figures: Names, config: Names) -> int:
     from bigram_circuits.app.figures import FiguresConfig, figures_command
 
-    written = figures_command(config=FiguresConfig(**_given(args, config)), **_given(args, figures))
+    written = figures_command(config=build(FiguresConfig, given(args, config)), **given(args, figures))
     for path in written:
         print(path)
     return 0
@@ -105,7 +103,7 @@ def cmd_build_up(args: argparse.Namespace, build_up: Names, config: Names) -> in
     """``build-up``: candidates from three methods added to the bigram base (and an optimal base)."""
     from bigram_circuits.app.buildup import BuildUpConfig, build_up_command
 
-    tables = build_up_command(config=BuildUpConfig(**_given(args, config)), **_given(args, build_up))
+    tables = build_up_command(config=build(BuildUpConfig, given(args, config)), **given(args, build_up))
     print(tables["candidates"].to_string(index=False))
     columns = [
         "task",
@@ -131,7 +129,7 @@ def cmd_view(args: argparse.Namespace, view: Names) -> int:
     """``view``: one or two subnetworks as a self-contained offline HTML page."""
     from bigram_circuits.app.view import view_command
 
-    print(view_command(args.run, args.other, **_given(args, view)))
+    print(view_command(args.run, args.other, **given(args, view)))
     return 0
 
 
@@ -139,7 +137,7 @@ def cmd_push(args: argparse.Namespace, push: Names) -> int:
     """``push``: a subnetwork with its model card to a Hugging Face Hub model repo."""
     from bigram_circuits.app.view import push_command
 
-    print(push_command(args.run, **_given(args, push)))
+    print(push_command(args.run, **given(args, push)))
     return 0
 
 
@@ -160,201 +158,11 @@ INTERRUPTED = {
 }
 
 
-# ----------------------------------------------------------------------------- options from signatures
+# ----------------------------------------------------------------------------- options
 #
-# Options of find / evaluate / lens / figures are generated from the config dataclasses and the
-# command functions' keyword arguments, so `--help` shows the Python API's defaults and no
-# default is written twice. An option the user does not give is not passed at all.
-
-_HELP = {
-    "lr": "mask learning rate (default None: per granularity, weight 0.01, neuron/head 0.05)",
-    "temperature_init": "mask temperature at step 0",
-    "temperature_growth": "temperature factor per step (the paper: 1.001)",
-    "parameterization": "continuous (the paper's) or hard_concrete",
-    "keep_top_k": "keep exactly the k largest mask logits instead of logit > 0",
-    "max_steps": "steps per lambda (fewer when the stopping rule fires)",
-    "time_budget_s": "search time per lambda, in seconds",
-    "checkpoint_every": "steps between checkpoints",
-    "seq_len": "tokens per window (<= the model's context)",
-    "weight_decay": "AdamW weight decay of the mask logits",
-    "init": "initial mask logit",
-    "penalty_weighting": "params (weight each entry by the weights it gates) or entries",
-    "stability_check": "retry a run whose loss spiked (the paper's check)",
-    "max_attempts": "runs per lambda when the stability check fails",
-    "eval_batches": "batches for each run's held-out target loss",
-    "min_steps": "steps before the stopping rule may fire",
-    "granularities": "mask unit(s), comma-separated: weight (the paper's), neuron, head",
-    "lambdas": "comma-separated sparsity weights",
-    "seeds": "comma-separated seeds; several seeds run the sweep once per seed (OUT/seed_N)",
-    "paper": "the paper's schedule for weight masks (SearchConfig.paper(): lr 5e-5, T x1.001, batch 32, "
-    "15k steps); other options given override it",
-    "schedule": "a named schedule (search.SCHEDULES): fast (the defaults), paper, settle, warm_settle, slow; "
-    "other options given override it",
-    "device": "torch device (cpu, cuda, cuda:1, ...)",
-    "max_train_windows": "training windows (of seq_len tokens)",
-    "max_eval_windows": "held-out windows for r and the target loss",
-    "n_eval_windows": "held-out windows of the run's seq_len",
-    "n_tokens": "held-out tokens for the lenses and similarity",
-    "n_random": "random pairs for the overlap null",
-    "optimal": "an optimal-subnetwork run to compare with (default: RUN/optimal if it exists)",
-    "png": "PNGs next to the HTML (needs Chromium)",
-    "model": "default (bundled), smollm2, a Hugging Face model directory, a GGUF file or a hub id",
-    "corpus": "default (bundled), a named source or a text file",
-    "out_dir": "output directory",
-    "out": "output directory (default RUN/circuits)",
-    "cache_dir": "cache of intermediate results (resumable)",
-    "only": "all (every stage) or controls (the faithfulness-controls stage alone; earlier stages from the cache)",
-    "resume": "reuse finished runs and continue interrupted ones in the output directory",
-    "show_progress": "progress bars",
-    "progress": "progress bars",
-    "batch_size": "windows per batch",
-    "temperature": "sampling temperature of the generations",
-    "max_new_tokens": "tokens per generation",
-}
-_RENAMED = {"granularities": "granularity", "out_dir": "out", "show_progress": "progress", "cache_dir": "cache"}
-
-
-def _element_parser(kind: type):
-    def parse(text: str):
-        try:
-            return tuple(kind(x) for x in text.split(",") if x.strip())
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from exc
-
-    return parse
-
-
-def _scalar_parser(kind: type, optional: bool):
-    def parse(text: str):
-        if optional and text.lower() == "none":
-            return None
-        try:
-            return kind(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from exc
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _parser_for(hint) -> tuple[object, str]:
-    """An argparse ``type`` for a type hint (scalars, optionals, sequences) and its metavar."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        kinds = [a for a in args if a is not type(None)]
-        sequences = [k for k in kinds if typing.get_origin(k) in (tuple, list, collections.abc.Sequence)]
-        if sequences:  # e.g. str | Sequence[str]: a comma-separated list
-            return _parser_for(sequences[0])
-        first = kinds[0]
-        kind = first if first in (int, float, str) else str  # e.g. str | os.PathLike
-        return _scalar_parser(kind, type(None) in args), kind.__name__.upper()
-    if typing.get_origin(hint) in (tuple, list, collections.abc.Sequence):
-        kind = args[0] if args and args[0] in (int, float, str) else str
-        return _element_parser(kind), f"{kind.__name__.upper()},..."
-    kind = hint if hint in (int, float, str) else str
-    return _scalar_parser(kind, False), kind.__name__.upper()
-
-
-def _literal_choices(hint) -> tuple[str, ...] | None:
-    """The values of a ``Literal[...]`` option (``str | None`` and others have none)."""
-    if typing.get_origin(hint) is typing.Literal:
-        return tuple(str(v) for v in typing.get_args(hint))
-    return None
-
-
-def _show(value: object) -> str:
-    if isinstance(value, (tuple, list)):
-        return ",".join(_show(v) for v in value)
-    return "None" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-
-
-@functools.cache
-def field_comments(config: type) -> dict[str, str]:
-    """``name: type = default  # comment`` lines of a dataclass: the comment is the option's help."""
-    try:
-        lines = inspect.getsource(config).splitlines()
-    except (OSError, TypeError):
-        return {}
-    found = {}
-    for line in lines:
-        head, _, comment = line.partition("  # ")
-        name = head.strip().split(":")[0]
-        if comment and name.isidentifier() and ":" in head:
-            found[name] = comment.strip()
-    return found
-
-
-def _options_of(source, names: Sequence[str]) -> list[tuple[str, object, object]]:
-    """``(name, type hint, default)`` of dataclass fields or keyword parameters of a function."""
-    hints = typing.get_type_hints(source)
-    if dataclasses.is_dataclass(source):
-        defaults = {
-            f.name: f.default_factory()
-            if f.default is dataclasses.MISSING  # type: ignore[misc]
-            and f.default_factory is not dataclasses.MISSING
-            else f.default
-            for f in dataclasses.fields(source)
-        }
-    else:
-        defaults = {n: p.default for n, p in inspect.signature(source).parameters.items()}
-    # A name the source does not declare is left out (e.g. a wrapper taking **kwargs).
-    return [(name, hints[name], defaults[name]) for name in names if name in hints and name in defaults]
-
-
-def _help_of(source, name: str, helps: dict[str, str] | None) -> str:
-    """An option's help: given here, else the dataclass field's comment, else the shared text."""
-    comments = field_comments(source) if dataclasses.is_dataclass(source) else {}
-    return (helps or {}).get(name) or comments.get(name) or _HELP.get(name, name.replace("_", " "))
-
-
-def _add_options(
-    parser: argparse.ArgumentParser,
-    options,
-    title: str | None = None,
-    required: Sequence[str] = (),
-    helps: dict[str, str] | None = None,
-    choices: dict[str, Sequence[str]] | None = None,
-    parsers: dict[str, collections.abc.Callable[[str], object]] | None = None,
-) -> list[str]:
-    """Add one ``--flag`` per option (defaults suppressed, so unset options are not passed);
-    returns the option names, for :func:`_given`. ``required`` names options the CLI needs
-    although the function has a default (e.g. ``find --out``); ``parsers`` replace the parser
-    of the option's type hint (e.g. ``find --target``: a registered target; its ``metavar``
-    attribute, if any, is shown)."""
-    group = parser.add_argument_group(title) if title else parser
-    for name, hint, default in options:
-        flag = "--" + _RENAMED.get(name, name).replace("_", "-")
-        text = (helps or {}).get(name) or _HELP.get(name, name.replace("_", " "))
-        if isinstance(default, bool):
-            if default:
-                group.add_argument(
-                    "--no-" + flag[2:],
-                    dest=name,
-                    action="store_false",
-                    default=argparse.SUPPRESS,
-                    help=f"turn off: {text}",
-                )
-            else:
-                group.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=text)
-            continue
-        kind, metavar = _parser_for(hint)
-        if name in (parsers or {}):
-            kind = parsers[name]
-            metavar = getattr(kind, "metavar", metavar)
-        needed = default is inspect.Parameter.empty or name in required
-        help_text = text if needed or "default" in text else f"{text} (default {_show(default)})"
-        allowed = (choices or {}).get(name) or _literal_choices(hint)
-        group.add_argument(
-            flag,
-            dest=name,
-            type=kind,
-            metavar="{" + ",".join(allowed) + "}" if allowed else metavar,
-            required=needed,
-            choices=allowed,
-            default=argparse.SUPPRESS,
-            help=help_text,
-        )
-    return [name for name, _, _ in options]
+# Options are generated from the config dataclasses and the command functions' keyword arguments
+# (bigram_circuits.app.options), so `--help` shows the Python API's defaults and each help text is
+# the comment on its field or parameter. An option the user does not give is not passed at all.
 
 
 def _target_name(text: str) -> str:
@@ -371,14 +179,6 @@ def _target_name(text: str) -> str:
 
 
 _target_name.metavar = "TARGET"  # type: ignore[attr-defined]
-
-
-def _given(args: argparse.Namespace, names: Sequence[str]) -> dict:
-    return {name: getattr(args, name) for name in names if hasattr(args, name)}
-
-
-def _fields(config: type, exclude: Sequence[str] = ()) -> list[str]:
-    return [f.name for f in dataclasses.fields(config) if f.name not in exclude]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,45 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
         sub_parser.set_defaults(func=functools.partial(handler, **names))
         return sub_parser
 
-    def options(source, names: Sequence[str], title: str | None = None, helps: dict[str, str] | None = None, **kwargs):
-        helps = {name: _help_of(source, name, helps) for name in names}
-        return lambda sub_parser: _add_options(sub_parser, _options_of(source, names), title, helps=helps, **kwargs)
+    def options(
+        source,
+        names: Sequence[str] | None = None,
+        title: str | None = None,
+        *,
+        exclude: Sequence[str] = (),
+        required: Sequence[str] = (),
+        helps: dict[str, str] | None = None,
+        **kwargs,
+    ):
+        found = options_of(source, names, exclude=exclude, required=required, helps=helps)
+        return lambda sub_parser: add_options(sub_parser, found, title, **kwargs)
 
     command(
         "demo",
         cmd_demo,
         "load the default model, evaluate it and find a bigram subnetwork",
-        demo=options(
-            DemoConfig,
-            _fields(DemoConfig),
-            helps={
-                "lam": "sparsity weight of the demo search",
-                "steps": "search steps of the demo (at most)",
-                "eval_windows": "held-out windows of 128 tokens",
-                "no_search": "only load and evaluate the model",
-                "out": "output directory (a finished search there is reused)",
-                "granularity": _HELP["granularities"],
-            },
-        ),
+        demo=options(DemoConfig),
     )
 
     train = command(
         "train-default",
         cmd_train_default,
         "train the bundled default model from scratch",
-        train=options(
-            TrainConfig,
-            _fields(TrainConfig),
-            "training settings (TrainConfig)",
-            helps={
-                "lr": "peak learning rate (cosine decay to min_lr)",
-                "max_steps": "training steps",
-                "weight_decay": "AdamW weight decay",
-                "seq_len": "tokens per training window",
-                "checkpoint_steps": "steps whose weights are kept (Fig 2)",
-                "seed": "training seed",
-            },
-        ),
+        train=options(TrainConfig, title="training settings (TrainConfig)"),
     )
     train.add_argument("--out", default="runs/default_model", help="output directory (default runs/default_model)")
     train.add_argument("--install", action="store_true", help="copy the result into the package")
@@ -484,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
             helps={"target": target_help()},  # the registered targets (bigram_circuits.targets)
             parsers={"target": _target_name},
         ),
-        search=options(SearchConfig, _fields(SearchConfig, ("lam", "seed")), "search settings (SearchConfig)"),
+        search=options(SearchConfig, title="search settings (SearchConfig)", exclude=("lam", "seed")),
     )
     find.add_argument(
         "--seed", dest="seeds", type=lambda text: (int(text),), default=argparse.SUPPRESS, help=argparse.SUPPRESS
@@ -527,12 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
             ["model", "clean", "corrupted", "component", "run", "out", "device"],
             required=("clean", "corrupted"),
             choices={"component": tuple(COMPONENTS)},
-            helps={
-                "clean": "the clean prompt",
-                "corrupted": "the corrupted prompt",
-                "run": "a run directory: patch with its subnetwork (and its model)",
-                "out": "write the heatmap HTML here",
-            },
         ),
     )
     command(
@@ -542,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Regenerate every paper figure and table (weight masks by default; --granularity neuron,head draws "
         "the coarser masks, e.g. into figures/neuron_head).",
         figures=options(figures_command, ["model", "out_dir", "cache_dir", "device", "png", "show_progress", "only"]),
-        config=options(FiguresConfig, _fields(FiguresConfig, ("prompts",)), "figure settings (FiguresConfig)"),
+        config=options(FiguresConfig, title="figure settings (FiguresConfig)", exclude=("prompts",)),
     )
     command(
         "build-up",
@@ -555,24 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
             build_up_command,
             ["model", "base", "optimal", "out", "device", "png", "progress"],
             required=("base",),
-            helps={
-                "model": "the model the base was found on",
-                "base": "a `find` run (its chosen lambda) or a subnetwork directory",
-                "optimal": "an optimal-subnetwork run to compare as a second base",
-                "out": "write tables (CSV + Markdown) and the figure here",
-            },
         ),
-        config=options(
-            BuildUpConfig,
-            _fields(BuildUpConfig),
-            "build-up settings (BuildUpConfig)",
-            helps={
-                "seeds": "seeds of the random-head controls",
-                "seq_len": "tokens per task sequence",
-                "top_k": "heads per candidate circuit",
-                "seed": "seed of the task sequences",
-            },
-        ),
+        config=options(BuildUpConfig, title="build-up settings (BuildUpConfig)"),
     )
     view = command(
         "view",
@@ -581,11 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Kept fraction per layer x matrix, a per-matrix drill-down, kept neurons/heads, the metrics and, for "
         "two subnetworks, their overlap per block against the random null; plotly inlined (opens offline).",
         run_argument=True,
-        view=options(
-            view_command,
-            ["out", "n_random"],
-            helps={"out": "the HTML file to write"},
-        ),
+        view=options(view_command, ["out", "n_random"]),
     )
     view.add_argument("other", nargs="?", default=None, help="a second run or subnetwork directory to compare")
     command(
@@ -595,16 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Upload the subnetwork (a saved subnetwork or a find run's chosen one) with a generated model card "
         "(README.md) to the Hub in one commit; the token is your `hf auth login` or HF_TOKEN unless --token.",
         run_argument=True,
-        push=options(
-            push_command,
-            ["repo", "private", "token", "commit_message"],
-            helps={
-                "repo": "the Hub model repo id (owner/name); created if missing",
-                "private": "create the repo private",
-                "token": "a Hugging Face token (default: the saved login or HF_TOKEN)",
-                "commit_message": "the commit message (default: a summary of the subnetwork)",
-            },
-        ),
+        push=options(push_command, ["repo", "private", "token", "commit_message"]),
     )
     return parser
 

@@ -33,7 +33,7 @@ from bigram_circuits.errors import ConfigError, StatsError, TokenError
 from bigram_circuits.models import check_tokens_fit
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.rundir import RunDir
-from bigram_circuits.runspec import RunSpec, run_context
+from bigram_circuits.runspec import RunLike, RunSpec
 from bigram_circuits.subnetwork import Subnetwork
 
 __all__ = [
@@ -88,13 +88,6 @@ def _check_windows(windows, vocab_size: int) -> np.ndarray:
     return array
 
 
-def _stats_vocab_size(stats: BigramStats) -> int:
-    vocab = getattr(stats, "vocab_size", None)
-    if vocab is None:
-        raise StatsError("bigram stats have no vocab_size; build them with BigramStats.from_tokens")
-    return int(vocab)
-
-
 @torch.no_grad()
 def surprisals_from_logits(
     logits_fn: Callable[[Integer[torch.Tensor, "batch pos"]], Float[torch.Tensor, "batch pos vocab"]],
@@ -108,7 +101,7 @@ def surprisals_from_logits(
     """Model and bigram surprisal of every actual next token, for any next-token predictor
     ``logits_fn(tokens [batch, pos]) -> logits [batch, pos, >= V]`` (a model, a model with a
     subnetwork applied, or a baseline such as :class:`bigram_circuits.baselines.LinearMapBaseline`)."""
-    vocab_size = _stats_vocab_size(stats)
+    vocab_size = int(stats.vocab_size)
     array = _check_windows(windows, vocab_size)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
@@ -146,16 +139,17 @@ def token_surprisals(
     bridge: TransformerBridge,
     stats: BigramStats,
     windows: Integer[np.ndarray, "n seq"],
-    subnetwork=None,
-    mode: str = "keep",
+    run: RunLike = None,
+    *,
     batch_size: int = 16,
     show_progress: bool = True,
 ) -> TokenSurprisals:
-    """Model and bigram surprisal of every actual next token, with ``subnetwork`` applied."""
-    array = _check_windows(windows, _stats_vocab_size(stats))
+    """Model and bigram surprisal of every actual next token under ``run`` (default the full model)."""
+    array = _check_windows(windows, int(stats.vocab_size))
     check_tokens_fit(bridge, array)
-    label = "full model" if subnetwork is None else f"subnetwork ({mode})"
-    with run_context(bridge, subnetwork, mode):
+    run = RunSpec.coerce(run)
+    label = "full model" if run.subnetwork is None else f"subnetwork ({run.mode})"
+    with run.context(bridge):
         return surprisals_from_logits(
             bridge,
             stats,
@@ -325,25 +319,26 @@ def evaluate_metrics(
     bridge: TransformerBridge,
     stats: BigramStats,
     windows: Integer[np.ndarray, "n seq"],
-    subnetwork=None,
-    mode: str = "keep",
+    run: RunLike = None,
+    *,
     batch_size: int = 16,
     show_progress: bool = True,
 ) -> dict[str, float]:
     """Bigram r (dropped / clipped), soft cross-entropy, LM loss and perplexity on ``windows``.
 
-    ``subnetwork=None`` evaluates the full model; otherwise its binary mask is applied with
-    ``mode="keep"`` (only the subnetwork) or ``"ablate"`` (the subnetwork removed).
+    ``run=None`` evaluates the full model; a subnetwork (or ``RunSpec(subnetwork, "keep")``) is
+    evaluated alone through its binary mask, ``RunSpec(subnetwork, "ablate")`` with it removed.
     """
-    surprisals = token_surprisals(bridge, stats, windows, subnetwork, mode, batch_size, show_progress)
+    surprisals = token_surprisals(bridge, stats, windows, run, batch_size=batch_size, show_progress=show_progress)
     return metrics_from_surprisals(surprisals)
 
 
-def _active_params(subnetwork, mode: str, full_params: float) -> float:
+def _active_params(run: RunSpec, full_params: float) -> float:
     """Weights (paper unit) the model runs with; ablating keeps the complement's weights."""
-    if subnetwork is None:
+    if run.subnetwork is None:
         return full_params
-    return float(subnetwork.n_params() if mode == "keep" else subnetwork.complement().n_params())
+    kept = run.subnetwork if run.mode == "keep" else run.subnetwork.complement()
+    return float(kept.n_params())
 
 
 def ablation_table(
@@ -368,28 +363,27 @@ def ablation_table(
     if not seeds:
         raise ConfigError("seeds must name at least one random control; pass e.g. seeds=(0, 1, 2)")
     full_params = float(bigram.n_params_total())
-    conditions: list[tuple[str, object, str, int | None]] = [
-        ("full model", None, "keep", None),
-        ("bigram only", bigram, "keep", None),
-        ("bigram ablated", bigram, "ablate", None),
+    conditions: list[tuple[str, RunSpec, int | None]] = [
+        ("full model", RunSpec(), None),
+        ("bigram only", RunSpec(bigram, "keep"), None),
+        ("bigram ablated", RunSpec(bigram, "ablate"), None),
     ]
     randoms = {seed: bigram.random_control(seed) for seed in seeds}
-    conditions += [("random only", randoms[s], "keep", s) for s in seeds]
-    conditions += [("random ablated", randoms[s], "ablate", s) for s in seeds]
+    conditions += [("random only", RunSpec(randoms[s], "keep"), s) for s in seeds]
+    conditions += [("random ablated", RunSpec(randoms[s], "ablate"), s) for s in seeds]
     if optimal is not None:
-        conditions += [("optimal only", optimal, "keep", None), ("optimal ablated", optimal, "ablate", None)]
+        conditions += [("optimal only", RunSpec(optimal, "keep"), None)]
+        conditions += [("optimal ablated", RunSpec(optimal, "ablate"), None)]
 
     runs = []
-    for name, subnetwork, mode, seed in tqdm(
-        conditions, desc="ablation table", unit="condition", disable=not show_progress
-    ):
-        row = evaluate_metrics(bridge, stats, windows, subnetwork, mode, batch_size, show_progress=False)
+    for name, run, seed in tqdm(conditions, desc="ablation table", unit="condition", disable=not show_progress):
+        row = evaluate_metrics(bridge, stats, windows, run, batch_size=batch_size, show_progress=False)
         runs.append(
             {
                 "condition": name,
-                "mode": mode,
+                "mode": run.mode,
                 "seed": seed,
-                "active_params": _active_params(subnetwork, mode, full_params),
+                "active_params": _active_params(run, full_params),
                 **row,
             }
         )
@@ -459,15 +453,16 @@ def generate(
     bridge: TransformerBridge,
     tokenizer,
     prompt: str,
-    condition: RunSpec | tuple | None = None,
+    condition: RunLike = None,
     temperature: float = 1.0,
     max_new_tokens: int = 30,
     seed: int = 0,
 ) -> str:
     """Sample a continuation of ``prompt`` under ``condition`` (``temperature=0`` is greedy).
 
-    ``condition`` is a :class:`~bigram_circuits.circuits.runs.RunSpec`, a ``(subnetwork, mode)``
-    pair or ``None`` (the full model).
+    ``condition`` is a run (:data:`~bigram_circuits.runspec.RunLike`): a
+    :class:`~bigram_circuits.runspec.RunSpec`, a ``(subnetwork, mode)`` pair, a subnetwork (kept)
+    or ``None`` (the full model).
 
     Sampling uses its own seeded generator, so equal seeds give equal random draws across
     conditions; it stops early at the tokenizer's end-of-text token.
@@ -503,7 +498,7 @@ def generate_table(
     bridge: TransformerBridge,
     tokenizer,
     prompt: str,
-    conditions: Mapping[str, RunSpec | tuple | None],
+    conditions: Mapping[str, RunLike],
     temperature: float = 1.0,
     max_new_tokens: int = 30,
     seed: int = 0,
@@ -539,7 +534,7 @@ def sweep_metrics_table(
         entries += [
             (float(lam), bool(c), Path(d)) for lam, c, d in zip(sweep_table["lambda"], chosen, sweep_table["dir"])
         ]
-    full = evaluate_metrics(bridge, stats, windows, None, batch_size=batch_size, show_progress=show_progress)
+    full = evaluate_metrics(bridge, stats, windows, batch_size=batch_size, show_progress=show_progress)
     rows = [
         {
             "subnetwork": "full model",
@@ -552,7 +547,7 @@ def sweep_metrics_table(
     ]
     for lam, chosen, directory in entries:
         sub = Subnetwork.load(directory)
-        metrics = evaluate_metrics(bridge, stats, windows, sub, "keep", batch_size, show_progress)
+        metrics = evaluate_metrics(bridge, stats, windows, sub, batch_size=batch_size, show_progress=show_progress)
         summary = sub.summary()
         rows.append(
             {

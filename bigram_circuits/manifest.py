@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bigram_circuits._version import __version__
 from bigram_circuits.errors import ManifestError
 from bigram_circuits.io import atomic_write_bytes, sha256_file
 
@@ -43,8 +44,6 @@ def environment_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     if versions["bigram_circuits"] is None:  # running from a source checkout
-        from bigram_circuits import __version__
-
         versions["bigram_circuits"] = __version__
     return versions
 

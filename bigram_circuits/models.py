@@ -49,7 +49,7 @@ import torch
 
 from bigram_circuits.data import cache_dir
 from bigram_circuits.devices import available_devices, input_device, resolve_device
-from bigram_circuits.errors import DeviceError, ModelLoadError
+from bigram_circuits.errors import DeviceError, ModelLoadError, TokenError
 from bigram_circuits.io import atomic_directory, atomic_write_bytes, sha256_file
 
 if TYPE_CHECKING:
@@ -645,8 +645,6 @@ def check_tokens_fit(bridge: TransformerBridge, tokens) -> None:
     """``TokenError`` unless ``tokens`` (``[..., pos]`` integer ids, numpy or torch) can run
     through ``bridge``: ids in ``[0, d_vocab)`` and at most ``n_ctx`` positions. (Rotary models
     would run longer sequences without complaint, but past their training context.)"""
-    from bigram_circuits.errors import TokenError
-
     cfg = getattr(bridge, "cfg", None)
     if cfg is None:  # not a TransformerLens model (e.g. a test double): nothing to check against
         return

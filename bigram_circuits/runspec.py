@@ -1,11 +1,14 @@
 """How to run a bridge: the full model, or a subnetwork kept alone or removed.
 
-:class:`RunSpec` names a run (``None``, a subnetwork, or a ``(subnetwork, mode)`` pair) and
-:func:`run_context` is the ``with`` block under which the bridge computes it. Anything with an
+:class:`RunSpec` names a run (the full model, or a subnetwork kept or ablated; its mode is
+checked when it is made) and :meth:`RunSpec.context` is the ``with`` block under which the
+bridge computes it. Every analysis takes its run as one argument, ``run``, a :data:`RunLike`:
+a ``RunSpec``, ``None`` (the full model), a subnetwork (kept), or a ``(subnetwork, mode)``
+pair, which :meth:`RunSpec.coerce` turns into a ``RunSpec``. Anything with an
 ``applied(bridge, mode)`` method is a subnetwork here (:class:`SubnetworkLike`): a
 :class:`~bigram_circuits.subnetwork.Subnetwork`, a circuit
 :class:`~bigram_circuits.circuits.ablation.Candidate`, or a test double. The evaluation core,
-the lenses, patching and the build-up all take runs in this form.
+the lenses, similarity, patching, the ablations and the build-up all take runs in this form.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.errors import MaskError
-from bigram_circuits.masks import RUN_MODES, RunMode
+from bigram_circuits.masks import RunMode, check_run_mode
 
-__all__ = ["MaskedSubnetwork", "RunSpec", "SubnetworkLike", "run_context"]
+__all__ = ["MaskedSubnetwork", "RunLike", "RunSpec", "SubnetworkLike", "run_context"]
 
 
 @runtime_checkable
@@ -58,15 +61,14 @@ class RunSpec:
     label: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in RUN_MODES:
-            raise MaskError(f"run mode must be one of {RUN_MODES}, got {self.mode!r}")
+        check_run_mode(self.mode)
         if self.subnetwork is not None and not isinstance(self.subnetwork, SubnetworkLike):
             raise MaskError(
                 f"a run's subnetwork needs an applied(bridge, mode) method; got {type(self.subnetwork).__name__}"
             )
 
     @classmethod
-    def coerce(cls, run: RunSpec | tuple | SubnetworkLike | None) -> RunSpec:
+    def coerce(cls, run: RunLike) -> RunSpec:
         """Accept a RunSpec, ``None`` (full model), a subnetwork, or a ``(subnetwork, mode)`` pair."""
         if isinstance(run, RunSpec):
             return run
@@ -79,8 +81,11 @@ class RunSpec:
         return cls(subnetwork=run)
 
     def context(self, bridge: TransformerBridge) -> ContextManager[Any]:
-        """The context manager under which the bridge computes this run."""
-        return run_context(bridge, self.subnetwork, self.mode)
+        """The context manager under which the bridge computes this run:
+        ``subnetwork.applied(bridge, mode=mode)``, or a no-op context for the full model."""
+        if self.subnetwork is None:
+            return contextlib.nullcontext()
+        return self.subnetwork.applied(bridge, mode=self.mode)
 
     @property
     def name(self) -> str:
@@ -90,12 +95,13 @@ class RunSpec:
         return "full" if self.subnetwork is None else f"subnetwork:{self.mode}"
 
 
+# What an analysis's ``run`` argument accepts (:meth:`RunSpec.coerce` turns it into a RunSpec).
+RunLike = RunSpec | tuple | SubnetworkLike | None
+
+
 def run_context(
     bridge: TransformerBridge, subnetwork: SubnetworkLike | None = None, mode: RunMode = "keep"
 ) -> ContextManager[Any]:
-    """``subnetwork.applied(bridge, mode=mode)``, or a no-op context for the full model."""
-    if mode not in RUN_MODES:
-        raise MaskError(f"run mode must be one of {RUN_MODES}, got {mode!r}")
-    if subnetwork is None:
-        return contextlib.nullcontext()
-    return subnetwork.applied(bridge, mode=mode)
+    """``RunSpec(subnetwork, mode).context(bridge)``: ``subnetwork.applied(bridge, mode=mode)``, or a
+    no-op context for the full model."""
+    return RunSpec(subnetwork, mode).context(bridge)

@@ -83,6 +83,7 @@ from bigram_circuits.models import check_tokens_fit, frozen_parameters
 from bigram_circuits.models import model_id as model_fingerprint
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.rundir import RunDir
+from bigram_circuits.runspec import RunLike, RunSpec
 from bigram_circuits.subnetwork import Subnetwork
 from bigram_circuits.tables import sparsest_within
 from bigram_circuits.targets import Target, TargetSpec, register_target, target_spec
@@ -156,11 +157,11 @@ MAX_GRADIENT_RESCALES = 4
 class SearchConfig:
     """Hyperparameters of one search. ``lr=None`` picks :data:`DEFAULT_LR` per granularity."""
 
-    lam: float = 1.0
-    lr: float | None = None
-    weight_decay: float = 0.01  # torch's AdamW default, as in the authors' code
-    temperature_init: float = 1.0
-    temperature_growth: float = 1.02
+    lam: float = 1.0  # sparsity weight lambda of the search
+    lr: float | None = None  # mask learning rate (default None: per granularity, weight 0.01, neuron/head 0.05)
+    weight_decay: float = 0.01  # AdamW weight decay of the mask logits (torch's, as in the authors' code)
+    temperature_init: float = 1.0  # mask temperature at step 0
+    temperature_growth: float = 1.02  # temperature factor per step (the paper: 1.001)
     temperature_rule: str = (
         "every_step"  # every_step: T grows from step 1; after_settle: T stays until the target loss has settled
     )
@@ -168,24 +169,24 @@ class SearchConfig:
     settle_tolerance: float = (
         0.01  # settled: the last window's mean target loss is not below the previous one's by more than this share
     )
-    max_steps: int = 2000
-    batch_size: int = 32
-    seq_len: int = 128
-    seed: int = 0
-    parameterization: str = "continuous"
-    init: float = 0.0
-    penalty_weighting: str = "params"
-    undecided_low: float = 0.1
-    undecided_high: float = 0.9
-    stop_undecided_fraction: float = 0.01
-    min_steps: int = 0
-    stability_check: bool = True
-    max_attempts: int = 3
-    checkpoint_every: int = 100
-    time_budget_s: float | None = None
-    keep_top_k: int | None = None
-    eval_batches: int = 8
-    log_every: int = 1
+    max_steps: int = 2000  # steps per lambda (fewer when the stopping rule fires)
+    batch_size: int = 32  # windows per batch
+    seq_len: int = 128  # tokens per window (<= the model's context)
+    seed: int = 0  # seed of the mask initialisation and the batch order
+    parameterization: str = "continuous"  # continuous (the paper's) or hard_concrete
+    init: float = 0.0  # initial mask logit
+    penalty_weighting: str = "params"  # params (weight each entry by the weights it gates) or entries
+    undecided_low: float = 0.1  # lower bound of an undecided mask entry's probability
+    undecided_high: float = 0.9  # upper bound of an undecided mask entry's probability
+    stop_undecided_fraction: float = 0.01  # converged: fewer undecided entries than this share of the kept ones
+    min_steps: int = 0  # steps before the stopping rule may fire
+    stability_check: bool = True  # retry a run whose loss spiked (the paper's check)
+    max_attempts: int = 3  # runs per lambda when the stability check fails
+    checkpoint_every: int = 100  # steps between checkpoints
+    time_budget_s: float | None = None  # search time per lambda, in seconds
+    keep_top_k: int | None = None  # keep exactly the k largest mask logits instead of logit > 0
+    eval_batches: int = 8  # batches for each run's held-out target loss
+    log_every: int = 1  # steps between progress-bar updates
     recompute_masked_weights: str = (
         "auto"  # auto, always or never: recompute W*mask for the backward (memory) or keep it (speed)
     )
@@ -353,19 +354,19 @@ def bigram_correlation(
     bridge: TransformerBridge,
     stats: BigramStats,
     windows: Integer[np.ndarray, "n seq"],
-    subnetwork: Subnetwork | None = None,
+    run: RunLike = None,
     batch_size: int = 16,
 ) -> float:
-    """Pearson r between the model's surprisal of each actual next token (with ``subnetwork``
-    kept, binary) and its bigram surprisal, over ``windows``; infinite bigram surprisals are
-    dropped. (:mod:`bigram_circuits.evaluate` has the full metric suite.)"""
+    """Pearson r between the model's surprisal of each actual next token under ``run`` (default
+    the full model; a subnetwork is kept, binary) and its bigram surprisal, over ``windows``;
+    infinite bigram surprisals are dropped. (:mod:`bigram_circuits.evaluate` has the full metric
+    suite.)"""
 
     array = _check_windows(windows, windows.shape[1])
     vocab = int(stats.vocab_size)
     device = input_device(bridge)
     model_parts, bigram_parts = [], []
-    context = subnetwork.applied(bridge) if subnetwork is not None else contextlib.nullcontext()
-    with context:
+    with RunSpec.coerce(run).context(bridge):
         for start in range(0, len(array), batch_size):
             batch_np = np.asarray(array[start : start + batch_size], dtype=np.int64)
             batch = torch.as_tensor(batch_np, device=device)
@@ -394,7 +395,7 @@ def _target_loss(
     for start in range(0, min(len(windows), batch_size * max_batches), batch_size):
         batch = torch.as_tensor(np.asarray(windows[start : start + batch_size], dtype=np.int64), device=device)
         reference = bridge(batch) if target.needs_reference else None
-        with subnetwork.applied(bridge) if subnetwork is not None else contextlib.nullcontext():
+        with RunSpec(subnetwork).context(bridge):
             loss = float(target(bridge(batch), batch, reference).detach())
         total += loss * len(batch)
         count += len(batch)

@@ -37,6 +37,7 @@ from jaxtyping import Bool
 from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.errors import MaskError
+from bigram_circuits.hub import model_card, pick_author_file, push_files, resolve_repo
 from bigram_circuits.io import atomic_write_bytes, ensure_output_dir
 from bigram_circuits.masks import (
     DEFAULT_GRANULARITIES,
@@ -60,6 +61,7 @@ from bigram_circuits.masks.authors import (
     load_author_pickle,
     weight_masks_to_author_dict,
 )
+from bigram_circuits.models import model_id
 
 __all__ = ["Subnetwork", "load_author_pickle"]
 
@@ -122,8 +124,6 @@ class Subnetwork:
     ) -> Subnetwork:
         """A subnetwork of ``bridge`` from boolean masks keyed by mask key (all keys of their
         granularities must be present)."""
-        from bigram_circuits.models import model_id
-
         if masks_attached(bridge):
             raise MaskError("build subnetworks while no masks are applied to the model")
         granularities = parse_granularities(sorted({_granularity_of(k) for k in masks}))
@@ -246,8 +246,6 @@ class Subnetwork:
 
     def check_model(self, bridge: TransformerBridge) -> None:
         """Raise ``MaskError`` unless ``bridge`` is the architecture this subnetwork was made for."""
-        from bigram_circuits.models import model_id
-
         if masks_attached(bridge):
             raise MaskError("masks are already applied to this model; exit the other `with` block first")
         found = model_id(bridge)
@@ -260,9 +258,8 @@ class Subnetwork:
     def applied(self, bridge: TransformerBridge, mode: RunMode = "keep") -> Iterator:
         """Run ``bridge`` with only this subnetwork (``mode="keep"``) or without it
         (``mode="ablate"``, keeping the complement) inside the block; yields the bridge.
-        (:func:`bigram_circuits.masks.apply_binary_masks`: one application per bridge at a time.)"""
-        if mode not in ("keep", "ablate"):
-            raise MaskError(f"mode must be 'keep' or 'ablate', got {mode!r}")
+        (:func:`bigram_circuits.masks.apply_binary_masks`, which checks ``mode``: one application
+        per bridge at a time.)"""
         self.check_model(bridge)
         with apply_binary_masks(bridge, self.masks, mode, list(self.components.values())):
             yield bridge
@@ -320,8 +317,6 @@ class Subnetwork:
 
     def model_card(self, repo_id: str | None = None) -> str:
         """The ``README.md`` that :meth:`save_pretrained` writes (:func:`bigram_circuits.hub.model_card`)."""
-        from bigram_circuits.hub import model_card
-
         return model_card(
             model_id=self.model_id,
             metadata=self.metadata,
@@ -366,8 +361,6 @@ class Subnetwork:
         one, else the largest lambda, as the authors' loader does
         (:func:`bigram_circuits.hub.pick_author_file`). Hub failures raise ``HubError``.
         """
-        from bigram_circuits.hub import pick_author_file, resolve_repo
-
         files = resolve_repo(repo_id_or_directory, revision, cache_dir=cache_dir, token=token)
         if META_FILE in files.names and MASKS_FILE in files.names and filename is None:
             meta_path, masks_path = files.fetch(META_FILE), files.fetch(MASKS_FILE)
@@ -397,8 +390,6 @@ class Subnetwork:
         ``README.md``) to the Hub model repo ``repo_id`` in one commit, creating the repo if needed
         (``huggingface_hub.HfApi.create_repo`` + ``create_commit``). ``token`` defaults to the
         saved login (`hf auth login`) or ``HF_TOKEN``. Returns the commit URL."""
-        from bigram_circuits.hub import push_files
-
         message = commit_message or f"Upload bigram subnetwork ({self.summary()['percent_params']:.3g}% of weights)"
         return push_files(
             repo_id,

@@ -513,19 +513,42 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = ".3g", index: bool = False) ->
         raise FigureDataError("to_markdown needs the 'tabulate' package: pip install tabulate") from exc
 
 
-def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike, floatfmt: str = ".4g") -> list[Path]:
-    """Write each table as ``NAME.csv`` and ``NAME.md`` in ``out_dir`` (atomically); return the paths.
-    A table's ``attrs`` are listed under it in the Markdown file."""
+def write_tables(
+    tables: Mapping[str, pd.DataFrame],
+    out_dir: str | os.PathLike,
+    floatfmt: str = ".4g",
+    *,
+    markdown: bool | str = True,
+    titles: Mapping[str, str] | None = None,
+    header: str = "",
+    index: bool = False,
+) -> list[Path]:
+    """Write each table as ``NAME.csv`` in ``out_dir`` (atomically; ``index``: with its index as
+    the first column) and as Markdown; return the paths.
+
+    ``markdown=True`` writes ``NAME.md`` per table, the table's ``attrs`` listed under it; a file
+    name writes that one file: ``header``, then every table in order under its title (``titles``,
+    else its name), without attrs; ``False`` writes no Markdown."""
     out = Path(out_dir)
     written: list[Path] = []
+    sections = []
     for name, table in tables.items():
         csv_path = out / f"{name}.csv"
         buffer = io.StringIO()
-        table.to_csv(buffer, index=False)
+        table.to_csv(buffer, index=index)
         atomic_write_bytes(csv_path, buffer.getvalue().encode("utf-8"))
-        md_path = out / f"{name}.md"
-        summary = "".join(f"- {key}: {value}\n" for key, value in table.attrs.items())
-        text = f"## {name}\n\n{to_markdown(table, floatfmt=floatfmt)}\n" + (f"\n{summary}" if summary else "")
-        atomic_write_bytes(md_path, text.encode("utf-8"))
-        written += [csv_path, md_path]
+        written.append(csv_path)
+        if markdown is False:
+            continue
+        section = f"## {(titles or {}).get(name, name)}\n\n{to_markdown(table, floatfmt=floatfmt)}\n"
+        if markdown is True:
+            md_path = out / f"{name}.md"
+            summary = "".join(f"- {key}: {value}\n" for key, value in table.attrs.items())
+            atomic_write_bytes(md_path, (section + (f"\n{summary}" if summary else "")).encode("utf-8"))
+            written.append(md_path)
+        sections.append(section)
+    if isinstance(markdown, str):
+        md_path = out / markdown
+        atomic_write_bytes(md_path, "\n".join([header, *sections]).encode("utf-8"))
+        written.append(md_path)
     return written

@@ -48,25 +48,26 @@ class TrainConfig:
     """Hyper-parameters of the default model and its training run."""
 
     corpus: str = "default"
-    vocab_size: int = 6144
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    d_mlp: int = 1024
-    context: int = 256
-    seq_len: int = 128
+    vocab_size: int = 6144  # the tokenizer's vocabulary size
+    d_model: int = 256  # residual stream width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 8  # attention heads per block
+    d_mlp: int = 1024  # MLP hidden width
+    context: int = 256  # the model's context (positions)
+    seq_len: int = 128  # tokens per training window
     batch_size: int = 16
-    max_steps: int = 3500
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 250
-    eval_windows: int = 256
-    seed: int = 0
-    bf16_autocast: bool = True
+    max_steps: int = 3500  # training steps
+    lr: float = 1e-3  # peak learning rate (cosine decay to min_lr)
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 100  # steps of linear learning-rate warm-up
+    weight_decay: float = 0.1  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clip
+    eval_every: int = 250  # steps between held-out evaluations
+    eval_windows: int = 256  # held-out windows per evaluation
+    seed: int = 0  # training seed
+    bf16_autocast: bool = True  # bfloat16 autocast in the forward and backward
     device: str = "cpu"
+    # steps whose weights are kept (Fig 2)
     checkpoint_steps: tuple[int, ...] = field(default_factory=lambda: (0, 128, 512, 1024, 2048))
 
 

@@ -324,15 +324,15 @@ def tiny_figures_model(tmp_path, tiny_model_factory, tiny_text, monkeypatch) -> 
 @pytest.fixture
 def tiny_figures_config():
     """``FiguresConfig`` for the tiny figures model: every stage in seconds."""
+    from dataclasses import replace
+
     from bigram_circuits.app.figures import FiguresConfig
 
     def make(corpus: Path, **changes) -> FiguresConfig:
         return FiguresConfig(
             **{
                 "corpus": str(corpus),
-                "seq_len": 16,
-                "batch_size": 4,
-                "max_steps": 3,
+                "search": replace(FiguresConfig().search, seq_len=16, batch_size=4, max_steps=3),
                 "bigram_lambdas": (0.0, 10.0),
                 "optimal_lambdas": (10.0,),
                 "checkpoint_lambdas": (1.0, 10.0),

@@ -28,6 +28,7 @@ from bigram_circuits.circuits.lens import (
     rotation_degrees,
 )
 from bigram_circuits.errors import ConfigError, TokenError
+from bigram_circuits.runspec import RunSpec
 
 
 def _windows(n: int, seq: int, seed: int = 0, vocab: int = 300) -> np.ndarray:
@@ -51,7 +52,7 @@ def test_logit_lens_under_a_subnetwork_ends_at_its_logits(tiny_neox):
     bridge, _ = tiny_neox
     sub = random_units(bridge, seed=3)
     tokens = torch.as_tensor(_windows(2, 10, seed=1))
-    lens = logit_lens_logits(bridge, tokens, sub, "keep")
+    lens = logit_lens_logits(bridge, tokens, RunSpec(sub, "keep"))
     with torch.no_grad(), sub.applied(bridge, "keep"):
         logits = bridge(tokens)
     torch.testing.assert_close(lens[-1], logits, rtol=1e-5, atol=1e-5)

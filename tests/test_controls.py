@@ -7,6 +7,7 @@ import pytest
 
 from bigram_circuits.errors import StatsError
 from bigram_circuits.ngrams import BigramStats
+from bigram_circuits.runspec import RunSpec
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_partial_ablation_table_uses_the_evaluation_metrics(tiny_eval):
     assert set(table["condition"]) == {"bigram", "random"}
     assert len(table) == 2 * 2 * 3 * 2  # condition x ablation x (0, 0.5, 1) x seeds
     whole = table[(table["condition"] == "bigram") & (table["ablation"] == "zero") & (table["fraction"] == 1.0)]
-    expected = evaluate_metrics(bridge, stats, windows, sub, "ablate", show_progress=False)
+    expected = evaluate_metrics(bridge, stats, windows, RunSpec(sub, "ablate"), show_progress=False)
     assert whole["lm_loss_nats"].to_numpy() == pytest.approx(expected["lm_loss_nats"], rel=1e-6)
     assert whole["r_dropped"].to_numpy() == pytest.approx(expected["r_dropped"], rel=1e-6)
     assert (table.loc[table["fraction"] == 0, "loss_increase"] == 0).all()
@@ -149,8 +150,8 @@ def test_mean_ablation_sets_units_to_their_mean(tiny_eval):
     assert means[neuron].shape == cache[neuron].shape[-1:]
     # Zero "means" are zero ablation exactly.
     zeros = {k: torch.zeros_like(v) for k, v in means.items()}
-    zero = evaluate_metrics(bridge, stats, windows, sub, "ablate", show_progress=False)
-    as_mean = evaluate_metrics(bridge, stats, windows, MeanAblation(sub, zeros), "ablate", show_progress=False)
+    zero = evaluate_metrics(bridge, stats, windows, RunSpec(sub, "ablate"), show_progress=False)
+    as_mean = evaluate_metrics(bridge, stats, windows, RunSpec(MeanAblation(sub, zeros), "ablate"), show_progress=False)
     assert as_mean["lm_loss_nats"] == pytest.approx(zero["lm_loss_nats"], rel=1e-5)
     # Real means: the removed neurons output their mean inside the block, and only there.
     with MeanAblation(sub, means).applied(bridge):

@@ -29,6 +29,7 @@ from bigram_circuits.evaluate import (
     surprisals_from_logits,
 )
 from bigram_circuits.ngrams import BigramStats
+from bigram_circuits.runspec import RunSpec
 from bigram_circuits.subnetwork import Subnetwork
 from bigram_circuits.tables import write_tables
 
@@ -156,11 +157,11 @@ def test_empty_subnetwork_ablated_equals_full_model(tiny_eval):
     full = evaluate_metrics(bridge, stats, windows, show_progress=False)
     for granularities in (("neuron", "head"), ("weight",)):
         empty = Subnetwork.empty(bridge, granularities)
-        ablated = evaluate_metrics(bridge, stats, windows, empty, "ablate", show_progress=False)
+        ablated = evaluate_metrics(bridge, stats, windows, RunSpec(empty, "ablate"), show_progress=False)
         for column in METRIC_COLUMNS:
             assert ablated[column] == pytest.approx(full[column], rel=1e-5), column
         kept_all = evaluate_metrics(
-            bridge, stats, windows, Subnetwork.full(bridge, granularities), "keep", show_progress=False
+            bridge, stats, windows, RunSpec(Subnetwork.full(bridge, granularities), "keep"), show_progress=False
         )
         assert kept_all["lm_loss_nats"] == pytest.approx(full["lm_loss_nats"], rel=1e-5)
 

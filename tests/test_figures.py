@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -557,4 +560,13 @@ def test_figures_default_to_weight_masks():
 
 def test_figures_config_key_changes_with_settings():
     assert A.FiguresConfig().key() == A.FiguresConfig().key()
-    assert A.FiguresConfig().key() != A.FiguresConfig(max_steps=5).key()
+    assert A.FiguresConfig().key() != A.FiguresConfig(search=replace(A.FiguresConfig().search, max_steps=5)).key()
+    # a search setting that is no figures option changes the key too; lam and seed (each run's) do not
+    assert A.FiguresConfig().key() != A.FiguresConfig(search=replace(A.FiguresConfig().search, weight_decay=0)).key()
+    assert A.FiguresConfig().key() == A.FiguresConfig(search=replace(A.FiguresConfig().search, lam=3.0)).key()
+    # the search settings that were FiguresConfig's own fields hash flat, as before it nested SearchConfig
+    # (so the caches made then are still found)
+    config = A.FiguresConfig()
+    flat = {name: value for name, value in asdict(config).items() if name != "search"}
+    flat.update({name: getattr(config.search, name) for name in A._SEARCH_OPTIONS})  # seq_len, batch_size, ...
+    assert config.key() == hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:10]

@@ -21,16 +21,26 @@ def _load_script():
 
 
 def test_study_options_are_the_config_fields():
-    from bigram_circuits.app.study import StudyConfig
+    from bigram_circuits.app.study import StudyConfig, _command_line
+    from bigram_circuits.search import SearchConfig
 
     study = _load_script()
     config = study.parse_args(["--lambdas", "0", "10", "--lr", "0.05", "--prompts", "a", "b c", "--max-steps", "7"])
-    assert config.lambdas == (0.0, 10.0) and config.lr == 0.05 and config.prompts == ("a", "b c")
-    assert config.max_steps == 7
+    assert config.lambdas == (0.0, 10.0) and config.prompts == ("a", "b c")
+    # the search settings are flat options of the nested SearchConfig
+    assert config.search.lr == 0.05 and config.search.max_steps == 7
+    assert config.search == dataclasses.replace(StudyConfig().search, lr=0.05, max_steps=7)
     for field in dataclasses.fields(StudyConfig):  # every other option keeps its default (paths under the repo)
-        if field.name not in {"lambdas", "lr", "prompts", "max_steps"}:
+        if field.name not in {"lambdas", "prompts", "search"}:
             expected = study.REPO / field.default if isinstance(field.default, Path) else field.default
             assert getattr(config, field.name) == expected, field.name
+    # a search setting the study does not size is the --schedule's; one given overrides it
+    config = study.parse_args(["--schedule", "warm_settle", "--init", "1.5", "--out", "runs/x"])
+    assert config.search == dataclasses.replace(StudyConfig(schedule="warm_settle").search, init=1.5)
+    assert config.search.temperature_rule == SearchConfig.named("warm_settle").temperature_rule == "after_settle"
+    assert config.search.max_steps == StudyConfig().search.max_steps == 350  # the study's size
+    assert _command_line(config).startswith("python benchmarks/smollm2_study.py --schedule warm_settle --init 1.5 ")
+    assert "--out runs/x" in _command_line(config)
 
 
 @pytest.mark.slow

@@ -63,10 +63,10 @@ __all__ = [
 class BuildUpConfig:
     """Sizes of :func:`build_up_experiment` (defaults suit SmolLM2-135M on 2 CPU cores)."""
 
-    tasks: tuple[str, ...] = ("repetition", "names")
+    tasks: tuple[str, ...] = ("repetition", "names")  # repetition (in-context repetition), names (name copying)
     top_k: int = 5  # heads per candidate of every method
     n_previous: int = 3  # previous-token heads joined to the induction heads
-    seeds: tuple[int, ...] = (0, 1, 2)  # random-head controls
+    seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the random-head controls
     seq_len: int = 24  # repetition: length of each copy
     n_sequences: int = 16  # repetition: prompts
     low: int = 0  # repetition: smallest random token id
@@ -75,10 +75,10 @@ class BuildUpConfig:
     n_attribution: int = 8  # prompt pairs for attribution patching
     n_patching: int = 8  # prompt pairs for activation patching (one forward per head)
     wide_k: int = 0  # also the top wide_k heads by attribution patching (0: off)
-    batch_size: int = 8
+    batch_size: int = 8  # sequences per batch
     necessity: bool = True  # full - candidate rows
-    n_random_overlap: int = 10_000
-    seed: int = 0
+    n_random_overlap: int = 10_000  # random pairs for the overlap null
+    seed: int = 0  # seed of the task sequences
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in ("repetition", "names")]
@@ -393,11 +393,11 @@ def save_build_up(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike
 
 
 def build_up_command(
-    model: str = "default",
-    base: str | os.PathLike = "",
-    out: str | os.PathLike | None = None,
+    model: str = "default",  # the model the base was found on
+    base: str | os.PathLike = "",  # a `find` run (its chosen lambda) or a subnetwork directory
+    out: str | os.PathLike | None = None,  # write tables (CSV + Markdown) and the figure here
     *,
-    optimal: str | os.PathLike | None = None,
+    optimal: str | os.PathLike | None = None,  # an optimal-subnetwork run to compare as a second base
     config: BuildUpConfig | None = None,
     device: str | torch.device = "cpu",
     png: bool = True,

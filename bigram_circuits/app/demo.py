@@ -6,6 +6,7 @@ import dataclasses
 import math
 import time
 
+from bigram_circuits.app.options import nested_options
 from bigram_circuits.data import TokenDataset, load_token_dataset
 from bigram_circuits.devices import input_device
 from bigram_circuits.evaluate import ablation_table, generate, mean_next_token_loss
@@ -24,15 +25,20 @@ class DemoConfig:
 
     model: str = "default"
     corpus: str = "default"
-    out: str = "runs/demo"
-    granularity: str = "weight"
-    lam: float = 10.0
-    steps: int = 400
-    batch_size: int = 16
-    seq_len: int = 64
-    temperature_growth: float = 1.03
-    eval_windows: int = 64
-    no_search: bool = False
+    out: str = "runs/demo"  # output directory (a finished search there is reused)
+    granularity: str = "weight"  # mask unit(s), comma-separated: weight (the paper's), neuron, head
+    # the search: lambda 10, at most 400 steps (--steps) of 16 x 64 tokens, T x1.03 per step
+    search: SearchConfig = dataclasses.field(
+        default_factory=lambda: SearchConfig(
+            lam=10.0, max_steps=400, batch_size=16, seq_len=64, temperature_growth=1.03, checkpoint_every=25
+        ),
+        metadata=nested_options(
+            ("lam", "max_steps", "batch_size", "seq_len", "temperature_growth"), flags={"max_steps": "steps"}
+        ),
+        hash=False,  # SearchConfig is mutable; the other fields hash a frozen config
+    )
+    eval_windows: int = 64  # held-out windows of 128 tokens
+    no_search: bool = False  # only load and evaluate the model
 
 
 def run_demo(demo: DemoConfig) -> None:
@@ -67,21 +73,14 @@ def _demo_search(demo: DemoConfig, bridge, tokenizer, evaluation: TokenDataset) 
     vocab = model_vocab_size(bridge, tokenizer)
     train = load_token_dataset(demo.corpus, tokenizer, split="train")
     stats = BigramStats.from_tokens(train, vocab)
-    config = SearchConfig(
-        lam=demo.lam,
-        max_steps=demo.steps,
-        batch_size=demo.batch_size,
-        seq_len=demo.seq_len,
-        temperature_growth=demo.temperature_growth,
-        checkpoint_every=25,
-    )
+    config = demo.search
     print(
-        f"searching a bigram subnetwork ({demo.granularity} masks, lambda {demo.lam:g}, "
-        f"at most {demo.steps} steps of {demo.batch_size} x {demo.seq_len} tokens) -> {demo.out}"
+        f"searching a bigram subnetwork ({demo.granularity} masks, lambda {config.lam:g}, "
+        f"at most {config.max_steps} steps of {config.batch_size} x {config.seq_len} tokens) -> {demo.out}"
     )
     result = search(
         bridge,
-        train.windows(demo.seq_len, 2048),
+        train.windows(config.seq_len, 2048),
         Target.bigram(stats),
         demo.granularity,
         config,

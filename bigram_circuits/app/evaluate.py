@@ -33,13 +33,14 @@ __all__ = ["evaluate_run"]
 def evaluate_run(
     run_dir: str | os.PathLike,
     *,
+    # an optimal-subnetwork run to compare with (default: RUN/optimal if it exists)
     optimal: str | os.PathLike | None = None,
-    n_eval_windows: int | None = 256,
-    seeds: Sequence[int] = (0, 1, 2),
-    n_random: int = 10_000,
+    n_eval_windows: int | None = 256,  # held-out windows of the run's seq_len
+    seeds: Sequence[int] = (0, 1, 2),  # comma-separated seeds of the random same-shape subnetworks
+    n_random: int = 10_000,  # random pairs for the overlap null
     prompt: str = DEFAULT_PROMPT,
-    temperature: float = 0.8,
-    max_new_tokens: int = 30,
+    temperature: float = 0.8,  # sampling temperature of the generations
+    max_new_tokens: int = 30,  # tokens per generation
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     out_dir: str | os.PathLike | None = None,

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from bigram_circuits.app.options import nested_options
 from bigram_circuits.app.stages import StageCache
 from bigram_circuits.devices import resolve_device
 from bigram_circuits.errors import ConfigError
@@ -35,6 +36,8 @@ from bigram_circuits.plots import (
     human_count,
     save_figure,
 )
+from bigram_circuits.rundir import RunDir
+from bigram_circuits.search import SearchConfig
 from bigram_circuits.tables import (
     PAPER_FIG1,
     from_search_sweep,
@@ -47,12 +50,16 @@ from bigram_circuits.tables import (
     table_controls_partial,
     table_fig1,
     table_headline,
-    to_markdown,
+    write_tables,
 )
 
 __all__ = ["FiguresConfig", "figures_command"]
 
 _log = logging.getLogger(__name__)
+
+
+# The search settings that are options of `bigram-circuits figures` (the others are SearchConfig's defaults).
+_SEARCH_OPTIONS = ("seq_len", "batch_size", "max_steps", "temperature_growth", "lr")
 
 
 @dataclass(frozen=True)
@@ -74,48 +81,52 @@ class FiguresConfig:
 
     corpus: str = "default"
     granularities: tuple[str, ...] = DEFAULT_GRANULARITIES
-    seq_len: int = 64
-    batch_size: int = 8
-    max_steps: int = 300
-    temperature_growth: float = 1.04
-    lr: float | None = None
-    headline_seeds: tuple[int, ...] = (0, 1, 2)
-    bigram_lambdas: tuple[float, ...] = (0.0, 1.0, 10.0, 100.0)
-    optimal_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0)
-    checkpoint_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0)
-    max_checkpoints: int = 3
-    target_fractions: tuple[float, ...] = (0.02, 0.05, 0.2)
-    train_windows: int = 2048
-    eval_windows: int = 256
-    analysis_seq_len: int = 128
-    analysis_tokens: int = 32768
-    ablation_windows: int = 64
-    random_seeds: tuple[int, ...] = (0, 1, 2)
-    overlap_samples: int = 10_000
+    # every search's settings (its lam is each run's, its seed is ``seed``)
+    search: SearchConfig = field(
+        default_factory=lambda: SearchConfig(
+            max_steps=300, batch_size=8, seq_len=64, temperature_growth=1.04, checkpoint_every=25, eval_batches=2
+        ),
+        metadata=nested_options(_SEARCH_OPTIONS),
+        hash=False,  # SearchConfig is mutable; the other fields hash a frozen config
+    )
+    headline_seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the chosen lambda's searches behind the headline numbers
+    bigram_lambdas: tuple[float, ...] = (0.0, 1.0, 10.0, 100.0)  # lambdas of the bigram sweep (Fig 1, Table 1)
+    optimal_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0)  # lambdas of the optimal-subnetwork sweep (Fig 5)
+    checkpoint_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0)  # lambdas of the other sweeps (Fig 2, controls)
+    max_checkpoints: int = 3  # training checkpoints of Fig 2 (evenly spaced, first and last included)
+    target_fractions: tuple[float, ...] = (0.02, 0.05, 0.2)  # shares of the maskable parameters where Fig 2 reads r
+    train_windows: int = 2048  # training windows of the searches
+    eval_windows: int = 256  # held-out windows for r
+    analysis_seq_len: int = 128  # tokens per window of the analyses and the bigram statistics
+    analysis_tokens: int = 32768  # held-out tokens for the linear lens (Fig 3) and similarity (Fig 4)
+    ablation_windows: int = 64  # held-out windows (of analysis_seq_len tokens) of the ablations
+    random_seeds: tuple[int, ...] = (0, 1, 2)  # random same-shape subnetworks of the ablations (one per seed)
+    overlap_samples: int = 10_000  # random pairs for the overlap null
     prompts: tuple[str, ...] = ("The President of the United States", "The city is located in")
-    generation_tokens: int = 20
-    generation_temperature: float = 1.0
-    linear_map_steps: int = 300
-    seed: int = 0
+    generation_tokens: int = 20  # tokens per generation (Table 4)
+    generation_temperature: float = 1.0  # sampling temperature of the generations
+    linear_map_steps: int = 300  # steps of Table 2's embeddings + linear map baseline
+    seed: int = 0  # seed of the searches, random controls, overlap nulls and generations
 
-    def search_config(self):
+    def search_config(self) -> SearchConfig:
         """The :class:`~bigram_circuits.search.SearchConfig` of every search (lambda set per run)."""
-        from bigram_circuits.search import SearchConfig
-
-        return SearchConfig(
-            max_steps=self.max_steps,
-            batch_size=self.batch_size,
-            seq_len=self.seq_len,
-            temperature_growth=self.temperature_growth,
-            lr=self.lr,
-            seed=self.seed,
-            checkpoint_every=25,
-            eval_batches=2,
-        )
+        return replace(self.search, seed=self.seed)
 
     def key(self) -> str:
-        """A short hash of every setting (results of other settings live in other cache folders)."""
-        text = json.dumps(asdict(self), sort_keys=True)
+        """A short hash of every setting (results of other settings live in other cache folders).
+        The search settings that were this config's own fields before it nested ``search`` are
+        hashed flat, as then, so the caches made then are still found."""
+        settings = asdict(self)
+        search, default = settings.pop("search"), asdict(type(self)().search)
+        settings.update({name: search[name] for name in _SEARCH_OPTIONS})
+        changed = {
+            name: value
+            for name, value in search.items()
+            if name not in (*_SEARCH_OPTIONS, "lam", "seed") and value != default[name]
+        }
+        if changed:
+            settings["search"] = changed
+        text = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
 
 
@@ -170,8 +181,8 @@ class _FigureRun:
 
     # -- cache helpers
 
-    def _frame(self, name: str, compute) -> pd.DataFrame:
-        return self.cache.frame(name, compute)
+    def _frame(self, name: str, compute, *, index: bool = False) -> pd.DataFrame:
+        return self.cache.frame(name, compute, index=index)
 
     # -- model and data (loaded lazily, once)
 
@@ -180,22 +191,24 @@ class _FigureRun:
         if self._loaded is None:
             from bigram_circuits.data import load_token_dataset
             from bigram_circuits.models import load_model, model_vocab_size
-            from bigram_circuits.ngrams import BigramStats
 
             cfg = self.config
             bridge, tokenizer = load_model(self.model, device=self.device)
             vocab = model_vocab_size(bridge, tokenizer)
             train = load_token_dataset(cfg.corpus, tokenizer, split="train", show_progress=self.show_progress)
             held_out = load_token_dataset(cfg.corpus, tokenizer, split="eval", show_progress=self.show_progress)
-            stats = BigramStats.from_tokens(train, vocab, seq_len=cfg.analysis_seq_len, show_progress=False)
+            # Counted once in windows of analysis_seq_len tokens, then read back (ROOT/bigram_stats.npz).
+            stats = RunDir(self.root).bigram_stats(
+                tokenizer, cfg.corpus, cfg.analysis_seq_len, vocab, train=train, show_progress=False
+            )
             n_analysis = math.ceil(cfg.analysis_tokens / cfg.analysis_seq_len)
             self._loaded = {
                 "bridge": bridge,
                 "tokenizer": tokenizer,
                 "vocab": vocab,
                 "stats": stats,
-                "train": train.windows(cfg.seq_len, cfg.train_windows),
-                "eval": held_out.windows(cfg.seq_len, cfg.eval_windows),
+                "train": train.windows(cfg.search.seq_len, cfg.train_windows),
+                "eval": held_out.windows(cfg.search.seq_len, cfg.eval_windows),
                 "analysis": held_out.windows(cfg.analysis_seq_len, n_analysis),
                 "ablation": held_out.windows(cfg.analysis_seq_len, cfg.ablation_windows),
             }
@@ -254,9 +267,17 @@ class _FigureRun:
         return self._frame("bigram_sweep", compute)
 
     def chosen_bigram(self):
-        table = self.bigram_sweep()
-        chosen = table[table["chosen"]] if table["chosen"].any() else table.loc[[table["r"].idxmax()]]
-        return self.subnetwork(chosen["path"].iloc[0])
+        return self.subnetwork(self._chosen_row()["path"])
+
+    def _chosen_path(self, folder: str) -> str:
+        """The chosen subnetwork of the sweep in ``folder``, relative to the root: RunDir's choice,
+        the lambda its ``sweep.csv`` marks (the paper's rule, :func:`~bigram_circuits.search.choose_subnetwork`)."""
+        return str(RunDir(self.root / folder).subnetwork_dir().relative_to(self.root))
+
+    def _chosen_row(self) -> pd.Series:
+        """The Fig 1 sweep's row of the chosen bigram subnetwork."""
+        rows = self.bigram_sweep()
+        return rows[rows["path"] == self._chosen_path("final/bigram")].iloc[0]
 
     # -- Fig 5 left, and the optimal subnetwork paired with the chosen bigram one
 
@@ -361,23 +382,19 @@ class _FigureRun:
 
         def compute_step(step: int | None) -> pd.DataFrame:
             from bigram_circuits.models import load_model
-            from bigram_circuits.search import bigram_correlation, choose_subnetwork
+            from bigram_circuits.search import bigram_correlation
 
             data = self.loaded
             if step is None:  # the final model: reuse the Fig 1 sweep
                 rows = self.bigram_sweep()
                 full_r = float(rows["full_model_r"].iloc[0])
-                chosen_path = (
-                    rows.loc[rows["chosen"], "path"].iloc[0]
-                    if rows["chosen"].any()
-                    else rows.loc[rows["r"].idxmax(), "path"]
-                )
+                chosen_path = self._chosen_row()["path"]
             else:
                 bridge, _ = load_model(self.model, device=self.device, checkpoint=step)
                 table = self._sweep(bridge, "bigram", self.config.checkpoint_lambdas, f"step_{step}/bigram")
                 rows = from_search_sweep(table, self.model)
                 full_r = bigram_correlation(bridge, data["stats"], data["eval"])
-                chosen_path = table.loc[choose_subnetwork(table).name, "path"]
+                chosen_path = self._chosen_path(f"step_{step}/bigram")
                 del bridge
             chosen = self.subnetwork(chosen_path)
             targets = [f * chosen.n_params_total() for f in self.config.target_fractions]
@@ -435,22 +452,28 @@ class _FigureRun:
         return self._frame("lens", compute)
 
     def similarity(self) -> dict[str, pd.DataFrame]:
-        names = ("full", "bigram", "random")
-        paths = {name: self.root / f"similarity_{name}.csv" for name in names}
-        if not all(p.exists() for p in paths.values()):
-            from bigram_circuits.circuits.similarity import similarity_report
+        """Layer x layer covariance similarity of the full model, the chosen bigram subnetwork and
+        a random same-shape one (one stage each; one report computes the three)."""
+        computed: dict[str, pd.DataFrame] = {}
 
-            data = self.loaded
-            matrices = similarity_report(
-                data["bridge"],
-                data["analysis"],
-                self._runs(),
-                n_tokens=self.config.analysis_tokens,
-                progress=self.show_progress,
-            )
-            for name, matrix in matrices.items():
-                atomic_write_bytes(paths[name], matrix.to_csv().encode("utf-8"))
-        return {name: pd.read_csv(path, index_col=0) for name, path in paths.items()}
+        def matrix(name: str) -> pd.DataFrame:
+            if not computed:
+                from bigram_circuits.circuits.similarity import similarity_report
+
+                data = self.loaded
+                computed.update(
+                    similarity_report(
+                        data["bridge"],
+                        data["analysis"],
+                        self._runs(),
+                        n_tokens=self.config.analysis_tokens,
+                        progress=self.show_progress,
+                    )
+                )
+            return computed[name]
+
+        names = ("full", "bigram", "random")
+        return {name: self._frame(f"similarity_{name}", lambda n=name: matrix(n), index=True) for name in names}
 
     # -- Fig 5 right, Tables 2-4
 
@@ -559,7 +582,7 @@ class _FigureRun:
                 data["stats"],
                 data["train"],
                 LinearMapConfig(
-                    steps=self.config.linear_map_steps, batch_size=self.config.batch_size, seed=self.config.seed
+                    steps=self.config.linear_map_steps, batch_size=self.config.search.batch_size, seed=self.config.seed
                 ),
                 show_progress=self.show_progress,
             )
@@ -576,10 +599,6 @@ class _FigureRun:
         return self._frame("table2_bigram_r", compute)
 
     # -- faithfulness controls (issue 23)
-
-    def _chosen_row(self) -> pd.Series:
-        rows = self.bigram_sweep()
-        return (rows[rows["chosen"]] if rows["chosen"].any() else rows.loc[[rows["r"].idxmax()]]).iloc[0]
 
     def _seed_path(self, seed: int) -> str:
         """The folder of the chosen lambda's bigram subnetwork searched with ``seed``: the Fig 1
@@ -736,8 +755,7 @@ class _FigureRun:
     def cached_headline(self) -> pd.DataFrame | None:
         """The headline stage's table if it is cached (its bigram-vs-optimal overlap goes beside
         the seed-to-seed overlap), else None."""
-        path = self.root / "headline_seeds.csv"
-        return pd.read_csv(path) if path.exists() else None
+        return self.cache.cached_frame("headline_seeds")
 
     def controls(self) -> dict[str, pd.DataFrame]:
         """Every control table (each cached on its own)."""
@@ -752,12 +770,13 @@ class _FigureRun:
 def figures_command(
     model: str = "default",
     out_dir: str | os.PathLike = "figures",
-    cache_dir: str | os.PathLike = "runs/figures_cache",
+    cache_dir: str | os.PathLike = "runs/figures_cache",  # cache of intermediate results (resumable)
     *,
     config: FiguresConfig | None = None,
     device: str | torch.device = "cpu",
     png: bool = True,
     show_progress: bool = True,
+    # all (every stage) or controls (the faithfulness-controls stage alone; earlier stages from the cache)
     only: str = "all",
 ) -> list[Path]:
     """``bigram-circuits figures``: compute every result of the paper's figures and tables for
@@ -844,28 +863,26 @@ def figures_command(
     )
 
     tables = {
-        "Figure 1: best bigram subnetwork r vs full model r": ("table_fig1", table_fig1(sweep_rows)),
-        "Figure 1 (paper): Pythia and GPT-2": ("table_fig1_paper", PAPER_FIG1),
-        "Table 1: chosen bigram subnetwork": ("table1_chosen", table1_chosen(sweep_rows)),
-        "Table 2: bigram r of the full model, the subnetwork and baselines": (
-            "table2_bigram_r",
-            table2_bigram_r(results["bigram r table"]),
-        ),
-        "Table 3: overlap of the bigram and optimal subnetworks": (
-            "table3_overlap",
-            table3_overlap(results["overlap"]),
-        ),
-        "Table 4: sample generations": ("table4_generations", table4_generations(results["generations"])),
-        "Headline over seeds: the chosen lambda searched with each seed (mean ± sd last)": (
-            "table_headline_seeds",
-            table_headline(results["headline over seeds"]),
-        ),
-        "Ablation: held-out LM loss (nats) with subnetworks kept or removed": (
-            "table_ablation",
-            results["ablation"][
-                ["condition", "lm_loss_nats", "lm_loss_nats_std", "loss_increase", "r_dropped", "active_params"]
-            ],
-        ),
+        "table_fig1": table_fig1(sweep_rows),
+        "table_fig1_paper": PAPER_FIG1,
+        "table1_chosen": table1_chosen(sweep_rows),
+        "table2_bigram_r": table2_bigram_r(results["bigram r table"]),
+        "table3_overlap": table3_overlap(results["overlap"]),
+        "table4_generations": table4_generations(results["generations"]),
+        "table_headline_seeds": table_headline(results["headline over seeds"]),
+        "table_ablation": results["ablation"][
+            ["condition", "lm_loss_nats", "lm_loss_nats_std", "loss_increase", "r_dropped", "active_params"]
+        ],
+    }
+    titles = {
+        "table_fig1": "Figure 1: best bigram subnetwork r vs full model r",
+        "table_fig1_paper": "Figure 1 (paper): Pythia and GPT-2",
+        "table1_chosen": "Table 1: chosen bigram subnetwork",
+        "table2_bigram_r": "Table 2: bigram r of the full model, the subnetwork and baselines",
+        "table3_overlap": "Table 3: overlap of the bigram and optimal subnetworks",
+        "table4_generations": "Table 4: sample generations",
+        "table_headline_seeds": "Headline over seeds: the chosen lambda searched with each seed (mean ± sd last)",
+        "table_ablation": "Ablation: held-out LM loss (nats) with subnetworks kept or removed",
     }
     # The inputs of every figure, so a notebook (or anyone) can redraw them without the cache.
     inputs = {
@@ -880,22 +897,14 @@ def figures_command(
         "bigram_r_rows": results["bigram r table"],
         "headline_seeds": results["headline over seeds"],
         "layer_distribution": distribution,
-        **{f"similarity_{name}": matrix for name, matrix in results["similarity"].items()},
     }
+    similarity = {f"similarity_{name}": matrix for name, matrix in results["similarity"].items()}
     data_dir = ensure_output_dir(out / "data")
-    for name, table in inputs.items():
-        path = data_dir / f"{name}.csv"
-        atomic_write_bytes(path, table.to_csv(index=name.startswith("similarity_")).encode("utf-8"))
-        written.append(path)
-    markdown = [f"# Tables for model {model!r}\n"]
-    for title, (name, table) in tables.items():
-        csv_path = out / f"{name}.csv"
-        atomic_write_bytes(csv_path, table.to_csv(index=False).encode("utf-8"))
-        written.append(csv_path)
-        markdown.append(f"## {title}\n\n{to_markdown(table)}\n")
-    md_path = out / "tables.md"
-    atomic_write_bytes(md_path, "\n".join(markdown).encode("utf-8"))
-    written.append(md_path)
+    written += write_tables(inputs, data_dir, markdown=False)
+    written += write_tables(similarity, data_dir, markdown=False, index=True)
+    # Cached stages keep no attrs, so tables.md lists none (a rerun writes the same file).
+    header = f"# Tables for model {model!r}\n"
+    written += write_tables(tables, out, ".3g", markdown="tables.md", titles=titles, header=header)
     written.extend(_write_controls(results["controls"], out, png, results["headline over seeds"]))
     return written
 
@@ -916,31 +925,22 @@ def _write_controls(
         include_plotlyjs="directory",
     )
     tables = {
-        "Controls: can a mask fit a nonsense target, a random model, or survive partial removal as well?": (
-            "table_controls",
-            table_controls(
-                controls["sweeps"], controls["partial"], controls["seed_overlap"], controls["seeds"], headline
-            ),
+        "table_controls": table_controls(
+            controls["sweeps"], controls["partial"], controls["seed_overlap"], controls["seeds"], headline
         ),
-        "Controls: partial ablation curves (held-out loss increase and bigram r, mean ± sd over draws)": (
-            "table_controls_partial",
-            table_controls_partial(controls["partial"]),
-        ),
+        "table_controls_partial": table_controls_partial(controls["partial"]),
     }
-    data_dir = ensure_output_dir(out / "data")
-    for name in ("sweeps", "partial", "seed_overlap", "seeds"):
-        path = data_dir / f"controls_{ {'partial': 'partial_ablation', 'seeds': 'seed_runs'}.get(name, name) }.csv"
-        atomic_write_bytes(path, controls[name].to_csv(index=False).encode("utf-8"))
-        written.append(path)
-    sections = []
-    for title, (name, table) in tables.items():
-        csv_path = out / f"{name}.csv"
-        atomic_write_bytes(csv_path, table.to_csv(index=False).encode("utf-8"))
-        written.append(csv_path)
-        sections.append(f"{_CONTROLS_HEADING}{title.removeprefix('Controls')}\n\n{to_markdown(table)}\n")
+    titles = {  # each starts with the controls heading, which marks where the controls sections begin
+        "table_controls": "Controls: can a mask fit a nonsense target, a random model, or survive partial removal "
+        "as well?",
+        "table_controls_partial": "Controls: partial ablation curves (held-out loss increase and bigram r, mean ± sd "
+        "over draws)",
+    }
+    names = {"sweeps": "sweeps", "partial": "partial_ablation", "seed_overlap": "seed_overlap", "seeds": "seed_runs"}
+    data = {f"controls_{names[name]}": controls[name] for name in ("sweeps", "partial", "seed_overlap", "seeds")}
+    written += write_tables(data, ensure_output_dir(out / "data"), markdown=False)
     md_path = out / "tables.md"
     text = md_path.read_text(encoding="utf-8") if md_path.exists() else "# Tables\n"
     head = text.split(f"\n{_CONTROLS_HEADING}", 1)[0].rstrip("\n")
-    atomic_write_bytes(md_path, (head + "\n\n" + "\n".join(sections)).encode("utf-8"))
-    written.append(md_path)
+    written += write_tables(tables, out, ".3g", markdown="tables.md", titles=titles, header=head + "\n")
     return written

@@ -29,18 +29,22 @@ __all__ = ["find_command", "seeds_summary"]
 def find_command(
     model: str = "default",
     granularities: str | Sequence[str] = DEFAULT_GRANULARITIES,
-    lambdas: Sequence[float] = (0.0, 1.0, 10.0, 100.0),
+    lambdas: Sequence[float] = (0.0, 1.0, 10.0, 100.0),  # comma-separated sparsity weights
     out_dir: str | os.PathLike = "runs/find",
     *,
     corpus: str = "default",
     target: str = "bigram",
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int] = (0,),  # comma-separated seeds; several seeds run the sweep once per seed (OUT/seed_N)
+    # the paper's schedule for weight masks (SearchConfig.paper(): lr 5e-5, T x1.001, batch 32, 15k steps);
+    # other options given override it
     paper: bool = False,
+    # a named schedule (search.SCHEDULES): fast (the defaults), paper, settle, warm_settle, slow; other options
+    # given override it
     schedule: str = "fast",
-    max_train_windows: int | None = 4096,
-    max_eval_windows: int | None = 256,
+    max_train_windows: int | None = 4096,  # training windows (of seq_len tokens)
+    max_eval_windows: int | None = 256,  # held-out windows for r and the target loss
     device: str | torch.device = "cpu",
-    resume: bool = True,
+    resume: bool = True,  # reuse finished runs and continue interrupted ones in the output directory
     show_progress: bool = True,
     **config_options,
 ) -> pd.DataFrame:

@@ -16,9 +16,9 @@ __all__ = ["lens_command"]
 
 def lens_command(
     run: str | os.PathLike,
-    n_tokens: int = 16384,
+    n_tokens: int = 16384,  # held-out tokens for the lenses and similarity
     *,
-    out: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,  # output directory (default RUN/circuits)
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> pd.DataFrame:

@@ -25,11 +25,11 @@ __all__ = ["patch_command"]
 
 def patch_command(
     model: str = "default",
-    clean: str = "",
-    corrupted: str = "",
-    component: str = "resid_pre",
-    run: str | os.PathLike | None = None,
-    out: str | os.PathLike | None = None,
+    clean: str = "",  # the clean prompt
+    corrupted: str = "",  # the corrupted prompt
+    component: str = "resid_pre",  # the activation patched, in every layer
+    run: str | os.PathLike | None = None,  # a run directory: patch with its subnetwork (and its model)
+    out: str | os.PathLike | None = None,  # write the heatmap HTML here
     *,
     device: str | torch.device = "cpu",
 ) -> pd.DataFrame:

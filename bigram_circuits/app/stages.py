@@ -46,14 +46,22 @@ class StageCache:
             atomic_write_bytes(root / "key.json", json.dumps(key, sort_keys=True, indent=2, default=str).encode())
         return cls(root)
 
-    def frame(self, name: str, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
-        """The stage ``name`` as a DataFrame (``name.csv``)."""
+    def frame(self, name: str, compute: Callable[[], pd.DataFrame], *, index: bool = False) -> pd.DataFrame:
+        """The stage ``name`` as a DataFrame (``name.csv``). With ``index`` the index is kept (the
+        first column) and the stage is always returned as read back, so a first run and a rerun
+        see the same labels (e.g. a layer x layer matrix)."""
         path = self.root / f"{name}.csv"
-        if path.exists():
-            return pd.read_csv(path)
-        table = self._timed(name, compute)
-        atomic_write_bytes(path, table.to_csv(index=False).encode("utf-8"))
-        return table
+        if not path.exists():
+            table = self._timed(name, compute)
+            atomic_write_bytes(path, table.to_csv(index=index).encode("utf-8"))
+            if not index:
+                return table
+        return pd.read_csv(path, index_col=0 if index else None)
+
+    def cached_frame(self, name: str) -> pd.DataFrame | None:
+        """The frame stage ``name`` if it has been computed, else None (nothing is computed)."""
+        path = self.root / f"{name}.csv"
+        return pd.read_csv(path) if path.exists() else None
 
     def json(self, name: str, compute: Callable[[], Any]) -> Any:
         """The stage ``name`` as a JSON-ready value (``name.json``)."""

@@ -23,13 +23,14 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from bigram_circuits.app.options import Option, arguments, nested_options, options_of
 from bigram_circuits.app.stages import StageCache
 from bigram_circuits.io import ensure_output_dir
 from bigram_circuits.plots import fig1_r_vs_params, fig3_rotation, fig4_similarity, fig_layer_distribution, save_figure
@@ -47,6 +48,7 @@ __all__ = [
     "render_markdown",
     "run_control",
     "run_study",
+    "study_options",
 ]
 
 # Chang & Bergen (2025), /work/shared/paper.md: bigram r of the chosen subnetwork vs the full model.
@@ -58,6 +60,21 @@ PAPER_NOTE = (
     "paper: chosen subnetworks ~1M weights (<0.2% of non-embedding parameters), "
     "concentrated in the first MLP layer (layer 0)"
 )
+
+
+# The study's sizes, on top of the named schedule its searches start from.
+_STUDY_SEARCH = {
+    "max_steps": 350,
+    "lr": None,
+    "max_attempts": 1,
+    "batch_size": 8,
+    "seq_len": 128,
+    "time_budget_s": 1500.0,
+    "checkpoint_every": 10,
+    "eval_batches": 2,
+}
+# The search settings that are options of the study script, in their order.
+_SEARCH_OPTIONS = (*_STUDY_SEARCH, "temperature_growth", "init")
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,9 @@ class StudyConfig:
     corpus: str = "default"  # any load_token_dataset name or text file
     granularity: str = "weight"  # mask unit(s), comma-separated: weight (the paper's) or neuron,head
     lambdas: tuple[float, ...] = (0.0, 1.0, 10.0, 100.0)  # sparsity weights of the bigram sweep
-    schedule: str = "fast"  # named search schedule (search.SCHEDULES: fast, paper, settle, warm_settle)
+    # named search schedule (search.SCHEDULES: fast, paper, settle, warm_settle, slow): the search settings
+    # the study does not size (temperature_growth, init, ...) are its
+    schedule: str = "fast"
     seeds: tuple[int, ...] = (1, 2)  # more seeds of the chosen lambda (the sweep is seed 0); empty: none
     optimal_lambda: float | None = None  # lambda of the optimal subnetwork (default: the chosen one; negative: skip)
     random_controls: int = 3  # random same-shape subnetworks in the ablation (one per seed)
@@ -83,52 +102,48 @@ class StudyConfig:
     controls: tuple[str, ...] = ("random_init", "random_init_trained_embeddings", "permuted_contexts")
     linear_map_steps: int = 300  # steps of Table 2's embeddings + linear map baseline
     partial_seeds: tuple[int, ...] = (0, 1)  # draws per fraction of the partial ablation
-    max_steps: int = 350  # steps per lambda (fewer when the stopping rule fires)
-    lr: float | None = SearchConfig.lr  # mask learning rate (default: per granularity, weight 0.01)
-    max_attempts: int = 1  # stability retries (a retry restarts the search; 1 reports stability, no retry)
+    # Every search of the study; None: the named ``schedule`` with the study's sizes on top (the config
+    # `bigram-circuits find --schedule` makes from the same options, so runs made by find in ``out`` are
+    # reused). Its batch_size and seq_len also size the evaluation's batches and windows.
+    search: SearchConfig | None = field(default=None, metadata=nested_options(_SEARCH_OPTIONS), hash=False)
     prompts: tuple[str, ...] = ("The President of the United States", "The city is located in")  # generation prompts
     generation_tokens: int = 20  # tokens per sample generation
-    batch_size: int = 8  # windows per batch (search and evaluation)
-    seq_len: int = 128  # tokens per window
     train_windows: int = 1024  # training windows of the search
     eval_windows: int = 32  # held-out windows for r, the ablation and the circuits
-    time_budget_s: float = 1500.0  # search time per lambda
-    temperature_growth: float | None = None  # mask temperature factor per step (default: the schedule's)
-    init: float | None = None  # initial mask logit (default: the schedule's)
-    checkpoint_every: int = 10  # steps between search checkpoints
-    eval_batches: int = 2  # batches for each run's target loss
     analysis_tokens: int = 8192  # held-out tokens for the linear lens (Fig 3) and layer similarity (Fig 4)
     threads: int = 2  # torch CPU threads
     out: Path = Path("runs/smollm2")  # run directory of the sweep (resumable) and the optimal search
     results: Path = Path("benchmarks/results/smollm2_study")  # report path without suffix (.json and .md)
     figures: Path = Path("figures/smollm2")  # folder for the figures (PNG when Chromium is available, HTML always)
 
-    def search_config(self) -> SearchConfig:
-        """The :class:`SearchConfig` of every search of the study: the named ``schedule`` with
-        the study's sizes on top (the same config ``bigram-circuits find --schedule`` makes from
-        the same options, so runs made by ``find`` in ``out`` are reused)."""
-        optional = {"temperature_growth": self.temperature_growth, "init": self.init}
-        return SearchConfig.named(
-            self.schedule,
-            max_steps=self.max_steps,
-            batch_size=self.batch_size,
-            seq_len=self.seq_len,
-            checkpoint_every=self.checkpoint_every,
-            time_budget_s=self.time_budget_s,
-            lr=self.lr,
-            max_attempts=self.max_attempts,
-            eval_batches=self.eval_batches,
-            **{name: value for name, value in optional.items() if value is not None},
-        )
+    def __post_init__(self) -> None:
+        if self.search is None:
+            object.__setattr__(self, "search", SearchConfig.named(self.schedule, **_STUDY_SEARCH))
 
 
-# Fields that do not change any analysis of the study (where it writes, how fast, which controls).
-_NOT_IN_STAGE_KEY = {"controls", "threads", "out", "results", "figures", "time_budget_s", "checkpoint_every"}
+def study_options() -> list[Option]:
+    """The command-line options of :class:`StudyConfig` (``benchmarks/smollm2_study.py``): its
+    fields and its search settings, flattened; a search setting the study does not size defaults
+    to the schedule's."""
+    scheduled = {f"search.{name}" for name in _SEARCH_OPTIONS if name not in _STUDY_SEARCH}
+    return [
+        dataclasses.replace(option, help=f"{option.help} (default: the schedule's)")
+        if option.dest in scheduled
+        else option
+        for option in options_of(StudyConfig)
+    ]
+
+
+# Settings that do not change any analysis of the study (where it writes, how fast, which controls).
+_NOT_IN_STAGE_KEY = {"controls", "threads", "out", "results", "figures"}
+_NOT_IN_STAGE_KEY_SEARCH = {"lam", "time_budget_s", "checkpoint_every", "log_every", "recompute_masked_weights"}
 
 
 def _stage_key(config: StudyConfig, model_identity: str) -> dict:
     """What every cached stage of the study depends on besides the runs it names."""
     settings = {f.name: getattr(config, f.name) for f in fields(StudyConfig) if f.name not in _NOT_IN_STAGE_KEY}
+    search = settings.pop("search").to_dict()
+    settings["search"] = {name: value for name, value in search.items() if name not in _NOT_IN_STAGE_KEY_SEARCH}
     return {"model_id": model_identity, "study": settings}
 
 
@@ -147,17 +162,10 @@ def _records(table: pd.DataFrame) -> list[dict]:
 
 
 def _command_line(config: StudyConfig) -> str:
-    """The script invocation of ``config``: its options that differ from the defaults."""
-    parts = ["python benchmarks/smollm2_study.py"]
-    for field in fields(StudyConfig):
-        value = getattr(config, field.name)
-        if value != field.default:
-            shown = value if isinstance(value, tuple) else (value,)
-            parts += [
-                "--" + field.name.replace("_", "-"),
-                *(f"{v:g}" if isinstance(v, float) else str(v) for v in shown),
-            ]
-    return " ".join(parts)
+    """The script invocation of ``config``: its options that differ from the defaults (a search
+    setting: from its schedule's)."""
+    base = dataclasses.replace(StudyConfig(schedule=config.schedule), schedule=StudyConfig.schedule)
+    return " ".join(["python benchmarks/smollm2_study.py", *arguments(config, base, study_options(), lists="spaces")])
 
 
 def layer_summary(subnetwork: Subnetwork) -> dict:
@@ -481,7 +489,7 @@ def control_searches(
             target,
             [lam],
             parse_granularities(config.granularity.split(",")),
-            config.search_config(),
+            config.search,
             out / "controls" / name,
             eval_windows=eval_windows,
             show_progress=show_progress,
@@ -515,7 +523,8 @@ def _study_inputs(config: StudyConfig, show_progress: bool) -> _Inputs:
     train = load_token_dataset(config.corpus, tokenizer, split="train", show_progress=show_progress)
     evaluation = load_token_dataset(config.corpus, tokenizer, split="eval", show_progress=show_progress)
     run = RunDir(ensure_output_dir(config.out))
-    stats = run.bigram_stats(tokenizer, config.corpus, config.seq_len, vocab, train=train, show_progress=show_progress)
+    seq_len = config.search.seq_len
+    stats = run.bigram_stats(tokenizer, config.corpus, seq_len, vocab, train=train, show_progress=show_progress)
     return _Inputs(
         bridge,
         tokenizer,
@@ -523,8 +532,8 @@ def _study_inputs(config: StudyConfig, show_progress: bool) -> _Inputs:
         train,
         stats,
         run,
-        train.windows(config.seq_len, config.train_windows),
-        evaluation.windows(config.seq_len, config.eval_windows),
+        train.windows(seq_len, config.train_windows),
+        evaluation.windows(seq_len, config.eval_windows),
     )
 
 
@@ -584,7 +593,8 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     timings: dict[str, float] = {}
     lambdas = [float(lam) for lam in config.lambdas]
     granularities = parse_granularities(config.granularity.split(","))
-    search_config = config.search_config()
+    search_config = config.search
+    batch_size = search_config.batch_size  # of the evaluation too
 
     t = time.perf_counter()
     inputs = _study_inputs(config, show_progress)
@@ -600,14 +610,14 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         lambda: {
             k: float(v)
             for k, v in evaluate_metrics(
-                bridge, stats, eval_windows, batch_size=config.batch_size, show_progress=show_progress
+                bridge, stats, eval_windows, batch_size=batch_size, show_progress=show_progress
             ).items()
         },
     )
     # What r a bigram table from half the training text reaches against the other half's: the
     # ceiling each subnetwork's r is held against.
     ceiling = cache.json(
-        "noise_ceiling", lambda: noise_ceiling(train.windows(config.seq_len), eval_windows, vocab, seed=0)
+        "noise_ceiling", lambda: noise_ceiling(train.windows(search_config.seq_len), eval_windows, vocab, seed=0)
     )
     if show_progress:
         print(
@@ -672,7 +682,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
             eval_windows,
             subnetwork,
             seeds=tuple(range(config.random_controls)),
-            batch_size=config.batch_size,
+            batch_size=batch_size,
             show_progress=show_progress,
         )
         return {"rows": _records(table), "loss_increase_ratio": float(table.attrs["loss_increase_ratio"])}
@@ -770,11 +780,11 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
             bridge,
             stats,
             train_windows,
-            LinearMapConfig(steps=config.linear_map_steps, batch_size=config.batch_size, seed=0),
+            LinearMapConfig(steps=config.linear_map_steps, batch_size=batch_size, seed=0),
             show_progress=show_progress,
         )
         return {
-            "empty_r": bigram_correlation(bridge, stats, eval_windows, empty, batch_size=config.batch_size),
+            "empty_r": bigram_correlation(bridge, stats, eval_windows, empty, batch_size=batch_size),
             "linear_map_r": float(linear_map.evaluate(bridge, stats, eval_windows)["r_dropped"]),
         }
 
@@ -803,7 +813,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
                 eval_windows,
                 subnetwork,
                 seeds=config.partial_seeds,
-                batch_size=config.batch_size,
+                batch_size=batch_size,
                 show_progress=show_progress,
             )
         ),
@@ -888,7 +898,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         "command": _command_line(config),
         "corpus": config.corpus,
         "vocab_size": vocab,
-        "seq_len": config.seq_len,
+        "seq_len": search_config.seq_len,
         "n_train_windows": len(train_windows),
         "n_eval_windows": len(eval_windows),
         "config": search_config.to_dict(),

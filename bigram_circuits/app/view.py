@@ -75,8 +75,8 @@ def view_command(
     run: str | os.PathLike,
     other: str | os.PathLike | None = None,
     *,
-    out: str | os.PathLike = "subnetwork_view.html",
-    n_random: int = 2_000,
+    out: str | os.PathLike = "subnetwork_view.html",  # the HTML file to write
+    n_random: int = 2_000,  # random pairs for the overlap null
 ) -> Path:
     """Write the viewer of ``run`` (and ``other``) as one self-contained offline HTML page."""
     return view_html(view(run, other, n_random=n_random), out)
@@ -117,10 +117,10 @@ def _run_provenance(subnetwork_dir: Path) -> dict:
 def push_command(
     run: str | os.PathLike,
     *,
-    repo: str,
-    private: bool = False,
-    token: str | None = None,
-    commit_message: str | None = None,
+    repo: str,  # the Hub model repo id (owner/name); created if missing
+    private: bool = False,  # create the repo private
+    token: str | None = None,  # a Hugging Face token (default: the saved login or HF_TOKEN)
+    commit_message: str | None = None,  # the commit message (default: a summary of the subnetwork)
 ) -> str:
     """Upload the subnetwork of ``run`` (a saved subnetwork or a ``find`` run: its chosen one) to
     the Hub model repo ``repo`` with its model card; the run's tokenizer fingerprint, schedule

@@ -1,8 +1,9 @@
 """Circuit analyses of a bridge, its bigram subnetwork and controls.
 
-A *run* is the full model (``None``) or a subnetwork kept / ablated (``subnetwork, mode``);
-every analysis takes runs, so the full model, the bigram subnetwork and a random same-shape
-subnetwork can be compared side by side.
+A *run* is the full model (``None``) or a subnetwork kept / ablated (a
+:class:`~bigram_circuits.runspec.RunSpec`); every analysis takes its run as one ``run``
+argument, so the full model, the bigram subnetwork and a random same-shape subnetwork can be
+compared side by side.
 
 - :mod:`~bigram_circuits.circuits.patching`: activation patching between two runs.
 - :mod:`~bigram_circuits.circuits.lens`: logit lens and the paper's linear lens (rotation,
@@ -60,6 +61,7 @@ from bigram_circuits.circuits.patching import (
 )
 from bigram_circuits.circuits.runs import (
     LoadedRun,
+    RunLike,
     RunSpec,
     SubnetworkLike,
     collect_activations,
@@ -84,6 +86,7 @@ __all__ = [
     "OverlapResult",
     "RepeatedSequenceLoss",
     "RidgeMap",
+    "RunLike",
     "RunSpec",
     "SubnetworkLike",
     "add_candidate",

@@ -32,8 +32,10 @@ from jaxtyping import Bool, Integer
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from bigram_circuits.circuits.runs import MaskedSubnetwork, RunSpec, SubnetworkLike, run_context
+from bigram_circuits.circuits.runs import MaskedSubnetwork, RunLike, RunSpec, SubnetworkLike, as_token_tensor
+from bigram_circuits.devices import input_device
 from bigram_circuits.errors import ConfigError, MaskError, TokenError
+from bigram_circuits.evaluate import evaluate_metrics
 from bigram_circuits.masks import (
     MaskKey,
     ModelGeometry,
@@ -242,17 +244,15 @@ class Candidate:
     def applied(self, bridge: TransformerBridge, mode: RunMode = "keep") -> Iterator[Any]:
         """Zero the candidate's heads and neurons (``ablate``) or all other ones (``keep``).
 
-        Applied like any mask (:func:`bigram_circuits.masks.apply_binary_masks`), so it cannot be
-        nested in another subnetwork's ``applied`` block (``MaskError``)."""
-        if mode not in ("keep", "ablate"):
-            raise MaskError(f"mode must be 'keep' or 'ablate', got {mode!r}")
+        Applied like any mask (:func:`bigram_circuits.masks.apply_binary_masks`, which checks
+        ``mode``), so it cannot be nested in another subnetwork's ``applied`` block (``MaskError``)."""
         if self.weights:
             raise MaskError(
                 "a candidate with weight entries cannot run on its own; add it to a subnetwork with add_candidate"
             )
         masks = self.masks(bridge)
         cfg = bridge.cfg
-        kept: dict[str, torch.Tensor] = {}  # keep-masks of the layers whose units are not all kept
+        chosen: dict[str, torch.Tensor] = {}  # the masks of the layers whose units are not all kept
         for granularity, entries, size in (
             ("head", self.heads, int(cfg.n_heads)),
             ("neuron", self.neurons, int(cfg.d_mlp)),
@@ -261,11 +261,11 @@ class Candidate:
                 continue
             for layer in range(int(cfg.n_layers)):
                 key = str(MaskKey.unit(granularity, layer))
-                chosen = masks.get(key, torch.zeros(size, dtype=torch.bool))
-                keep = chosen if mode == "keep" else ~chosen
-                if not bool(keep.all()):
-                    kept[key] = keep
-        with apply_binary_masks(bridge, kept, "keep"):
+                mask = masks.get(key, torch.zeros(size, dtype=torch.bool))
+                all_kept = bool(mask.all()) if mode == "keep" else not bool(mask.any())
+                if not all_kept:
+                    chosen[key] = mask
+        with apply_binary_masks(bridge, chosen, mode):
             yield bridge
 
 
@@ -302,8 +302,6 @@ def add_candidate(base: MaskedSubnetwork, candidate: Candidate, bridge: Transfor
     columns; MLP input rows and output column). A head/neuron the base does not gate at all
     is already on.
     """
-    if not hasattr(base, "masks"):
-        raise MaskError("the base subnetwork has no masks; pass a Subnetwork (or anything with .masks)")
     if not isinstance(base, MaskedSubnetwork):
         raise MaskError(
             f"the base {type(base).__name__} cannot copy itself with new masks; pass a Subnetwork "
@@ -406,14 +404,14 @@ def repeated_sequence_loss(
     n_sequences: int = 64,
     seed: int = 0,
     *,
-    subnetwork: SubnetworkLike | None = None,
-    mode: str = "keep",
+    run: RunLike = None,
     batch_size: int = 16,
     prefix_token: int | None = None,
     low: int = 0,
     pool: Sequence[int] | None = None,
 ) -> float:
-    """Mean next-token loss (nats) on the second half of repeated random sequences.
+    """Mean next-token loss (nats) on the second half of repeated random sequences, under ``run``
+    (default the full model).
 
     Positions predicting the 2nd..last token of the repeat are scored (the first token of the
     repeat cannot be copied); logits are cut to ``vocab_size``.
@@ -421,7 +419,7 @@ def repeated_sequence_loss(
     tokens = repeated_random_tokens(
         vocab_size, seq_len, n_sequences, seed, prefix_token=prefix_token, low=low, pool=pool
     )
-    with run_context(bridge, subnetwork, mode):
+    with RunSpec.coerce(run).context(bridge):
         _, second = repeated_sequence_losses(
             bridge,
             tokens,
@@ -481,14 +479,14 @@ def head_scores(
     n_sequences: int = 32,
     seed: int = 0,
     *,
-    subnetwork: SubnetworkLike | None = None,
-    mode: str = "keep",
+    run: RunLike = None,
     batch_size: int = 16,
     prefix_token: int | None = None,
     low: int = 0,
     pool: Sequence[int] | None = None,
 ) -> pd.DataFrame:
-    """Previous-token and induction scores of every head on repeated random sequences.
+    """Previous-token and induction scores of every head on repeated random sequences, under
+    ``run`` (default the full model).
 
     ``previous_token_score``: mean attention from each position to the position before it.
     ``induction_score``: mean attention, over the second copy, from position i to the token
@@ -505,7 +503,7 @@ def head_scores(
     prev_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     ind_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     queries = torch.arange(offset + seq_len, tokens.shape[1])
-    with run_context(bridge, subnetwork, mode):
+    with RunSpec.coerce(run).context(bridge):
         for start in range(0, tokens.shape[0], batch_size):
             _, cache = bridge.run_with_cache(tokens[start : start + batch_size], names_filter=names)
             for layer, name in enumerate(names):
@@ -652,8 +650,8 @@ def necessity(
     """Behaviour of the full model, the full model without the candidate, and without random
     same-size candidates. ``candidate`` may also be any subnetwork (run with ``mode="ablate"``).
     """
-    name = getattr(candidate, "name", "candidate")
     own = candidate if isinstance(candidate, Candidate) else None
+    name = own.name if own is not None else "candidate"
     runs: list[_Row] = [(RunSpec(None, "keep", "full"), None, None)]
     runs.append((RunSpec(candidate, "ablate", f"full - {name}"), own, None))
     if own is not None:
@@ -697,9 +695,6 @@ def unit_mean_activations(
     """Mean activation of every unit of the hooks ``keys`` (neuron keys ``blocks.{L}.mlp.hook_post``
     -> [d_mlp], head keys ``blocks.{L}.attn.hook_z`` -> [n_heads, d_head]) over all positions of
     ``windows`` in the full model."""
-    from bigram_circuits.circuits.runs import as_token_tensor
-    from bigram_circuits.devices import input_device
-
     tokens = as_token_tensor(windows)
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -722,7 +717,7 @@ def unit_mean_activations(
 class MeanAblation:
     """A neuron/head subnetwork removed by setting its units to their mean activation (``means``
     from :func:`unit_mean_activations`) instead of zero; usable wherever a subnetwork with
-    ``applied(bridge, mode="ablate")`` is (``evaluate_metrics(..., MeanAblation(sub, means), "ablate")``)."""
+    ``applied(bridge, mode="ablate")`` is (``evaluate_metrics(..., RunSpec(MeanAblation(sub, means), "ablate"))``)."""
 
     subnetwork: Any
     means: Mapping[str, torch.Tensor]
@@ -783,8 +778,6 @@ def partial_ablation_table(
     subnetworks, or when ``mean_ablation`` is True), ``fraction`` (0 = the full model), ``seed``,
     ``removed_params`` and the metrics of :func:`bigram_circuits.evaluate.evaluate_metrics`
     (binary masks, ``mode="ablate"``), plus ``loss_increase`` over the full model."""
-    from bigram_circuits.evaluate import evaluate_metrics
-
     if not seeds:
         raise ConfigError("seeds must name at least one draw; pass e.g. seeds=(0, 1, 2)")
     unit_only = bool(subnetwork.masks) and len(_unit_keys(subnetwork)) == len(subnetwork.masks)
@@ -793,7 +786,7 @@ def partial_ablation_table(
     if mean_ablation and not unit_only:
         raise MaskError("mean ablation needs a neuron/head subnetwork; pass mean_ablation=False for weight masks")
     means = unit_mean_activations(bridge, windows, _unit_keys(subnetwork), batch_size) if mean_ablation else {}
-    full = evaluate_metrics(bridge, stats, windows, None, "keep", batch_size, show_progress=False)
+    full = evaluate_metrics(bridge, stats, windows, None, batch_size=batch_size, show_progress=False)
     ablations = ("zero", "mean") if mean_ablation else ("zero",)
     jobs = [
         (condition, ablation, float(fraction), int(seed))
@@ -811,8 +804,8 @@ def partial_ablation_table(
     for condition, ablation, fraction, seed in tqdm(jobs, desc="partial ablation", disable=not show_progress):
         source = subnetwork if condition == "bigram" else subnetwork.random_control(seed)
         removed = partial_subnetwork(source, fraction, seed)
-        run = MeanAblation(removed, means) if ablation == "mean" else removed
-        metrics = evaluate_metrics(bridge, stats, windows, run, "ablate", batch_size, show_progress=False)
+        run = RunSpec(MeanAblation(removed, means) if ablation == "mean" else removed, "ablate")
+        metrics = evaluate_metrics(bridge, stats, windows, run, batch_size=batch_size, show_progress=False)
         rows.append(
             {
                 "condition": condition,

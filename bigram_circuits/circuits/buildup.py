@@ -40,7 +40,7 @@ Everything returns DataFrames; nothing is plotted or written except by
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -49,6 +49,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.circuits.ablation import Candidate, add_candidate
 from bigram_circuits.circuits.runs import RunSpec
+from bigram_circuits.circuits.tasks import MeasuredTask
 from bigram_circuits.errors import ConfigError, MaskError
 
 __all__ = [
@@ -80,7 +81,7 @@ def recovered_fraction(value: float, base: float, full: float) -> float:
 # --------------------------------------------------------------------------- build-up
 
 
-def _measure(bridge: TransformerBridge, run: RunSpec, task: Callable[[Any], Mapping[str, float]]) -> dict[str, float]:
+def _measure(bridge: TransformerBridge, run: RunSpec, task: MeasuredTask) -> dict[str, float]:
     with run.context(bridge):
         return {key: float(value) for key, value in task(bridge).items()}
 
@@ -89,7 +90,7 @@ def build_up(
     bridge: TransformerBridge,
     base: Any,
     candidates: Mapping[str, Candidate] | Sequence[Candidate],
-    task: Any,
+    task: MeasuredTask,
     *,
     seeds: Sequence[int] = (0, 1, 2),
     base_label: str = "bigram",
@@ -100,11 +101,12 @@ def build_up(
     """Measure ``task`` on base, base + each candidate, base + random heads (one row per seed),
     the full model and (with ``necessity``) the full model minus each candidate / random heads.
 
-    ``task(bridge) -> {metric: value, ...}`` under the active run and names its main metric in
-    ``task.metric_name``. ``full`` reuses an already measured full-model result (e.g. for a
-    second base). Columns: task, metric, base, condition (see :data:`CONDITIONS`), candidate,
-    seed, heads, neurons, added_weights (mask entries switched on in the base), value,
-    recovered, then every value the task returns. ``attrs``: base_value, full_value.
+    ``task`` is a :class:`~bigram_circuits.circuits.tasks.MeasuredTask`: ``task(bridge) ->
+    {metric: value, ...}`` under the active run, its main metric named in ``task.metric_name``.
+    ``full`` reuses an already measured full-model result (e.g. for a second base). Columns:
+    task, metric, base, condition (see :data:`CONDITIONS`), candidate, seed, heads, neurons,
+    added_weights (mask entries switched on in the base), value, recovered, then every value
+    the task returns. ``attrs``: base_value, full_value.
     """
     if isinstance(candidates, Mapping):
         named = dict(candidates)
@@ -112,10 +114,9 @@ def build_up(
         named = {c.name: c for c in candidates}
     if not named:
         raise MaskError("build_up needs at least one candidate")
-    metric = getattr(task, "metric_name", None)
-    if metric is None:
-        raise ConfigError("the task must name its main metric in task.metric_name")
-    task_name = getattr(task, "name", "task")
+    if not isinstance(task, MeasuredTask):
+        raise ConfigError("the task must be callable with a name and its main metric's name (task.metric_name)")
+    metric, task_name = task.metric_name, task.name
     jobs: list[tuple[str, str, int | None, Candidate | None, RunSpec | None, str]] = []
     for name, candidate in named.items():
         jobs.append(("base + candidate", name, None, candidate, None, "add"))

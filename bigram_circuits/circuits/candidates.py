@@ -37,7 +37,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from bigram_circuits.circuits.ablation import Candidate, head_scores
 from bigram_circuits.circuits.patching import patch
-from bigram_circuits.circuits.runs import RunSpec, SubnetworkLike
+from bigram_circuits.circuits.runs import RunLike, RunSpec
 from bigram_circuits.circuits.tasks import PairTask
 from bigram_circuits.errors import ConfigError, MaskError, TokenError
 
@@ -119,7 +119,7 @@ def head_score_candidates(
     seed: int = 1,
     low: int = 0,
     pool: Sequence[int] | None = None,
-    run: SubnetworkLike | None = None,
+    run: RunLike = None,
 ) -> tuple[dict[str, Candidate], pd.DataFrame]:
     """Induction and previous-token heads from attention patterns on repeated random tokens.
 
@@ -130,7 +130,7 @@ def head_score_candidates(
     """
     if n_induction < 1 or n_previous < 0:
         raise ConfigError("n_induction must be >= 1 and n_previous >= 0")
-    scores = head_scores(bridge, vocab_size, seq_len, n_sequences, seed, subnetwork=run, low=low, pool=pool)
+    scores = head_scores(bridge, vocab_size, seq_len, n_sequences, seed, run=run, low=low, pool=pool)
     return head_candidates_from_scores(scores, n_induction, n_previous), scores
 
 
@@ -184,7 +184,7 @@ def patching_scores(
     task: PairTask,
     *,
     n_examples: int | None = None,
-    run: RunSpec | SubnetworkLike | None = None,
+    run: RunLike = None,
 ) -> pd.DataFrame:
     """Activation patching of every head (``attn.hook_z``, all positions at once), clean into
     corrupted, under ``run`` (default the full model) on the first ``n_examples`` pairs.
@@ -220,7 +220,7 @@ def patching_candidate(
     *,
     top_k: int = 5,
     n_examples: int | None = None,
-    run: RunSpec | SubnetworkLike | None = None,
+    run: RunLike = None,
     name: str | None = None,
 ) -> Candidate:
     """The ``top_k`` heads whose activation patch recovers the most of ``task``'s gap."""
@@ -236,7 +236,7 @@ def attribution_scores(
     task: PairTask,
     *,
     n_examples: int | None = None,
-    run: RunSpec | SubnetworkLike | None = None,
+    run: RunLike = None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """TransformerLens 4.3 node-level attribution patching, per head and per MLP layer.
@@ -305,7 +305,7 @@ def attribution_candidate(
     *,
     top_k: int = 5,
     n_examples: int | None = None,
-    run: RunSpec | SubnetworkLike | None = None,
+    run: RunLike = None,
     name: str | None = None,
 ) -> Candidate:
     """The ``top_k`` heads with the largest attribution-patching estimate for ``task``."""

@@ -48,15 +48,16 @@ from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
 from transformer_lens.tools.analysis import logit_readout
 
 from bigram_circuits.circuits.runs import (
-    SubnetworkLike,
+    RunLike,
+    RunSpec,
     as_token_tensor,
     hidden_state_names,
-    run_context,
     select_windows,
 )
 from bigram_circuits.devices import input_device
 from bigram_circuits.errors import BigramCircuitsError, ConfigError, StatsError, TokenError
 from bigram_circuits.evaluate import pearson_r
+from bigram_circuits.models import model_vocab_size
 
 __all__ = [
     "Lens",
@@ -64,6 +65,7 @@ __all__ = [
     "LinearLens",
     "LinearLensConfig",
     "LogitLens",
+    "NextTokenSurprisal",
     "RidgeMap",
     "fit_ridge",
     "lens_report",
@@ -89,8 +91,6 @@ def vocab_size_of(bridge: TransformerBridge, tokenizer: Any = None) -> int:
     """
     if tokenizer is None:
         return int(bridge.cfg.d_vocab)
-    from bigram_circuits.models import model_vocab_size
-
     return model_vocab_size(bridge, tokenizer)
 
 
@@ -194,16 +194,15 @@ def read_hidden_states(
     bridge: TransformerBridge,
     tokens: Any,
     lens: Lens | None = None,
-    subnetwork: SubnetworkLike | None = None,
-    mode: str = "keep",
+    run: RunLike = None,
     *,
     batch_size: int = 8,
     progress: bool = True,
     description: str = "lens",
 ) -> Iterator[tuple[Integer[torch.Tensor, "batch pos"], LensReadout]]:
-    """Run ``tokens`` [n, seq] through one run of the bridge, ``batch_size`` windows at a time,
-    and read each batch's hidden states X_0..X_L through ``lens`` (the states themselves when
-    ``None``).
+    """Run ``tokens`` [n, seq] through one run of the bridge (``run``, default the full model),
+    ``batch_size`` windows at a time, and read each batch's hidden states X_0..X_L through
+    ``lens`` (the states themselves when ``None``).
 
     Yields ``(batch, readout)``: the batch on the input device and a :class:`LensReadout` of
     its hidden states. The run is applied while the generator is open: exhaust it or close it
@@ -212,7 +211,7 @@ def read_hidden_states(
     tokens = as_token_tensor(tokens, int(bridge.cfg.d_vocab))
     names = hidden_state_names(bridge)
     device = input_device(bridge)
-    with run_context(bridge, subnetwork, mode):
+    with RunSpec.coerce(run).context(bridge):
         for start in tqdm(range(0, tokens.shape[0], batch_size), desc=description, disable=not progress):
             batch = tokens[start : start + batch_size].to(device)
             _, cache = bridge.run_with_cache(batch, names_filter=names)
@@ -222,21 +221,29 @@ def read_hidden_states(
 # --------------------------------------------------------------------------- logit lens
 
 
+@runtime_checkable
+class NextTokenSurprisal(Protocol):
+    """What :func:`logit_lens` needs of ``bigram_stats`` (a :class:`~bigram_circuits.ngrams.BigramStats`)."""
+
+    def surprisal(self, current: Any, next_tokens: Any) -> Any:
+        """Surprisal (nats) of each of ``next_tokens`` after the token ``current`` beside it."""
+        ...
+
+
 @torch.no_grad()
 def logit_lens_logits(
     bridge: TransformerBridge,
     tokens: Integer[torch.Tensor, "batch pos"],
-    subnetwork: SubnetworkLike | None = None,
-    mode: str = "keep",
+    run: RunLike = None,
     *,
     vocab_size: int | None = None,
 ) -> Float[torch.Tensor, "layer batch pos vocab"]:
     """Logit-lens logits of X_0..X_L (layer L reproduces the model's logits), truncated to V.
 
-    TransformerLens' ``logit_lens`` over every position, run under the subnetwork.
+    TransformerLens' ``logit_lens`` over every position, under ``run`` (default the full model).
     """
     tokens = as_token_tensor(tokens, int(bridge.cfg.d_vocab))
-    with run_context(bridge, subnetwork, mode):
+    with RunSpec.coerce(run).context(bridge):
         result = _transformer_lens(
             tl_logit_lens, bridge, tokens.to(input_device(bridge)), positions=None, chunk_size=1024
         )
@@ -255,23 +262,22 @@ def _finite_pearson(a: np.ndarray, b: np.ndarray) -> float:
 def logit_lens(
     bridge: TransformerBridge,
     windows: Any,
-    subnetwork: SubnetworkLike | None = None,
-    mode: str = "keep",
+    run: RunLike = None,
     *,
-    bigram_stats: Any = None,
+    bigram_stats: NextTokenSurprisal | None = None,
     vocab_size: int | None = None,
     n_tokens: int | None = 16384,
     batch_size: int = 8,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Per-layer logit-lens summary of one run over ``windows`` [n, seq].
+    """Per-layer logit-lens summary of one run (``run``, default the full model) over ``windows`` [n, seq].
 
     Columns: ``layer``, ``kl_to_final`` (mean KL(final || lens), nats), ``top1_agreement``
     (lens argmax = final argmax), ``next_token_loss`` (nats) and ``bigram_r`` (Pearson r of
     lens vs bigram surprisal of the actual next token, unseen bigrams dropped; NaN without
-    ``bigram_stats``, any object with ``surprisal(current, next) -> nats``).
+    ``bigram_stats``, any :class:`NextTokenSurprisal`: ``surprisal(current, next) -> nats``).
     """
-    if bigram_stats is not None and not hasattr(bigram_stats, "surprisal"):
+    if bigram_stats is not None and not isinstance(bigram_stats, NextTokenSurprisal):
         raise StatsError("bigram_stats needs a surprisal(current, next) method; pass a BigramStats")
     tokens = select_windows(windows, n_tokens)
     lens = LogitLens(bridge, vocab_size or vocab_size_of(bridge))
@@ -284,7 +290,7 @@ def logit_lens(
     lens_surprisal: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
     bigram_surprisal: list[np.ndarray] = []
     batches = read_hidden_states(
-        bridge, tokens, lens, subnetwork, mode, batch_size=batch_size, progress=progress, description="logit lens"
+        bridge, tokens, lens, run, batch_size=batch_size, progress=progress, description="logit lens"
     )
     with closing(batches):
         for batch, logits in batches:
@@ -330,21 +336,20 @@ def logit_lens_report(
     bridge: TransformerBridge,
     tokenizer: Any,
     windows: Any,
-    subnetworks: Mapping[str, SubnetworkLike | None],
+    runs: Mapping[str, RunLike],
     *,
-    bigram_stats: Any = None,
+    bigram_stats: NextTokenSurprisal | None = None,
     n_tokens: int | None = 16384,
-    mode: str = "keep",
     progress: bool = True,
 ) -> pd.DataFrame:
-    """:func:`logit_lens` for several runs (label -> subnetwork or None), with a ``run`` column."""
+    """:func:`logit_lens` for several runs (label -> run: a RunSpec, a subnetwork to keep or None),
+    with a ``run`` column."""
     frames = []
-    for label, subnetwork in subnetworks.items():
+    for label, run in runs.items():
         frame = logit_lens(
             bridge,
             windows,
-            subnetwork,
-            mode,
+            run,
             bigram_stats=bigram_stats,
             vocab_size=vocab_size_of(bridge, tokenizer),
             n_tokens=n_tokens,
@@ -362,10 +367,10 @@ def logit_lens_top_tokens(
     *,
     position: int = -1,
     k: int = 5,
-    subnetwork: SubnetworkLike | None = None,
-    mode: str = "keep",
+    run: RunLike = None,
 ) -> pd.DataFrame:
-    """Top-k tokens of the logit lens at one position of one prompt, per layer.
+    """Top-k tokens of the logit lens at one position of one prompt, per layer, under ``run``
+    (default the full model).
 
     Columns: ``layer``, ``rank``, ``token_id``, ``token`` (decoded), ``probability``.
     """
@@ -373,7 +378,7 @@ def logit_lens_top_tokens(
     if tokens.shape[0] != 1:
         raise TokenError("logit_lens_top_tokens takes one prompt; pass a 1-D token array")
     vocab = vocab_size_of(bridge, tokenizer)
-    probs = torch.softmax(logit_lens_logits(bridge, tokens, subnetwork, mode, vocab_size=vocab)[:, 0, position], -1)
+    probs = torch.softmax(logit_lens_logits(bridge, tokens, run, vocab_size=vocab)[:, 0, position], -1)
     top = probs.topk(min(k, vocab), dim=-1)
     rows = []
     for layer in range(probs.shape[0]):
@@ -505,15 +510,15 @@ class LinearLensConfig:
 def linear_lens(
     bridge: TransformerBridge,
     windows: Any,
-    subnetwork: SubnetworkLike | None = None,
-    mode: str = "keep",
+    run: RunLike = None,
     *,
     config: LinearLensConfig = LinearLensConfig(),
     vocab_size: int | None = None,
     label: str = "full",
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Fit the paper's linear lens for one run; a tidy DataFrame with one row per (layer, target).
+    """Fit the paper's linear lens for one run (``run``, default the full model); a tidy DataFrame
+    with one row per (layer, target).
 
     Columns: ``run``, ``layer``, ``target`` (``input``/``output``), ``rotation_deg``, ``r2``,
     ``recall@k`` for each k, ``n_train``, ``n_test``. Maps (one :class:`LinearLens` per target)
@@ -529,8 +534,7 @@ def linear_lens(
         bridge,
         tokens,
         None,
-        subnetwork,
-        mode,
+        run,
         batch_size=config.batch_size,
         progress=progress,
         description=f"linear lens ({label})",
@@ -615,16 +619,16 @@ def lens_report(
     bridge: TransformerBridge,
     tokenizer: Any,
     windows: Any,
-    subnetworks: Mapping[str, SubnetworkLike | None],
+    runs: Mapping[str, RunLike],
     n_tokens: int = PAPER_LENS_TOKENS,
     *,
-    mode: str = "keep",
     config: LinearLensConfig | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Linear lens for several runs side by side, e.g. ``{"full": None, "bigram": sub,
-    "random": sub.random_control(0)}``; one tidy DataFrame with a ``run`` column."""
-    if not subnetworks:
+    "random": sub.random_control(0), "bigram ablated": RunSpec(sub, "ablate")}``; one tidy
+    DataFrame with a ``run`` column."""
+    if not runs:
         raise ConfigError("lens_report needs at least one run; pass e.g. {'full': None}")
     config = replace(config or LinearLensConfig(), n_tokens=n_tokens)
     vocab = vocab_size_of(bridge, tokenizer)
@@ -632,13 +636,12 @@ def lens_report(
         linear_lens(
             bridge,
             windows,
-            subnetwork,
-            mode,
+            run,
             config=config,
             vocab_size=vocab,
             label=label,
             progress=progress,
         )
-        for label, subnetwork in subnetworks.items()
+        for label, run in runs.items()
     ]
     return pd.concat(frames, ignore_index=True)

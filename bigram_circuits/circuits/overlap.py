@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -33,11 +33,21 @@ from transformer_lens.model_bridge import TransformerBridge
 from bigram_circuits.circuits.ablation import Candidate, _unit_as_weight_masks
 from bigram_circuits.circuits.candidates import head_label
 from bigram_circuits.errors import ConfigError, MaskError
-from bigram_circuits.masks import MaskKey, granularity_of_key, model_geometry, parse_mask_key
+from bigram_circuits.masks import (
+    MaskComponent,
+    MaskKey,
+    ModelGeometry,
+    expand_to_weight_masks,
+    granularity_of_key,
+    model_geometry,
+    parse_mask_key,
+)
 
 __all__ = [
     "BlockCounts",
+    "HasMasks",
     "OverlapResult",
+    "WeightExpandable",
     "block_counts",
     "candidate_weight_masks",
     "circuit_overlap",
@@ -50,6 +60,32 @@ __all__ = [
 
 # numpy's hypergeometric sampler accepts populations below this size only.
 _MAX_BLOCK_ENTRIES = 10**9
+
+
+@runtime_checkable
+class HasMasks(Protocol):
+    """Anything holding boolean masks by mask key (a :class:`~bigram_circuits.subnetwork.Subnetwork`,
+    any :class:`~bigram_circuits.circuits.runs.MaskedSubnetwork`); overlap also takes the dict itself."""
+
+    masks: Mapping[str, torch.Tensor]
+
+
+@runtime_checkable
+class WeightExpandable(HasMasks, Protocol):
+    """A subnetwork whose masks expand exactly to the weights they gate (a
+    :class:`~bigram_circuits.subnetwork.Subnetwork`): what the exact :func:`layer_distribution`
+    and the base of :func:`circuit_overlap` / :func:`circuit_placement` need."""
+
+    geometry: ModelGeometry
+    components: Mapping[str, MaskComponent]
+
+    def to_weight_masks(self) -> dict[str, torch.Tensor]:
+        """The equivalent weight-level masks of every matrix."""
+        ...
+
+    def layer_distribution(self) -> pd.DataFrame:
+        """Kept weights per layer and block (attn / mlp), with ``share_of_subnetwork`` and ``fraction_kept``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -95,8 +131,8 @@ class OverlapResult:
         return row
 
 
-def _masks_of(subnetwork) -> Mapping[str, torch.Tensor]:
-    masks = getattr(subnetwork, "masks", subnetwork)
+def _masks_of(subnetwork: Any) -> Mapping[str, torch.Tensor]:
+    masks = subnetwork.masks if isinstance(subnetwork, HasMasks) else subnetwork
     if not isinstance(masks, Mapping):
         raise MaskError("expected a Subnetwork or a dict of boolean masks; pass subnetwork.masks")
     return masks
@@ -235,10 +271,8 @@ def _gated_kinds(key: str) -> tuple[int, tuple[str, ...]]:
     return typed.layer, tuple(spec.weight_kinds(typed))
 
 
-def _matrix_counts_expanded(subnetwork) -> list[tuple[int, str, float, float]]:
+def _matrix_counts_expanded(subnetwork: WeightExpandable) -> list[tuple[int, str, float, float]]:
     """(layer, matrix kind, kept, total) weights of every matrix some mask gates, exactly."""
-    from bigram_circuits.masks import expand_to_weight_masks
-
     gated: dict[int, set[str]] = {}
     for key in subnetwork.masks:
         layer, kinds = _gated_kinds(key)
@@ -299,7 +333,7 @@ def layer_distribution(subnetwork, params_per_entry: Mapping[str, float] | None 
     ``table.attrs`` holds the overall mlp_share, attn_share, qk_share_of_attn and the
     plurality (layer, component).
     """
-    if hasattr(subnetwork, "geometry") and hasattr(subnetwork, "components"):
+    if isinstance(subnetwork, WeightExpandable):
         rows = _matrix_counts_expanded(subnetwork)
     else:
         rows = _matrix_counts_per_entry(_masks_of(subnetwork), params_per_entry)
@@ -363,7 +397,7 @@ def candidate_weight_masks(
 
 
 def _base_weight_masks(base: Any) -> dict[str, torch.Tensor]:
-    if hasattr(base, "to_weight_masks"):
+    if isinstance(base, WeightExpandable):
         return base.to_weight_masks()
     masks = dict(base.masks)
     if any(granularity_of_key(key).name != "weight" for key in masks):
@@ -439,10 +473,9 @@ def circuit_placement(
     head_labels, circuit_weights, circuit_in_base.
     """
     reference = _base_weight_masks(base)
-    if hasattr(base, "layer_distribution"):
-        distribution = base.layer_distribution()
-    else:
+    if not isinstance(base, WeightExpandable):
         raise MaskError("the base needs layer_distribution(); pass a Subnetwork")
+    distribution = base.layer_distribution()
     by_block = distribution.set_index(["layer", "block"])
     n_layers = int(bridge.cfg.n_layers)
     rows = []
@@ -450,7 +483,7 @@ def circuit_placement(
         circuit = candidate_weight_masks(candidate, bridge, reference)
         for layer in range(n_layers):
             heads = [h for h in candidate.heads if h[0] == layer]
-            keys = [k for k in reference if getattr(MaskKey.try_parse(k), "layer", None) == layer]
+            keys = [k for k in reference if (parsed := MaskKey.try_parse(k)) is not None and parsed.layer == layer]
             n_circuit = sum(int(circuit[k].sum()) for k in keys)
             kept = sum(int((circuit[k] & reference[k]).sum()) for k in keys)
 

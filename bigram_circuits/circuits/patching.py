@@ -1,10 +1,12 @@
 """Activation patching between two runs of one bridge.
 
-A run is (tokens, subnetwork-or-None, mode): clean vs corrupted prompts on the full model, or
-the full model vs the bigram subnetwork on the same prompt, or any mix. Activations of the
-clean run are cached (under the clean run's subnetwork, so they are what that run computes)
-and written into the corrupted run (under its own subnetwork; the patch hook runs after any
-mask hook on the same hook point, so the patched value is what downstream layers see).
+A patch goes from (clean tokens, clean run) into (corrupted tokens, corrupted run), a run
+being a :class:`~bigram_circuits.runspec.RunSpec` (the full model, or a subnetwork kept or
+ablated): clean vs corrupted prompts on the full model, or the full model vs the bigram
+subnetwork on the same prompt, or any mix. Activations of the clean run are cached (under
+the clean run's subnetwork, so they are what that run computes) and written into the
+corrupted run (under its own subnetwork; the patch hook runs after any mask hook on the same
+hook point, so the patched value is what downstream layers see).
 
 The patching loop is TransformerLens' :func:`transformer_lens.patching.generic_activation_patch`
 (it works on a ``TransformerBridge`` in TL 4.3); this module adds what it lacks: runs under a
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -37,13 +39,14 @@ from transformer_lens import ActivationCache
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.patching import generic_activation_patch
 
-from bigram_circuits.circuits.runs import RunSpec, SubnetworkLike, as_token_tensor
+from bigram_circuits.circuits.runs import RunLike, RunSpec, as_token_tensor
 from bigram_circuits.errors import ConfigError, StatsError, TokenError
 from bigram_circuits.masks import MaskKey
 
 __all__ = [
     "COMPONENTS",
     "Component",
+    "SoftTargets",
     "bigram_cross_entropy",
     "cache_run",
     "component_hook_name",
@@ -55,6 +58,16 @@ __all__ = [
 ]
 
 Metric = Callable[[torch.Tensor], Any]
+
+
+@runtime_checkable
+class SoftTargets(Protocol):
+    """What :func:`bigram_cross_entropy` needs of its statistics (a
+    :class:`~bigram_circuits.ngrams.BigramStats`): a next-token distribution to score logits against."""
+
+    def soft_cross_entropy(self, logits: torch.Tensor, tokens: Any) -> Any:
+        """Mean cross-entropy of ``logits`` [batch, pos, vocab] against P(. | token) of ``tokens``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -112,7 +125,7 @@ def component_hook_name(component: str, layer: int) -> str:
 def cache_run(
     bridge: TransformerBridge,
     tokens: Integer[torch.Tensor, "batch pos"],
-    run: RunSpec | tuple | SubnetworkLike | None = None,
+    run: RunLike = None,
     names: Sequence[str] | None = None,
 ) -> tuple[Float[torch.Tensor, "batch pos vocab"], ActivationCache]:
     """Logits and cached activations (``names``; all when None) of one run."""
@@ -130,7 +143,7 @@ def run_with_patches(
     bridge: TransformerBridge,
     tokens: Integer[torch.Tensor, "batch pos"],
     patches: Mapping[str, torch.Tensor],
-    run: RunSpec | tuple | SubnetworkLike | None = None,
+    run: RunLike = None,
 ) -> Float[torch.Tensor, "batch pos vocab"]:
     """Logits of a run with whole activations replaced: ``{hook_name: activation}``."""
     run = RunSpec.coerce(run)
@@ -224,8 +237,8 @@ def patch(
     metric: Metric,
     positions: str | Sequence[int] = "all",
     *,
-    clean_run: RunSpec | tuple | SubnetworkLike | None = None,
-    corrupted_run: RunSpec | tuple | SubnetworkLike | None = None,
+    clean_run: RunLike = None,
+    corrupted_run: RunLike = None,
     layers: Sequence[int] | None = None,
     units: Sequence[int] | None = None,
 ) -> pd.DataFrame:
@@ -326,9 +339,9 @@ def next_token_loss(tokens: Integer[torch.Tensor, "batch pos"], vocab_size: int 
     return metric
 
 
-def bigram_cross_entropy(stats: Any, tokens: Integer[torch.Tensor, "batch pos"]) -> Metric:
+def bigram_cross_entropy(stats: SoftTargets, tokens: Integer[torch.Tensor, "batch pos"]) -> Metric:
     """Metric: soft cross-entropy of the logits against the bigram distribution of ``tokens``."""
-    if not hasattr(stats, "soft_cross_entropy"):
+    if not isinstance(stats, SoftTargets):
         raise StatsError("bigram_cross_entropy needs a BigramStats (with soft_cross_entropy)")
     tokens = as_token_tensor(tokens)
 

@@ -1,8 +1,9 @@
 """A *run* of a bridge: the full model, or the model with a subnetwork kept or ablated.
 
-Every analysis in :mod:`bigram_circuits.circuits` compares runs of one bridge. A run is
-described by a subnetwork (anything with an ``applied(bridge, mode=...)`` context manager,
-e.g. :class:`bigram_circuits.subnetwork.Subnetwork`) and a mode; ``None`` is the full model.
+Every analysis in :mod:`bigram_circuits.circuits` compares runs of one bridge. A run is a
+:class:`RunSpec`: a subnetwork (anything with an ``applied(bridge, mode=...)`` context manager,
+e.g. :class:`bigram_circuits.subnetwork.Subnetwork`; ``None`` is the full model) and a mode.
+Analyses take it as one ``run`` argument (a :data:`RunLike`).
 This module also collects per-token activations of a run for the lens and similarity
 analyses.
 """
@@ -22,16 +23,21 @@ from jaxtyping import Float, Integer
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from bigram_circuits.data import load_token_dataset
 from bigram_circuits.devices import input_device
 from bigram_circuits.errors import ConfigError, MaskError, TokenError
 from bigram_circuits.masks import RUN_MODES, RunMode
-from bigram_circuits.runspec import MaskedSubnetwork, RunSpec, SubnetworkLike, run_context
+from bigram_circuits.models import load_model
+from bigram_circuits.rundir import RunDir
+from bigram_circuits.runspec import MaskedSubnetwork, RunLike, RunSpec, SubnetworkLike, run_context
+from bigram_circuits.subnetwork import Subnetwork
 
 # RunSpec and friends live in bigram_circuits.runspec (below the evaluation core); they are
 # re-exported here, where circuit code has always imported them.
 __all__ = [
     "RUN_MODES",
     "MaskedSubnetwork",
+    "RunLike",
     "RunMode",
     "RunSpec",
     "SubnetworkLike",
@@ -115,15 +121,15 @@ def collect_activations(
     bridge: TransformerBridge,
     windows: Any,
     hook_names: Sequence[str],
-    subnetwork: SubnetworkLike | None = None,
-    mode: RunMode = "keep",
+    run: RunLike = None,
     *,
     n_tokens: int | None = None,
     batch_size: int = 16,
     progress: bool = True,
     description: str = "collecting activations",
 ) -> TokenActivations:
-    """Run the bridge over ``windows`` [n, seq] under a run and keep the named activations.
+    """Run the bridge over ``windows`` [n, seq] under ``run`` (default the full model) and keep
+    the named activations.
 
     Each activation must be [batch, pos, d]; it is flattened to [n_tokens, d] (float32, CPU).
     ``n_tokens`` truncates to the first that many tokens (whole windows are run).
@@ -135,7 +141,7 @@ def collect_activations(
     names = list(hook_names)
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     device = input_device(bridge)
-    with run_context(bridge, subnetwork, mode):
+    with RunSpec.coerce(run).context(bridge):
         for start in tqdm(range(0, tokens.shape[0], batch_size), desc=description, disable=not progress):
             batch = tokens[start : start + batch_size].to(device)
             _, cache = bridge.run_with_cache(batch, names_filter=names)
@@ -169,8 +175,6 @@ class LoadedRun:
 
     def eval_windows(self, n_tokens: int | None = None) -> Integer[np.ndarray, "n seq"]:
         """Held-out windows of the run's corpus (enough for ``n_tokens`` when given)."""
-        from bigram_circuits.data import load_token_dataset
-
         dataset = load_token_dataset(self.corpus, self.tokenizer, split="eval")
         max_windows = None if n_tokens is None else math.ceil(n_tokens / self.seq_len)
         return dataset.windows(self.seq_len, max_windows)
@@ -180,17 +184,12 @@ def subnetwork_dir_of(run_dir: str | os.PathLike) -> Path:
     """The subnetwork directory of a run: ``run_dir`` itself when it holds ``subnetwork.json``,
     else the lambda marked ``chosen`` in its ``sweep.csv`` (or its only lambda); see
     :meth:`bigram_circuits.rundir.RunDir.subnetwork_dir`."""
-    from bigram_circuits.rundir import RunDir
-
     return RunDir(run_dir).subnetwork_dir()
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedRun:
     """Load a run's chosen subnetwork and the model and corpus it was found on (the model on
     ``device``, a ``torch.device`` the caller resolved or a request :func:`load_model` resolves)."""
-    from bigram_circuits.models import load_model
-    from bigram_circuits.subnetwork import Subnetwork
-
     directory = subnetwork_dir_of(run_dir)
     subnetwork = Subnetwork.load(directory)
     metadata = dict(subnetwork.metadata)

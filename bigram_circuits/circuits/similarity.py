@@ -22,12 +22,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from bigram_circuits.circuits.runs import (
-    SubnetworkLike,
-    hidden_state_names,
-    run_context,
-    select_windows,
-)
+from bigram_circuits.circuits.runs import RunLike, RunSpec, hidden_state_names, select_windows
 from bigram_circuits.devices import input_device
 from bigram_circuits.errors import ConfigError, TokenError
 
@@ -89,14 +84,14 @@ def covariance_similarity(
 def layer_covariance_similarity(
     bridge: TransformerBridge,
     windows: Any,
-    subnetwork: SubnetworkLike | None = None,
-    mode: str = "keep",
+    run: RunLike = None,
     *,
     n_tokens: int | None = 32768,
     batch_size: int = 16,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Layer-by-layer covariance similarity of the hidden states X_0..X_L of one run.
+    """Layer-by-layer covariance similarity of the hidden states X_0..X_L of one run (``run``,
+    default the full model).
 
     Streams over ``windows`` [n, seq] (whole windows covering ``n_tokens``), accumulating each
     layer's sum and second moment in float64, so memory does not grow with the token count.
@@ -109,7 +104,7 @@ def layer_covariance_similarity(
     sums = torch.zeros(len(names), d_model, dtype=torch.float64)
     moments = torch.zeros(len(names), d_model, d_model, dtype=torch.float64)
     n = 0
-    with run_context(bridge, subnetwork, mode):
+    with RunSpec.coerce(run).context(bridge):
         for start in tqdm(range(0, tokens.shape[0], batch_size), desc="layer covariances", disable=not progress):
             batch = tokens[start : start + batch_size].to(input_device(bridge))
             _, cache = bridge.run_with_cache(batch, names_filter=names)
@@ -130,16 +125,16 @@ def layer_covariance_similarity(
 def similarity_report(
     bridge: TransformerBridge,
     windows: Any,
-    subnetworks: Mapping[str, SubnetworkLike | None],
+    runs: Mapping[str, RunLike],
     n_tokens: int | None = 32768,
     *,
-    mode: str = "keep",
     progress: bool = True,
 ) -> dict[str, pd.DataFrame]:
-    """:func:`layer_covariance_similarity` for several runs: label -> (layers x layers) DataFrame."""
-    if not subnetworks:
+    """:func:`layer_covariance_similarity` for several runs (label -> run: a RunSpec, a subnetwork to
+    keep or None): label -> (layers x layers) DataFrame."""
+    if not runs:
         raise ConfigError("similarity_report needs at least one run; pass e.g. {'full': None}")
     return {
-        label: layer_covariance_similarity(bridge, windows, subnetwork, mode, n_tokens=n_tokens, progress=progress)
-        for label, subnetwork in subnetworks.items()
+        label: layer_covariance_similarity(bridge, windows, run, n_tokens=n_tokens, progress=progress)
+        for label, run in runs.items()
     }

@@ -18,7 +18,7 @@ A task drives both the build-up (:func:`~bigram_circuits.circuits.buildup.build_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -31,7 +31,7 @@ from bigram_circuits.circuits.ablation import repeated_random_tokens
 from bigram_circuits.devices import input_device
 from bigram_circuits.errors import ConfigError
 
-__all__ = ["NAMES", "NameCopyingTask", "PairTask", "RepetitionTask"]
+__all__ = ["NAMES", "MeasuredTask", "NameCopyingTask", "PairTask", "RepetitionTask"]
 
 
 @runtime_checkable
@@ -44,6 +44,19 @@ class PairTask(Protocol):
 
     def metric_fn(self, index: slice = slice(None)) -> Callable[[torch.Tensor], torch.Tensor]:
         """``logits [len(index), pos, vocab] -> scalar`` for the prompts ``index``."""
+        ...
+
+
+@runtime_checkable
+class MeasuredTask(Protocol):
+    """What the build-up needs from a task: its name, the name of its main metric, and
+    ``task(bridge) -> {metric: value, ...}`` measured under the active run."""
+
+    name: str
+    metric_name: str
+
+    def __call__(self, bridge: TransformerBridge) -> Mapping[str, float]:
+        """The task's values (the main metric among them) under whatever run is active."""
         ...
 
 

@@ -121,6 +121,7 @@ from bigram_circuits.masks.vocabulary import (
     RunMode,
     TypedMaskKey,
     UnitGranularity,
+    check_run_mode,
 )
 
 # The private helpers imported ``as`` themselves above (_MaskedWeights, _make_parameterization,
@@ -162,6 +163,7 @@ __all__ = [
     "attach_masks",
     "author_dict_to_weight_masks",
     "author_parameter_names",
+    "check_run_mode",
     "component_device",
     "expand_to_weight_masks",
     "get_granularity",

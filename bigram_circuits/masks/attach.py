@@ -22,7 +22,7 @@ from bigram_circuits.masks.granularities import (
     parse_mask_key,
 )
 from bigram_circuits.masks.hooks import Attachment, _MaskedWeights
-from bigram_circuits.masks.vocabulary import RUN_MODES, RunMode
+from bigram_circuits.masks.vocabulary import RunMode, check_run_mode
 
 __all__ = ["apply_binary_masks", "attach_masks", "masks_attached"]
 
@@ -99,8 +99,7 @@ def apply_binary_masks(
     bridge's own components of those keys). Each mask goes to the device of the tensor it gates
     in the model's dtype. Built on :func:`attach_masks`, so the same exclusivity applies.
     """
-    if mode not in RUN_MODES:
-        raise MaskError(f"mode must be 'keep' or 'ablate', got {mode!r}")
+    mode = check_run_mode(mode)
     if components is None:
         keys = {str(parse_mask_key(key)) for key in masks}
         grans = parse_granularities(sorted({granularity_of_key(key).name for key in masks})) if masks else ()

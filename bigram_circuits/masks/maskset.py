@@ -256,13 +256,10 @@ class MaskSet(nn.Module):
         parameterization = self.parameterization
         allowed = self._allowed(key) if zero_always_off else None
         recompute = self.recompute and self.recomputable_masks
-        kept = getattr(parameterization, "sample_kept", None) if not recompute else None
+        sample = parameterization.sample if recompute else parameterization.sample_kept
 
         def make(generator: torch.Generator | None) -> torch.Tensor:
-            if kept is not None:
-                mask = kept(logit, temperature)
-            else:
-                mask = parameterization.sample(logit, temperature, training, generator)
+            mask = sample(logit, temperature, training, generator)
             # where() rather than x allowed: one pass, no bool -> float copy; the same values
             return mask if allowed is None else torch.where(allowed, mask, 0.0)
 
@@ -347,8 +344,9 @@ class MaskSet(nn.Module):
             and self.parameterization.sample_is_probability
             and all(key in forward_masks for key in self.components)
         )
-        computed = getattr(forward_masks, "probabilities", {})  # P(on) computed with the forward masks
-        sums = getattr(forward_masks, "sums", {})  # mask.sum() taken as each mask was made
+        made_here = isinstance(forward_masks, ForwardMasks)
+        computed = forward_masks.probabilities if made_here else {}  # P(on) computed with the forward masks
+        sums = forward_masks.sums if made_here else {}  # mask.sum() taken as each mask was made
         total = None
         for key in self.components:
             if reuse:

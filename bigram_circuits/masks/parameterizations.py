@@ -40,6 +40,17 @@ class MaskParameterization(Protocol):
         """The mask the forward pass multiplies by (differentiable w.r.t. ``logits``)."""
         ...
 
+    def sample_kept(
+        self,
+        logits: Float[torch.Tensor, "*shape"],
+        temperature: float,
+        training: bool,
+        generator: torch.Generator | None,
+    ) -> Float[torch.Tensor, "*shape"]:
+        """:meth:`sample` for a mask that nothing recomputes for the backward pass (autograd keeps
+        what it needs of it): the same values, possibly through other kernels."""
+        ...
+
     def probability(self, logits: Float[torch.Tensor, "*shape"], temperature: float) -> Float[torch.Tensor, "*shape"]:
         """The soft mask / P(entry on): the sparsity penalty, densities and the stopping rule."""
         ...
@@ -84,7 +95,9 @@ class ContinuousSparsification:
     ) -> torch.Tensor:
         return _SoftMask.apply(logits, float(temperature))
 
-    def sample_kept(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    def sample_kept(
+        self, logits: torch.Tensor, temperature: float, training: bool, generator: torch.Generator | None
+    ) -> torch.Tensor:
         """The same mask through autograd's own sigmoid, which keeps it for the backward (one
         pass over the logits less there, 4 bytes per entry more until then)."""
         return torch.sigmoid(logits * float(temperature))
@@ -122,6 +135,12 @@ class HardConcrete:
             s = torch.sigmoid(logits)
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
 
+    def sample_kept(
+        self, logits: torch.Tensor, temperature: float, training: bool, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """:meth:`sample` (a sampled gate is never recomputed)."""
+        return self.sample(logits, temperature, training, generator)
+
     def probability(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         return torch.sigmoid(logits - self._l0_shift)
 
@@ -136,7 +155,7 @@ def make_parameterization(name: ParameterizationName | MaskParameterization) -> 
         if isinstance(name, MaskParameterization):
             return name
         raise MaskError(
-            f"{type(name).__name__} is not a mask parameterization (needs name, sample, "
+            f"{type(name).__name__} is not a mask parameterization (needs name, sample, sample_kept, "
             "probability, logit_at, sample_is_probability, stochastic)"
         )
     if name == "continuous":

@@ -29,6 +29,7 @@ __all__ = [
     "RunMode",
     "TypedMaskKey",
     "UnitGranularity",
+    "check_run_mode",
 ]
 
 
@@ -57,6 +58,15 @@ MLP_MATRICES: tuple[Matrix, ...] = ("in", "gate", "out")
 _UNIT_HOOKS: dict[str, tuple[Block, str]] = {"head": ("attn", "hook_z"), "neuron": ("mlp", "hook_post")}
 _KEY_PATTERN = re.compile(r"blocks\.(0|[1-9][0-9]*)\.(attn|mlp)\.(?:(hook_z|hook_post)|(q|k|v|o|in|gate|out)\.weight)")
 _UNKNOWN_KEY = "unknown mask key {!r}; keys look like blocks.0.mlp.hook_post or blocks.0.attn.q.weight"
+
+
+def check_run_mode(mode: object) -> RunMode:
+    """``mode`` if it is a :data:`RunMode`, else a MaskError: the one check of a run mode, made where a
+    mode enters (:class:`~bigram_circuits.runspec.RunSpec` for the analyses,
+    :func:`~bigram_circuits.masks.apply_binary_masks` for a subnetwork's ``applied``)."""
+    if mode not in RUN_MODES:
+        raise MaskError(f"run mode must be 'keep' or 'ablate', got {mode!r}")
+    return mode
 
 
 def _block_of(kind: str) -> Block | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_CHUNK_TOKENS",
     "CountTable",
     "NgramCounter",
+    "WindowedTokens",
     "as_int_array",
     "check_range",
     "check_vocab_size",
@@ -306,9 +307,22 @@ def check_range(arr: np.ndarray, upper: int, what: str, hint: str) -> None:
         raise TokenError(f"{what} holds token id {high}, out of range for {hint}")
 
 
+@runtime_checkable
+class WindowedTokens(Protocol):
+    """A token dataset as counting reads it (a :class:`~bigram_circuits.data.TokenDataset`)."""
+
+    tokens: Any
+    vocab_size: int
+
+    def windows(self, seq_len: int = 128, max_windows: int | None = None) -> np.ndarray:
+        """The tokens cut into ``[n, seq_len]`` windows."""
+        ...
+
+
 def is_token_dataset(obj: Any) -> bool:
-    """Whether ``obj`` is a :class:`~bigram_circuits.data.TokenDataset` (by its attributes)."""
-    return hasattr(obj, "windows") and hasattr(obj, "tokens") and hasattr(obj, "vocab_size")
+    """Whether ``obj`` is a token dataset (:class:`WindowedTokens`, e.g. a
+    :class:`~bigram_circuits.data.TokenDataset`)."""
+    return isinstance(obj, WindowedTokens)
 
 
 def token_blocks(source: Any, vocab_size: int, seq_len: int) -> Iterator[np.ndarray]:

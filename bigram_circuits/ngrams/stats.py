@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Integer
 
+from bigram_circuits.data import tokenizer_fingerprint
 from bigram_circuits.errors import StatsError, TokenError
 from bigram_circuits.io import atomic_write
 from bigram_circuits.ngrams.counting import (
@@ -269,8 +270,6 @@ class BigramStats:
 
     def check_tokenizer(self, tokenizer) -> None:
         """StatsError unless ``tokenizer`` has this vocabulary size (and fingerprint, if known)."""
-        from bigram_circuits.data import tokenizer_fingerprint
-
         if len(tokenizer) != self.vocab_size:
             raise StatsError(
                 f"stats have vocab_size {self.vocab_size} but the tokenizer has {len(tokenizer)} tokens; "
@@ -528,8 +527,6 @@ class BigramStats:
     def save(self, path: str | os.PathLike, tokenizer=None) -> Path:
         """Write a compressed ``.npz`` (via a temp file + rename) with the vocab size, order,
         add-k and the tokenizer's fingerprint (when a tokenizer is given or already known)."""
-        from bigram_circuits.data import tokenizer_fingerprint
-
         if tokenizer is not None:
             self.check_tokenizer(tokenizer)
             fingerprint = tokenizer_fingerprint(tokenizer)
