@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bigram_circuits.io import atomic_write_bytes
-from bigram_circuits.tables import interpolate_r, to_markdown
+from bigram_circuits.tables import TABLE2_CONDITIONS, TABLE2_SHORT, interpolate_r, to_markdown
 
 MISSING = "not measured"
 
@@ -95,11 +95,8 @@ def _p_text(p_values, n_random: int = 10_000) -> str:
 
 
 # Baselines of Table 2 the subnetwork is held against (every row but the full model and itself).
-TABLE2_BASELINES = (
-    "subnetwork at random init",
-    "random init + trained embeddings",
-    "empty subnetwork + embeddings",
-    "embeddings + linear map",
+TABLE2_BASELINES = tuple(
+    TABLE2_CONDITIONS[key] for key in ("random_init", "random_init_trained_embeddings", "empty", "linear_map")
 )
 # A margin below this over the best baseline is "narrow": within the spread of r between seeds
 # and evaluation samples seen in this project (about 0.01).
@@ -111,7 +108,7 @@ FALL_BELOW_PARAMS = 1_000_000
 def table2_verdict(r: pd.Series) -> str:
     """Table 2: the subnetwork against every baseline row present, by the margin over the best."""
     baselines = {name: float(r[name]) for name in TABLE2_BASELINES if name in r.index and not np.isnan(r[name])}
-    subnetwork = float(r["bigram subnetwork"])
+    subnetwork = float(r[TABLE2_CONDITIONS["subnetwork"]])
     if not baselines:
         return f"not measured: no baseline rows (subnetwork {subnetwork:.3f})"
     best = max(baselines, key=baselines.get)
@@ -347,14 +344,7 @@ def findings(weight: Source, neuron_head: Source, smol: dict | None) -> pd.DataF
         rows2 = src if isinstance(src, pd.DataFrame) or src is None else src.table("bigram_r_rows")
         if rows2 is None:
             return MISSING
-        short = {
-            "full model": "full",
-            "bigram subnetwork": "subnetwork",
-            "subnetwork at random init": "random init",
-            "random init + trained embeddings": "init + trained emb",
-            "empty subnetwork + embeddings": "empty + emb",
-            "embeddings + linear map": "emb + linear map",
-        }
+        short = {TABLE2_CONDITIONS[key]: name for key, name in TABLE2_SHORT.items()}
         return "; ".join(f"{short.get(r.condition, r.condition)} {r.r:.3f}" for r in rows2.itertuples())
 
     verdict = MISSING

@@ -40,6 +40,7 @@ from bigram_circuits.rundir import RunDir
 from bigram_circuits.search import SearchConfig
 from bigram_circuits.tables import (
     PAPER_FIG1,
+    TABLE2_CONDITIONS,
     from_search_sweep,
     interpolate_r,
     table1_chosen,
@@ -550,15 +551,15 @@ class _FigureRun:
             chosen = table1_chosen(sweep_rows).iloc[0]
             empty = Subnetwork.empty(data["bridge"], self.config.granularities)
             rows = [
-                {"condition": "full model", "r": float(sweep_rows["full_model_r"].iloc[0])},
-                {"condition": "bigram subnetwork", "r": float(chosen["r"])},
+                {"condition": TABLE2_CONDITIONS["full_model"], "r": float(sweep_rows["full_model_r"].iloc[0])},
+                {"condition": TABLE2_CONDITIONS["subnetwork"], "r": float(chosen["r"])},
             ]
             if 0 in available_checkpoints(self.model):
                 self.checkpoint_results()  # makes sure the step-0 sweep exists
                 init_sweep = self.root / "step_0" / "bigram" / SWEEP_FILE
                 rows.append(
                     {
-                        "condition": "subnetwork at random init",
+                        "condition": TABLE2_CONDITIONS["random_init"],
                         "r": float(choose_subnetwork(pd.read_csv(init_sweep))["bigram_r"]),
                     }
                 )
@@ -568,12 +569,15 @@ class _FigureRun:
                     init_bridge, "bigram", self.config.checkpoint_lambdas, "step_0_trained_embeddings/bigram"
                 )
                 rows.append(
-                    {"condition": "random init + trained embeddings", "r": float(choose_subnetwork(table)["bigram_r"])}
+                    {
+                        "condition": TABLE2_CONDITIONS["random_init_trained_embeddings"],
+                        "r": float(choose_subnetwork(table)["bigram_r"]),
+                    }
                 )
                 del init_bridge
             rows.append(
                 {
-                    "condition": "empty subnetwork + embeddings",
+                    "condition": TABLE2_CONDITIONS["empty"],
                     "r": bigram_correlation(data["bridge"], data["stats"], data["eval"], empty),
                 }
             )
@@ -588,7 +592,7 @@ class _FigureRun:
             )
             rows.append(
                 {
-                    "condition": "embeddings + linear map",
+                    "condition": TABLE2_CONDITIONS["linear_map"],
                     "r": linear_map.evaluate(data["bridge"], data["stats"], data["eval"])["r_dropped"],
                 }
             )

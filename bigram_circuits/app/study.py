@@ -37,7 +37,7 @@ from bigram_circuits.plots import fig1_r_vs_params, fig3_rotation, fig4_similari
 from bigram_circuits.rundir import RunDir
 from bigram_circuits.search import SearchConfig
 from bigram_circuits.subnetwork import Subnetwork
-from bigram_circuits.tables import from_search_sweep, to_markdown
+from bigram_circuits.tables import TABLE2_CONDITIONS, from_search_sweep, to_markdown
 
 __all__ = [
     "PAPER_NOTE",
@@ -445,8 +445,8 @@ def _seeds_summary(rows: list[dict]) -> dict:
 
 CONTROL_SEARCHES = ("random_init", "random_init_trained_embeddings", "permuted_contexts", "permuted_vocab")
 CONTROL_LABELS = {
-    "random_init": "subnetwork at random init",
-    "random_init_trained_embeddings": "random init + trained embeddings",
+    "random_init": TABLE2_CONDITIONS["random_init"],
+    "random_init_trained_embeddings": TABLE2_CONDITIONS["random_init_trained_embeddings"],
     "permuted_contexts": "permuted contexts (r against the permuted table)",
     "permuted_vocab": "permuted vocabulary (r against the permuted table)",
 }
@@ -790,9 +790,9 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
 
     baselines = cache.json("table2_baselines", compute_baselines)
     table2 = [
-        {"condition": "full model", "r": float(full["r_dropped"]), "percent_params": 100.0},
+        {"condition": TABLE2_CONDITIONS["full_model"], "r": float(full["r_dropped"]), "percent_params": 100.0},
         {
-            "condition": "bigram subnetwork",
+            "condition": TABLE2_CONDITIONS["subnetwork"],
             "r": float(chosen_row["bigram_r"]),
             "percent_params": summary["percent_params"],
         },
@@ -801,8 +801,8 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
             for row in controls
             if row["control"].startswith("random_init")
         ),
-        {"condition": "empty subnetwork + embeddings", "r": baselines["empty_r"], "percent_params": 0.0},
-        {"condition": "embeddings + linear map", "r": baselines["linear_map_r"], "percent_params": 0.0},
+        {"condition": TABLE2_CONDITIONS["empty"], "r": baselines["empty_r"], "percent_params": 0.0},
+        {"condition": TABLE2_CONDITIONS["linear_map"], "r": baselines["linear_map_r"], "percent_params": 0.0},
     ]
     partial = cache.json(
         f"partial_ablation_{chosen_tag}",
