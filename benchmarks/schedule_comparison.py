@@ -1,7 +1,7 @@
 """The schedule comparison on SmolLM2-135M at weight masks: one row per (schedule, lambda).
 
     bash scripts/schedule_comparison.sh            # the runs (resumable; two lanes, one thread each)
-    bash scripts/schedule_comparison.sh c          # the 16 x 32 probe (slow, lambda 10)
+    bash scripts/schedule_comparison.sh c          # the 16 x 32 probe (slow, lambda 10 and 100)
     python benchmarks/schedule_comparison.py       # this table
 
 Reads the finished runs ``runs/schedules/{schedule}_lambda_{lam}/lambda_{lam}`` (their
