@@ -7,7 +7,7 @@
 # Budget: at most 45 min of CPU per run (the study's cap per lambda). fast, settle and
 # warm_settle get 300 steps (lr 0.02); slow gets its own lr (0.01) and 500 steps. settle is run at
 # lambda 10 only: at 300 steps its temperature starts too late to decide the masks (see the table).
-# Lane c is a probe beyond the equal budget: slow at lambda 10 and 100 with 4x the tokens per step
+# Lane c is a probe beyond the equal budget: slow at lambda 10, 30 and 100 with 4x the tokens per step
 # (16 x 32), ~3x the CPU of its 4 x 32 run, to see whether batch noise limits r (`c` runs it alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ run() {  # schedule lambda [options]; NAME names the run folder (default: the sc
 fixed=(--lr 0.02 --max-steps 300)
 lane_a() { run fast 0 "${fixed[@]}"; run fast 10 "${fixed[@]}"; run slow 0 --max-steps 500; }
 lane_b() { run settle 10 "${fixed[@]}"; run warm_settle 0 "${fixed[@]}"; run warm_settle 10 "${fixed[@]}"; run slow 10 --max-steps 500; }
-lane_c() { for lam in 10 100; do NAME=slow-batch16 run slow "$lam" --max-steps 500 --lr 0.01 --batch-size 16; done; }
+lane_c() { for lam in 10 30 100; do NAME=slow-batch16 run slow "$lam" --max-steps 500 --lr 0.01 --batch-size 16; done; }
 case "${1:-both}" in
   a) lane_a ;;
   b) lane_b ;;
