@@ -48,7 +48,6 @@ from bigram_circuits.errors import ConfigError, CorpusError, StatsError, TokenEr
 from bigram_circuits.ngrams import BigramStats
 from bigram_circuits.ngrams.counting import (
     DEFAULT_CHUNK_TOKENS,
-    CountTable,
     NgramCounter,
     as_int_array,
     check_range,
@@ -81,17 +80,6 @@ class _NoProgress:
 # --------------------------------------------------------------------------------------------
 
 
-def _stats_from_counter(counter: NgramCounter, vocab_size: int, order: int, add_k: float) -> BigramStats:
-    """The same construction as the end of ``BigramStats.from_tokens``."""
-    V = vocab_size
-    bigram = CountTable.from_keys(*counter.bigram.result(), V, V + 1)
-    unigram = np.rint(np.bincount(bigram.next_ids, weights=bigram.counts, minlength=V)).astype(np.int64)
-    trigram = None
-    if counter.trigram is not None:
-        trigram = CountTable.from_keys(*counter.trigram.result(), V, (V + 1) ** 2)
-    return BigramStats(V, order, add_k, unigram, bigram, trigram, counter.n_sequences)
-
-
 def _open_source(source: Any, as_windows: bool, seq_len: int) -> np.ndarray:
     """The array a source stands for (a path is memory-mapped), as windows if asked."""
     arr = np.load(source, mmap_mode="r") if isinstance(source, (str, os.PathLike)) else source
@@ -121,7 +109,7 @@ def _count_shard(
     counter = NgramCounter(V, order, chunk_tokens, 1)
     if shard.rows:
         counter.add(data, _NoProgress())
-        return _stats_from_counter(counter, V, order, add_k)
+        return BigramStats.from_counter(counter, add_k)
     # A piece of one long sequence: the same loop as NgramCounter.add for 1-D arrays, but the
     # carried context starts from the tokens before the shard, and only the shard holding the
     # sequence's first token counts the sequence.
@@ -133,7 +121,7 @@ def _count_shard(
         tail = piece[-(order - 1) :].astype(np.int64).reshape(1, -1)
         prefix = np.concatenate([prefix, tail], axis=1)[:, -(order - 1) :]
     counter.n_sequences += 1 if shard.lo == 0 else 0
-    return _stats_from_counter(counter, V, order, add_k)
+    return BigramStats.from_counter(counter, add_k)
 
 
 def _merge(a: BigramStats, b: BigramStats) -> BigramStats:

@@ -381,8 +381,7 @@ def test_search_step_refuses_a_non_finite_loss_before_stepping(tiny_neox, corpus
                 Target.custom(lambda logits, tokens: logits.float().mean() * math.nan),
                 config,
             )
-    assert state.step == 0 and state.mask_set.temperature == config.temperature_init
-    assert all(torch.equal(before[key], logit) for key, logit in _logits(state).items())
+    _assert_untouched(state, before, config)
 
 
 class _OverflowAtScale(torch.autograd.Function):
@@ -397,6 +396,12 @@ class _OverflowAtScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * torch.where(grad.abs().max() * grad.numel() >= ctx.limit, math.inf, 1.0), None
+
+
+def _assert_untouched(state, before: dict, config) -> None:
+    """A refused step leaves the search where it was: step, temperature and every mask logit."""
+    assert state.step == 0 and state.mask_set.temperature == config.temperature_init
+    assert all(torch.equal(before[key], logit) for key, logit in _logits(state).items())
 
 
 def _overflowing_target(limit: float) -> Target:
@@ -434,8 +439,7 @@ def test_search_step_raises_when_every_loss_scale_overflows(tiny_neox, corpus):
         with pytest.raises(GradientOverflow, match=r"overflowed float32 at step 1 \(lambda 1\)"):
             search_step(state, bridge, torch.as_tensor(train[:8], dtype=torch.long), _overflowing_target(0.0), config)
     assert isinstance(GradientOverflow(1, 1.0, 1.0), NonFiniteLoss)  # the driver's checkpoint-and-stop path
-    assert state.step == 0 and state.mask_set.temperature == config.temperature_init
-    assert all(torch.equal(before[key], logit) for key, logit in _logits(state).items())
+    _assert_untouched(state, before, config)
 
 
 def test_state_save_load_round_trip_continues_identically(tiny_neox, corpus, tmp_path):

@@ -455,26 +455,16 @@ class _FigureRun:
     def similarity(self) -> dict[str, pd.DataFrame]:
         """Layer x layer covariance similarity of the full model, the chosen bigram subnetwork and
         a random same-shape one (one stage each; one report computes the three)."""
-        computed: dict[str, pd.DataFrame] = {}
+        from bigram_circuits.circuits.similarity import similarity_report
 
-        def matrix(name: str) -> pd.DataFrame:
-            if not computed:
-                from bigram_circuits.circuits.similarity import similarity_report
+        def compute() -> dict[str, pd.DataFrame]:
+            data = self.loaded
+            return similarity_report(
+                data["bridge"], data["analysis"], self._runs(), n_tokens=self.config.analysis_tokens,
+                progress=self.show_progress,
+            )
 
-                data = self.loaded
-                computed.update(
-                    similarity_report(
-                        data["bridge"],
-                        data["analysis"],
-                        self._runs(),
-                        n_tokens=self.config.analysis_tokens,
-                        progress=self.show_progress,
-                    )
-                )
-            return computed[name]
-
-        names = ("full", "bigram", "random")
-        return {name: self._frame(f"similarity_{name}", lambda n=name: matrix(n), index=True) for name in names}
+        return self.cache.frames("similarity", ("full", "bigram", "random"), compute)
 
     # -- Fig 5 right, Tables 2-4
 

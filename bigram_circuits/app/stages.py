@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,20 @@ class StageCache:
             if not index:
                 return table
         return pd.read_csv(path, index_col=0 if index else None)
+
+    def frames(
+        self, prefix: str, names: Sequence[str], compute: Callable[[], Mapping[str, pd.DataFrame]]
+    ) -> dict[str, pd.DataFrame]:
+        """Several indexed frames made by one computation (stages ``<prefix>_<name>``): ``compute``
+        runs at most once, only if one of them is absent, and returns every frame by name."""
+        computed: dict[str, pd.DataFrame] = {}
+
+        def one(name: str) -> pd.DataFrame:
+            if not computed:
+                computed.update(compute())
+            return computed[name]
+
+        return {name: self.frame(f"{prefix}_{name}", lambda n=name: one(n), index=True) for name in names}
 
     def cached_frame(self, name: str) -> pd.DataFrame | None:
         """The frame stage ``name`` if it has been computed, else None (nothing is computed)."""

@@ -841,18 +841,13 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
             bridge, tokenizer, eval_windows, runs, n_tokens=config.analysis_tokens, progress=show_progress
         ),
     )
-    similarity = {
-        name: pd.DataFrame(**split)
-        for name, split in cache.json(
-            f"similarity_{chosen_tag}",
-            lambda: {
-                name: json.loads(matrix.to_json(orient="split"))
-                for name, matrix in similarity_report(
-                    bridge, eval_windows, runs, n_tokens=config.analysis_tokens, progress=show_progress
-                ).items()
-            },
-        ).items()
-    }
+    similarity = cache.frames(
+        f"similarity_{chosen_tag}",
+        tuple(runs),
+        lambda: similarity_report(
+            bridge, eval_windows, runs, n_tokens=config.analysis_tokens, progress=show_progress
+        ),
+    )
     circuits = circuits_summary(lens, similarity)
 
     figures_dir = ensure_output_dir(config.figures)

@@ -142,13 +142,19 @@ class BigramStats:
                 counter.add(block, progress)
         if counter.n_tokens == 0:
             raise TokenError("no tokens to count; pass a non-empty token array or dataset")
+        return cls.from_counter(counter, add_k)
+
+    @classmethod
+    def from_counter(cls, counter: NgramCounter, add_k: float = 0.0) -> BigramStats:
+        """The statistics of what ``counter`` has counted (its vocabulary size and order)."""
+        vocab_size = counter.vocab_size
         bigram = CountTable.from_keys(*counter.bigram.result(), vocab_size, vocab_size + 1)
         # Every counted token is the next token of exactly one bigram (START included).
         unigram = np.rint(np.bincount(bigram.next_ids, weights=bigram.counts, minlength=vocab_size)).astype(np.int64)
         trigram = None
         if counter.trigram is not None:
             trigram = CountTable.from_keys(*counter.trigram.result(), vocab_size, (vocab_size + 1) ** 2)
-        return cls(vocab_size, order, add_k, unigram, bigram, trigram, counter.n_sequences)
+        return cls(vocab_size, counter.order, add_k, unigram, bigram, trigram, counter.n_sequences)
 
     @staticmethod
     def _check_order(order: Any, vocab_size: int) -> int:
