@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = BuildUpConfig(wide_k=20)
     names = ("tasks", "top_k", "n_previous", "seeds", "seq_len", "n_sequences", "n_prompts", "n_attribution")
     helps = {"wide_k": "also the top wide_k heads by attribution patching (0: off; at most a third of the heads)"}
-    build_up = add_options(parser, options_of(sizes, (*names, "n_patching", "wide_k"), helps=helps))
+    build_up = add_options(parser, options_of(sizes, (*names, "n_patching", "wide_k", "unit"), helps=helps))
     parser.add_argument(
         "--candidates-cache",
         default=None,

@@ -23,9 +23,20 @@ fixed=(--lr 0.02 --max-steps 300)
 lane_a() { run fast 0 "${fixed[@]}"; run fast 10 "${fixed[@]}"; run slow 0 --max-steps 500; }
 lane_b() { run settle 10 "${fixed[@]}"; run warm_settle 0 "${fixed[@]}"; run warm_settle 10 "${fixed[@]}"; run slow 10 --max-steps 500; }
 lane_c() { for lam in 10 30 100; do NAME=slow-batch16 run slow "$lam" --max-steps 500 --lr 0.01 --batch-size 16; done; }
+# Lane d: the default model, fast (the SearchConfig default) against slow at lambda 10 over seeds
+# 0, 1, 2, at the figures pipeline's batch (8 x 64, 2048 training windows): whether slow may
+# become the default (its r and size no worse). `python benchmarks/schedule_comparison.py --model default`.
+lane_d() {
+  for schedule in fast slow; do
+    OMP_NUM_THREADS=1 "$BC" find --model default --schedule "$schedule" --lambdas 10 --seeds 0,1,2 \
+      --batch-size 8 --seq-len 64 --max-attempts 1 --max-train-windows 2048 --max-eval-windows 256 \
+      --checkpoint-every 25 --no-progress --out "runs/schedules_default/$schedule"
+  done
+}
 case "${1:-both}" in
   a) lane_a ;;
   b) lane_b ;;
   c) lane_c ;;
+  d) lane_d ;;
   both) lane_a & lane_b & wait ;;
 esac

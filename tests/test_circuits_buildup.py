@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -347,6 +348,30 @@ def test_build_up_experiment_and_figure(tiny_neox):
     pd.testing.assert_frame_equal(
         rerun["build_up_report"], tables["build_up_report"][tables["build_up_report"]["base"] == "bigram"]
     )
+    # The next unit up: each candidate's heads with the whole MLP of their layers.
+    with_mlps = build_up_experiment(
+        bridge,
+        tokenizer,
+        {"bigram": base},
+        replace(config, unit="heads_mlps", necessity=False),
+        progress=False,
+        found={k: tables[k] for k in ("head_scores", "method_scores")},
+    )
+    rows = with_mlps["build_up"]
+    added = rows[rows["condition"] == "base + candidate"].set_index("candidate")
+    heads_only = tables["build_up"]
+    heads_only = heads_only[(heads_only["base"] == "bigram") & (heads_only["condition"] == "base + candidate")]
+    heads_only = heads_only.set_index("candidate")
+    for name, row in added.iterrows():
+        layers = {layer for layer, _ in again[name].heads} if name in again else None
+        if layers is not None:
+            assert row["neurons"] == len(layers) * bridge.cfg.d_mlp
+        assert row["added_weights"] > heads_only.loc[name, "added_weights"]
+    random_rows = rows[rows["condition"] == "base + random heads"]
+    assert ((random_rows["neurons"] > 0) & (random_rows["neurons"] % bridge.cfg.d_mlp == 0)).all()
+    pd.testing.assert_frame_equal(with_mlps["overlap"], rerun["overlap"])  # the overlap stays the heads'
+    with pytest.raises(ConfigError, match="unit must be one of heads, heads_mlps"):
+        BuildUpConfig(unit="blocks")
     figure = fig_build_up(tables["build_up_summary"])
     assert len(figure.data) > 4
     with pytest.raises(FigureDataError, match="value"):

@@ -59,6 +59,9 @@ __all__ = [
 ]
 
 
+UNITS = ("heads", "heads_mlps")  # what a candidate adds to the base (BuildUpConfig.unit)
+
+
 @dataclass(frozen=True)
 class BuildUpConfig:
     """Sizes of :func:`build_up_experiment` (defaults suit SmolLM2-135M on 2 CPU cores)."""
@@ -75,6 +78,9 @@ class BuildUpConfig:
     n_attribution: int = 8  # prompt pairs for attribution patching
     n_patching: int = 8  # prompt pairs for activation patching (one forward per head)
     wide_k: int = 0  # also the top wide_k heads by attribution patching (0: off)
+    # what each candidate adds to the base: heads (its heads' weights), or heads_mlps (its heads
+    # and every MLP neuron of their layers; the random controls then add as many random neurons)
+    unit: str = "heads"
     batch_size: int = 8  # sequences per batch
     necessity: bool = True  # full - candidate rows
     n_random_overlap: int = 10_000  # random pairs for the overlap null
@@ -96,6 +102,8 @@ class BuildUpConfig:
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.unit not in UNITS:
+            raise ConfigError(f"unit must be one of {', '.join(UNITS)}; got {self.unit!r}")
         if self.wide_k < 0:
             raise ConfigError(f"wide_k must be >= 0, got {self.wide_k}")
         if self.seq_len < 2:
@@ -270,7 +278,9 @@ def build_up_experiment(
     (found on the full model by :func:`find_candidates`, or rebuilt from its tables passed as
     ``found``): induction heads and induction + previous-token heads (head scores, used for
     every task), and per task the top heads by attribution patching (TransformerLens) and by
-    activation patching. Returns the tables of :func:`find_candidates` and ``build_up`` (one
+    activation patching. With ``config.unit="heads_mlps"`` each candidate adds its heads and
+    the whole MLP of every layer they are in (:meth:`Candidate.with_layer_mlps`); the overlap and
+    placement stay those of the heads. Returns the tables of :func:`find_candidates` and ``build_up`` (one
     row per run), ``build_up_summary`` (seeds averaged), ``build_up_report`` (wide),
     ``overlap``, ``placement``, ``tasks``, ``timings``, ``config``.
     """
@@ -289,6 +299,12 @@ def build_up_experiment(
     if missing:
         raise ConfigError(f"no candidates for task(s) {missing}; run find_candidates with those tasks")
     head_candidates = head_candidates_from_scores(found["head_scores"], config.top_k, config.n_previous)
+    added = per_task
+    if config.unit == "heads_mlps":
+        added = {
+            task: {name: candidate.with_layer_mlps(bridge) for name, candidate in named.items()}
+            for task, named in per_task.items()
+        }
     shared = {k: v for k, v in head_candidates.items() if k in _SHARED}
     timings: dict[str, float] = {}
     if "candidate_timings" in found:
@@ -304,7 +320,7 @@ def build_up_experiment(
             table = build_up(
                 bridge,
                 base,
-                per_task[name],
+                added[name],
                 task,
                 seeds=config.seeds,
                 base_label=label,

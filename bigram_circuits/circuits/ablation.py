@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -107,6 +107,9 @@ class Candidate:
     # important (as the method that found the candidate defines it). Used by ``top_k``.
     scores: Mapping[tuple[str, int, int], float] = field(default_factory=dict, compare=False)
     method: str | None = field(default=None, compare=False)
+    # Every MLP neuron of each layer the heads are in belongs to the candidate (set by
+    # :meth:`with_layer_mlps`); a random control then draws the heads and takes their layers' MLPs.
+    layer_mlps: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", _pairs(self.heads))
@@ -154,6 +157,14 @@ class Candidate:
             method=self.method,
         )
 
+    def with_layer_mlps(self, bridge: TransformerBridge) -> Candidate:
+        """The candidate with every MLP neuron of each layer its heads are in (the next unit up
+        from a head: a head with the MLP that reads its output), same name, scores and method."""
+        d_mlp = int(bridge.cfg.d_mlp)
+        layers = sorted({layer for layer, _ in self.heads})
+        neurons = set(self.neurons) | {(layer, neuron) for layer in layers for neuron in range(d_mlp)}
+        return replace(self, neurons=sorted(neurons), layer_mlps=True)
+
     @property
     def n_heads(self) -> int:
         """Number of attention heads in the candidate."""
@@ -198,10 +209,17 @@ class Candidate:
         """A random candidate with as many heads and neurons per layer, avoiding ``exclude``
         (masks under head/neuron keys, e.g. the base subnetwork's) and the candidate itself.
 
-        Where a layer has too few free units the rest are drawn from other layers.
+        Where a layer has too few free units the rest are drawn from other layers. A candidate
+        with ``layer_mlps`` gets random heads, each with the whole MLP of its layer.
         """
         if self.weights:
             raise MaskError("random controls are drawn for heads and neurons only; drop the weight entries")
+        if self.layer_mlps:
+            # Random heads (as many per layer), each with its layer's MLP: only the heads differ.
+            head_layers = {layer for layer, _ in self.heads}
+            own = replace(self, neurons=[n for n in self.neurons if n[0] not in head_layers], layer_mlps=False)
+            control = own.random_control(bridge, seed, exclude)
+            return control.with_layer_mlps(bridge)
         generator = torch.Generator().manual_seed(seed)
         own = self.masks(bridge)
         exclude = dict(exclude or {})
