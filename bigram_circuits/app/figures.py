@@ -460,7 +460,10 @@ class _FigureRun:
         def compute() -> dict[str, pd.DataFrame]:
             data = self.loaded
             return similarity_report(
-                data["bridge"], data["analysis"], self._runs(), n_tokens=self.config.analysis_tokens,
+                data["bridge"],
+                data["analysis"],
+                self._runs(),
+                n_tokens=self.config.analysis_tokens,
                 progress=self.show_progress,
             )
 

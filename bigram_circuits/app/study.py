@@ -844,9 +844,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     similarity = cache.frames(
         f"similarity_{chosen_tag}",
         tuple(runs),
-        lambda: similarity_report(
-            bridge, eval_windows, runs, n_tokens=config.analysis_tokens, progress=show_progress
-        ),
+        lambda: similarity_report(bridge, eval_windows, runs, n_tokens=config.analysis_tokens, progress=show_progress),
     )
     circuits = circuits_summary(lens, similarity)
 
