@@ -34,12 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bigram_circuits.data import load_token_dataset
+from bigram_circuits.distributed import current as current_group
 from bigram_circuits.io import atomic_write_bytes
 from bigram_circuits.masks import mask_components
 from bigram_circuits.masks.granularities import _weight_module
 from bigram_circuits.models import frozen_parameters, load_model, model_vocab_size
 from bigram_circuits.ngrams import BigramStats
-from bigram_circuits.search import SearchConfig, SearchState, Target, _run_identity, search_step
+from bigram_circuits.search import SearchConfig, SearchState, Target, _gradients_finite, _run_identity, search_step
 
 SHAPES = {"default": (32, 128), "smollm2": (4, 32)}
 RESULTS = REPO / "benchmarks" / "results" / "bench_step_overhead.json"
@@ -51,9 +52,10 @@ def _timed(fn, tokens) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def measure(model: str, repeats: int, config_overrides: dict) -> dict:
-    """Alternated plain / masked steps on ``model``; medians and the CPU ratio."""
-    batch, seq = SHAPES[model]
+def measure(model: str, repeats: int, config_overrides: dict, shape: tuple[int, int] | None = None) -> dict:
+    """Alternated plain / masked steps on ``model``; medians and the CPU ratio; then the
+    elementwise parts of a masked step over the mask logits, timed alone (``parts_s``)."""
+    batch, seq = shape or SHAPES[model]
     bridge, tokenizer = load_model(model)
     vocab = model_vocab_size(bridge, tokenizer)
     train = load_token_dataset("default", tokenizer, split="train", show_progress=False)
@@ -86,6 +88,18 @@ def measure(model: str, repeats: int, config_overrides: dict) -> dict:
         for i in range(repeats):
             plain_times.append(_timed(plain, batches[2 + 2 * i]))
             masked_times.append(_timed(masked, batches[3 + 2 * i]))
+        # The parts of a masked step that touch every mask logit and nothing else (the
+        # gradients of the last step are still there): each timed alone, median of repeats.
+        group = current_group()
+        parts = {
+            "adamw_step": lambda _: state.optimizer.step(),
+            "gradient_check": lambda _: _gradients_finite(state.optimizer, group),
+            "penalty_forward_backward": lambda _: state.mask_set.penalty().backward(),
+            "decision_counts": lambda _: state.mask_set.decision_counts(config.undecided_low, config.undecided_high),
+        }
+        parts_s = {}
+        for name, fn in parts.items():
+            parts_s[name] = statistics.median(_timed(fn, None)[0] for _ in range(repeats))
     plain_cpu = statistics.median(t[0] for t in plain_times)
     masked_cpu = statistics.median(t[0] for t in masked_times)
     return {
@@ -99,6 +113,7 @@ def measure(model: str, repeats: int, config_overrides: dict) -> dict:
         "masked_step_wall_s": statistics.median(t[1] for t in masked_times),
         "plain_cpu_s_all": [t[0] for t in plain_times],
         "masked_cpu_s_all": [t[0] for t in masked_times],
+        "parts_s": parts_s,
         "config": config_overrides,
     }
 
@@ -111,12 +126,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--label", default="after", help="key of this measurement in the results file")
     parser.add_argument("--recompute", default=None, help="SearchConfig.recompute_masked_weights (auto/always/never)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--shape", action="append", default=[], metavar="MODEL=BxS", help="another batch for MODEL, e.g. smollm2=16x32"
+    )
     args = parser.parse_args(argv)
+    shapes = {}
+    for text in args.shape:
+        try:
+            model, size = text.split("=")
+            shapes[model] = tuple(int(v) for v in size.lower().split("x"))
+        except ValueError:
+            parser.error(f"--shape takes MODEL=BxS (e.g. smollm2=16x32), got {text!r}")
+        if model not in SHAPES or len(shapes[model]) != 2:
+            parser.error(f"--shape takes MODEL=BxS with MODEL in {', '.join(SHAPES)}, got {text!r}")
     if args.repeats < 5:
         parser.error("--repeats must be at least 5 (the median of at least 5)")
     torch.set_num_threads(args.threads)
     overrides = {} if args.recompute is None else {"recompute_masked_weights": args.recompute}
     rows = {model: measure(model, args.repeats, overrides) for model in args.models}
+    for model, (batch, seq) in shapes.items():
+        rows[f"{model}@{batch}x{seq}"] = measure(model, args.repeats, overrides, (batch, seq))
     for model, row in rows.items():
         print(
             f"{model}: plain {row['plain_step_s']:.3f} s, masked {row['masked_step_s']:.3f} s CPU, "

@@ -3,6 +3,8 @@
     bash scripts/schedule_comparison.sh            # the runs (resumable; two lanes, one thread each)
     bash scripts/schedule_comparison.sh c          # the 16 x 32 probe (slow, lambda 10 and 100)
     python benchmarks/schedule_comparison.py       # this table
+    bash scripts/schedule_comparison.sh d          # the default model: fast vs slow, 3 seeds
+    python benchmarks/schedule_comparison.py --model default
 
 Reads the finished runs ``runs/schedules/{schedule}_lambda_{lam}/lambda_{lam}`` (their
 ``subnetwork.json`` metrics are measured on the saved binary mask, on the held-out windows) and
@@ -32,6 +34,8 @@ from bigram_circuits.tables import to_markdown
 
 RUNS = REPO / "runs" / "schedules"
 RESULTS = REPO / "benchmarks" / "results" / "schedule_comparison"
+RUNS_DEFAULT = REPO / "runs" / "schedules_default"
+RESULTS_DEFAULT = REPO / "benchmarks" / "results" / "schedule_default_model"
 
 
 def _first_settled(history: pd.DataFrame) -> int | None:
@@ -40,52 +44,135 @@ def _first_settled(history: pd.DataFrame) -> int | None:
     return int(history.loc[history["settled"].astype(bool), "step"].iloc[0])
 
 
+def run_row(path: Path) -> dict:
+    """One run folder (``.../lambda_<lam>``): its metrics when finished, else its checkpoint's step."""
+    if (path / "subnetwork.json").is_file():
+        meta = json.loads((path / "subnetwork.json").read_text())["metadata"]
+        m, config = meta["metrics"], meta["config"]
+        history = pd.read_csv(path / "history.csv")
+        points = steps_per_check_point(int(config["batch_size"]), int(config["seq_len"]))
+        stable, stability = stability_check(history["loss"].astype(float).tolist(), steps_per_point=points)
+        return {
+            "finished": True,
+            "bigram_r": m.get("bigram_r"),
+            "percent_kept": m["percent_params"],
+            "n_params": m["n_params"],
+            "steps": m["steps"],
+            "stop_reason": m["stop_reason"],
+            # Rechecked from the history at the paper's tokens per point (as the study and
+            # `find` recheck a finished run): runs made before that check carry an older verdict.
+            "stable": stable,
+            "stability": stability,
+            "cpu_time_s": m.get("cpu_time_s"),
+            "settled_at_step": _first_settled(history),
+            "final_temperature": float(history["temperature"].iloc[-1]),
+            "final_soft_density": float(history["soft_density"].iloc[-1]),
+            "init": config.get("init"),
+            "temperature_rule": config.get("temperature_rule", "every_step"),
+            "temperature_growth": config.get("temperature_growth"),
+            "lr": config.get("lr"),
+            "batch": f"{config.get('batch_size')} x {config.get('seq_len')}",
+        }
+    if (path / "checkpoint.pt").is_file():
+        state = torch.load(path / "checkpoint.pt", weights_only=False, map_location="cpu")
+        last = (state.get("history") or [{}])[-1]
+        return {"finished": False, "steps": last.get("step"), "stop_reason": "running (checkpoint)"}
+    return {}
+
+
 def rows(runs: Path) -> list[dict]:
     out = []
     for run in sorted(p for p in runs.glob("*_lambda_*") if p.is_dir()):
         schedule, lam = run.name.rsplit("_lambda_", 1)
-        path = run / f"lambda_{lam}"
-        row = {"schedule": schedule, "lambda": float(lam)}
-        if (path / "subnetwork.json").is_file():
-            meta = json.loads((path / "subnetwork.json").read_text())["metadata"]
-            m, config = meta["metrics"], meta["config"]
-            history = pd.read_csv(path / "history.csv")
-            points = steps_per_check_point(int(config["batch_size"]), int(config["seq_len"]))
-            stable, stability = stability_check(history["loss"].astype(float).tolist(), steps_per_point=points)
-            row |= {
-                "finished": True,
-                "bigram_r": m.get("bigram_r"),
-                "percent_kept": m["percent_params"],
-                "n_params": m["n_params"],
-                "steps": m["steps"],
-                "stop_reason": m["stop_reason"],
-                # Rechecked from the history at the paper's tokens per point (as the study and
-                # `find` recheck a finished run): runs made before that check carry an older verdict.
-                "stable": stable,
-                "stability": stability,
-                "cpu_time_s": m.get("cpu_time_s"),
-                "settled_at_step": _first_settled(history),
-                "final_temperature": float(history["temperature"].iloc[-1]),
-                "final_soft_density": float(history["soft_density"].iloc[-1]),
-                "init": config.get("init"),
-                "temperature_rule": config.get("temperature_rule", "every_step"),
-                "temperature_growth": config.get("temperature_growth"),
-                "lr": config.get("lr"),
-                "batch": f"{config.get('batch_size')} x {config.get('seq_len')}",
-            }
-        elif (path / "checkpoint.pt").is_file():
-            state = torch.load(path / "checkpoint.pt", weights_only=False, map_location="cpu")
-            last = (state.get("history") or [{}])[-1]
-            row |= {"finished": False, "steps": last.get("step"), "stop_reason": "running (checkpoint)"}
-        out.append(row)
+        out.append({"schedule": schedule, "lambda": float(lam), **run_row(run / f"lambda_{lam}")})
     return out
+
+
+def seed_rows(runs: Path) -> list[dict]:
+    """``runs/<schedule>/seed_<n>/lambda_<lam>`` (``find --seeds``): one row per schedule and seed."""
+    out = []
+    for path in sorted(runs.glob("*/seed_*/lambda_*")):
+        seed = int(path.parent.name.removeprefix("seed_"))
+        lam = float(path.name.removeprefix("lambda_"))
+        out.append({"schedule": path.parent.parent.name, "seed": seed, "lambda": lam, **run_row(path)})
+    return out
+
+
+def _mean_sd(values: pd.Series) -> str:
+    values = values.dropna().astype(float)
+    return f"{values.mean():.4g} ± {values.std(ddof=1):.2g}" if len(values) > 1 else f"{values.mean():.4g}"
+
+
+def default_model(runs: Path, out: Path) -> pd.DataFrame:
+    """The default model's fast vs slow over seeds (lane d), beside the figures pipeline's headline
+    (``figures/table_headline_seeds.csv``: T x1.04, the same batch and lambda)."""
+    table = pd.DataFrame(seed_rows(runs))
+    finished = table[table.get("finished", False) == True]  # noqa: E712 (NaN for unfinished rows)
+    summary = [
+        {
+            "schedule": schedule,
+            "seeds": len(part),
+            "bigram_r": _mean_sd(part["bigram_r"]),
+            "percent_kept": _mean_sd(part["percent_kept"]),
+            "steps": _mean_sd(part["steps"]),
+            "stop_reasons": ", ".join(sorted(set(part["stop_reason"]))),
+            "all_stable": bool(part["stable"].all()),
+            "cpu_time_s": _mean_sd(part["cpu_time_s"]),
+        }
+        for schedule, part in finished.groupby("schedule", sort=True)
+    ]
+    headline_file = REPO / "figures" / "table_headline_seeds.csv"
+    if headline_file.is_file():
+        headline = pd.read_csv(headline_file)
+        headline = headline[headline["seed"] != "mean ± sd"]
+        summary.append(
+            {
+                "schedule": "figures headline (T x1.04, 300 steps max)",
+                "seeds": len(headline),
+                "bigram_r": _mean_sd(headline["r"]),
+                "percent_kept": _mean_sd(headline["active_percent"]),
+                "steps": _mean_sd(headline["steps"]),
+            }
+        )
+    result = {
+        "rows": json.loads(table.to_json(orient="records")),
+        "summary": summary,
+        "command": "bash scripts/schedule_comparison.sh d && python benchmarks/schedule_comparison.py --model default",
+    }
+    atomic_write_bytes(out.with_suffix(".json"), json.dumps(result, indent=2).encode("utf-8"))
+    shown = table.drop(columns=[c for c in ("n_params", "finished", "stability") if c in table], errors="ignore")
+    markdown = "\n".join(
+        [
+            "# Schedules on the default model: fast (the default) vs slow, lambda 10, 8 x 64, 3 seeds",
+            "",
+            f"Command: `{result['command']}`",
+            "",
+            to_markdown(pd.DataFrame(summary), floatfmt=".4g"),
+            "",
+            "Per seed:",
+            "",
+            to_markdown(shown, floatfmt=".4g"),
+            "",
+        ]
+    )
+    atomic_write_bytes(out.with_suffix(".md"), markdown.encode("utf-8"))
+    print(markdown)
+    return table
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, default=RUNS)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--model", choices=("smollm2", "default"), default="smollm2")
+    parser.add_argument(
+        "--runs", type=Path, default=None, help="default runs/schedules (smollm2), runs/schedules_default"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default benchmarks/results/schedule_comparison (smollm2)"
+    )
     args = parser.parse_args(argv)
+    if args.model == "default":
+        return default_model(args.runs or RUNS_DEFAULT, args.out or RESULTS_DEFAULT)
+    args.runs, args.out = args.runs or RUNS, args.out or RESULTS
     table = pd.DataFrame(rows(args.runs))
     references: dict = {}
     ceiling_file = REPO / "benchmarks" / "results" / "noise_ceiling.json"
