@@ -83,4 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from bigram_circuits.errors import BigramCircuitsError
+
+    try:
+        main()
+    except BigramCircuitsError as exc:  # one line that says what to pass, not a traceback
+        sys.exit(f"error: {' '.join(str(exc).split())}")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2_study.py"
 
@@ -155,3 +156,19 @@ def test_study_script_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_neox_dir, 
     row = study.main([*argv, "--only-control", "permuted_vocab"])
     assert row["control"] == "permuted_vocab" and row["lambda"] == saved["chosen"]["lambda"]
     assert (tmp_path / "run" / "controls" / "permuted_vocab" / "sweep.csv").exists()
+
+
+def test_study_script_refuses_an_impossible_device_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2_study.py"
+    out = tmp_path / "never"
+    done = subprocess.run(
+        [sys.executable, str(script), "--device", "cuda", "--out", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error:") and "cuda" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not out.exists()  # refused before any work

@@ -32,6 +32,7 @@ import torch
 
 from bigram_circuits.app.options import Option, arguments, nested_options, options_of
 from bigram_circuits.app.stages import StageCache
+from bigram_circuits.devices import input_device, resolve_device
 from bigram_circuits.io import ensure_output_dir
 from bigram_circuits.plots import fig1_r_vs_params, fig3_rotation, fig4_similarity, fig_layer_distribution, save_figure
 from bigram_circuits.rundir import RunDir
@@ -112,6 +113,7 @@ class StudyConfig:
     eval_windows: int = 32  # held-out windows for r, the ablation and the circuits
     analysis_tokens: int = 8192  # held-out tokens for the linear lens (Fig 3) and layer similarity (Fig 4)
     threads: int = 2  # torch CPU threads
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto, resolved once before any work (devices.resolve_device)
     out: Path = Path("runs/smollm2")  # run directory of the sweep (resumable) and the optimal search
     results: Path = Path("benchmarks/results/smollm2_study")  # report path without suffix (.json and .md)
     figures: Path = Path("figures/smollm2")  # folder for the figures (PNG when Chromium is available, HTML always)
@@ -135,7 +137,9 @@ def study_options() -> list[Option]:
 
 
 # Settings that do not change any analysis of the study (where it writes, how fast, which controls).
-_NOT_IN_STAGE_KEY = {"controls", "threads", "out", "results", "figures"}
+# Not in a stage's key: settings that do not change its numbers beyond float rounding (the device:
+# OUT's searches are reused whatever device made them, and the stages follow them).
+_NOT_IN_STAGE_KEY = {"controls", "threads", "device", "out", "results", "figures"}
 _NOT_IN_STAGE_KEY_SEARCH = {"lam", "time_budget_s", "checkpoint_every", "log_every", "recompute_masked_weights"}
 
 
@@ -479,7 +483,7 @@ def control_searches(
     for name in _control_names(config):
         model = bridge
         if name.startswith("random_init"):
-            model, _ = load_model(config.model, random_init=0)
+            model, _ = load_model(config.model, random_init=0, device=input_device(bridge))
             if name == "random_init_trained_embeddings":
                 transplant_embeddings(model, bridge)
         target = Target.from_name(name if name.startswith("permuted_") else "bigram", stats=stats)
@@ -512,13 +516,13 @@ class _Inputs:
     eval_windows: np.ndarray
 
 
-def _study_inputs(config: StudyConfig, show_progress: bool) -> _Inputs:
+def _study_inputs(config: StudyConfig, device: torch.device, show_progress: bool) -> _Inputs:
     """The model, its tokenizer, the bigram statistics (``OUT/bigram_stats.npz``, the file
     ``bigram-circuits find`` uses, so reruns reuse it) and the study's windows."""
     from bigram_circuits.data import load_token_dataset
     from bigram_circuits.models import load_model, model_vocab_size
 
-    bridge, tokenizer = load_model(config.model)
+    bridge, tokenizer = load_model(config.model, device=device)
     vocab = model_vocab_size(bridge, tokenizer)
     train = load_token_dataset(config.corpus, tokenizer, split="train", show_progress=show_progress)
     evaluation = load_token_dataset(config.corpus, tokenizer, split="eval", show_progress=show_progress)
@@ -545,6 +549,7 @@ def run_control(config: StudyConfig, name: str, *, show_progress: bool = True) -
     from bigram_circuits.search import SWEEP_FILE
 
     _control_names(dataclasses.replace(config, controls=(name,)))
+    device = resolve_device(config.device)  # once, before any work
     sweep_file = Path(config.out) / SWEEP_FILE
     if not sweep_file.exists():
         raise ConfigError(f"{sweep_file} does not exist; run the sweep first (bigram-circuits find --out {config.out})")
@@ -553,7 +558,7 @@ def run_control(config: StudyConfig, name: str, *, show_progress: bool = True) -
         raise ConfigError(f"{sweep_file} has no chosen lambda; rerun the sweep with every lambda of the study")
     lam = float(table.loc[table["chosen"], "lambda"].iloc[0])
     torch.set_num_threads(config.threads)
-    inputs = _study_inputs(config, show_progress)
+    inputs = _study_inputs(config, device, show_progress)
     config = dataclasses.replace(config, controls=(name,))
     windows = (inputs.train_windows, inputs.eval_windows)
     rows = control_searches(config, inputs.bridge, inputs.stats, *windows, lam, inputs.run.path, show_progress)
@@ -587,6 +592,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     from bigram_circuits.search import Target, sweep
 
     _control_names(config)  # a typo fails now, not after the sweep
+    device = resolve_device(config.device)  # once, before any work
     torch.set_num_threads(config.threads)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -597,7 +603,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
     batch_size = search_config.batch_size  # of the evaluation too
 
     t = time.perf_counter()
-    inputs = _study_inputs(config, show_progress)
+    inputs = _study_inputs(config, device, show_progress)
     bridge, tokenizer, vocab, stats = inputs.bridge, inputs.tokenizer, inputs.vocab, inputs.stats
     train, run, train_windows, eval_windows = inputs.train, inputs.run, inputs.train_windows, inputs.eval_windows
     timings["load_s"] = time.perf_counter() - t
@@ -938,7 +944,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> dict:
         "timings_s": {**timings, **{f"{name}_s": seconds for name, seconds in cache.seconds.items()}},
         "wall_time_s": time.perf_counter() - started,
         "torch_threads": config.threads,
-        "device": "cpu",
+        "device": str(device),
         "machine": platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
