@@ -22,8 +22,8 @@ tokens, :func:`steps_per_check_point`, so batch noise is not read as a spike) on
 ``max_attempts`` runs).
 
 Defaults converge in a few hundred steps at every granularity: learning rate per granularity
-(``SearchConfig.lr=None``: neuron and head logits 0.05, weight logits 0.01) and ``T`` x1.02 per
-step. An entry is forced to decide once one optimizer step moves ``T * m`` across the sigmoid's
+(``SearchConfig.lr=None``: neuron and head logits 0.05, weight logits 0.01) and ``T`` x1.01 per
+step (the ``slow`` schedule's, which replaced x1.02, now ``fast``, after the schedule comparison). An entry is forced to decide once one optimizer step moves ``T * m`` across the sigmoid's
 transition (``T * lr`` of about 4): before that, entries whose target gradient balances the
 penalty hover at fractional soft masks and the stopping rule cannot fire (on the default model
 with lr 0.05 and x1.01 about 950 of 4128 neuron/head entries stayed undecided for 250 steps).
@@ -116,16 +116,21 @@ DEFAULT_LR: Mapping[str, float] = DEFAULT_LEARNING_RATES
 TEMPERATURE_RULES = ("every_step", "after_settle")
 # Named schedules (``SearchConfig.named``, ``find --schedule``): fields that differ from the defaults.
 SCHEDULES: dict[str, dict] = {
-    # T x1.02 from the first step, masks start at 0.5 (the defaults): fast on small models
-    "fast": {},
+    # the SearchConfig defaults: T x1.01 from the first step, masks at 0.5, lr per granularity, at
+    # most 600 steps (on the default model, 3 seeds at lambda 10: the same r as "fast" with 13% fewer
+    # weights, in 1.9x the steps; benchmarks/results/schedule_default_model.md)
+    "default": {},
+    # the defaults before "slow" won the schedule comparison: T x1.02, up to 2000 steps
+    "fast": {"temperature_growth": 1.02, "max_steps": 2000},
     # the paper's weight-mask schedule
     "paper": {"lr": 5e-5, "temperature_growth": 1.001, "batch_size": 32, "max_steps": 15000},
     # T held at 1 until the target loss has settled, then x1.03 per step
     "settle": {"temperature_rule": "after_settle", "temperature_growth": 1.03},
     # start from (nearly) the full model: masks at sigmoid(2) = 0.88, then as "settle"
     "warm_settle": {"init": 2.0, "temperature_rule": "after_settle", "temperature_growth": 1.03},
-    # half the default learning rate and temperature growth, for about 500-600 steps: T reaches
-    # 20 only at step 300, so masks learn for longer before they harden
+    # the winner of the SmolLM2 schedule comparison (benchmarks/results/schedule_comparison.md):
+    # T x1.01 for about 500-600 steps, so T reaches 20 only at step 300 and masks learn for longer
+    # before they harden; lr 0.01 at every granularity (= "default" at weight masks)
     "slow": {"lr": 0.01, "temperature_growth": 1.01, "max_steps": 600},
 }
 # The run layout's names (bigram_circuits.rundir owns them; kept here under their old names).
@@ -161,7 +166,7 @@ class SearchConfig:
     lr: float | None = None  # mask learning rate (default None: per granularity, weight 0.01, neuron/head 0.05)
     weight_decay: float = 0.01  # AdamW weight decay of the mask logits (torch's, as in the authors' code)
     temperature_init: float = 1.0  # mask temperature at step 0
-    temperature_growth: float = 1.02  # temperature factor per step (the paper: 1.001)
+    temperature_growth: float = 1.01  # temperature factor per step (the paper: 1.001; the "fast" schedule: 1.02)
     temperature_rule: str = (
         "every_step"  # every_step: T grows from step 1; after_settle: T stays until the target loss has settled
     )
@@ -169,7 +174,7 @@ class SearchConfig:
     settle_tolerance: float = (
         0.01  # settled: the last window's mean target loss is not below the previous one's by more than this share
     )
-    max_steps: int = 2000  # steps per lambda (fewer when the stopping rule fires)
+    max_steps: int = 600  # steps per lambda (fewer when the stopping rule fires; T x1.01 reaches 390 by then)
     batch_size: int = 32  # windows per batch
     seq_len: int = 128  # tokens per window (<= the model's context)
     seed: int = 0  # seed of the mask initialisation and the batch order

@@ -38,9 +38,9 @@ def find_command(
     # the paper's schedule for weight masks (SearchConfig.paper(): lr 5e-5, T x1.001, batch 32, 15k steps);
     # other options given override it
     paper: bool = False,
-    # a named schedule (search.SCHEDULES): fast (the defaults), paper, settle, warm_settle, slow; other options
+    # a named schedule (search.SCHEDULES): default, fast, paper, settle, warm_settle, slow; other options
     # given override it
-    schedule: str = "fast",
+    schedule: str = "default",
     max_train_windows: int | None = 4096,  # training windows (of seq_len tokens)
     max_eval_windows: int | None = 256,  # held-out windows for r and the target loss
     device: str | torch.device = "cpu",

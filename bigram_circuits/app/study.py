@@ -92,9 +92,9 @@ class StudyConfig:
     corpus: str = "default"  # any load_token_dataset name or text file
     granularity: str = "weight"  # mask unit(s), comma-separated: weight (the paper's) or neuron,head
     lambdas: tuple[float, ...] = (0.0, 1.0, 10.0, 100.0)  # sparsity weights of the bigram sweep
-    # named search schedule (search.SCHEDULES: fast, paper, settle, warm_settle, slow): the search settings
+    # named search schedule (search.SCHEDULES: default, fast, paper, settle, warm_settle, slow): the search settings
     # the study does not size (temperature_growth, init, ...) are its
-    schedule: str = "fast"
+    schedule: str = "default"
     seeds: tuple[int, ...] = (1, 2)  # more seeds of the chosen lambda (the sweep is seed 0); empty: none
     optimal_lambda: float | None = None  # lambda of the optimal subnetwork (default: the chosen one; negative: skip)
     random_controls: int = 3  # random same-shape subnetworks in the ablation (one per seed)
