@@ -84,7 +84,9 @@ def rows(runs: Path) -> list[dict]:
     out = []
     for run in sorted(p for p in runs.glob("*_lambda_*") if p.is_dir()):
         schedule, lam = run.name.rsplit("_lambda_", 1)
-        out.append({"schedule": schedule, "lambda": float(lam), **run_row(run / f"lambda_{lam}")})
+        found = run_row(run / f"lambda_{lam}")
+        if found:  # a folder whose run has not written its first checkpoint yet is left out
+            out.append({"schedule": schedule, "lambda": float(lam), **found})
     return out
 
 
