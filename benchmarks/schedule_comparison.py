@@ -162,6 +162,32 @@ def default_model(runs: Path, out: Path) -> pd.DataFrame:
     return table
 
 
+def seed_summary(table: pd.DataFrame) -> list[dict]:
+    """Mean ± sd over seeds of each (schedule, lambda) that has ``<schedule>-seed<N>`` runs: the
+    schedule's own run is seed 0. Finished runs only."""
+    if table.empty or "finished" not in table:
+        return []
+    done = table[table["finished"] == True].copy()  # noqa: E712 (NaN for unfinished rows)
+    done["base"] = done["schedule"].str.replace(r"-seed\d+$", "", regex=True)
+    out = []
+    for (base, lam), part in done.groupby(["base", "lambda"], sort=True):
+        if len(part) < 2 or not (part["schedule"] != base).any():
+            continue
+        out.append(
+            {
+                "schedule": base,
+                "lambda": lam,
+                "seeds": len(part),
+                "bigram_r": _mean_sd(part["bigram_r"]),
+                "percent_kept": _mean_sd(part["percent_kept"]),
+                "steps": _mean_sd(part["steps"]),
+                "all_stable": bool(part["stable"].all()),
+                "stop_reasons": ", ".join(sorted(set(part["stop_reason"]))),
+            }
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("smollm2", "default"), default="smollm2")
@@ -188,12 +214,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         study = json.loads(study_file.read_text())
         if study.get("seq_len") == 32 and study.get("n_eval_windows") == 256:
             references["full_model_r"] = float(study["full_model"]["r_dropped"])
+    seeds = seed_summary(table)
     result = {
         "rows": json.loads(table.to_json(orient="records")),
+        "seeds": seeds,
         "references": references,
         "command": (
             "bash scripts/schedule_comparison.sh && bash scripts/schedule_comparison.sh c && "
-            "python benchmarks/schedule_comparison.py"
+            "bash scripts/schedule_comparison.sh e && python benchmarks/schedule_comparison.py"
         ),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +235,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             "",
             to_markdown(shown, floatfmt=".4g"),
             "",
+            *(
+                [
+                    "Seeds (a `NAME-seedN` run is seed N of `NAME`, whose own run is seed 0):",
+                    "",
+                    to_markdown(pd.DataFrame(seeds)),
+                    "",
+                ]
+                if seeds
+                else []
+            ),
             "References: " + (", ".join(f"{k} {v:.3f}" for k, v in references.items()) or "none measured"),
             "",
         ]
