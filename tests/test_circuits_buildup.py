@@ -54,6 +54,20 @@ def _single_token_words(tokenizer, count: int = 6) -> list[str]:
     return list(dict.fromkeys(words))[:count]
 
 
+def test_heads_with_their_layer_mlps_and_their_random_control(tiny_neox):
+    bridge, _ = tiny_neox
+    d_mlp, n_layers = int(bridge.cfg.d_mlp), int(bridge.cfg.n_layers)
+    candidate = Candidate("c", heads=[(0, 1)], neurons=[(1, 2)]).with_layer_mlps(bridge)
+    assert candidate.layer_mlps and candidate.heads == ((0, 1),)
+    assert set(candidate.neurons) == {(0, n) for n in range(d_mlp)} | {(1, 2)}
+    control = candidate.random_control(bridge, seed=0)
+    assert control.layer_mlps and len(control.heads) == 1 and control.heads != candidate.heads
+    assert control.heads[0][0] == 0  # as many heads per layer
+    # the random head brings its layer's MLP; the candidate's other neuron is drawn as usual (one more)
+    assert {(0, n) for n in range(d_mlp)} <= set(control.neurons)
+    assert len(control.neurons) == d_mlp + 1 and n_layers > 1
+
+
 @pytest.mark.usefixtures("no_runtime_typecheck")
 def test_candidate_scores_and_top_k():
     scores = {("head", 0, 1): 0.2, ("head", 1, 3): 0.9, ("head", 1, 0): -0.5, ("neuron", 0, 4): 0.4}
