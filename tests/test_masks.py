@@ -256,6 +256,9 @@ def test_decision_counts_and_penalty_reuse(tiny_neox, parameterization):
     on = sum(int((p > 0.9).sum()) for p in probs.values())
     undecided = sum(int(((p >= 0.1) & (p <= 0.9)).sum()) for p in probs.values())
     assert mask_set.decision_counts()[:2] == (undecided, on)
+    with pytest.MonkeyPatch.context() as patch:  # counted in chunks that split every tensor
+        patch.setattr("bigram_circuits.masks.maskset._COUNT_CHUNK", 7)
+        assert mask_set.decision_counts()[:2] == (undecided, on)
 
     mask_set.eval()  # deterministic gates, so both forward passes see the same mask
     grads = []

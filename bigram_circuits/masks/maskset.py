@@ -110,6 +110,22 @@ def _safe(key: str) -> str:
     return key.replace(".", "__")
 
 
+# Entries per chunk of the decision counts: both comparisons of a chunk run while it is in cache
+# (4 MiB of float32), one pass over the logits instead of two (a quarter faster on 106M logits).
+_COUNT_CHUNK = 1 << 20
+
+
+def _count_at_least(logit: torch.Tensor, above: float, from_low: float) -> tuple[int, int]:
+    """``(#entries > above, #entries >= from_low)``: exact counts, in cache-sized chunks.
+    ``count_nonzero``, not ``bool.sum()``: the same integers, about 3x faster on the CPU."""
+    n_above = torch.zeros((), dtype=torch.int64, device=logit.device)
+    n_from_low = torch.zeros((), dtype=torch.int64, device=logit.device)
+    for chunk in logit.detach().reshape(-1).split(_COUNT_CHUNK):
+        n_above += torch.count_nonzero(chunk > above)
+        n_from_low += torch.count_nonzero(chunk >= from_low)
+    return int(n_above), int(n_from_low)
+
+
 class MaskSet(nn.Module):
     """Learnable mask logits keyed by component name, with soft/binary views and densities.
 
@@ -367,8 +383,7 @@ class MaskSet(nn.Module):
         with torch.no_grad():
             for key, c in self.components.items():
                 logit = self.logit(key)
-                # count_nonzero, not bool.sum(): the same integers, about 3x faster on the CPU
-                n_above, n_from_low = int(torch.count_nonzero(logit > hi)), int(torch.count_nonzero(logit >= lo))
+                n_above, n_from_low = _count_at_least(logit, hi, lo)
                 if key in self._always_off:  # always-off entries are decided (off): count them out
                     off = logit.flatten()[self._off_index(key)]
                     off_above, off_from_low = int(torch.count_nonzero(off > hi)), int(torch.count_nonzero(off >= lo))
