@@ -23,8 +23,9 @@ tokens, :func:`steps_per_check_point`, so batch noise is not read as a spike) on
 
 Defaults converge in a few hundred steps at every granularity: learning rate per granularity
 (``SearchConfig.lr=None``: neuron and head logits 0.05, weight logits 0.01) and ``T`` x1.01 per
-step (the ``slow`` schedule's, which replaced x1.02, now ``fast``, after the schedule comparison). An entry is forced to decide once one optimizer step moves ``T * m`` across the sigmoid's
-transition (``T * lr`` of about 4): before that, entries whose target gradient balances the
+step (the ``slow`` schedule's, which replaced x1.02, now ``fast``, after the schedule
+comparison). An entry is forced to decide once one optimizer step moves ``T * m`` across the
+sigmoid's transition (``T * lr`` of about 4): before that, entries whose target gradient balances the
 penalty hover at fractional soft masks and the stopping rule cannot fire (on the default model
 with lr 0.05 and x1.01 about 950 of 4128 neuron/head entries stayed undecided for 250 steps).
 ``SearchConfig.paper()`` is the paper's schedule for weight masks: lr 5e-5, x1.001, 5-15k steps.
