@@ -249,7 +249,11 @@ def test_named_schedules_and_recompute_setting(tiny_neox):
     assert SearchConfig.named("paper") == SearchConfig.paper()
     warm = SearchConfig.named("warm_settle", lam=3.0)
     assert warm.init == 2.0 and warm.temperature_rule == "after_settle" and warm.lam == 3.0
-    assert set(SCHEDULES) >= {"fast", "paper", "settle", "warm_settle"}
+    assert set(SCHEDULES) >= {"default", "fast", "paper", "settle", "warm_settle", "slow"}
+    assert SearchConfig.named("default") == SearchConfig()  # the defaults: slow's temperature
+    assert SearchConfig().temperature_growth == SearchConfig.named("slow").temperature_growth == 1.01
+    fast = SearchConfig.named("fast")  # the defaults before the schedule comparison
+    assert (fast.temperature_growth, fast.max_steps) == (1.02, 2000)
     with pytest.raises(SearchError, match="unknown schedule"):
         SearchConfig.named("nope")
     with pytest.raises(SearchError, match="recompute_masked_weights"):
