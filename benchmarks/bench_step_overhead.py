@@ -94,6 +94,7 @@ def measure(model: str, repeats: int, config_overrides: dict, shape: tuple[int, 
         parts = {
             "adamw_step": lambda _: state.optimizer.step(),
             "gradient_check": lambda _: _gradients_finite(state.optimizer, group),
+            # from fresh probabilities: an upper bound, since a step's penalty reuses its forward masks
             "penalty_forward_backward": lambda _: state.mask_set.penalty().backward(),
             "decision_counts": lambda _: state.mask_set.decision_counts(config.undecided_low, config.undecided_high),
         }

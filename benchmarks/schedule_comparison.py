@@ -105,23 +105,40 @@ def _mean_sd(values: pd.Series) -> str:
     return f"{values.mean():.4g} ± {values.std(ddof=1):.2g}" if len(values) > 1 else f"{values.mean():.4g}"
 
 
+def _over_seeds(part: pd.DataFrame) -> dict:
+    """Mean ± sd over the finished runs in ``part`` (one per seed)."""
+    return {
+        "seeds": len(part),
+        "bigram_r": _mean_sd(part["bigram_r"]),
+        "percent_kept": _mean_sd(part["percent_kept"]),
+        "steps": _mean_sd(part["steps"]),
+        "stop_reasons": ", ".join(sorted(set(part["stop_reason"]))),
+        "all_stable": bool(part["stable"].all()),
+        "cpu_time_s": _mean_sd(part["cpu_time_s"]),
+    }
+
+
+def _write_report(
+    out: Path, result: dict, title: str, table: pd.DataFrame, before: list[str], after: list[str]
+) -> None:
+    """``out.json`` (``result``) and ``out.md``: the title, the command, ``before``, the per-run
+    ``table`` (without its bookkeeping columns), ``after``; the Markdown is printed too."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out.with_suffix(".json"), json.dumps(result, indent=2).encode("utf-8"))
+    shown = table.drop(columns=[c for c in ("n_params", "finished", "stability") if c in table], errors="ignore")
+    lines = [f"# {title}", "", f"Command: `{result['command']}`", "", *before, to_markdown(shown, floatfmt=".4g"), ""]
+    markdown = "\n".join([*lines, *after])
+    atomic_write_bytes(out.with_suffix(".md"), markdown.encode("utf-8"))
+    print(markdown)
+
+
 def default_model(runs: Path, out: Path) -> pd.DataFrame:
     """The default model's fast vs slow over seeds (lane d), beside the figures pipeline's headline
     (``figures/table_headline_seeds.csv``: T x1.04, the same batch and lambda)."""
     table = pd.DataFrame(seed_rows(runs))
     finished = table[table.get("finished", False) == True]  # noqa: E712 (NaN for unfinished rows)
     summary = [
-        {
-            "schedule": schedule,
-            "seeds": len(part),
-            "bigram_r": _mean_sd(part["bigram_r"]),
-            "percent_kept": _mean_sd(part["percent_kept"]),
-            "steps": _mean_sd(part["steps"]),
-            "stop_reasons": ", ".join(sorted(set(part["stop_reason"]))),
-            "all_stable": bool(part["stable"].all()),
-            "cpu_time_s": _mean_sd(part["cpu_time_s"]),
-        }
-        for schedule, part in finished.groupby("schedule", sort=True)
+        {"schedule": schedule, **_over_seeds(part)} for schedule, part in finished.groupby("schedule", sort=True)
     ]
     headline_file = REPO / "figures" / "table_headline_seeds.csv"
     if headline_file.is_file():
@@ -141,24 +158,14 @@ def default_model(runs: Path, out: Path) -> pd.DataFrame:
         "summary": summary,
         "command": "bash scripts/schedule_comparison.sh d && python benchmarks/schedule_comparison.py --model default",
     }
-    atomic_write_bytes(out.with_suffix(".json"), json.dumps(result, indent=2).encode("utf-8"))
-    shown = table.drop(columns=[c for c in ("n_params", "finished", "stability") if c in table], errors="ignore")
-    markdown = "\n".join(
-        [
-            "# Schedules on the default model: fast (the default) vs slow, lambda 10, 8 x 64, 3 seeds",
-            "",
-            f"Command: `{result['command']}`",
-            "",
-            to_markdown(pd.DataFrame(summary), floatfmt=".4g"),
-            "",
-            "Per seed:",
-            "",
-            to_markdown(shown, floatfmt=".4g"),
-            "",
-        ]
+    _write_report(
+        out,
+        result,
+        "Schedules on the default model: fast (the default) vs slow, lambda 10, 8 x 64, 3 seeds",
+        table,
+        [to_markdown(pd.DataFrame(summary), floatfmt=".4g"), "", "Per seed:", ""],
+        [],
     )
-    atomic_write_bytes(out.with_suffix(".md"), markdown.encode("utf-8"))
-    print(markdown)
     return table
 
 
@@ -171,20 +178,8 @@ def seed_summary(table: pd.DataFrame) -> list[dict]:
     done["base"] = done["schedule"].str.replace(r"-seed\d+$", "", regex=True)
     out = []
     for (base, lam), part in done.groupby(["base", "lambda"], sort=True):
-        if len(part) < 2 or not (part["schedule"] != base).any():
-            continue
-        out.append(
-            {
-                "schedule": base,
-                "lambda": lam,
-                "seeds": len(part),
-                "bigram_r": _mean_sd(part["bigram_r"]),
-                "percent_kept": _mean_sd(part["percent_kept"]),
-                "steps": _mean_sd(part["steps"]),
-                "all_stable": bool(part["stable"].all()),
-                "stop_reasons": ", ".join(sorted(set(part["stop_reason"]))),
-            }
-        )
+        if len(part) >= 2 and (part["schedule"] != base).any():
+            out.append({"schedule": base, "lambda": lam, **_over_seeds(part)})
     return out
 
 
@@ -224,33 +219,25 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             "bash scripts/schedule_comparison.sh e && python benchmarks/schedule_comparison.py"
         ),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out.with_suffix(".json"), json.dumps(result, indent=2).encode("utf-8"))
-    shown = table.drop(columns=[c for c in ("n_params", "finished", "stability") if c in table], errors="ignore")
-    markdown = "\n".join(
+    seeds_part = (
         [
-            "# Schedule comparison: SmolLM2-135M, weight masks, 2 CPU cores",
+            "Seeds (a `NAME-seedN` run is seed N of `NAME`, whose own run is seed 0):",
             "",
-            f"Command: `{result['command']}`",
-            "",
-            to_markdown(shown, floatfmt=".4g"),
-            "",
-            *(
-                [
-                    "Seeds (a `NAME-seedN` run is seed N of `NAME`, whose own run is seed 0):",
-                    "",
-                    to_markdown(pd.DataFrame(seeds)),
-                    "",
-                ]
-                if seeds
-                else []
-            ),
-            "References: " + (", ".join(f"{k} {v:.3f}" for k, v in references.items()) or "none measured"),
+            to_markdown(pd.DataFrame(seeds)),
             "",
         ]
+        if seeds
+        else []
     )
-    atomic_write_bytes(args.out.with_suffix(".md"), markdown.encode("utf-8"))
-    print(markdown)
+    references_line = "References: " + (", ".join(f"{k} {v:.3f}" for k, v in references.items()) or "none measured")
+    _write_report(
+        args.out,
+        result,
+        "Schedule comparison: SmolLM2-135M, weight masks, 2 CPU cores",
+        table,
+        [],
+        [*seeds_part, references_line, ""],
+    )
     return table
 
 

@@ -136,9 +136,8 @@ def study_options() -> list[Option]:
     ]
 
 
-# Settings that do not change any analysis of the study (where it writes, how fast, which controls).
-# Not in a stage's key: settings that do not change its numbers beyond float rounding (the device:
-# OUT's searches are reused whatever device made them, and the stages follow them).
+# Settings that do not change any analysis of the study (where it writes, how fast, which controls),
+# or only by float rounding (the device: OUT's searches are reused whatever device made them).
 _NOT_IN_STAGE_KEY = {"controls", "threads", "device", "out", "results", "figures"}
 _NOT_IN_STAGE_KEY_SEARCH = {"lam", "time_budget_s", "checkpoint_every", "log_every", "recompute_masked_weights"}
 
